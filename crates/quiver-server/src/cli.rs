@@ -1,0 +1,171 @@
+//! Command line: every flag has an environment variable and a documented default.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Quiver: SQL over Hive-partitioned Parquet directories, served over Arrow Flight.
+#[derive(Debug, Parser)]
+#[command(name = "quiver", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+
+    /// Log filter in `tracing` EnvFilter syntax, e.g. `info`, `quiver=debug,info`.
+    #[arg(long, env = "QUIVER_LOG_FILTER", default_value = "info", global = true)]
+    pub log_filter: String,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve tables over Arrow Flight.
+    Serve(Box<ServeArgs>),
+    /// Write the demo dataset (request logs partitioned by day and service) and exit.
+    Demo(DemoArgs),
+}
+
+/// `quiver serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address the Flight (gRPC) server listens on. Port 0 picks a free port.
+    #[arg(long, env = "QUIVER_LISTEN", default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+
+    /// After binding, write the bound Flight address as `host:port` on one line to this file
+    /// (written to a temporary name and renamed, so readers never see it half-written).
+    #[arg(long, env = "QUIVER_LISTEN_ADDR_FILE")]
+    pub listen_addr_file: Option<PathBuf>,
+
+    /// A table to serve, as NAME=PATH (a directory of Parquet files, Hive-partitioned or
+    /// not, or one file). Repeatable.
+    #[arg(long = "table", env = "QUIVER_TABLES", value_delimiter = ',', value_name = "NAME=PATH")]
+    pub tables: Vec<String>,
+
+    /// Serve every immediate subdirectory of DIR as a table named after it.
+    #[arg(long, env = "QUIVER_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// TOML catalog: `[tables.NAME] path = "..."`, with optional `[tables.NAME.partitions]`
+    /// `column = "bigint" | "date" | "string"` to override inferred partition types.
+    #[arg(long, env = "QUIVER_CATALOG", value_name = "FILE")]
+    pub catalog: Option<PathBuf>,
+
+    /// How often every table is re-listed: new files and partitions become queryable
+    /// within this interval. `0s` turns periodic refresh off (DoAction "refresh" still works).
+    #[arg(long, env = "QUIVER_REFRESH_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub refresh_interval: Duration,
+
+    /// Serve the demo dataset, generating it on first use into the cache directory.
+    #[arg(long, env = "QUIVER_DEMO")]
+    pub demo: bool,
+
+    /// Rows of the demo dataset used by --demo.
+    #[arg(long, env = "QUIVER_DEMO_ROWS", default_value_t = 3_000_000)]
+    pub demo_rows: u64,
+
+    /// Where --demo keeps its generated data [default: $XDG_CACHE_HOME/quiver or ~/.cache/quiver].
+    #[arg(long, env = "QUIVER_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+
+    /// A DataFusion setting as KEY=VALUE, applied after Quiver's defaults, e.g.
+    /// `datafusion.execution.batch_size=16384`. Repeatable.
+    #[arg(long = "datafusion-config", env = "QUIVER_DATAFUSION_CONFIG", value_delimiter = ',', value_name = "KEY=VALUE")]
+    pub datafusion_config: Vec<String>,
+
+    /// Threads that run queries (DataFusion's CPU runtime) [default: number of CPUs].
+    #[arg(long, env = "QUIVER_CPU_THREADS")]
+    pub cpu_threads: Option<usize>,
+
+    /// Largest gRPC message the server accepts (tickets, descriptors). Larger requests get
+    /// OUT_OF_RANGE from the transport.
+    #[arg(long, env = "QUIVER_MAX_DECODING_MESSAGE_SIZE", default_value = "4MiB")]
+    pub max_decoding_message_size: ByteSize,
+
+    /// Target size of one FlightData message sent; larger batches are split.
+    #[arg(long, env = "QUIVER_MAX_FLIGHT_DATA_SIZE", default_value = "2MiB")]
+    pub max_flight_data_size: ByteSize,
+
+    /// Largest gRPC message the server sends; keep it above --max-flight-data-size
+    /// (one row wider than the target is still sent whole).
+    #[arg(long, env = "QUIVER_MAX_ENCODING_MESSAGE_SIZE", default_value = "64MiB")]
+    pub max_encoding_message_size: ByteSize,
+}
+
+/// `quiver demo`.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Directory to write into (tables `requests` and `services` are created inside).
+    #[arg(long, env = "QUIVER_DEMO_OUT")]
+    pub out: PathBuf,
+
+    /// Approximate number of request rows.
+    #[arg(long, env = "QUIVER_DEMO_ROWS", default_value_t = 3_000_000)]
+    pub rows: u64,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("'{s}' is not a duration like 10s or 1m: {e}"))
+}
+
+/// A byte count written as `4MiB`, `512KiB`, `1GB` or a plain number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub usize);
+
+impl FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (digits, unit) = t.split_at(split);
+        let n: usize = digits
+            .parse()
+            .map_err(|_| format!("'{s}' is not a size like 4MiB or 1048576"))?;
+        let mult: usize = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1000,
+            "kib" => 1 << 10,
+            "m" | "mb" => 1000 * 1000,
+            "mib" => 1 << 20,
+            "g" | "gb" => 1000 * 1000 * 1000,
+            "gib" => 1 << 30,
+            other => return Err(format!("unknown unit '{other}' in '{s}' (use B, KiB, MiB, GiB, KB, MB, GB)")),
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("'{s}' is too large"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!("4MiB".parse::<ByteSize>().unwrap(), ByteSize(4 << 20));
+        assert_eq!("512 KiB".parse::<ByteSize>().unwrap(), ByteSize(512 << 10));
+        assert_eq!("1GB".parse::<ByteSize>().unwrap(), ByteSize(1_000_000_000));
+        assert_eq!("123".parse::<ByteSize>().unwrap(), ByteSize(123));
+        assert!("4 parsecs".parse::<ByteSize>().is_err());
+        assert!("MiB".parse::<ByteSize>().is_err());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s").unwrap(), Duration::from_secs(10));
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert!(parse_duration("soon").is_err());
+    }
+}

@@ -1,0 +1,24 @@
+//! The `quiver` binary: parse flags, set up logging, run a subcommand.
+
+mod cli;
+mod demo;
+mod serve;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+fn main() -> anyhow::Result<()> {
+    let cli = cli::Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_new(&cli.log_filter)?)
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        cli::Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("quiver-io")
+            .build()?
+            .block_on(serve::run(*args)),
+        cli::Command::Demo(args) => demo::write(&args.out, args.rows),
+    }
+}

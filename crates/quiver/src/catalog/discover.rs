@@ -1,0 +1,251 @@
+//! Finding a table's data files on disk and reading Hive partition values from their paths.
+//!
+//! Writers publish files by write-then-rename, and engines leave markers and staging
+//! directories next to the data (`_SUCCESS`, `_temporary/`, `.part-0.parquet.crc`). So a
+//! file or directory whose name starts with `.` or `_`, or ends in `.tmp`, is never data.
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use crate::error::{Error, Result};
+
+/// The directory name Hive (and Spark, pyarrow, DuckDB) use for a NULL partition value.
+pub const HIVE_NULL_PARTITION: &str = "__HIVE_DEFAULT_PARTITION__";
+
+/// A data file found under a table's root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct FoundFile {
+    /// Absolute path of the file.
+    pub path: PathBuf,
+    /// `key=value` pairs from the directories between the root and the file, in order;
+    /// values are percent-decoded, `None` for [`HIVE_NULL_PARTITION`].
+    pub partitions: Vec<(String, Option<String>)>,
+    /// File size in bytes, from the listing.
+    pub size: u64,
+    /// Last modification time, from the listing: with `size`, it tells a replaced file apart.
+    pub modified: SystemTime,
+}
+
+/// Whether a file or directory name marks something that is not (yet) data.
+pub(crate) fn is_hidden(name: &str) -> bool {
+    name.starts_with('.') || name.starts_with('_') || name.ends_with(".tmp")
+}
+
+/// Lists the data files of the table rooted at `root` (a directory, or a single file),
+/// sorted by path. Blocking: call from a blocking thread.
+pub(crate) fn list_files(root: &Path, extension: &str) -> Result<Vec<FoundFile>> {
+    let io_err = |path: &Path, source| Error::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let meta = std::fs::metadata(root).map_err(|e| io_err(root, e))?;
+    let mut found = Vec::new();
+    if meta.is_file() {
+        found.push(FoundFile {
+            path: root.to_path_buf(),
+            partitions: vec![],
+            size: meta.len(),
+            modified: meta.modified().map_err(|e| io_err(root, e))?,
+        });
+        return Ok(found);
+    }
+
+    // Depth-first walk with an explicit stack: partition trees can be deep, recursion is not needed.
+    let mut stack: Vec<(PathBuf, Vec<(String, Option<String>)>)> = vec![(root.to_path_buf(), vec![])];
+    while let Some((dir, partitions)) = stack.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            // A partition directory removed while we walk is not an error.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && dir != root => continue,
+            Err(e) => return Err(io_err(&dir, e)),
+        };
+        for entry in entries {
+            let entry = entry.map_err(|e| io_err(&dir, e))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else {
+                tracing::warn!(path = %entry.path().display(), "skipping a name that is not UTF-8");
+                continue;
+            };
+            if is_hidden(name) {
+                continue;
+            }
+            let path = entry.path();
+            // Follow symlinks: a table may be assembled from links to files elsewhere.
+            let meta = match std::fs::metadata(&path) {
+                Ok(meta) => meta,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io_err(&path, e)),
+            };
+            if meta.is_dir() {
+                let mut partitions = partitions.clone();
+                if let Some((key, value)) = name.split_once('=') {
+                    partitions.push((percent_decode(key), parse_partition_value(value)));
+                }
+                stack.push((path, partitions));
+            } else if meta.is_file() && name.ends_with(extension) {
+                found.push(FoundFile {
+                    path,
+                    partitions: partitions.clone(),
+                    size: meta.len(),
+                    modified: meta.modified().map_err(|e| io_err(root, e))?,
+                });
+            }
+        }
+    }
+    found.sort_by(|a, b| a.path.cmp(&b.path));
+    Ok(found)
+}
+
+fn parse_partition_value(raw: &str) -> Option<String> {
+    (raw != HIVE_NULL_PARTITION).then(|| percent_decode(raw))
+}
+
+/// Hive escapes `/`, `=`, `%`, `#`, `:` and other characters in partition values as `%XX`.
+fn percent_decode(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// The type a partition column is served as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PartitionType {
+    /// 64-bit signed integer (`Int64`).
+    #[serde(alias = "int", alias = "int64", alias = "integer")]
+    Bigint,
+    /// Calendar date (`Date32`), from `YYYY-MM-DD`.
+    Date,
+    /// Text (`Utf8`).
+    #[serde(alias = "utf8", alias = "varchar", alias = "text")]
+    String,
+}
+
+impl PartitionType {
+    /// Infers the narrowest type that every non-NULL value parses as.
+    pub(crate) fn infer<'a>(values: impl Iterator<Item = &'a str> + Clone) -> Self {
+        if values.clone().all(|v| parse_int(v).is_some()) {
+            Self::Bigint
+        } else if values.clone().all(|v| parse_date(v).is_some()) {
+            Self::Date
+        } else {
+            Self::String
+        }
+    }
+
+    /// The Arrow type of the column.
+    pub fn data_type(self) -> datafusion::arrow::datatypes::DataType {
+        use datafusion::arrow::datatypes::DataType;
+        match self {
+            Self::Bigint => DataType::Int64,
+            Self::Date => DataType::Date32,
+            Self::String => DataType::Utf8,
+        }
+    }
+
+    /// Parses a partition value as this type; `None` input is SQL NULL.
+    pub(crate) fn parse(
+        self,
+        value: Option<&str>,
+    ) -> std::result::Result<datafusion::scalar::ScalarValue, String> {
+        use datafusion::scalar::ScalarValue;
+        Ok(match (self, value) {
+            (Self::Bigint, v) => ScalarValue::Int64(
+                v.map(|v| parse_int(v).ok_or_else(|| format!("'{v}' is not an integer")))
+                    .transpose()?,
+            ),
+            (Self::Date, v) => ScalarValue::Date32(
+                v.map(|v| {
+                    parse_date(v).ok_or_else(|| format!("'{v}' is not a date (YYYY-MM-DD)"))
+                })
+                .transpose()?,
+            ),
+            (Self::String, v) => ScalarValue::Utf8(v.map(str::to_owned)),
+        })
+    }
+}
+
+fn parse_int(v: &str) -> Option<i64> {
+    // Leading zeros ("007") are identifiers, not numbers: keep them as text.
+    let digits = v.strip_prefix('-').unwrap_or(v);
+    if digits.is_empty() || (digits.len() > 1 && digits.starts_with('0')) {
+        return None;
+    }
+    v.parse().ok()
+}
+
+/// Days since the Unix epoch for a strict `YYYY-MM-DD`.
+fn parse_date(v: &str) -> Option<i32> {
+    if v.len() != 10 {
+        return None;
+    }
+    let date = chrono::NaiveDate::parse_from_str(v, "%Y-%m-%d").ok()?;
+    let epoch = chrono::NaiveDate::from_ymd_opt(1970, 1, 1)?;
+    i32::try_from((date - epoch).num_days()).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn infers_partition_types() {
+        let t = |v: &[&str]| PartitionType::infer(v.iter().copied());
+        assert_eq!(t(&["1", "-20", "300"]), PartitionType::Bigint);
+        assert_eq!(t(&["2026-01-01", "2026-12-31"]), PartitionType::Date);
+        assert_eq!(t(&["2026-01-01", "later"]), PartitionType::String);
+        assert_eq!(t(&["007", "1"]), PartitionType::String);
+        assert_eq!(t(&["2026-02-30"]), PartitionType::String);
+        assert_eq!(t(&["api", "web"]), PartitionType::String);
+    }
+
+    #[test]
+    fn parses_values() {
+        use datafusion::scalar::ScalarValue;
+        assert_eq!(
+            PartitionType::Date.parse(Some("1970-01-02")).unwrap(),
+            ScalarValue::Date32(Some(1))
+        );
+        assert_eq!(
+            PartitionType::Bigint.parse(None).unwrap(),
+            ScalarValue::Int64(None)
+        );
+        assert!(PartitionType::Bigint.parse(Some("x")).is_err());
+    }
+
+    #[test]
+    fn walks_hive_layout_and_skips_temporary_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        for rel in [
+            "day=2026-01-01/service=api/part-0.parquet",
+            "day=2026-01-01/service=a%2Fb/part-0.parquet",
+            "day=__HIVE_DEFAULT_PARTITION__/service=web/part-0.parquet",
+            "day=2026-01-01/service=api/.part-1.parquet",
+            "day=2026-01-01/service=api/_part-2.parquet",
+            "day=2026-01-01/service=api/part-3.parquet.tmp",
+            "day=2026-01-01/_temporary/part-4.parquet",
+            "day=2026-01-01/service=api/notes.txt",
+        ] {
+            let path = root.join(rel);
+            std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+            std::fs::write(path, b"x").unwrap();
+        }
+        let found = list_files(root, ".parquet").unwrap();
+        let parts: Vec<_> = found.iter().map(|f| f.partitions.clone()).collect();
+        let kv = |d: Option<&str>, s: &str| {
+            vec![
+                ("day".to_string(), d.map(str::to_string)),
+                ("service".to_string(), Some(s.to_string())),
+            ]
+        };
+        assert_eq!(
+            parts,
+            vec![
+                kv(Some("2026-01-01"), "a/b"),
+                kv(Some("2026-01-01"), "api"),
+                kv(None, "web"),
+            ]
+        );
+    }
+}

@@ -1,0 +1,467 @@
+//! The catalog: which tables exist, which files each one reads, and their schemas.
+//!
+//! A table is a directory (or a single file) of Parquet files. Loading or refreshing a
+//! table lists its files, validates every new file by reading its footer, types the Hive
+//! partition columns, merges the file schemas and publishes an immutable [`HiveTable`].
+//! Queries see either the old snapshot or the new one, never a mix, and never a file that
+//! has not been validated. The catalog is DataFusion's `public` schema.
+
+mod config;
+mod discover;
+mod table;
+
+pub use config::{CatalogFile, TableDefinition, parse_table_flag, tables_in_data_dir};
+pub use discover::{HIVE_NULL_PARTITION, PartitionType};
+pub use table::HiveTable;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
+
+use async_trait::async_trait;
+use datafusion::arrow::datatypes::{Field, FieldRef, Schema, SchemaRef};
+use datafusion::catalog::{SchemaProvider, Session, TableProvider};
+use datafusion::datasource::file_format::FileFormat;
+use datafusion::datasource::file_format::parquet::ParquetFormat;
+use datafusion::execution::SessionState;
+use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion_datasource_parquet::metadata::DFParquetMetadata;
+use futures::{StreamExt, TryStreamExt};
+use object_store::ObjectMeta;
+use object_store::path::Path as ObjectPath;
+use parquet::file::metadata::ParquetMetaData;
+
+use crate::error::{Error, Result};
+use discover::FoundFile;
+use table::TableFile;
+
+/// Extension of the files a table reads.
+const PARQUET_EXTENSION: &str = ".parquet";
+
+/// Footers read at once while validating new files.
+const VALIDATE_CONCURRENCY: usize = 16;
+
+/// The registered tables, served as DataFusion's `public` schema.
+#[derive(Debug)]
+pub struct Catalog {
+    definitions: Vec<TableDefinition>,
+    /// Used for footer reads and schema inference: the same runtime (and so the same
+    /// Parquet metadata cache) as queries, so validating a file warms the cache.
+    session: SessionState,
+    tables: RwLock<BTreeMap<String, Arc<HiveTable>>>,
+    /// Per table: the files seen at the last refresh, validated or not, to skip work
+    /// (and repeated warnings) when nothing changed.
+    seen: Mutex<HashMap<String, TableFiles>>,
+    skipped_files: AtomicU64,
+}
+
+/// What the catalog remembers of one table's files between refreshes.
+#[derive(Debug, Default, Clone)]
+struct TableFiles {
+    /// Listing signature: path, size, mtime of every file found.
+    signature: Vec<(PathBuf, u64, SystemTime)>,
+    /// Validated files by path.
+    valid: HashMap<PathBuf, Arc<ValidFile>>,
+    /// Files rejected (corrupt or incompatible), with the size and mtime they were rejected at.
+    rejected: HashSet<(PathBuf, u64, SystemTime)>,
+}
+
+/// A file whose footer decoded.
+#[derive(Debug)]
+struct ValidFile {
+    found: FoundFile,
+    meta: ObjectMeta,
+    schema: SchemaRef,
+    metadata: Arc<ParquetMetaData>,
+}
+
+/// Outcome of refreshing every table.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct RefreshSummary {
+    /// Tables whose file set changed and were republished.
+    pub changed: Vec<String>,
+    /// Tables that could not be refreshed (they keep serving their previous files).
+    pub failed: Vec<(String, String)>,
+}
+
+impl Catalog {
+    /// Loads every table. Fails if a table cannot be read as one schema, or if its path
+    /// is missing: a server that silently serves fewer tables than asked is worse than
+    /// one that does not start.
+    pub async fn load(definitions: Vec<TableDefinition>, session: SessionState) -> Result<Self> {
+        let mut names = HashSet::new();
+        for def in &definitions {
+            if !names.insert(def.name.clone()) {
+                return Err(Error::Config {
+                    message: format!("table '{}' is defined twice", def.name),
+                });
+            }
+        }
+        let catalog = Self {
+            definitions,
+            session,
+            tables: RwLock::default(),
+            seen: Mutex::default(),
+            skipped_files: AtomicU64::new(0),
+        };
+        for def in &catalog.definitions {
+            catalog.refresh_table(def, true).await?;
+        }
+        Ok(catalog)
+    }
+
+    /// Re-lists every table and republishes those whose files changed. Problems with new
+    /// files are logged and the files skipped; a table that cannot be listed keeps its
+    /// previous snapshot.
+    pub async fn refresh(&self) -> RefreshSummary {
+        let mut summary = RefreshSummary::default();
+        for def in &self.definitions {
+            match self.refresh_table(def, false).await {
+                Ok(true) => summary.changed.push(def.name.clone()),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(table = %def.name, error = %e, "refresh failed; serving the previous files");
+                    summary.failed.push((def.name.clone(), e.to_string()));
+                }
+            }
+        }
+        summary
+    }
+
+    /// Registered table names, sorted.
+    pub fn table_names(&self) -> Vec<String> {
+        self.tables.read().expect("poisoned").keys().cloned().collect()
+    }
+
+    /// The current snapshot of a table.
+    pub fn get(&self, name: &str) -> Option<Arc<HiveTable>> {
+        self.tables.read().expect("poisoned").get(name).cloned()
+    }
+
+    /// Files skipped since start-up because they were corrupt or did not fit the table.
+    pub fn skipped_files(&self) -> u64 {
+        self.skipped_files.load(Ordering::Relaxed)
+    }
+
+    /// Lists, validates and publishes one table. Returns whether the snapshot changed.
+    /// `strict` (at start-up) turns problems that refresh would skip into errors.
+    async fn refresh_table(&self, def: &TableDefinition, strict: bool) -> Result<bool> {
+        let root = def.path.clone();
+        let found = tokio::task::spawn_blocking(move || discover::list_files(&root, PARQUET_EXTENSION))
+            .await
+            .map_err(|e| Error::Internal(format!("listing task failed: {e}")))??;
+        let signature: Vec<_> = found
+            .iter()
+            .map(|f| (f.path.clone(), f.size, f.modified))
+            .collect();
+
+        let previous = self
+            .seen
+            .lock()
+            .expect("poisoned")
+            .get(&def.name)
+            .cloned()
+            .unwrap_or_default();
+        if previous.signature == signature && self.get(&def.name).is_some() {
+            return Ok(false);
+        }
+
+        let mut next = TableFiles {
+            signature,
+            ..TableFiles::default()
+        };
+        let store = self
+            .session
+            .runtime_env()
+            .object_store(ObjectStoreUrl::local_filesystem())?;
+        let format = ParquetFormat::default().with_options(self.session.table_options().parquet.clone());
+
+        // Validate what is new or changed; reuse the rest.
+        let validated: Vec<(FoundFile, Result<Arc<ValidFile>>)> = futures::stream::iter(found)
+            .map(|file| {
+                let previous = previous.valid.get(&file.path).cloned();
+                let store = Arc::clone(&store);
+                let format = &format;
+                async move {
+                    if let Some(prev) = previous
+                        && prev.found.size == file.size
+                        && prev.found.modified == file.modified
+                    {
+                        return (file, Ok(prev));
+                    }
+                    let result = self.validate(&store, format, &file).await;
+                    (file, result)
+                }
+            })
+            .buffered(VALIDATE_CONCURRENCY)
+            .collect()
+            .await;
+
+        let mut valid = Vec::new();
+        for (file, result) in validated {
+            match result {
+                Ok(v) => valid.push(v),
+                Err(e) => self.reject(&def.name, &previous, &mut next, &file, &e.to_string()),
+            }
+        }
+
+        let table = match self.build_table(def, &valid, strict) {
+            Ok((table, rejected)) => {
+                for (file, reason) in rejected {
+                    self.reject(&def.name, &previous, &mut next, &file, &reason);
+                }
+                table
+            }
+            Err(e) => return Err(e),
+        };
+        let rejected_paths: HashSet<_> = next.rejected.iter().map(|(p, ..)| p.clone()).collect();
+        next.valid = valid
+            .into_iter()
+            .filter(|v| !rejected_paths.contains(&v.found.path))
+            .map(|v| (v.found.path.clone(), v))
+            .collect();
+
+        tracing::info!(
+            table = %def.name,
+            files = table.num_files(),
+            rows = table.num_rows(),
+            columns = table.schema().fields().len(),
+            "table published"
+        );
+        self.tables
+            .write()
+            .expect("poisoned")
+            .insert(def.name.clone(), Arc::new(table));
+        self.seen.lock().expect("poisoned").insert(def.name.clone(), next);
+        Ok(true)
+    }
+
+    /// Reads one file's footer and schema; an error means the file is not usable Parquet.
+    async fn validate(
+        &self,
+        store: &Arc<dyn object_store::ObjectStore>,
+        format: &ParquetFormat,
+        file: &FoundFile,
+    ) -> Result<Arc<ValidFile>> {
+        let location = ObjectPath::from_filesystem_path(&file.path).map_err(|e| Error::Config {
+            message: format!("{}: {e}", file.path.display()),
+        })?;
+        let meta = ObjectMeta {
+            location,
+            last_modified: file.modified.into(),
+            size: file.size,
+            e_tag: None,
+            version: None,
+        };
+        let cache = self.session.runtime_env().cache_manager.get_file_metadata_cache();
+        let metadata = DFParquetMetadata::new(store.as_ref(), &meta)
+            .with_file_metadata_cache(Some(Arc::clone(&cache)))
+            .fetch_metadata()
+            .await?;
+        let schema = format
+            .infer_schema(&self.session as &dyn Session, store, std::slice::from_ref(&meta))
+            .await?;
+        Ok(Arc::new(ValidFile {
+            found: file.clone(),
+            meta,
+            schema,
+            metadata,
+        }))
+    }
+
+    /// Records a rejected file, warning once per version of the file.
+    fn reject(
+        &self,
+        table: &str,
+        previous: &TableFiles,
+        next: &mut TableFiles,
+        file: &FoundFile,
+        reason: &str,
+    ) {
+        let key = (file.path.clone(), file.size, file.modified);
+        if !previous.rejected.contains(&key) {
+            self.skipped_files.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(table, file = %file.path.display(), reason, "skipping file");
+        }
+        next.rejected.insert(key);
+    }
+
+    /// Types the partition columns, merges file schemas and assembles the table. Returns
+    /// the files left out (only when not `strict`) with the reason.
+    fn build_table(
+        &self,
+        def: &TableDefinition,
+        valid: &[Arc<ValidFile>],
+        strict: bool,
+    ) -> Result<(HiveTable, Vec<(FoundFile, String)>)> {
+        let mut rejected = Vec::new();
+        let fail = |message: String| Error::Schema {
+            table: def.name.clone(),
+            message,
+        };
+
+        // Partition keys: the layout of the first file is the layout of the table.
+        let keys: Vec<String> = valid
+            .first()
+            .map(|v| v.found.partitions.iter().map(|(k, _)| k.clone()).collect())
+            .unwrap_or_default();
+        let mut files: Vec<&Arc<ValidFile>> = Vec::new();
+        for v in valid {
+            let these: Vec<&String> = v.found.partitions.iter().map(|(k, _)| k).collect();
+            if these.iter().copied().ne(keys.iter()) {
+                let message = format!(
+                    "partition directories differ: {} has keys [{}] but {} has [{}]",
+                    valid[0].found.path.display(),
+                    keys.join(", "),
+                    v.found.path.display(),
+                    these.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                );
+                if strict {
+                    return Err(fail(message));
+                }
+                rejected.push((v.found.clone(), message));
+            } else {
+                files.push(v);
+            }
+        }
+
+        let types: Vec<PartitionType> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, key)| {
+                def.partition_types.get(key).copied().unwrap_or_else(|| {
+                    PartitionType::infer(
+                        files
+                            .iter()
+                            .filter_map(|f| f.found.partitions[i].1.as_deref()),
+                    )
+                })
+            })
+            .collect();
+        for key in def.partition_types.keys() {
+            if !keys.contains(key) {
+                tracing::warn!(table = %def.name, column = %key, "a partition type is configured for a key that no directory uses");
+            }
+        }
+
+        // Merge schemas in path order, remembering where each column was first seen so a
+        // conflict names both files.
+        let mut merged = Schema::empty();
+        let mut first_seen: HashMap<String, (PathBuf, Field)> = HashMap::new();
+        let mut kept: Vec<&Arc<ValidFile>> = Vec::new();
+        'files: for v in files {
+            for field in v.schema.fields() {
+                if keys.contains(field.name()) {
+                    let message = format!(
+                        "column '{}' of {} is also a partition key in its path; rename one of them",
+                        field.name(),
+                        v.found.path.display()
+                    );
+                    if strict {
+                        return Err(fail(message));
+                    }
+                    rejected.push((v.found.clone(), message));
+                    continue 'files;
+                }
+            }
+            match Schema::try_merge([merged.clone(), Schema::clone(&v.schema)]) {
+                Ok(m) => merged = m,
+                Err(e) => {
+                    let conflict = v.schema.fields().iter().find_map(|f| {
+                        first_seen
+                            .get(f.name())
+                            .filter(|(_, seen)| seen.data_type() != f.data_type())
+                            .map(|(path, seen)| {
+                                format!(
+                                    "column '{}' is {} in {} but {} in {}",
+                                    f.name(),
+                                    seen.data_type(),
+                                    path.display(),
+                                    f.data_type(),
+                                    v.found.path.display()
+                                )
+                            })
+                    });
+                    let message = conflict.unwrap_or_else(|| {
+                        format!("{} does not fit the table's schema: {e}", v.found.path.display())
+                    });
+                    if strict {
+                        return Err(fail(format!("incompatible schemas: {message}")));
+                    }
+                    rejected.push((v.found.clone(), message));
+                    continue 'files;
+                }
+            }
+            for f in v.schema.fields() {
+                first_seen
+                    .entry(f.name().clone())
+                    .or_insert_with(|| (v.found.path.clone(), Field::clone(f)));
+            }
+            kept.push(v);
+        }
+        let file_schema = Arc::new(merged);
+        let partition_fields: Vec<FieldRef> = keys
+            .iter()
+            .zip(&types)
+            .map(|(k, t)| Arc::new(Field::new(k, t.data_type(), true)))
+            .collect();
+
+        let mut table_files = Vec::with_capacity(kept.len());
+        for v in kept {
+            let mut partition_values = Vec::with_capacity(types.len());
+            let mut bad = None;
+            for ((key, value), ty) in v.found.partitions.iter().zip(&types) {
+                match ty.parse(value.as_deref()) {
+                    Ok(s) => partition_values.push(s),
+                    Err(e) => {
+                        bad = Some(format!(
+                            "partition '{key}' of {}: {e} (configured type {ty:?})",
+                            v.found.path.display()
+                        ));
+                        break;
+                    }
+                }
+            }
+            if let Some(message) = bad {
+                if strict {
+                    return Err(fail(message));
+                }
+                rejected.push((v.found.clone(), message));
+                continue;
+            }
+            let statistics =
+                DFParquetMetadata::statistics_from_parquet_metadata(&v.metadata, &file_schema)?;
+            let byte_size = v
+                .metadata
+                .row_groups()
+                .iter()
+                .map(|rg| rg.total_byte_size().max(0) as u64)
+                .sum();
+            table_files.push(TableFile {
+                meta: v.meta.clone(),
+                partition_values,
+                statistics: Arc::new(statistics),
+                num_rows: v.metadata.file_metadata().num_rows().max(0) as u64,
+                byte_size,
+            });
+        }
+        Ok((HiveTable::new(file_schema, partition_fields, table_files), rejected))
+    }
+}
+
+#[async_trait]
+impl SchemaProvider for Catalog {
+    fn table_names(&self) -> Vec<String> {
+        Catalog::table_names(self)
+    }
+
+    async fn table(&self, name: &str) -> datafusion::error::Result<Option<Arc<dyn TableProvider>>> {
+        Ok(self.get(name).map(|t| t as Arc<dyn TableProvider>))
+    }
+
+    fn table_exist(&self, name: &str) -> bool {
+        self.tables.read().expect("poisoned").contains_key(name)
+    }
+}

@@ -1,0 +1,277 @@
+//! [`HiveTable`]: one immutable snapshot of a table's validated files as a DataFusion table.
+//!
+//! Why not DataFusion's `ListingTable`: it lists the directory itself when it plans
+//! (through a listing cache that never expires), so it would read files we have not
+//! validated (a corrupt file would break every query until the next refresh), it cannot
+//! type a `__HIVE_DEFAULT_PARTITION__` directory as NULL, and a refresh that widens the
+//! schema would race with plans in flight. A snapshot that is swapped whole on refresh
+//! has none of these problems; everything below the file list (row-group, page-index and
+//! bloom-filter pruning, late materialisation) is DataFusion's Parquet scan, unchanged.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::array::{ArrayRef, AsArray, RecordBatch};
+use datafusion::arrow::datatypes::{FieldRef, Schema, SchemaRef};
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::stats::Precision;
+use datafusion::common::{ColumnStatistics, DFSchema, Statistics};
+use datafusion::datasource::TableType;
+use datafusion::error::Result as DfResult;
+use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::logical_expr::utils::conjunction;
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, Volatility};
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::empty::EmptyExec;
+use datafusion::scalar::ScalarValue;
+use datafusion_datasource::file_groups::FileGroup;
+use datafusion_datasource::source::DataSourceExec;
+use datafusion_datasource_parquet::source::ParquetSource;
+use datafusion_datasource_parquet::CachedParquetFileReaderFactory;
+use datafusion_datasource::file_scan_config::FileScanConfigBuilder;
+use datafusion_datasource::{PartitionedFile, TableSchema, compute_all_files_statistics};
+use object_store::ObjectMeta;
+
+use crate::io::NamedFileReaderFactory;
+
+/// One validated data file of a table.
+#[derive(Debug, Clone)]
+pub(crate) struct TableFile {
+    /// Location and size as listed.
+    pub meta: ObjectMeta,
+    /// Partition values, one per partition column, typed; NULL for the Hive default partition.
+    pub partition_values: Vec<ScalarValue>,
+    /// File-level statistics over the table's file schema (row count, min/max per column).
+    pub statistics: Arc<Statistics>,
+    /// Rows, from the Parquet footer.
+    pub num_rows: u64,
+    /// Uncompressed data size, from the Parquet footer.
+    pub byte_size: u64,
+}
+
+/// A table over a fixed set of Parquet files with typed Hive partition columns.
+#[derive(Debug)]
+pub struct HiveTable {
+    file_schema: SchemaRef,
+    partition_fields: Vec<FieldRef>,
+    schema: SchemaRef,
+    files: Vec<TableFile>,
+}
+
+impl HiveTable {
+    pub(crate) fn new(
+        file_schema: SchemaRef,
+        partition_fields: Vec<FieldRef>,
+        files: Vec<TableFile>,
+    ) -> Self {
+        let fields = file_schema
+            .fields()
+            .iter()
+            .chain(partition_fields.iter())
+            .cloned()
+            .collect::<Vec<_>>();
+        let schema = Arc::new(Schema::new(fields));
+        Self {
+            file_schema,
+            partition_fields,
+            schema,
+            files,
+        }
+    }
+
+    /// Total rows over all files, from Parquet footers.
+    pub fn num_rows(&self) -> u64 {
+        self.files.iter().map(|f| f.num_rows).sum()
+    }
+
+    /// Total uncompressed bytes over all files, from Parquet footers.
+    pub fn byte_size(&self) -> u64 {
+        self.files.iter().map(|f| f.byte_size).sum()
+    }
+
+    /// Number of data files.
+    pub fn num_files(&self) -> usize {
+        self.files.len()
+    }
+
+    pub(crate) fn files(&self) -> &[TableFile] {
+        &self.files
+    }
+
+    /// A filter is decided by partition values alone when it names only partition
+    /// columns and gives the same answer every time it is evaluated.
+    fn is_partition_filter(&self, expr: &Expr) -> bool {
+        let refs = expr.column_refs();
+        !refs.is_empty()
+            && refs
+                .iter()
+                .all(|c| self.partition_fields.iter().any(|f| f.name() == &c.name))
+            && !has_volatile(expr)
+    }
+
+    /// Files whose partition values can satisfy every partition filter. The filters are
+    /// evaluated once, vectorised, over a batch holding one row of partition values per file.
+    fn prune(&self, state: &dyn Session, filters: &[Expr]) -> DfResult<Vec<&TableFile>> {
+        let partition_filters: Vec<Expr> = filters
+            .iter()
+            .filter(|f| self.is_partition_filter(f))
+            .cloned()
+            .collect();
+        let Some(predicate) = conjunction(partition_filters) else {
+            return Ok(self.files.iter().collect());
+        };
+        if self.files.is_empty() {
+            return Ok(vec![]);
+        }
+        let columns = (0..self.partition_fields.len())
+            .map(|i| {
+                ScalarValue::iter_to_array(
+                    self.files.iter().map(|f| f.partition_values[i].clone()),
+                )
+            })
+            .collect::<DfResult<Vec<ArrayRef>>>()?;
+        let schema = Arc::new(Schema::new(self.partition_fields.clone()));
+        let batch = RecordBatch::try_new(Arc::clone(&schema), columns)?;
+        let df_schema = DFSchema::try_from(schema)?;
+        let physical = state.create_physical_expr(predicate, &df_schema)?;
+        let mask = physical.evaluate(&batch)?.into_array(batch.num_rows())?;
+        let mask = mask.as_boolean_opt().ok_or_else(|| {
+            datafusion::error::DataFusionError::Plan(
+                "a partition filter did not evaluate to a boolean".into(),
+            )
+        })?;
+        Ok(self
+            .files
+            .iter()
+            .enumerate()
+            // NULL means the filter does not hold: SQL semantics.
+            .filter(|(i, _)| mask.is_valid(*i) && mask.value(*i))
+            .map(|(_, f)| f)
+            .collect())
+    }
+
+    /// A [`PartitionedFile`] with statistics covering both file and partition columns.
+    fn partitioned_file(&self, file: &TableFile) -> PartitionedFile {
+        let mut stats = Statistics::clone(&file.statistics);
+        for value in &file.partition_values {
+            stats.column_statistics.push(if value.is_null() {
+                ColumnStatistics {
+                    null_count: stats.num_rows,
+                    ..ColumnStatistics::new_unknown()
+                }
+            } else {
+                ColumnStatistics {
+                    null_count: Precision::Exact(0),
+                    max_value: Precision::Exact(value.clone()),
+                    min_value: Precision::Exact(value.clone()),
+                    distinct_count: Precision::Exact(1),
+                    ..ColumnStatistics::new_unknown()
+                }
+            });
+        }
+        let mut pf = PartitionedFile::from(file.meta.clone());
+        pf.partition_values = file.partition_values.clone();
+        pf.statistics = Some(Arc::new(stats));
+        pf
+    }
+}
+
+fn has_volatile(expr: &Expr) -> bool {
+    let mut volatile = false;
+    let _ = expr.apply(|e| {
+        if let Expr::ScalarFunction(f) = e
+            && f.func.signature().volatility == Volatility::Volatile
+        {
+            volatile = true;
+            return Ok(datafusion::common::tree_node::TreeNodeRecursion::Stop);
+        }
+        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
+    });
+    volatile
+}
+
+use datafusion::common::tree_node::TreeNode;
+
+#[async_trait]
+impl TableProvider for HiveTable {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> DfResult<Vec<TableProviderFilterPushDown>> {
+        // Partition filters are applied exactly by `prune`; DataFusion keeps the rest
+        // above the scan and pushes them into the Parquet reader itself (statistics,
+        // page index, bloom filters, row filters).
+        Ok(filters
+            .iter()
+            .map(|f| {
+                if self.is_partition_filter(f) {
+                    TableProviderFilterPushDown::Exact
+                } else {
+                    TableProviderFilterPushDown::Inexact
+                }
+            })
+            .collect())
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let files = self.prune(state, filters)?;
+        if files.is_empty() {
+            let schema = match projection {
+                Some(p) => Arc::new(self.schema.project(p)?),
+                None => Arc::clone(&self.schema),
+            };
+            return Ok(Arc::new(EmptyExec::new(schema)));
+        }
+
+        let group = FileGroup::new(files.into_iter().map(|f| self.partitioned_file(f)).collect());
+        let groups = group.split_files(state.config().target_partitions());
+        let (groups, statistics) = compute_all_files_statistics(
+            groups,
+            Arc::clone(&self.schema),
+            state.config().collect_statistics(),
+            false,
+        )?;
+
+        let options = state.table_options().parquet.clone();
+        let metadata_size_hint = options.global.metadata_size_hint;
+        let store = state
+            .runtime_env()
+            .object_store(ObjectStoreUrl::local_filesystem())?;
+        let cache = state.runtime_env().cache_manager.get_file_metadata_cache();
+        // DataFusion's caching reader (footers read once per file version), wrapped so
+        // errors name the file.
+        let readers = NamedFileReaderFactory::new(Arc::new(CachedParquetFileReaderFactory::new(
+            store, cache,
+        )));
+        let mut source = ParquetSource::new(TableSchema::new(
+            Arc::clone(&self.file_schema),
+            self.partition_fields.clone(),
+        ))
+        .with_table_parquet_options(options)
+        .with_parquet_file_reader_factory(Arc::new(readers));
+        if let Some(hint) = metadata_size_hint {
+            source = source.with_metadata_size_hint(hint);
+        }
+        let config = FileScanConfigBuilder::new(ObjectStoreUrl::local_filesystem(), Arc::new(source))
+            .with_file_groups(groups)
+            .with_statistics(statistics)
+            .with_projection_indices(projection.cloned())?
+            .with_limit(limit)
+            .build();
+        Ok(DataSourceExec::from_data_source(config))
+    }
+}

@@ -1,0 +1,254 @@
+//! One error type for the library and its single mapping to a gRPC [`Status`].
+//!
+//! Variants are grouped by who is at fault: the client (bad ticket, bad SQL,
+//! unknown table, a write attempt), the data on disk (a corrupt file, an
+//! incompatible schema), or Quiver itself (`Internal`). The mapping to a status
+//! code lives in exactly one place, [`Error::code`], an exhaustive match.
+
+use datafusion::error::DataFusionError;
+use tonic::{Code, Status};
+
+/// Result type of the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Longest message a client sees; longer ones are cut with a marker. Planner
+/// errors can quote whole schemas and must not turn into megabyte trailers.
+const MAX_MESSAGE_BYTES: usize = 2048;
+
+/// Everything that can go wrong serving a request or loading the catalog.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The ticket or descriptor could not be understood.
+    #[error("invalid request: {reason}")]
+    InvalidRequest {
+        /// What was wrong and what to send instead.
+        reason: String,
+    },
+
+    /// The statement would change state or read outside registered tables.
+    #[error("{what} is not allowed: Quiver serves read-only SQL over registered tables ({hint})")]
+    NotReadOnly {
+        /// The kind of statement or construct that was rejected.
+        what: String,
+        /// What the client can do instead.
+        hint: String,
+    },
+
+    /// A query named a table that is not registered.
+    #[error("table '{name}' not found; available tables: {}", available.join(", "))]
+    TableNotFound {
+        /// The name as written in the query.
+        name: String,
+        /// Registered table names, sorted.
+        available: Vec<String>,
+    },
+
+    /// The feature exists in the protocol but is not served (yet).
+    #[error("{what} is not supported")]
+    Unsupported {
+        /// The RPC, command or action.
+        what: String,
+    },
+
+    /// A table definition (CLI flag or catalog file) is wrong.
+    #[error("invalid table definition: {message}")]
+    Config {
+        /// What is wrong and how to fix it.
+        message: String,
+    },
+
+    /// Files of one table cannot be read as one schema.
+    #[error("table '{table}': {message}")]
+    Schema {
+        /// The table being registered.
+        table: String,
+        /// The conflict, naming both files.
+        message: String,
+    },
+
+    /// Reading the file system failed outside a query.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory involved.
+        path: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+
+    /// An error from planning or executing a query.
+    #[error(transparent)]
+    DataFusion(Box<DataFusionError>),
+
+    /// Encoding the result for the wire failed.
+    #[error("encoding the result failed: {0}")]
+    Flight(Box<arrow_flight::error::FlightError>),
+
+    /// A bug in Quiver.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<DataFusionError> for Error {
+    fn from(e: DataFusionError) -> Self {
+        Self::DataFusion(Box::new(e))
+    }
+}
+
+impl From<arrow_flight::error::FlightError> for Error {
+    fn from(e: arrow_flight::error::FlightError) -> Self {
+        Self::Flight(Box::new(e))
+    }
+}
+
+impl From<datafusion::arrow::error::ArrowError> for Error {
+    fn from(e: datafusion::arrow::error::ArrowError) -> Self {
+        Self::DataFusion(Box::new(DataFusionError::ArrowError(Box::new(e), None)))
+    }
+}
+
+impl Error {
+    /// Shorthand for [`Error::InvalidRequest`].
+    pub fn invalid(reason: impl Into<String>) -> Self {
+        Self::InvalidRequest {
+            reason: reason.into(),
+        }
+    }
+
+    /// The gRPC status code for this error. Exhaustive on purpose: a new
+    /// variant must decide who is at fault.
+    pub fn code(&self) -> Code {
+        match self {
+            Self::InvalidRequest { .. } | Self::NotReadOnly { .. } => Code::InvalidArgument,
+            Self::TableNotFound { .. } => Code::NotFound,
+            Self::Unsupported { .. } => Code::Unimplemented,
+            Self::Config { .. } => Code::InvalidArgument,
+            Self::Schema { .. } => Code::FailedPrecondition,
+            Self::Io { .. } => Code::Unavailable,
+            Self::DataFusion(e) => datafusion_code(e),
+            Self::Flight(e) => match e.as_ref() {
+                arrow_flight::error::FlightError::Tonic(s) => s.code(),
+                arrow_flight::error::FlightError::Arrow(_)
+                | arrow_flight::error::FlightError::NotYetImplemented(_)
+                | arrow_flight::error::FlightError::ProtocolError(_)
+                | arrow_flight::error::FlightError::DecodeError(_)
+                | arrow_flight::error::FlightError::ExternalError(_) => Code::Internal,
+            },
+            Self::Internal(_) => Code::Internal,
+        }
+    }
+
+    /// Whether the server, rather than the client or the data, is at fault:
+    /// those are logged at `error`, the rest at `debug`.
+    pub fn is_server_fault(&self) -> bool {
+        matches!(self.code(), Code::Internal | Code::Unknown)
+    }
+}
+
+/// Classifies a DataFusion error on its root cause.
+fn datafusion_code(e: &DataFusionError) -> Code {
+    match e.find_root() {
+        DataFusionError::SQL(..)
+        | DataFusionError::Plan(_)
+        | DataFusionError::SchemaError(..)
+        | DataFusionError::Configuration(_)
+        | DataFusionError::NotImplemented(_) => Code::InvalidArgument,
+        DataFusionError::ResourcesExhausted(_) => Code::ResourceExhausted,
+        // A file that cannot be decoded is damaged data, not a bad request.
+        DataFusionError::ParquetError(_) => Code::DataLoss,
+        DataFusionError::ObjectStore(e) => match e.as_ref() {
+            object_store::Error::NotFound { .. } => Code::NotFound,
+            _ => Code::Unavailable,
+        },
+        DataFusionError::IoError(_) => Code::Unavailable,
+        DataFusionError::ArrowError(e, _) => match e.as_ref() {
+            datafusion::arrow::error::ArrowError::DivideByZero
+            | datafusion::arrow::error::ArrowError::CastError(_)
+            | datafusion::arrow::error::ArrowError::ParseError(_)
+            | datafusion::arrow::error::ArrowError::ComputeError(_)
+            | datafusion::arrow::error::ArrowError::ArithmeticOverflow(_)
+            | datafusion::arrow::error::ArrowError::InvalidArgumentError(_) => {
+                Code::InvalidArgument
+            }
+            datafusion::arrow::error::ArrowError::MemoryError(_) => Code::ResourceExhausted,
+            datafusion::arrow::error::ArrowError::ParquetError(_)
+            | datafusion::arrow::error::ArrowError::IpcError(_) => Code::DataLoss,
+            _ => Code::Internal,
+        },
+        // Errors raised by expressions while running (e.g. a failed cast of a value).
+        DataFusionError::Execution(_) => Code::InvalidArgument,
+        DataFusionError::ExecutionJoin(_) => Code::Internal,
+        DataFusionError::External(ext) => match ext.downcast_ref::<Error>() {
+            Some(ours) => ours.code(),
+            None => Code::Internal,
+        },
+        DataFusionError::Internal(_)
+        | DataFusionError::Substrait(_)
+        | DataFusionError::Ffi(_)
+        | DataFusionError::Context(..)
+        | DataFusionError::Diagnostic(..)
+        | DataFusionError::Collection(_)
+        | DataFusionError::Shared(_) => Code::Internal,
+    }
+}
+
+impl From<Error> for Status {
+    fn from(e: Error) -> Self {
+        let code = e.code();
+        if e.is_server_fault() {
+            tracing::error!(error = %e, "request failed");
+        } else {
+            tracing::debug!(error = %e, ?code, "request rejected");
+        }
+        Status::new(code, truncate(e.to_string()))
+    }
+}
+
+/// Cuts `message` to [`MAX_MESSAGE_BYTES`] on a character boundary.
+fn truncate(mut message: String) -> String {
+    if message.len() > MAX_MESSAGE_BYTES {
+        let mut end = MAX_MESSAGE_BYTES;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+        message.push_str("… (truncated)");
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_stays_small() {
+        // Errors travel through every Result on the hot path: keep them two words or so.
+        assert!(size_of::<Error>() <= 56, "Error is {} bytes", size_of::<Error>());
+    }
+
+    #[test]
+    fn codes_by_fault() {
+        assert_eq!(Error::invalid("x").code(), Code::InvalidArgument);
+        let nf = Error::TableNotFound {
+            name: "t".into(),
+            available: vec!["a".into(), "b".into()],
+        };
+        assert_eq!(nf.code(), Code::NotFound);
+        assert!(nf.to_string().contains("available tables: a, b"));
+        let plan = Error::from(DataFusionError::Plan("bad".into()));
+        assert_eq!(plan.code(), Code::InvalidArgument);
+        let mem = Error::from(DataFusionError::Context(
+            "ctx".into(),
+            Box::new(DataFusionError::ResourcesExhausted("pool".into())),
+        ));
+        assert_eq!(mem.code(), Code::ResourceExhausted);
+        assert_eq!(Error::Internal("bug".into()).code(), Code::Internal);
+    }
+
+    #[test]
+    fn long_messages_are_capped() {
+        let status = Status::from(Error::invalid("é".repeat(5000)));
+        assert!(status.message().len() < MAX_MESSAGE_BYTES + 20);
+        assert!(status.message().ends_with("(truncated)"));
+    }
+}

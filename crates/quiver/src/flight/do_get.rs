@@ -1,0 +1,104 @@
+//! `DoGet`: run SQL and stream the result.
+//!
+//! ```text
+//!  network runtime                      CPU runtime
+//!  ───────────────                      ───────────
+//!  do_get(ticket) ── execute(sql) ────▶ plan, execute_stream()
+//!                                       │ poll batches (Parquet decode, filters, ...)
+//!                                       │ expand views
+//!                                       │ FlightDataEncoder (schema first, split to size)
+//!  response stream ◀── bounded channel ─┘ tx.send().await  (backpressure)
+//! ```
+//!
+//! Dropping the response (client gone, deadline, cancel) drops the receiver and the
+//! task handle; the task is aborted and the plan dropped, which stops the query.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use arrow_flight::FlightData;
+use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::error::FlightError;
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use super::views;
+use crate::error::{Error, Result};
+use crate::query::QueryEngine;
+
+/// The response stream of `DoGet`.
+pub type FlightDataStream = Pin<Box<dyn Stream<Item = Result<FlightData, Status>> + Send>>;
+
+/// Knobs for the send path.
+#[derive(Debug, Clone, Copy)]
+pub struct SendOptions {
+    /// Target size of one `FlightData` message; larger batches are split.
+    pub max_flight_data_size: usize,
+    /// Encoded messages buffered between the CPU runtime and the network.
+    pub channel_depth: usize,
+}
+
+impl Default for SendOptions {
+    fn default() -> Self {
+        Self {
+            // arrow-flight's default: well under gRPC's 4 MiB default message limit.
+            max_flight_data_size: 2 * 1024 * 1024,
+            // Two messages in flight keep the socket busy while the next batch is computed,
+            // and bound the memory a slow client can pin to a few messages per stream.
+            channel_depth: 2,
+        }
+    }
+}
+
+/// Plans and runs `sql`; planning errors are returned, execution errors arrive in-band.
+pub async fn do_get(
+    engine: &Arc<QueryEngine>,
+    sql: String,
+    options: SendOptions,
+) -> Result<FlightDataStream> {
+    let stream = engine.execute(sql).await?;
+    let schema = views::expand_schema(&stream.schema());
+
+    let (tx, rx) = mpsc::channel::<Result<FlightData, Status>>(options.channel_depth.max(1));
+    let batch_schema = Arc::clone(&schema);
+    let batches = stream.map(move |batch| {
+        batch
+            .map_err(|e| FlightError::Tonic(Box::new(Status::from(Error::from(e)))))
+            .and_then(|b| views::expand_batch(b, &batch_schema).map_err(FlightError::Arrow))
+    });
+    let mut encoded = FlightDataEncoderBuilder::new()
+        .with_schema(schema)
+        .with_max_flight_data_size(options.max_flight_data_size)
+        .build(batches);
+
+    let task = engine.cpu().spawn(async move {
+        while let Some(item) = encoded.next().await {
+            let item = item.map_err(|e| match e {
+                FlightError::Tonic(status) => *status,
+                other => Status::from(Error::from(other)),
+            });
+            let failed = item.is_err();
+            if tx.send(item).await.is_err() {
+                tracing::debug!("client went away; stopping the query");
+                return;
+            }
+            if failed {
+                return;
+            }
+        }
+    });
+
+    // The stream owns the task: dropping the response aborts the query.
+    let out = tokio_stream_from(rx).map(move |item| {
+        let _owned = &task;
+        item
+    });
+    Ok(Box::pin(out))
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: mpsc::Receiver<T>,
+) -> impl Stream<Item = T> + Send + 'static {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

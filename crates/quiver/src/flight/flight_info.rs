@@ -1,0 +1,94 @@
+//! `GetFlightInfo`, `GetSchema` and `ListFlights`: describing results without running them.
+
+use std::sync::Arc;
+
+use arrow_flight::flight_descriptor::DescriptorType;
+use arrow_flight::{FlightDescriptor, FlightEndpoint, FlightInfo, SchemaAsIpc, SchemaResult, Ticket};
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::ipc::writer::IpcWriteOptions;
+use datafusion::catalog::TableProvider;
+
+use super::ticket::{self, Command, QuiverTicket};
+use super::views;
+use crate::error::{Error, Result};
+use crate::query::QueryEngine;
+
+/// The SQL a descriptor stands for: a CMD holds SQL (or a Quiver ticket), a PATH
+/// `[table]` means every row of that table.
+pub fn descriptor_sql(engine: &QueryEngine, descriptor: &FlightDescriptor) -> Result<Command> {
+    match DescriptorType::try_from(descriptor.r#type) {
+        Ok(DescriptorType::Cmd) => ticket::decode(&descriptor.cmd),
+        Ok(DescriptorType::Path) => match descriptor.path.as_slice() {
+            [table] => {
+                if engine.catalog().get(table).is_none() {
+                    return Err(Error::TableNotFound {
+                        name: table.clone(),
+                        available: engine.catalog().table_names(),
+                    });
+                }
+                Ok(Command::Sql(ticket::select_all(table)))
+            }
+            other => Err(Error::invalid(format!(
+                "a PATH descriptor must hold exactly one element, a table name; got {} elements",
+                other.len()
+            ))),
+        },
+        Ok(DescriptorType::Unknown) | Err(_) => Err(Error::invalid(
+            "the descriptor type must be CMD (SQL) or PATH ([table])",
+        )),
+    }
+}
+
+/// The schema and one endpoint whose ticket runs `sql`.
+pub async fn flight_info(
+    engine: &Arc<QueryEngine>,
+    descriptor: FlightDescriptor,
+    sql: String,
+) -> Result<FlightInfo> {
+    let schema = views::expand_schema(&engine.schema(sql.clone()).await?);
+    info_for(descriptor, &schema, &sql, None)
+}
+
+/// The IPC-encoded schema of `sql`.
+pub async fn schema(engine: &Arc<QueryEngine>, sql: String) -> Result<SchemaResult> {
+    let schema = views::expand_schema(&engine.schema(sql).await?);
+    Ok(SchemaAsIpc::new(&schema, &IpcWriteOptions::default()).try_into()?)
+}
+
+/// One `FlightInfo` per table, with row count and size from Parquet footers.
+pub fn list_flights(engine: &QueryEngine) -> Result<Vec<FlightInfo>> {
+    let catalog = engine.catalog();
+    catalog
+        .table_names()
+        .into_iter()
+        .filter_map(|name| catalog.get(&name).map(|t| (name, t)))
+        .map(|(name, table)| {
+            let schema = views::expand_schema(&table.schema());
+            info_for(
+                FlightDescriptor::new_path(vec![name.clone()]),
+                &schema,
+                &ticket::select_all(&name),
+                Some((table.num_rows(), table.byte_size())),
+            )
+        })
+        .collect()
+}
+
+fn info_for(
+    descriptor: FlightDescriptor,
+    schema: &SchemaRef,
+    sql: &str,
+    size: Option<(u64, u64)>,
+) -> Result<FlightInfo> {
+    let endpoint =
+        FlightEndpoint::new().with_ticket(Ticket::new(QuiverTicket::new(sql).encode_any()));
+    let (records, bytes) = size.map_or((-1, -1), |(r, b)| {
+        (i64::try_from(r).unwrap_or(i64::MAX), i64::try_from(b).unwrap_or(i64::MAX))
+    });
+    Ok(FlightInfo::new()
+        .try_with_schema(schema)?
+        .with_descriptor(descriptor)
+        .with_endpoint(endpoint)
+        .with_total_records(records)
+        .with_total_bytes(bytes))
+}

@@ -1,0 +1,144 @@
+//! SQL in, a stream of record batches out.
+//!
+//! One [`QueryEngine`] per server. It owns the DataFusion configuration, the runtime
+//! environment shared by every query (so every query draws on the same caches and,
+//! later, the same memory pool), the catalog and the CPU runtime. Each request gets its
+//! own `SessionState` cloned from the base one, so nothing a query does leaks into another.
+
+mod guard;
+mod runtime;
+
+pub use runtime::CpuRuntime;
+
+use std::sync::Arc;
+
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::dataframe::DataFrame;
+use datafusion::execution::SendableRecordBatchStream;
+use datafusion::execution::SessionStateBuilder;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::prelude::{SessionConfig, SessionContext};
+
+use crate::catalog::{Catalog, TableDefinition};
+use crate::error::{Error, Result};
+
+/// How the engine is set up.
+#[derive(Debug, Clone)]
+pub struct QueryOptions {
+    /// Worker threads of the CPU runtime, and DataFusion's target partitions.
+    pub cpu_threads: usize,
+    /// `key=value` DataFusion settings applied after Quiver's defaults.
+    pub datafusion_config: Vec<(String, String)>,
+}
+
+impl Default for QueryOptions {
+    fn default() -> Self {
+        Self {
+            cpu_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+            datafusion_config: vec![],
+        }
+    }
+}
+
+/// Plans and runs read-only SQL over the catalog.
+#[derive(Debug)]
+pub struct QueryEngine {
+    base: SessionContext,
+    catalog: Arc<Catalog>,
+    cpu: CpuRuntime,
+}
+
+impl QueryEngine {
+    /// Builds the session, loads every table and starts the CPU runtime.
+    pub async fn new(tables: Vec<TableDefinition>, options: QueryOptions) -> Result<Self> {
+        let config = session_config(&options)?;
+        let runtime = RuntimeEnvBuilder::new().build_arc()?;
+        let state = SessionStateBuilder::new()
+            .with_config(config)
+            .with_runtime_env(runtime)
+            .with_default_features()
+            .build();
+        let catalog = Arc::new(Catalog::load(tables, state.clone()).await?);
+        let base = SessionContext::new_with_state(state);
+        base.catalog("datafusion")
+            .ok_or_else(|| Error::Internal("the default catalog is missing".into()))?
+            .register_schema("public", Arc::clone(&catalog) as _)?;
+        Ok(Self {
+            base,
+            catalog,
+            cpu: CpuRuntime::new(options.cpu_threads)?,
+        })
+    }
+
+    /// The tables.
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+
+    /// The runtime that runs plans.
+    pub fn cpu(&self) -> &CpuRuntime {
+        &self.cpu
+    }
+
+    /// Parses, checks and plans `sql` without running it.
+    pub async fn plan(&self, sql: &str) -> Result<DataFrame> {
+        let state = self.base.state();
+        let dialect = state.config().options().sql_parser.dialect;
+        let statement = state.sql_to_statement(sql, &dialect)?;
+        guard::check_statement(&statement)?;
+        guard::check_tables(&state, &self.catalog, &statement)?;
+        let plan = state.statement_to_plan(statement).await?;
+        guard::check_plan(&plan)?;
+        Ok(DataFrame::new(state, plan))
+    }
+
+    /// The schema `sql` produces, from its plan.
+    pub async fn schema(self: &Arc<Self>, sql: String) -> Result<SchemaRef> {
+        let engine = Arc::clone(self);
+        self.cpu
+            .run(async move {
+                let df = engine.plan(&sql).await?;
+                Ok(Arc::clone(df.schema().inner()))
+            })
+            .await
+    }
+
+    /// Plans and starts `sql` on the CPU runtime. The stream must be polled on the CPU
+    /// runtime too (see `flight::do_get`): DataFusion does its work inside `poll`.
+    pub async fn execute(self: &Arc<Self>, sql: String) -> Result<SendableRecordBatchStream> {
+        let engine = Arc::clone(self);
+        self.cpu
+            .run(async move {
+                let df = engine.plan(&sql).await?;
+                Ok(df.execute_stream().await?)
+            })
+            .await
+    }
+}
+
+/// Quiver's DataFusion defaults: every pushdown on, then the user's overrides.
+fn session_config(options: &QueryOptions) -> Result<SessionConfig> {
+    let mut config = SessionConfig::new()
+        .with_target_partitions(options.cpu_threads.max(1))
+        .with_information_schema(true)
+        .with_collect_statistics(true);
+    let defaults = [
+        // Evaluate filters while decoding, so rows that fail are never materialised,
+        // cheapest and most selective filters first.
+        ("datafusion.execution.parquet.pushdown_filters", "true"),
+        ("datafusion.execution.parquet.reorder_filters", "true"),
+        ("datafusion.execution.parquet.enable_page_index", "true"),
+        ("datafusion.execution.parquet.bloom_filter_on_read", "true"),
+        ("datafusion.execution.parquet.pruning", "true"),
+    ];
+    let options_mut = config.options_mut();
+    for (key, value) in defaults {
+        options_mut.set(key, value)?;
+    }
+    for (key, value) in &options.datafusion_config {
+        options_mut.set(key, value).map_err(|e| Error::Config {
+            message: format!("--datafusion-config {key}={value}: {}", e.strip_backtrace()),
+        })?;
+    }
+    Ok(config)
+}

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Runs every check and test: formatting, clippy, Rust unit and integration tests, and the
+# end-to-end tests (pytest with the real pyarrow.flight client against the real binary).
+# Self-contained on a fresh machine: it creates .venv and installs what it needs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+target_dir="${CARGO_TARGET_DIR:-target}"
+
+echo "== Python environment (.venv)"
+if [ ! -x .venv/bin/python ]; then
+  python3 -m venv .venv
+fi
+.venv/bin/pip install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "== installing cargo-nextest"
+  cargo install --locked cargo-nextest
+fi
+
+echo "== cargo fmt"
+cargo fmt --all -- --check
+
+# One profile (release) for clippy's dependencies aside, tests and the end-to-end binary:
+# DataFusion is expensive to build twice.
+echo "== cargo clippy"
+cargo clippy --release --workspace --all-targets -- -D warnings
+
+echo "== cargo build (release)"
+cargo build --release --workspace --all-targets
+
+echo "== Rust tests"
+cargo nextest run --release --workspace --no-fail-fast
+
+echo "== end-to-end tests"
+QUIVER_BIN="$target_dir/release/quiver" .venv/bin/python -m pytest -q tests/e2e "$@"
