@@ -128,8 +128,7 @@ def test_corrupt_files_are_skipped_at_start_and_fail_only_their_queries(dataset,
         victim = data / "requests" / f"day={DAYS[1]}" / "service=auth" / "part-0.parquet"
         size = victim.stat().st_size
         with open(victim, "r+b") as f:
-            f.seek(size - 64)
-            f.write(b"\x00" * 64)  # destroy the footer in place
+            f.truncate(size // 2)  # replaced in place by a broken writer
         with pytest.raises(pa.ArrowException) as info:
             server.query(f"SELECT * FROM requests WHERE day = DATE '{DAYS[1]}' AND service = 'auth'")
         assert "part-0.parquet" in str(info.value) or "service=auth" in str(info.value), str(info.value)

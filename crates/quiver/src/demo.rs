@@ -104,9 +104,13 @@ pub fn generate(out: &Path, rows: u64, progress: &mut dyn FnMut(u64)) -> Result<
         Field::new("traffic_share", DataType::Int32, false),
     ]));
     write_parquet(&dir.join("services.parquet"), Arc::clone(&schema), |schema| {
-        let col = |f: fn(&(&str, u32, &str, &str)) -> &str| -> ArrayRef {
+        let col = |i: usize| -> ArrayRef {
             Arc::new(datafusion::arrow::array::StringArray::from_iter_values(
-                SERVICES.iter().map(f),
+                SERVICES.iter().map(|s| match i {
+                    0 => s.0,
+                    2 => s.2,
+                    _ => s.3,
+                }),
             ))
         };
         let share: ArrayRef = Arc::new(datafusion::arrow::array::Int32Array::from_iter_values(
@@ -114,7 +118,7 @@ pub fn generate(out: &Path, rows: u64, progress: &mut dyn FnMut(u64)) -> Result<
         ));
         Ok(vec![RecordBatch::try_new(
             schema,
-            vec![col(|s| s.0), col(|s| s.2), col(|s| s.3), share],
+            vec![col(0), col(2), col(3), share],
         )?])
     })?;
     Ok(())

@@ -28,7 +28,7 @@ use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::execution::SessionState;
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion_datasource_parquet::metadata::DFParquetMetadata;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 use object_store::ObjectMeta;
 use object_store::path::Path as ObjectPath;
 use parquet::file::metadata::ParquetMetaData;

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use datafusion::arrow::array::{ArrayRef, AsArray, RecordBatch};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, RecordBatch};
 use datafusion::arrow::datatypes::{FieldRef, Schema, SchemaRef};
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::stats::Precision;
@@ -92,10 +92,6 @@ impl HiveTable {
     /// Number of data files.
     pub fn num_files(&self) -> usize {
         self.files.len()
-    }
-
-    pub(crate) fn files(&self) -> &[TableFile] {
-        &self.files
     }
 
     /// A filter is decided by partition values alone when it names only partition
@@ -257,10 +253,11 @@ impl TableProvider for HiveTable {
         let readers = NamedFileReaderFactory::new(Arc::new(CachedParquetFileReaderFactory::new(
             store, cache,
         )));
-        let mut source = ParquetSource::new(TableSchema::new(
-            Arc::clone(&self.file_schema),
-            self.partition_fields.clone(),
-        ))
+        let mut source = ParquetSource::new(
+            TableSchema::builder(Arc::clone(&self.file_schema))
+                .with_table_partition_cols(self.partition_fields.clone())
+                .build(),
+        )
         .with_table_parquet_options(options)
         .with_parquet_file_reader_factory(Arc::new(readers));
         if let Some(hint) = metadata_size_hint {

@@ -6,10 +6,10 @@ use crate::error::{Error, Result};
 use crate::query::QueryEngine;
 
 /// Re-list every table now instead of waiting for the refresh interval.
-pub const REFRESH: &str = "refresh";
+pub(super) const REFRESH: &str = "refresh";
 
 /// The actions this server understands.
-pub fn list() -> Vec<ActionType> {
+pub(super) fn list() -> Vec<ActionType> {
     vec![ActionType {
         r#type: REFRESH.to_string(),
         description: "Re-list every table's files now and publish new files and partitions. \
@@ -19,7 +19,7 @@ pub fn list() -> Vec<ActionType> {
 }
 
 /// Runs `action`; the result is one JSON body.
-pub async fn run(engine: &QueryEngine, action: &str) -> Result<Vec<u8>> {
+pub(super) async fn run(engine: &QueryEngine, action: &str) -> Result<Vec<u8>> {
     match action {
         REFRESH => {
             let summary = engine.catalog().refresh().await;

@@ -28,7 +28,7 @@ use crate::error::{Error, Result};
 use crate::query::QueryEngine;
 
 /// The response stream of `DoGet`.
-pub type FlightDataStream = Pin<Box<dyn Stream<Item = Result<FlightData, Status>> + Send>>;
+pub(super) type FlightDataStream = Pin<Box<dyn Stream<Item = Result<FlightData, Status>> + Send>>;
 
 /// Knobs for the send path.
 #[derive(Debug, Clone, Copy)]
@@ -52,7 +52,7 @@ impl Default for SendOptions {
 }
 
 /// Plans and runs `sql`; planning errors are returned, execution errors arrive in-band.
-pub async fn do_get(
+pub(super) async fn do_get(
     engine: &Arc<QueryEngine>,
     sql: String,
     options: SendOptions,

@@ -15,7 +15,7 @@ use crate::query::QueryEngine;
 
 /// The SQL a descriptor stands for: a CMD holds SQL (or a Quiver ticket), a PATH
 /// `[table]` means every row of that table.
-pub fn descriptor_sql(engine: &QueryEngine, descriptor: &FlightDescriptor) -> Result<Command> {
+pub(super) fn descriptor_sql(engine: &QueryEngine, descriptor: &FlightDescriptor) -> Result<Command> {
     match DescriptorType::try_from(descriptor.r#type) {
         Ok(DescriptorType::Cmd) => ticket::decode(&descriptor.cmd),
         Ok(DescriptorType::Path) => match descriptor.path.as_slice() {
@@ -40,7 +40,7 @@ pub fn descriptor_sql(engine: &QueryEngine, descriptor: &FlightDescriptor) -> Re
 }
 
 /// The schema and one endpoint whose ticket runs `sql`.
-pub async fn flight_info(
+pub(super) async fn flight_info(
     engine: &Arc<QueryEngine>,
     descriptor: FlightDescriptor,
     sql: String,
@@ -50,13 +50,13 @@ pub async fn flight_info(
 }
 
 /// The IPC-encoded schema of `sql`.
-pub async fn schema(engine: &Arc<QueryEngine>, sql: String) -> Result<SchemaResult> {
+pub(super) async fn schema(engine: &Arc<QueryEngine>, sql: String) -> Result<SchemaResult> {
     let schema = views::expand_schema(&engine.schema(sql).await?);
     Ok(SchemaAsIpc::new(&schema, &IpcWriteOptions::default()).try_into()?)
 }
 
 /// One `FlightInfo` per table, with row count and size from Parquet footers.
-pub fn list_flights(engine: &QueryEngine) -> Result<Vec<FlightInfo>> {
+pub(super) fn list_flights(engine: &QueryEngine) -> Result<Vec<FlightInfo>> {
     let catalog = engine.catalog();
     catalog
         .table_names()

@@ -41,11 +41,19 @@ impl Default for QueryOptions {
 }
 
 /// Plans and runs read-only SQL over the catalog.
-#[derive(Debug)]
 pub struct QueryEngine {
     base: SessionContext,
     catalog: Arc<Catalog>,
     cpu: CpuRuntime,
+}
+
+impl std::fmt::Debug for QueryEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QueryEngine")
+            .field("session", &self.base.session_id())
+            .field("tables", &self.catalog.table_names())
+            .finish_non_exhaustive()
+    }
 }
 
 impl QueryEngine {
