@@ -13,7 +13,9 @@ async fn main() -> anyhow::Result<()> {
         .nth(1)
         .unwrap_or_else(|| "SELECT service, COUNT(*) AS n FROM requests GROUP BY service".into());
     let url = std::env::var("QUIVER_URL").unwrap_or_else(|_| "http://127.0.0.1:50051".into());
-    let channel = tonic::transport::Channel::from_shared(url)?.connect().await?;
+    let channel = tonic::transport::Channel::from_shared(url)?
+        .connect()
+        .await?;
     let mut client = FlightClient::new(channel);
     let batches: Vec<_> = client.do_get(Ticket::new(sql)).await?.try_collect().await?;
     println!("{}", pretty_format_batches(&batches)?);

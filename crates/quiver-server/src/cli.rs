@@ -43,7 +43,12 @@ pub struct ServeArgs {
 
     /// A table to serve, as NAME=PATH (a directory of Parquet files, Hive-partitioned or
     /// not, or one file). Repeatable.
-    #[arg(long = "table", env = "QUIVER_TABLES", value_delimiter = ',', value_name = "NAME=PATH")]
+    #[arg(
+        long = "table",
+        env = "QUIVER_TABLES",
+        value_delimiter = ',',
+        value_name = "NAME=PATH"
+    )]
     pub tables: Vec<String>,
 
     /// Serve every immediate subdirectory of DIR as a table named after it.
@@ -74,7 +79,12 @@ pub struct ServeArgs {
 
     /// A DataFusion setting as KEY=VALUE, applied after Quiver's defaults, e.g.
     /// `datafusion.execution.batch_size=16384`. Repeatable.
-    #[arg(long = "datafusion-config", env = "QUIVER_DATAFUSION_CONFIG", value_delimiter = ',', value_name = "KEY=VALUE")]
+    #[arg(
+        long = "datafusion-config",
+        env = "QUIVER_DATAFUSION_CONFIG",
+        value_delimiter = ',',
+        value_name = "KEY=VALUE"
+    )]
     pub datafusion_config: Vec<String>,
 
     /// Threads that run queries (DataFusion's CPU runtime) [default: number of CPUs].
@@ -92,7 +102,11 @@ pub struct ServeArgs {
 
     /// Largest gRPC message the server sends; keep it above --max-flight-data-size
     /// (one row wider than the target is still sent whole).
-    #[arg(long, env = "QUIVER_MAX_ENCODING_MESSAGE_SIZE", default_value = "64MiB")]
+    #[arg(
+        long,
+        env = "QUIVER_MAX_ENCODING_MESSAGE_SIZE",
+        default_value = "64MiB"
+    )]
     pub max_encoding_message_size: ByteSize,
 }
 
@@ -134,7 +148,11 @@ impl FromStr for ByteSize {
             "mib" => 1 << 20,
             "g" | "gb" => 1000 * 1000 * 1000,
             "gib" => 1 << 30,
-            other => return Err(format!("unknown unit '{other}' in '{s}' (use B, KiB, MiB, GiB, KB, MB, GB)")),
+            other => {
+                return Err(format!(
+                    "unknown unit '{other}' in '{s}' (use B, KiB, MiB, GiB, KB, MB, GB)"
+                ));
+            }
         };
         n.checked_mul(mult)
             .map(ByteSize)

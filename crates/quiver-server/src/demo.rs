@@ -31,7 +31,10 @@ pub fn ensure(cache: &Path, rows: u64) -> anyhow::Result<PathBuf> {
     }
     std::fs::create_dir_all(cache).with_context(|| format!("cannot create {}", cache.display()))?;
     // Generate beside the final name and rename: an interrupted run leaves no half dataset.
-    let tmp = cache.join(format!(".demo-v{DEMO_VERSION}-{rows}.{}", std::process::id()));
+    let tmp = cache.join(format!(
+        ".demo-v{DEMO_VERSION}-{rows}.{}",
+        std::process::id()
+    ));
     let _ = std::fs::remove_dir_all(&tmp);
     write(&tmp, rows)?;
     std::fs::rename(&tmp, &dir).with_context(|| format!("cannot create {}", dir.display()))?;

@@ -94,7 +94,9 @@ fn table_definitions(args: &ServeArgs) -> anyhow::Result<Vec<TableDefinition>> {
         tables.extend(tables_in_data_dir(&dir)?);
     }
     if tables.is_empty() {
-        bail!("no tables to serve: pass --table NAME=PATH, --data-dir DIR, --catalog FILE or --demo");
+        bail!(
+            "no tables to serve: pass --table NAME=PATH, --data-dir DIR, --catalog FILE or --demo"
+        );
     }
     Ok(tables)
 }
@@ -117,8 +119,8 @@ fn refresh_loop(engine: Arc<QueryEngine>, interval: Duration) -> Option<AbortOnD
     if interval.is_zero() {
         return None;
     }
-    Some(AbortOnDropHandle::new(tokio::runtime::Handle::current().spawn(
-        async move {
+    Some(AbortOnDropHandle::new(
+        tokio::runtime::Handle::current().spawn(async move {
             let mut ticker = tokio::time::interval(interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             ticker.tick().await; // the first tick is immediate; tables were just loaded
@@ -129,8 +131,8 @@ fn refresh_loop(engine: Arc<QueryEngine>, interval: Duration) -> Option<AbortOnD
                     tracing::info!(tables = ?summary.changed, "refreshed");
                 }
             }
-        },
-    )))
+        }),
+    ))
 }
 
 /// Cancels `token` on SIGINT or SIGTERM. Aborted when dropped.

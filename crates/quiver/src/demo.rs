@@ -103,24 +103,28 @@ pub fn generate(out: &Path, rows: u64, progress: &mut dyn FnMut(u64)) -> Result<
         Field::new("tier", DataType::Utf8, false),
         Field::new("traffic_share", DataType::Int32, false),
     ]));
-    write_parquet(&dir.join("services.parquet"), Arc::clone(&schema), |schema| {
-        let col = |i: usize| -> ArrayRef {
-            Arc::new(datafusion::arrow::array::StringArray::from_iter_values(
-                SERVICES.iter().map(|s| match i {
-                    0 => s.0,
-                    2 => s.2,
-                    _ => s.3,
-                }),
-            ))
-        };
-        let share: ArrayRef = Arc::new(datafusion::arrow::array::Int32Array::from_iter_values(
-            SERVICES.iter().map(|s| s.1 as i32),
-        ));
-        Ok(vec![RecordBatch::try_new(
-            schema,
-            vec![col(0), col(2), col(3), share],
-        )?])
-    })?;
+    write_parquet(
+        &dir.join("services.parquet"),
+        Arc::clone(&schema),
+        |schema| {
+            let col = |i: usize| -> ArrayRef {
+                Arc::new(datafusion::arrow::array::StringArray::from_iter_values(
+                    SERVICES.iter().map(|s| match i {
+                        0 => s.0,
+                        2 => s.2,
+                        _ => s.3,
+                    }),
+                ))
+            };
+            let share: ArrayRef = Arc::new(datafusion::arrow::array::Int32Array::from_iter_values(
+                SERVICES.iter().map(|s| s.1 as i32),
+            ));
+            Ok(vec![RecordBatch::try_new(
+                schema,
+                vec![col(0), col(2), col(3), share],
+            )?])
+        },
+    )?;
     Ok(())
 }
 
@@ -134,7 +138,9 @@ fn write_parquet(
         source: e,
     };
     let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::try_new(1).expect("valid level")))
+        .set_compression(Compression::ZSTD(
+            ZstdLevel::try_new(1).expect("valid level"),
+        ))
         // Page-level statistics give the page index that page pruning uses.
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_max_row_group_row_count(Some(128 * 1024))
@@ -193,7 +199,11 @@ fn request_batches(
             status.append_value(code);
             // Long-tailed latency: mostly fast, sometimes very slow.
             let base: f64 = rng.random_range(1.0..40.0);
-            let tail = if rng.random_ratio(1, 50) { rng.random_range(100.0..3000.0) } else { 0.0 };
+            let tail = if rng.random_ratio(1, 50) {
+                rng.random_range(100.0..3000.0)
+            } else {
+                0.0
+            };
             latency.append_value(((base + tail) * 100.0).round() / 100.0);
             bytes.append_value(rng.random_range(0..200_000));
             cost.append_value(rng.random_range(0..5_000i128));
@@ -254,10 +264,13 @@ mod tests {
         let file = dir
             .path()
             .join("requests/day=2026-01-03/service=api/part-0.parquet");
-        let reader = parquet::file::reader::SerializedFileReader::new(File::open(file).unwrap())
-            .unwrap();
+        let reader =
+            parquet::file::reader::SerializedFileReader::new(File::open(file).unwrap()).unwrap();
         use parquet::file::reader::FileReader;
-        assert_eq!(reader.metadata().file_metadata().num_rows(), 3500 * 40 / 100 / 7);
+        assert_eq!(
+            reader.metadata().file_metadata().num_rows(),
+            3500 * 40 / 100 / 7
+        );
         assert!(dir.path().join("services/services.parquet").exists());
     }
 }

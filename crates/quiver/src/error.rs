@@ -223,7 +223,11 @@ mod tests {
     #[test]
     fn error_stays_small() {
         // Errors travel through every Result on the hot path: keep them two words or so.
-        assert!(size_of::<Error>() <= 56, "Error is {} bytes", size_of::<Error>());
+        assert!(
+            size_of::<Error>() <= 56,
+            "Error is {} bytes",
+            size_of::<Error>()
+        );
     }
 
     #[test]

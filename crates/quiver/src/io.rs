@@ -41,9 +41,12 @@ impl ParquetFileReaderFactory for NamedFileReaderFactory {
         metrics: &ExecutionPlanMetricsSet,
     ) -> datafusion::error::Result<Box<dyn AsyncFileReader + Send>> {
         let path = Arc::<str>::from(format!("/{}", partitioned_file.object_meta.location));
-        let inner =
-            self.inner
-                .create_reader(partition_index, partitioned_file, metadata_size_hint, metrics)?;
+        let inner = self.inner.create_reader(
+            partition_index,
+            partitioned_file,
+            metadata_size_hint,
+            metrics,
+        )?;
         Ok(Box::new(NamedFileReader { inner, path }))
     }
 }

@@ -54,9 +54,7 @@ fn validate_name(name: &str) -> Result<()> {
         Ok(())
     } else {
         Err(Error::Config {
-            message: format!(
-                "table name '{name}' must be 1-128 letters, digits, '_' or '-'"
-            ),
+            message: format!("table name '{name}' must be 1-128 letters, digits, '_' or '-'"),
         })
     }
 }

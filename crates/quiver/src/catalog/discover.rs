@@ -51,7 +51,8 @@ pub(crate) fn list_files(root: &Path, extension: &str) -> Result<Vec<FoundFile>>
     }
 
     // Depth-first walk with an explicit stack: partition trees can be deep, recursion is not needed.
-    let mut stack: Vec<(PathBuf, Vec<(String, Option<String>)>)> = vec![(root.to_path_buf(), vec![])];
+    let mut stack: Vec<(PathBuf, Vec<(String, Option<String>)>)> =
+        vec![(root.to_path_buf(), vec![])];
     while let Some((dir, partitions)) = stack.pop() {
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries,
@@ -151,14 +152,15 @@ impl PartitionType {
         use datafusion::scalar::ScalarValue;
         Ok(match (self, value) {
             (Self::Bigint, v) => ScalarValue::Int64(
-                v.map(|v| parse_int(v).ok_or_else(|| format!("'{v}' is not an integer")))
-                    .transpose()?,
-            ),
-            (Self::Date, v) => ScalarValue::Date32(
                 v.map(|v| {
-                    parse_date(v).ok_or_else(|| format!("'{v}' is not a date (YYYY-MM-DD)"))
+                    v.parse::<i64>()
+                        .map_err(|_| format!("'{v}' is not an integer"))
                 })
                 .transpose()?,
+            ),
+            (Self::Date, v) => ScalarValue::Date32(
+                v.map(|v| parse_date(v).ok_or_else(|| format!("'{v}' is not a date (YYYY-MM-DD)")))
+                    .transpose()?,
             ),
             (Self::String, v) => ScalarValue::Utf8(v.map(str::to_owned)),
         })

@@ -132,7 +132,12 @@ impl Catalog {
 
     /// Registered table names, sorted.
     pub fn table_names(&self) -> Vec<String> {
-        self.tables.read().expect("poisoned").keys().cloned().collect()
+        self.tables
+            .read()
+            .expect("poisoned")
+            .keys()
+            .cloned()
+            .collect()
     }
 
     /// The current snapshot of a table.
@@ -149,9 +154,10 @@ impl Catalog {
     /// `strict` (at start-up) turns problems that refresh would skip into errors.
     async fn refresh_table(&self, def: &TableDefinition, strict: bool) -> Result<bool> {
         let root = def.path.clone();
-        let found = tokio::task::spawn_blocking(move || discover::list_files(&root, PARQUET_EXTENSION))
-            .await
-            .map_err(|e| Error::Internal(format!("listing task failed: {e}")))??;
+        let found =
+            tokio::task::spawn_blocking(move || discover::list_files(&root, PARQUET_EXTENSION))
+                .await
+                .map_err(|e| Error::Internal(format!("listing task failed: {e}")))??;
         let signature: Vec<_> = found
             .iter()
             .map(|f| (f.path.clone(), f.size, f.modified))
@@ -176,7 +182,8 @@ impl Catalog {
             .session
             .runtime_env()
             .object_store(ObjectStoreUrl::local_filesystem())?;
-        let format = ParquetFormat::default().with_options(self.session.table_options().parquet.clone());
+        let format =
+            ParquetFormat::default().with_options(self.session.table_options().parquet.clone());
 
         // Validate what is new or changed; reuse the rest.
         let validated: Vec<(FoundFile, Result<Arc<ValidFile>>)> = futures::stream::iter(found)
@@ -234,7 +241,10 @@ impl Catalog {
             .write()
             .expect("poisoned")
             .insert(def.name.clone(), Arc::new(table));
-        self.seen.lock().expect("poisoned").insert(def.name.clone(), next);
+        self.seen
+            .lock()
+            .expect("poisoned")
+            .insert(def.name.clone(), next);
         Ok(true)
     }
 
@@ -255,13 +265,21 @@ impl Catalog {
             e_tag: None,
             version: None,
         };
-        let cache = self.session.runtime_env().cache_manager.get_file_metadata_cache();
+        let cache = self
+            .session
+            .runtime_env()
+            .cache_manager
+            .get_file_metadata_cache();
         let metadata = DFParquetMetadata::new(store.as_ref(), &meta)
             .with_file_metadata_cache(Some(Arc::clone(&cache)))
             .fetch_metadata()
             .await?;
         let schema = format
-            .infer_schema(&self.session as &dyn Session, store, std::slice::from_ref(&meta))
+            .infer_schema(
+                &self.session as &dyn Session,
+                store,
+                std::slice::from_ref(&meta),
+            )
             .await?;
         Ok(Arc::new(ValidFile {
             found: file.clone(),
@@ -316,7 +334,11 @@ impl Catalog {
                     valid[0].found.path.display(),
                     keys.join(", "),
                     v.found.path.display(),
-                    these.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+                    these
+                        .iter()
+                        .map(|s| s.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 );
                 if strict {
                     return Err(fail(message));
@@ -385,7 +407,10 @@ impl Catalog {
                             })
                     });
                     let message = conflict.unwrap_or_else(|| {
-                        format!("{} does not fit the table's schema: {e}", v.found.path.display())
+                        format!(
+                            "{} does not fit the table's schema: {e}",
+                            v.found.path.display()
+                        )
                     });
                     if strict {
                         return Err(fail(format!("incompatible schemas: {message}")));
@@ -447,7 +472,10 @@ impl Catalog {
                 byte_size,
             });
         }
-        Ok((HiveTable::new(file_schema, partition_fields, table_files), rejected))
+        Ok((
+            HiveTable::new(file_schema, partition_fields, table_files),
+            rejected,
+        ))
     }
 }
 
@@ -465,3 +493,6 @@ impl SchemaProvider for Catalog {
         self.tables.read().expect("poisoned").contains_key(name)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -25,11 +25,11 @@ use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::scalar::ScalarValue;
 use datafusion_datasource::file_groups::FileGroup;
-use datafusion_datasource::source::DataSourceExec;
-use datafusion_datasource_parquet::source::ParquetSource;
-use datafusion_datasource_parquet::CachedParquetFileReaderFactory;
 use datafusion_datasource::file_scan_config::FileScanConfigBuilder;
+use datafusion_datasource::source::DataSourceExec;
 use datafusion_datasource::{PartitionedFile, TableSchema, compute_all_files_statistics};
+use datafusion_datasource_parquet::CachedParquetFileReaderFactory;
+use datafusion_datasource_parquet::source::ParquetSource;
 use object_store::ObjectMeta;
 
 use crate::io::NamedFileReaderFactory;
@@ -121,9 +121,7 @@ impl HiveTable {
         }
         let columns = (0..self.partition_fields.len())
             .map(|i| {
-                ScalarValue::iter_to_array(
-                    self.files.iter().map(|f| f.partition_values[i].clone()),
-                )
+                ScalarValue::iter_to_array(self.files.iter().map(|f| f.partition_values[i].clone()))
             })
             .collect::<DfResult<Vec<ArrayRef>>>()?;
         let schema = Arc::new(Schema::new(self.partition_fields.clone()));
@@ -233,7 +231,12 @@ impl TableProvider for HiveTable {
             return Ok(Arc::new(EmptyExec::new(schema)));
         }
 
-        let group = FileGroup::new(files.into_iter().map(|f| self.partitioned_file(f)).collect());
+        let group = FileGroup::new(
+            files
+                .into_iter()
+                .map(|f| self.partitioned_file(f))
+                .collect(),
+        );
         let groups = group.split_files(state.config().target_partitions());
         let (groups, statistics) = compute_all_files_statistics(
             groups,
@@ -263,12 +266,13 @@ impl TableProvider for HiveTable {
         if let Some(hint) = metadata_size_hint {
             source = source.with_metadata_size_hint(hint);
         }
-        let config = FileScanConfigBuilder::new(ObjectStoreUrl::local_filesystem(), Arc::new(source))
-            .with_file_groups(groups)
-            .with_statistics(statistics)
-            .with_projection_indices(projection.cloned())?
-            .with_limit(limit)
-            .build();
+        let config =
+            FileScanConfigBuilder::new(ObjectStoreUrl::local_filesystem(), Arc::new(source))
+                .with_file_groups(groups)
+                .with_statistics(statistics)
+                .with_projection_indices(projection.cloned())?
+                .with_limit(limit)
+                .build();
         Ok(DataSourceExec::from_data_source(config))
     }
 }

@@ -32,7 +32,11 @@ pub(super) async fn run(engine: &QueryEngine, action: &str) -> Result<Vec<u8>> {
         }
         other => Err(Error::invalid(format!(
             "unknown action '{other}'; available actions: {}",
-            list().iter().map(|a| a.r#type.as_str()).collect::<Vec<_>>().join(", ")
+            list()
+                .iter()
+                .map(|a| a.r#type.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ))),
     }
 }

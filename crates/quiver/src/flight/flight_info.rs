@@ -3,7 +3,9 @@
 use std::sync::Arc;
 
 use arrow_flight::flight_descriptor::DescriptorType;
-use arrow_flight::{FlightDescriptor, FlightEndpoint, FlightInfo, SchemaAsIpc, SchemaResult, Ticket};
+use arrow_flight::{
+    FlightDescriptor, FlightEndpoint, FlightInfo, SchemaAsIpc, SchemaResult, Ticket,
+};
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::ipc::writer::IpcWriteOptions;
 use datafusion::catalog::TableProvider;
@@ -15,7 +17,10 @@ use crate::query::QueryEngine;
 
 /// The SQL a descriptor stands for: a CMD holds SQL (or a Quiver ticket), a PATH
 /// `[table]` means every row of that table.
-pub(super) fn descriptor_sql(engine: &QueryEngine, descriptor: &FlightDescriptor) -> Result<Command> {
+pub(super) fn descriptor_sql(
+    engine: &QueryEngine,
+    descriptor: &FlightDescriptor,
+) -> Result<Command> {
     match DescriptorType::try_from(descriptor.r#type) {
         Ok(DescriptorType::Cmd) => ticket::decode(&descriptor.cmd),
         Ok(DescriptorType::Path) => match descriptor.path.as_slice() {
@@ -83,7 +88,10 @@ fn info_for(
     let endpoint =
         FlightEndpoint::new().with_ticket(Ticket::new(QuiverTicket::new(sql).encode_any()));
     let (records, bytes) = size.map_or((-1, -1), |(r, b)| {
-        (i64::try_from(r).unwrap_or(i64::MAX), i64::try_from(b).unwrap_or(i64::MAX))
+        (
+            i64::try_from(r).unwrap_or(i64::MAX),
+            i64::try_from(b).unwrap_or(i64::MAX),
+        )
     });
     Ok(FlightInfo::new()
         .try_with_schema(schema)?

@@ -125,7 +125,10 @@ mod tests {
 
     #[test]
     fn plain_sql() {
-        assert_eq!(decode(b"SELECT 1").unwrap(), Command::Sql("SELECT 1".into()));
+        assert_eq!(
+            decode(b"SELECT 1").unwrap(),
+            Command::Sql("SELECT 1".into())
+        );
         // Short texts that happen to be valid protobuf still read as SQL.
         assert_eq!(decode(b"\n\x00").unwrap(), Command::Sql("\n\u{0}".into()));
     }
@@ -144,7 +147,12 @@ mod tests {
             .into(),
         }
         .encode_to_vec();
-        assert!(decode(&future).unwrap_err().to_string().contains("version 99"));
+        assert!(
+            decode(&future)
+                .unwrap_err()
+                .to_string()
+                .contains("version 99")
+        );
     }
 
     #[test]

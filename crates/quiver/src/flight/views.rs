@@ -122,7 +122,11 @@ mod tests {
         let target = expand_schema(&batch.schema());
         // Slicing must not drag the whole data buffer along after expansion.
         let out = expand_batch(batch.slice(0, 1), &target).unwrap();
-        let strings = out.column(0).as_any().downcast_ref::<StringArray>().unwrap();
+        let strings = out
+            .column(0)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap();
         assert_eq!(strings.value(0), long);
         assert_eq!(strings.value_data().len(), long.len());
     }

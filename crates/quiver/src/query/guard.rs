@@ -6,10 +6,10 @@
 //! statement nodes. Either one alone would stop writes; both together also give the
 //! client a message that names what was rejected.
 
+use datafusion::common::TableReference;
 use datafusion::execution::SessionState;
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::prelude::SQLOptions;
-use datafusion::common::TableReference;
 use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::Statement;
 
@@ -72,7 +72,8 @@ pub(crate) fn check_tables(
         if looks_like_path(name) {
             return Err(Error::NotReadOnly {
                 what: format!("reading the path '{name}'"),
-                hint: "query a registered table instead; an operator adds tables with --table".into(),
+                hint: "query a registered table instead; an operator adds tables with --table"
+                    .into(),
             });
         }
         let ours = match &table {
@@ -149,12 +150,16 @@ mod tests {
             ("DROP TABLE t", "DROP TABLE"),
             ("SET datafusion.execution.batch_size = 1", "SET"),
             ("COPY (SELECT 1) TO '/tmp/x.parquet'", "COPY"),
-            ("CREATE EXTERNAL TABLE x STORED AS PARQUET LOCATION '/etc'", "CREATE EXTERNAL TABLE"),
+            (
+                "CREATE EXTERNAL TABLE x STORED AS PARQUET LOCATION '/etc'",
+                "CREATE EXTERNAL TABLE",
+            ),
             ("EXPLAIN DELETE FROM t", "DELETE FROM"),
         ] {
             let err = check(sql).unwrap_err();
             assert!(
-                err.to_string().starts_with(&format!("{what} is not allowed")),
+                err.to_string()
+                    .starts_with(&format!("{what} is not allowed")),
                 "{sql}: {err}"
             );
             assert_eq!(err.code(), tonic::Code::InvalidArgument);

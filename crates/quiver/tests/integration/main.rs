@@ -40,7 +40,10 @@ async fn hive_partitions_are_typed_and_pruned() {
         &batches
     );
     let schema = batches[0].schema();
-    assert_eq!(schema.field_with_name("day").unwrap().data_type(), &DataType::Date32);
+    assert_eq!(
+        schema.field_with_name("day").unwrap().data_type(),
+        &DataType::Date32
+    );
 
     // A filter on the partition column is answered from the directory names.
     let explain = fx
@@ -50,7 +53,10 @@ async fn hive_partitions_are_typed_and_pruned() {
     let text = datafusion::arrow::util::pretty::pretty_format_batches(&explain)
         .unwrap()
         .to_string();
-    assert!(text.contains("file_groups={1 group") || text.contains("1 file"), "{text}");
+    assert!(
+        text.contains("file_groups={1 group") || text.contains("1 file"),
+        "{text}"
+    );
 
     let rows = fx
         .query("SELECT v FROM logs WHERE day IS NULL ORDER BY v")
@@ -94,7 +100,11 @@ async fn results_match_the_parquet_reader() {
     assert_eq!(sort(&ours), sort(&oracle));
     // Strings arrive as plain Utf8, not views.
     assert_eq!(
-        ours[0].schema().field_with_name("name").unwrap().data_type(),
+        ours[0]
+            .schema()
+            .field_with_name("name")
+            .unwrap()
+            .data_type(),
         &DataType::Utf8
     );
     fx.stop().await;
@@ -104,20 +114,49 @@ async fn results_match_the_parquet_reader() {
 async fn errors_have_the_right_status_and_the_server_keeps_serving() {
     let fx = Fixture::start().await;
     let cases: Vec<(&[u8], Code, &str)> = vec![
-        (b"SELECT * FROM nope", Code::NotFound, "available tables: logs"),
+        (
+            b"SELECT * FROM nope",
+            Code::NotFound,
+            "available tables: logs",
+        ),
         (b"SELEC 1", Code::InvalidArgument, ""),
-        (b"INSERT INTO logs VALUES (1)", Code::InvalidArgument, "INSERT INTO is not allowed"),
-        (b"CREATE TABLE t AS SELECT 1", Code::InvalidArgument, "CREATE TABLE is not allowed"),
-        (b"SET datafusion.execution.batch_size = 1", Code::InvalidArgument, "SET is not allowed"),
-        (b"COPY (SELECT 1) TO '/tmp/quiver-x.parquet'", Code::InvalidArgument, "COPY is not allowed"),
-        (b"SELECT * FROM '/etc/passwd'", Code::InvalidArgument, "path"),
+        (
+            b"INSERT INTO logs VALUES (1)",
+            Code::InvalidArgument,
+            "INSERT INTO is not allowed",
+        ),
+        (
+            b"CREATE TABLE t AS SELECT 1",
+            Code::InvalidArgument,
+            "CREATE TABLE is not allowed",
+        ),
+        (
+            b"SET datafusion.execution.batch_size = 1",
+            Code::InvalidArgument,
+            "SET is not allowed",
+        ),
+        (
+            b"COPY (SELECT 1) TO '/tmp/quiver-x.parquet'",
+            Code::InvalidArgument,
+            "COPY is not allowed",
+        ),
+        (
+            b"SELECT * FROM '/etc/passwd'",
+            Code::InvalidArgument,
+            "path",
+        ),
         (b"\xff\xfe garbage", Code::InvalidArgument, "UTF-8"),
         (b"", Code::InvalidArgument, "empty"),
         (b"SELECT 1; SELECT 2", Code::InvalidArgument, ""),
     ];
     for (ticket, code, needle) in cases {
         let status = fx.do_get_status(ticket).await.expect_err("should fail");
-        assert_eq!(status.code(), code, "{:?}: {status}", String::from_utf8_lossy(ticket));
+        assert_eq!(
+            status.code(),
+            code,
+            "{:?}: {status}",
+            String::from_utf8_lossy(ticket)
+        );
         assert!(status.message().contains(needle), "{status}");
     }
     // Megabytes of garbage exceed the transport's decoding limit.
@@ -138,14 +177,23 @@ async fn flight_info_schema_and_list_flights() {
     let fx = Fixture::start().await;
     let info = fx
         .client()
-        .get_flight_info(FlightDescriptor::new_cmd("SELECT id, name FROM logs WHERE v > 100"))
+        .get_flight_info(FlightDescriptor::new_cmd(
+            "SELECT id, name FROM logs WHERE v > 100",
+        ))
         .await
         .unwrap();
     let schema = info.clone().try_decode_schema().unwrap();
     assert_eq!(schema.fields().len(), 2);
     assert_eq!(schema.field(1).data_type(), &DataType::Utf8);
     let ticket = info.endpoint[0].ticket.clone().unwrap();
-    let batches: Vec<RecordBatch> = fx.client().do_get(ticket).await.unwrap().try_collect().await.unwrap();
+    let batches: Vec<RecordBatch> = fx
+        .client()
+        .do_get(ticket)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
     assert_eq!(batches.iter().map(|b| b.num_rows()).sum::<usize>(), 0);
 
     let schema = fx
@@ -171,7 +219,10 @@ async fn flight_info_schema_and_list_flights() {
         .unwrap();
     assert_eq!(flights.len(), 1);
     assert_eq!(flights[0].total_records, 12);
-    assert_eq!(flights[0].flight_descriptor.as_ref().unwrap().path, vec!["logs"]);
+    assert_eq!(
+        flights[0].flight_descriptor.as_ref().unwrap().path,
+        vec!["logs"]
+    );
     fx.stop().await;
 }
 
@@ -181,9 +232,22 @@ async fn new_partitions_corrupt_files_and_refresh() {
     let root = fx.dir.path().join("logs");
     // A half-written file and a corrupt file must never break the table.
     std::fs::create_dir_all(root.join("day=2026-01-03/service=api")).unwrap();
-    std::fs::write(root.join("day=2026-01-03/service=api/part-9.parquet.tmp"), b"partial").unwrap();
-    std::fs::write(root.join("day=2026-01-03/service=api/bad.parquet"), b"not parquet at all").unwrap();
-    write_file(&root.join("day=2026-01-03/service=api/part-0.parquet"), 100, 2, true);
+    std::fs::write(
+        root.join("day=2026-01-03/service=api/part-9.parquet.tmp"),
+        b"partial",
+    )
+    .unwrap();
+    std::fs::write(
+        root.join("day=2026-01-03/service=api/bad.parquet"),
+        b"not parquet at all",
+    )
+    .unwrap();
+    write_file(
+        &root.join("day=2026-01-03/service=api/part-0.parquet"),
+        100,
+        2,
+        true,
+    );
 
     let body: Vec<_> = fx
         .client()
@@ -203,7 +267,10 @@ async fn new_partitions_corrupt_files_and_refresh() {
         .unwrap();
     assert_eq!(batches[0].column(0).as_primitive::<Int64Type>().value(0), 2);
     // The evolved column reads as NULL in older files.
-    let nulls = fx.query("SELECT COUNT(*) FROM logs WHERE extra IS NULL").await.unwrap();
+    let nulls = fx
+        .query("SELECT COUNT(*) FROM logs WHERE extra IS NULL")
+        .await
+        .unwrap();
     assert_eq!(nulls[0].column(0).as_primitive::<Int64Type>().value(0), 12);
 
     let unknown = fx
@@ -212,7 +279,10 @@ async fn new_partitions_corrupt_files_and_refresh() {
         .await
         .err()
         .unwrap();
-    assert!(unknown.to_string().contains("available actions: refresh"), "{unknown}");
+    assert!(
+        unknown.to_string().contains("available actions: refresh"),
+        "{unknown}"
+    );
     fx.stop().await;
 }
 
@@ -220,14 +290,22 @@ async fn new_partitions_corrupt_files_and_refresh() {
 async fn periodic_refresh_picks_up_new_files() {
     let fx = Fixture::start_with_refresh(Duration::from_millis(200)).await;
     let root = fx.dir.path().join("logs");
-    write_file(&root.join("day=2026-01-05/service=api/part-0.parquet"), 500, 4, false);
+    write_file(
+        &root.join("day=2026-01-05/service=api/part-0.parquet"),
+        500,
+        4,
+        false,
+    );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let n = fx.query("SELECT COUNT(*) FROM logs").await.unwrap();
         if n[0].column(0).as_primitive::<Int64Type>().value(0) == 16 {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "new partition never appeared");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "new partition never appeared"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     fx.stop().await;
@@ -251,6 +329,9 @@ async fn views_do_not_inflate_the_wire() {
     let oracle = common::read_parquet_dir(&fx.dir.path().join("wide"));
     let baseline = common::ipc_size(&oracle);
     let ratio = wire as f64 / baseline as f64;
-    assert!(ratio < 1.1, "wire {wire} bytes vs plain {baseline} bytes: {ratio:.3}x");
+    assert!(
+        ratio < 1.1,
+        "wire {wire} bytes vs plain {baseline} bytes: {ratio:.3}x"
+    );
     fx.stop().await;
 }

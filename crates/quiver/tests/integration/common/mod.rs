@@ -68,7 +68,8 @@ pub fn write_file(path: &Path, start: i64, n: i64, extra: bool) {
     let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap();
     // Publish by rename, as the server expects writers to.
     let tmp = path.with_extension("parquet.tmp");
-    let mut writer = ArrowWriter::try_new(std::fs::File::create(&tmp).unwrap(), batch.schema(), None).unwrap();
+    let mut writer =
+        ArrowWriter::try_new(std::fs::File::create(&tmp).unwrap(), batch.schema(), None).unwrap();
     writer.write(&batch).unwrap();
     writer.close().unwrap();
     std::fs::rename(tmp, path).unwrap();
@@ -84,10 +85,11 @@ pub fn read_parquet_dir(root: &Path) -> Vec<RecordBatch> {
             if path.is_dir() {
                 stack.push(path);
             } else if path.extension().is_some_and(|e| e == "parquet") {
-                let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path).unwrap())
-                    .unwrap()
-                    .build()
-                    .unwrap();
+                let reader =
+                    ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(&path).unwrap())
+                        .unwrap()
+                        .build()
+                        .unwrap();
                 out.extend(reader.map(|b| b.unwrap()));
             }
         }
@@ -128,13 +130,17 @@ impl Fixture {
             // 200k rows of ~40-byte strings in one file: enough for the encoder to slice batches.
             let path = dir.path().join("wide/part-0.parquet");
             std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-            let names: Vec<String> = (0..200_000).map(|i| format!("a-string-that-is-longer-than-twelve-{i}")).collect();
+            let names: Vec<String> = (0..200_000)
+                .map(|i| format!("a-string-that-is-longer-than-twelve-{i}"))
+                .collect();
             let batch = RecordBatch::try_new(
                 Arc::new(Schema::new(vec![Field::new("name", DataType::Utf8, false)])),
                 vec![Arc::new(StringArray::from(names))],
             )
             .unwrap();
-            let mut w = ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), batch.schema(), None).unwrap();
+            let mut w =
+                ArrowWriter::try_new(std::fs::File::create(&path).unwrap(), batch.schema(), None)
+                    .unwrap();
             w.write(&batch).unwrap();
             w.close().unwrap();
             vec![TableDefinition::new("wide", dir.path().join("wide")).unwrap()]
@@ -194,10 +200,17 @@ impl Fixture {
         }
     }
 
-    pub async fn query(&self, sql: &str) -> Result<Vec<RecordBatch>, arrow_flight::error::FlightError> {
+    pub async fn query(
+        &self,
+        sql: &str,
+    ) -> Result<Vec<RecordBatch>, arrow_flight::error::FlightError> {
         let mut client = self.client();
         tokio::time::timeout(Duration::from_secs(30), async move {
-            client.do_get(Ticket::new(sql.to_string())).await?.try_collect().await
+            client
+                .do_get(Ticket::new(sql.to_string()))
+                .await?
+                .try_collect()
+                .await
         })
         .await
         .expect("query timed out")
