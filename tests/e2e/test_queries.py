@@ -136,7 +136,7 @@ def values_equal(a, b):
 @pytest.mark.parametrize("name,sql,oracle_sql,ordered", QUERIES, ids=[q[0] for q in QUERIES])
 def test_query_matches_duckdb(server, oracle, name, sql, oracle_sql, ordered):
     ours = server.query(sql)
-    theirs = oracle.execute(oracle_sql or sql).fetch_arrow_table()
+    theirs = oracle.execute(oracle_sql or sql).to_arrow_table()
     assert ours.column_names == theirs.column_names
     a, b = rows(ours), rows(theirs)
     assert len(a) == len(b), f"{name}: {len(a)} rows vs {len(b)}"

@@ -15,6 +15,7 @@ pub use discover::{HIVE_NULL_PARTITION, PartitionType};
 pub use table::HiveTable;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -28,7 +29,7 @@ use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::execution::SessionState;
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion_datasource_parquet::metadata::DFParquetMetadata;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use object_store::ObjectMeta;
 use object_store::path::Path as ObjectPath;
 use parquet::file::metadata::ParquetMetaData;
@@ -198,7 +199,16 @@ impl Catalog {
                     {
                         return (file, Ok(prev));
                     }
-                    let result = self.validate(&store, format, &file).await;
+                    // The Parquet footer decoder can panic on crafted input: a bad file
+                    // must cost a warning, never the server.
+                    let result = AssertUnwindSafe(self.validate(&store, format, &file))
+                        .catch_unwind()
+                        .await
+                        .unwrap_or_else(|_| {
+                            Err(Error::invalid(
+                                "the Parquet footer is malformed (the decoder panicked)",
+                            ))
+                        });
                     (file, result)
                 }
             })

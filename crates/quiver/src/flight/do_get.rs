@@ -19,7 +19,8 @@ use std::sync::Arc;
 use arrow_flight::FlightData;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
+use std::panic::AssertUnwindSafe;
 use tokio::sync::mpsc;
 use tonic::Status;
 
@@ -72,20 +73,30 @@ pub(super) async fn do_get(
         .with_max_flight_data_size(options.max_flight_data_size)
         .build(batches);
 
+    let panic_tx = tx.clone();
+    let running = engine.track();
     let task = engine.cpu().spawn(async move {
-        while let Some(item) = encoded.next().await {
-            let item = item.map_err(|e| match e {
-                FlightError::Tonic(status) => *status,
-                other => Status::from(Error::from(other)),
-            });
-            let failed = item.is_err();
-            if tx.send(item).await.is_err() {
-                tracing::debug!("client went away; stopping the query");
-                return;
+        let _running = running;
+        let run = AssertUnwindSafe(async move {
+            while let Some(item) = encoded.next().await {
+                let item = item.map_err(|e| match e {
+                    FlightError::Tonic(status) => *status,
+                    other => Status::from(Error::from(other)),
+                });
+                let failed = item.is_err();
+                if tx.send(item).await.is_err() {
+                    tracing::debug!("client went away; stopping the query");
+                    return;
+                }
+                if failed {
+                    return;
+                }
             }
-            if failed {
-                return;
-            }
+        });
+        // A panic must end the stream with an error, never as a silently short result.
+        if run.catch_unwind().await.is_err() {
+            let status = Status::from(Error::Internal("the query panicked".into()));
+            let _ = panic_tx.send(Err(status)).await;
         }
     });
 

@@ -11,6 +11,7 @@ mod runtime;
 pub use runtime::CpuRuntime;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::dataframe::DataFrame;
@@ -45,6 +46,17 @@ pub struct QueryEngine {
     base: SessionContext,
     catalog: Arc<Catalog>,
     cpu: CpuRuntime,
+    running: Arc<AtomicUsize>,
+}
+
+/// Counts a query as running until dropped (the stream finished, failed or was cancelled).
+#[derive(Debug)]
+pub struct RunningQuery(Arc<AtomicUsize>);
+
+impl Drop for RunningQuery {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for QueryEngine {
@@ -75,7 +87,19 @@ impl QueryEngine {
             base,
             catalog,
             cpu: CpuRuntime::new(options.cpu_threads)?,
+            running: Arc::default(),
         })
+    }
+
+    /// Queries whose results are still streaming.
+    pub fn running_queries(&self) -> usize {
+        self.running.load(Ordering::Relaxed)
+    }
+
+    /// Marks a query as running for as long as the guard lives.
+    pub fn track(&self) -> RunningQuery {
+        self.running.fetch_add(1, Ordering::Relaxed);
+        RunningQuery(Arc::clone(&self.running))
     }
 
     /// The tables.

@@ -32,9 +32,9 @@ async fn hive_partitions_are_typed_and_pruned() {
             "| day        | service | n | s  |",
             "+------------+---------+---+----+",
             "| 2026-01-01 | api     | 3 | 3  |",
-            "| 2026-01-01 | web     | 3 | 6  |",
-            "| 2026-01-02 | api     | 3 | 9  |",
-            "|            | web     | 3 | 12 |",
+            "| 2026-01-01 | web     | 3 | 12 |",
+            "| 2026-01-02 | api     | 3 | 21 |",
+            "|            | web     | 3 | 30 |",
             "+------------+---------+---+----+",
         ],
         &batches
@@ -66,7 +66,7 @@ async fn hive_partitions_are_typed_and_pruned() {
         .iter()
         .flat_map(|b| b.column(0).as_primitive::<Int64Type>().values().to_vec())
         .collect();
-    assert_eq!(v, vec![3, 4, 5]);
+    assert_eq!(v, vec![9, 10, 11]);
     fx.stop().await;
 }
 
@@ -307,6 +307,31 @@ async fn periodic_refresh_picks_up_new_files() {
             "new partition never appeared"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    fx.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_its_query() {
+    let fx = Fixture::start().await;
+    // A query that would run for a very long time: a five-way cross join of 12 rows
+    // (about 250k rows) repeated through generate_series.
+    let sql =
+        "SELECT a.id FROM logs a, logs b, logs c, logs d, logs e, generate_series(1, 1000000) g";
+    let mut raw = fx.client().into_inner();
+    let mut stream = raw.do_get(Ticket::new(sql)).await.unwrap().into_inner();
+    let _schema = stream.message().await.unwrap().expect("schema message");
+    let _batch = stream.message().await.unwrap().expect("first batch");
+    assert_eq!(fx.engine.running_queries(), 1);
+    drop(stream);
+    drop(raw);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while fx.engine.running_queries() != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the query kept running after the client left"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     fx.stop().await;
 }

@@ -23,6 +23,7 @@ use tonic::transport::Channel;
 pub struct Fixture {
     pub dir: TempDir,
     pub channel: Channel,
+    pub engine: Arc<QueryEngine>,
     shutdown: CancellationToken,
     server: tokio::task::JoinHandle<()>,
     _refresh: Option<tokio_util::task::AbortOnDropHandle<()>>,
@@ -194,6 +195,7 @@ impl Fixture {
         Self {
             dir,
             channel,
+            engine,
             shutdown,
             server,
             _refresh: refresh,
