@@ -12,6 +12,9 @@ use crate::error::{Error, Result};
 /// The directory name Hive (and Spark, pyarrow, DuckDB) use for a NULL partition value.
 pub const HIVE_NULL_PARTITION: &str = "__HIVE_DEFAULT_PARTITION__";
 
+/// `key=value` pairs from directory names; `None` is the Hive NULL partition.
+pub(crate) type Partitions = Vec<(String, Option<String>)>;
+
 /// A data file found under a table's root.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct FoundFile {
@@ -19,7 +22,7 @@ pub(crate) struct FoundFile {
     pub path: PathBuf,
     /// `key=value` pairs from the directories between the root and the file, in order;
     /// values are percent-decoded, `None` for [`HIVE_NULL_PARTITION`].
-    pub partitions: Vec<(String, Option<String>)>,
+    pub partitions: Partitions,
     /// File size in bytes, from the listing.
     pub size: u64,
     /// Last modification time, from the listing: with `size`, it tells a replaced file apart.
@@ -51,8 +54,7 @@ pub(crate) fn list_files(root: &Path, extension: &str) -> Result<Vec<FoundFile>>
     }
 
     // Depth-first walk with an explicit stack: partition trees can be deep, recursion is not needed.
-    let mut stack: Vec<(PathBuf, Vec<(String, Option<String>)>)> =
-        vec![(root.to_path_buf(), vec![])];
+    let mut stack: Vec<(PathBuf, Partitions)> = vec![(root.to_path_buf(), vec![])];
     while let Some((dir, partitions)) = stack.pop() {
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries,

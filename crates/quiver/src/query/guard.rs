@@ -90,7 +90,7 @@ pub(crate) fn check_tables(
         if system || table_function {
             continue;
         }
-        if !ours || !catalog.get(name).is_some() {
+        if !ours || catalog.get(name).is_none() {
             return Err(Error::TableNotFound {
                 name: table.to_string(),
                 available: catalog.table_names(),

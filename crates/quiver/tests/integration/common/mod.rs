@@ -101,7 +101,7 @@ pub fn read_parquet_dir(root: &Path) -> Vec<RecordBatch> {
 /// Bytes the batches take as Flight messages, encoded the way the server sends them.
 pub fn ipc_size(batches: &[RecordBatch]) -> usize {
     let schema = batches[0].schema();
-    let stream = futures::stream::iter(batches.to_vec().into_iter().map(Ok));
+    let stream = futures::stream::iter(Vec::from(batches).into_iter().map(Ok));
     let encoded = FlightDataEncoderBuilder::new()
         .with_schema(schema)
         .build(stream);
