@@ -83,6 +83,13 @@ QUERIES = [
         False,
     ),
     (
+        "cte",
+        "WITH errs AS (SELECT service, status FROM requests WHERE status >= 500) "
+        "SELECT service, status, COUNT(*) AS n FROM errs GROUP BY service, status",
+        None,
+        False,
+    ),
+    (
         "subquery_in",
         "SELECT COUNT(*) AS n FROM requests WHERE service IN (SELECT service FROM services WHERE tier = 'critical') AND day > DATE '2026-01-02'",
         None,
