@@ -77,3 +77,27 @@ def test_help_documents_every_flag_with_its_environment_variable():
         assert flag in text, flag
     assert text.count("[env: QUIVER_") >= 10
     assert "[default: 10s]" in text and "[default: 127.0.0.1:50051]" in text
+
+
+def test_datafusion_config_passes_through(dataset, tmp_path):
+    server = Server(
+        ["--data-dir", str(dataset), "--datafusion-config", "datafusion.execution.batch_size=100"], tmp_path
+    )
+    try:
+        reader = server.client.do_get(__import__("pyarrow.flight").flight.Ticket(b"SELECT request_id FROM requests"))
+        sizes = [chunk.data.num_rows for chunk in reader]
+        assert sizes and max(sizes) <= 100
+        setting = server.query(
+            "SELECT value FROM information_schema.df_settings WHERE name = 'datafusion.execution.batch_size'"
+        )
+        assert setting.column("value")[0].as_py() == "100"
+    finally:
+        server.stop()
+    out = subprocess.run(
+        [str(quiver_binary()), "serve", "--data-dir", str(dataset), "--datafusion-config", "datafusion.no.such=1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode != 0
+    assert "datafusion.no.such" in out.stderr

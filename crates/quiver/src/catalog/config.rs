@@ -6,6 +6,7 @@
 //! path = "/data/logs"            # a directory (Hive-partitioned or not) or one file
 //! [tables.logs.partitions]       # optional: override the inferred partition column types
 //! day = "date"                   # bigint | date | string
+//! # extension = ".parquet"       # optional: suffix of the data files
 //! ```
 
 use std::collections::BTreeMap;
@@ -25,7 +26,12 @@ pub struct TableDefinition {
     pub path: PathBuf,
     /// Partition column types that override inference.
     pub partition_types: BTreeMap<String, PartitionType>,
+    /// Suffix of the data files; other files are ignored.
+    pub extension: String,
 }
+
+/// Suffix of Parquet data files unless a table says otherwise.
+pub const DEFAULT_EXTENSION: &str = ".parquet";
 
 impl TableDefinition {
     /// A definition with inferred partition types; checks the name and makes the path absolute.
@@ -40,6 +46,7 @@ impl TableDefinition {
             name,
             path,
             partition_types: BTreeMap::new(),
+            extension: DEFAULT_EXTENSION.to_string(),
         })
     }
 }
@@ -109,6 +116,8 @@ pub struct TableEntry {
     /// Partition column types that override inference.
     #[serde(default)]
     pub partitions: BTreeMap<String, PartitionType>,
+    /// Suffix of the data files (default `.parquet`), e.g. `.parq` or `.pq`.
+    pub extension: Option<String>,
 }
 
 impl CatalogFile {
@@ -138,6 +147,14 @@ impl CatalogFile {
             .map(|(name, entry)| {
                 let mut def = TableDefinition::new(name, base.join(entry.path))?;
                 def.partition_types = entry.partitions;
+                if let Some(extension) = entry.extension {
+                    if extension.is_empty() {
+                        return Err(Error::Config {
+                            message: format!("table '{}': extension must not be empty", def.name),
+                        });
+                    }
+                    def.extension = extension;
+                }
                 Ok(def)
             })
             .collect()
@@ -169,6 +186,7 @@ mod tests {
             service = "string"
             [tables.one]
             path = "/abs/file.parquet"
+            extension = ".parq"
             "#,
             Path::new("/etc/quiver"),
         )
@@ -177,6 +195,8 @@ mod tests {
         assert_eq!(defs[0].path, PathBuf::from("/etc/quiver/logs"));
         assert_eq!(defs[0].partition_types["day"], PartitionType::Date);
         assert_eq!(defs[1].path, PathBuf::from("/abs/file.parquet"));
+        assert_eq!(defs[1].extension, ".parq");
+        assert_eq!(defs[0].extension, DEFAULT_EXTENSION);
 
         let err = CatalogFile::parse("[tables.x]\npath='a'\nbogus=1", Path::new("/")).unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");

@@ -10,7 +10,9 @@ mod config;
 mod discover;
 mod table;
 
-pub use config::{CatalogFile, TableDefinition, parse_table_flag, tables_in_data_dir};
+pub use config::{
+    CatalogFile, DEFAULT_EXTENSION, TableDefinition, parse_table_flag, tables_in_data_dir,
+};
 pub use discover::{HIVE_NULL_PARTITION, PartitionType};
 pub use table::HiveTable;
 
@@ -37,9 +39,6 @@ use parquet::file::metadata::ParquetMetaData;
 use crate::error::{Error, Result};
 use discover::FoundFile;
 use table::TableFile;
-
-/// Extension of the files a table reads.
-const PARQUET_EXTENSION: &str = ".parquet";
 
 /// Footers read at once while validating new files.
 const VALIDATE_CONCURRENCY: usize = 16;
@@ -155,10 +154,10 @@ impl Catalog {
     /// `strict` (at start-up) turns problems that refresh would skip into errors.
     async fn refresh_table(&self, def: &TableDefinition, strict: bool) -> Result<bool> {
         let root = def.path.clone();
-        let found =
-            tokio::task::spawn_blocking(move || discover::list_files(&root, PARQUET_EXTENSION))
-                .await
-                .map_err(|e| Error::Internal(format!("listing task failed: {e}")))??;
+        let extension = def.extension.clone();
+        let found = tokio::task::spawn_blocking(move || discover::list_files(&root, &extension))
+            .await
+            .map_err(|e| Error::Internal(format!("listing task failed: {e}")))??;
         let signature: Vec<_> = found
             .iter()
             .map(|f| (f.path.clone(), f.size, f.modified))
