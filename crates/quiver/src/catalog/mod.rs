@@ -223,15 +223,10 @@ impl Catalog {
             }
         }
 
-        let table = match self.build_table(def, &valid, strict) {
-            Ok((table, rejected)) => {
-                for (file, reason) in rejected {
-                    self.reject(&def.name, &previous, &mut next, &file, &reason);
-                }
-                table
-            }
-            Err(e) => return Err(e),
-        };
+        let (table, rejected) = self.build_table(def, &valid, strict)?;
+        for (file, reason) in rejected {
+            self.reject(&def.name, &previous, &mut next, &file, &reason);
+        }
         let rejected_paths: HashSet<_> = next.rejected.iter().map(|(p, ..)| p.clone()).collect();
         next.valid = valid
             .into_iter()
