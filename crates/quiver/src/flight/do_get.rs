@@ -22,6 +22,7 @@ use arrow_flight::error::FlightError;
 use futures::{FutureExt, Stream, StreamExt};
 use std::panic::AssertUnwindSafe;
 use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use super::views;
@@ -101,15 +102,9 @@ pub(super) async fn do_get(
     });
 
     // The stream owns the task: dropping the response aborts the query.
-    let out = tokio_stream_from(rx).map(move |item| {
+    let out = ReceiverStream::new(rx).map(move |item| {
         let _owned = &task;
         item
     });
     Ok(Box::pin(out))
-}
-
-fn tokio_stream_from<T: Send + 'static>(
-    mut rx: mpsc::Receiver<T>,
-) -> impl Stream<Item = T> + Send + 'static {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
