@@ -126,7 +126,7 @@ fn refresh_loop(engine: Arc<QueryEngine>, interval: Duration) -> Option<AbortOnD
             ticker.tick().await; // the first tick is immediate; tables were just loaded
             loop {
                 ticker.tick().await;
-                let summary = engine.catalog().refresh().await;
+                let summary = engine.refresh().await;
                 if !summary.changed.is_empty() {
                     tracing::info!(tables = ?summary.changed, "refreshed");
                 }

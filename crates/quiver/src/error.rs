@@ -75,6 +75,29 @@ pub enum Error {
         source: std::io::Error,
     },
 
+    /// A table file changed since the catalog listed it. Retryable: the next refresh
+    /// lists the new version.
+    #[error(
+        "{path} changed since the table was listed ({reason}); retry after the next catalog \
+         refresh, or refresh now with DoAction \"refresh\" (Parquet files must be immutable: \
+         publish new files by rename)"
+    )]
+    FileChanged {
+        /// The file.
+        path: String,
+        /// What differs.
+        reason: String,
+    },
+
+    /// A table file could not be opened or read.
+    #[error("reading {path}: {source}")]
+    FileRead {
+        /// The file.
+        path: String,
+        /// The storage error; its kind decides the status code.
+        source: Box<object_store::Error>,
+    },
+
     /// An error from planning or executing a query.
     #[error(transparent)]
     DataFusion(Box<DataFusionError>),
@@ -94,6 +117,14 @@ impl From<DataFusionError> for Error {
     }
 }
 
+/// For errors raised inside DataFusion callbacks (table scans, file readers); the
+/// status mapping finds them again in the source chain.
+impl From<Error> for DataFusionError {
+    fn from(e: Error) -> Self {
+        DataFusionError::External(Box::new(e))
+    }
+}
+
 impl From<arrow_flight::error::FlightError> for Error {
     fn from(e: arrow_flight::error::FlightError) -> Self {
         Self::Flight(Box::new(e))
@@ -107,6 +138,14 @@ impl From<datafusion::arrow::error::ArrowError> for Error {
 }
 
 impl Error {
+    /// Shorthand for [`Error::FileRead`].
+    pub fn file_read(path: String, source: object_store::Error) -> Self {
+        Self::FileRead {
+            path,
+            source: Box::new(source),
+        }
+    }
+
     /// Shorthand for [`Error::InvalidRequest`].
     pub fn invalid(reason: impl Into<String>) -> Self {
         Self::InvalidRequest {
@@ -124,7 +163,27 @@ impl Error {
             Self::Config { .. } => Code::InvalidArgument,
             Self::Schema { .. } => Code::FailedPrecondition,
             Self::Io { .. } => Code::Unavailable,
-            Self::DataFusion(e) => datafusion_code(e),
+            Self::FileChanged { .. } => Code::Unavailable,
+            Self::FileRead { source, .. } => match source.as_ref() {
+                // Vanished since it was listed: the next refresh drops it.
+                object_store::Error::NotFound { .. } => Code::Unavailable,
+                // Only the operator can fix these.
+                object_store::Error::PermissionDenied { .. } => Code::FailedPrecondition,
+                object_store::Error::Generic { source, .. }
+                    if matches!(
+                        source.downcast_ref::<crate::io::MmapError>(),
+                        Some(crate::io::MmapError::NotRegular { .. })
+                    ) =>
+                {
+                    Code::FailedPrecondition
+                }
+                _ => Code::Unavailable,
+            },
+            Self::DataFusion(e) => match ours_in(e.as_ref()) {
+                // Our own error wrapped by DataFusion or Parquet keeps its code.
+                Some(ours) => ours.code(),
+                None => datafusion_code(e),
+            },
             Self::Flight(e) => match e.as_ref() {
                 arrow_flight::error::FlightError::Tonic(s) => s.code(),
                 arrow_flight::error::FlightError::Arrow(_)
@@ -142,6 +201,19 @@ impl Error {
     pub fn is_server_fault(&self) -> bool {
         matches!(self.code(), Code::Internal | Code::Unknown)
     }
+}
+
+/// The first [`Error`] in `e`'s source chain, however deep DataFusion, Arrow and
+/// Parquet have wrapped it.
+fn ours_in<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a Error> {
+    let mut current = Some(e);
+    while let Some(e) = current {
+        if let Some(ours) = e.downcast_ref::<Error>() {
+            return Some(ours);
+        }
+        current = e.source();
+    }
+    None
 }
 
 /// Classifies a DataFusion error on its root cause.

@@ -28,11 +28,11 @@ use datafusion_datasource::file_groups::FileGroup;
 use datafusion_datasource::file_scan_config::FileScanConfigBuilder;
 use datafusion_datasource::source::DataSourceExec;
 use datafusion_datasource::{PartitionedFile, TableSchema, compute_all_files_statistics};
-use datafusion_datasource_parquet::CachedParquetFileReaderFactory;
 use datafusion_datasource_parquet::source::ParquetSource;
 use object_store::ObjectMeta;
 
-use crate::io::NamedFileReaderFactory;
+use crate::io::{Io, IoMode, IoOptions};
+use crate::query::PartitionPruning;
 
 /// One validated data file of a table.
 #[derive(Debug, Clone)]
@@ -223,6 +223,9 @@ impl TableProvider for HiveTable {
         limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
         let files = self.prune(state, filters)?;
+        if let Some(pruning) = state.config().get_extension::<PartitionPruning>() {
+            pruning.record(self.files.len(), files.len());
+        }
         if files.is_empty() {
             let schema = match projection {
                 Some(p) => Arc::new(self.schema.project(p)?),
@@ -247,15 +250,16 @@ impl TableProvider for HiveTable {
 
         let options = state.table_options().parquet.clone();
         let metadata_size_hint = options.global.metadata_size_hint;
-        let store = state
-            .runtime_env()
-            .object_store(ObjectStoreUrl::local_filesystem())?;
         let cache = state.runtime_env().cache_manager.get_file_metadata_cache();
-        // DataFusion's caching reader (footers read once per file version), wrapped so
-        // errors name the file.
-        let readers = NamedFileReaderFactory::new(Arc::new(CachedParquetFileReaderFactory::new(
-            store, cache,
-        )));
+        // The engine's I/O (mmap or pread); a session without one (a test building its
+        // own) reads through pread.
+        let io = state.config().get_extension::<Io>().unwrap_or_else(|| {
+            Arc::new(Io::new(IoOptions {
+                mode: IoMode::Pread,
+                ..IoOptions::default()
+            }))
+        });
+        let readers = io.reader_factory(cache);
         let mut source = ParquetSource::new(
             TableSchema::builder(Arc::clone(&self.file_schema))
                 .with_table_partition_cols(self.partition_fields.clone())

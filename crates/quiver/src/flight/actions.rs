@@ -22,7 +22,7 @@ pub(super) fn list() -> Vec<ActionType> {
 pub(super) async fn run(engine: &QueryEngine, action: &str) -> Result<Vec<u8>> {
     match action {
         REFRESH => {
-            let summary = engine.catalog().refresh().await;
+            let summary = engine.refresh().await;
             let body = serde_json::json!({
                 "changed": summary.changed,
                 "failed": summary.failed,

@@ -27,7 +27,7 @@ use tonic::Status;
 
 use super::views;
 use crate::error::{Error, Result};
-use crate::query::QueryEngine;
+use crate::query::{Execution, QueryEngine};
 
 /// The response stream of `DoGet`.
 pub(super) type FlightDataStream = Pin<Box<dyn Stream<Item = Result<FlightData, Status>> + Send>>;
@@ -59,7 +59,7 @@ pub(super) async fn do_get(
     sql: String,
     options: SendOptions,
 ) -> Result<FlightDataStream> {
-    let stream = engine.execute(sql).await?;
+    let Execution { stream, report } = engine.execute(sql).await?;
     let schema = views::expand_schema(&stream.schema());
 
     let (tx, rx) = mpsc::channel::<Result<FlightData, Status>>(options.channel_depth.max(1));
@@ -78,6 +78,8 @@ pub(super) async fn do_get(
     let running = engine.track();
     let task = engine.cpu().spawn(async move {
         let _running = running;
+        // Dropped with the task, however it ends: the scan summary is always recorded.
+        let _report = report;
         let run = AssertUnwindSafe(async move {
             while let Some(item) = encoded.next().await {
                 let item = item.map_err(|e| match e {

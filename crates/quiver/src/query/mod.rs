@@ -7,21 +7,26 @@
 
 mod guard;
 mod runtime;
+mod scan;
 
 pub use runtime::CpuRuntime;
+pub use scan::{PartitionPruning, ScanReport, ScanSummary};
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::dataframe::DataFrame;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::SessionStateBuilder;
+use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::physical_plan::{ExecutionPlan, execute_stream};
 use datafusion::prelude::{SessionConfig, SessionContext};
 
-use crate::catalog::{Catalog, TableDefinition};
+use crate::catalog::{Catalog, RefreshSummary, TableDefinition};
 use crate::error::{Error, Result};
+use crate::io::{Io, IoOptions, MmapStats};
 
 /// How the engine is set up.
 #[derive(Debug, Clone)]
@@ -30,6 +35,8 @@ pub struct QueryOptions {
     pub cpu_threads: usize,
     /// `key=value` DataFusion settings applied after Quiver's defaults.
     pub datafusion_config: Vec<(String, String)>,
+    /// How table files are read.
+    pub io: IoOptions,
 }
 
 impl Default for QueryOptions {
@@ -37,6 +44,7 @@ impl Default for QueryOptions {
         Self {
             cpu_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             datafusion_config: vec![],
+            io: IoOptions::default(),
         }
     }
 }
@@ -47,6 +55,16 @@ pub struct QueryEngine {
     catalog: Arc<Catalog>,
     cpu: CpuRuntime,
     running: Arc<AtomicUsize>,
+    io: Arc<Io>,
+    scan_totals: Arc<Mutex<ScanSummary>>,
+}
+
+/// A started query: its result stream and the report of what it scanned.
+pub struct Execution {
+    /// The result batches; poll on the CPU runtime.
+    pub stream: SendableRecordBatchStream,
+    /// Records the scan summary when dropped; keep it until the stream is done.
+    pub report: ScanReport,
 }
 
 /// Counts a query as running until dropped (the stream finished, failed or was cancelled).
@@ -69,16 +87,26 @@ impl std::fmt::Debug for QueryEngine {
 }
 
 impl QueryEngine {
-    /// Builds the session, loads every table and starts the CPU runtime.
+    /// Builds the session, starts the CPU runtime and loads every table.
     pub async fn new(tables: Vec<TableDefinition>, options: QueryOptions) -> Result<Self> {
-        let config = session_config(&options)?;
+        let io = Arc::new(Io::new(options.io));
+        let config = session_config(&options)?.with_extension(Arc::clone(&io));
         let runtime = RuntimeEnvBuilder::new().build_arc()?;
+        runtime.register_object_store(ObjectStoreUrl::local_filesystem().as_ref(), io.store());
         let state = SessionStateBuilder::new()
             .with_config(config)
             .with_runtime_env(runtime)
             .with_default_features()
             .build();
-        let catalog = Arc::new(Catalog::load(tables, state.clone()).await?);
+        let cpu = CpuRuntime::new(options.cpu_threads)?;
+        // Footers are read on the CPU runtime like all file bytes (see `io::mmap`).
+        let catalog = {
+            let state = state.clone();
+            Arc::new(
+                cpu.run(async move { Catalog::load(tables, state).await })
+                    .await?,
+            )
+        };
         let base = SessionContext::new_with_state(state);
         base.catalog("datafusion")
             .ok_or_else(|| Error::Internal("the default catalog is missing".into()))?
@@ -86,9 +114,37 @@ impl QueryEngine {
         Ok(Self {
             base,
             catalog,
-            cpu: CpuRuntime::new(options.cpu_threads)?,
+            cpu,
             running: Arc::default(),
+            io,
+            scan_totals: Arc::default(),
         })
+    }
+
+    /// Re-lists every table now, on the CPU runtime (footer reads touch file bytes).
+    pub async fn refresh(&self) -> RefreshSummary {
+        let catalog = Arc::clone(&self.catalog);
+        match self
+            .cpu
+            .run(async move { Ok(catalog.refresh().await) })
+            .await
+        {
+            Ok(summary) => summary,
+            Err(e) => {
+                tracing::error!(error = %e, "refresh failed");
+                RefreshSummary::default()
+            }
+        }
+    }
+
+    /// Scan figures summed over every query so far.
+    pub fn scan_totals(&self) -> ScanSummary {
+        *self.scan_totals.lock().expect("poisoned")
+    }
+
+    /// Counters of the mapping cache, when reading through memory maps.
+    pub fn mmap_stats(&self) -> Option<Arc<MmapStats>> {
+        self.io.mmap_stats()
     }
 
     /// Queries whose results are still streaming.
@@ -114,7 +170,13 @@ impl QueryEngine {
 
     /// Parses, checks and plans `sql` without running it.
     pub async fn plan(&self, sql: &str) -> Result<DataFrame> {
-        let state = self.base.state();
+        self.plan_with(sql, Arc::default()).await
+    }
+
+    /// [`Self::plan`], with table scans reporting partition pruning to `pruning`.
+    async fn plan_with(&self, sql: &str, pruning: Arc<PartitionPruning>) -> Result<DataFrame> {
+        let mut state = self.base.state();
+        state.config_mut().set_extension(pruning);
         let dialect = state.config().options().sql_parser.dialect;
         let statement = state.sql_to_statement(sql, &dialect)?;
         guard::check_statement(&statement)?;
@@ -137,12 +199,17 @@ impl QueryEngine {
 
     /// Plans and starts `sql` on the CPU runtime. The stream must be polled on the CPU
     /// runtime too (see `flight::do_get`): DataFusion does its work inside `poll`.
-    pub async fn execute(self: &Arc<Self>, sql: String) -> Result<SendableRecordBatchStream> {
+    pub async fn execute(self: &Arc<Self>, sql: String) -> Result<Execution> {
         let engine = Arc::clone(self);
         self.cpu
             .run(async move {
-                let df = engine.plan(&sql).await?;
-                Ok(df.execute_stream().await?)
+                let pruning = Arc::new(PartitionPruning::default());
+                let df = engine.plan_with(&sql, Arc::clone(&pruning)).await?;
+                let task = Arc::new(df.task_ctx());
+                let plan: Arc<dyn ExecutionPlan> = df.create_physical_plan().await?;
+                let stream = execute_stream(Arc::clone(&plan), task)?;
+                let report = ScanReport::new(plan, pruning, Arc::clone(&engine.scan_totals), &sql);
+                Ok(Execution { stream, report })
             })
             .await
     }

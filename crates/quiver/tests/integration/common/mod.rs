@@ -182,7 +182,7 @@ impl Fixture {
             tokio_util::task::AbortOnDropHandle::new(tokio::task::spawn(async move {
                 loop {
                     tokio::time::sleep(every).await;
-                    engine.catalog().refresh().await;
+                    engine.refresh().await;
                 }
             }))
         });

@@ -1,0 +1,108 @@
+//! How table files are read: memory maps (default) or `pread`.
+//!
+//! ```text
+//!  ParquetSource ── FileReaderFactory ── open: check against the listing, pin mapping
+//!                        │                          │
+//!                        │ metadata (cached)        │ data ranges: slices of the mapping
+//!                        ▼                          ▼
+//!              ObjectStore for file://  ──  MmapStore (mapping cache)  |  LocalFileSystem
+//! ```
+//!
+//! [`Io`] is built once per engine, registers the store for `file://` and travels to
+//! table scans as a session config extension.
+
+mod mmap;
+mod reader;
+
+pub use mmap::{FileIdentity, MappedFile, MmapError, MmapLimits, MmapStats, MmapStore};
+pub use reader::FileReaderFactory;
+
+use std::fmt::{self, Display};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use datafusion::execution::cache::cache_manager::FileMetadataCache;
+use object_store::ObjectStore;
+use object_store::local::LocalFileSystem;
+
+/// How file bytes reach the Parquet decoder.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum IoMode {
+    /// Slices of a memory map: no copy, no system call per read once mapped.
+    #[default]
+    Mmap,
+    /// object_store's LocalFileSystem: `pread` into a new buffer on a blocking thread.
+    /// For NFS, FUSE and other file systems where files may change under a mapping.
+    Pread,
+}
+
+impl FromStr for IoMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "mmap" => Ok(Self::Mmap),
+            "pread" => Ok(Self::Pread),
+            other => Err(format!("unknown I/O mode '{other}': use mmap or pread")),
+        }
+    }
+}
+
+impl Display for IoMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Mmap => "mmap",
+            Self::Pread => "pread",
+        })
+    }
+}
+
+/// I/O settings of an engine.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct IoOptions {
+    /// mmap or pread.
+    pub mode: IoMode,
+    /// Bounds of the mapping cache (mmap mode).
+    pub mmap: MmapLimits,
+}
+
+/// The file system as the engine reads it.
+#[derive(Debug)]
+pub struct Io {
+    store: Arc<dyn ObjectStore>,
+    mmap: Option<Arc<MmapStore>>,
+}
+
+impl Io {
+    /// The store for `options.mode`.
+    pub fn new(options: IoOptions) -> Self {
+        match options.mode {
+            IoMode::Mmap => {
+                let mmap = Arc::new(MmapStore::new(options.mmap));
+                Self {
+                    store: Arc::clone(&mmap) as _,
+                    mmap: Some(mmap),
+                }
+            }
+            IoMode::Pread => Self {
+                store: Arc::new(LocalFileSystem::new()),
+                mmap: None,
+            },
+        }
+    }
+
+    /// The store to register for `file://`.
+    pub fn store(&self) -> Arc<dyn ObjectStore> {
+        Arc::clone(&self.store)
+    }
+
+    /// Mapping counters, in mmap mode.
+    pub fn mmap_stats(&self) -> Option<Arc<MmapStats>> {
+        self.mmap.as_ref().map(|m| Arc::clone(m.stats()))
+    }
+
+    /// The reader factory for a scan.
+    pub fn reader_factory(&self, metadata_cache: Arc<FileMetadataCache>) -> FileReaderFactory {
+        FileReaderFactory::new(self.store(), metadata_cache, self.mmap.clone())
+    }
+}

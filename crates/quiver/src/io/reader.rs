@@ -1,0 +1,224 @@
+//! Opening Parquet files for a query.
+//!
+//! [`FileReaderFactory`] wraps DataFusion's caching reader factory (footers read once
+//! per file version) and adds what Quiver needs on top:
+//! - the file is checked against the catalog's listing when opened: one that changed or
+//!   vanished since fails with a retryable error naming it, instead of decoding a
+//!   different file with the old footer;
+//! - in `mmap` mode the reader pins the file's mapping for the whole scan and serves
+//!   every range as a slice of it, so a file replaced mid-query is read consistently
+//!   (the old version) and no range costs a system call;
+//! - every error names the file: DataFusion's own do not.
+
+use std::fmt::Debug;
+use std::ops::Range;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use datafusion::execution::cache::cache_manager::FileMetadataCache;
+use datafusion::physical_plan::metrics::{Count, ExecutionPlanMetricsSet, MetricBuilder};
+use datafusion_datasource::PartitionedFile;
+use datafusion_datasource_parquet::{CachedParquetFileReaderFactory, ParquetFileReaderFactory};
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use object_store::ObjectStore;
+use object_store::local::LocalFileSystem;
+use parquet::arrow::arrow_reader::ArrowReaderOptions;
+use parquet::arrow::async_reader::AsyncFileReader;
+use parquet::errors::ParquetError;
+use parquet::file::metadata::ParquetMetaData;
+
+use super::mmap::{MappedFile, MmapError, MmapStore};
+use crate::error::Error;
+
+/// Creates the readers of a scan; see the module documentation.
+#[derive(Debug)]
+pub struct FileReaderFactory {
+    inner: CachedParquetFileReaderFactory,
+    mmap: Option<Arc<MmapStore>>,
+    /// Only for turning object paths back into file system paths.
+    local: LocalFileSystem,
+}
+
+impl FileReaderFactory {
+    /// Readers over `store` (metadata through `metadata_cache`), serving data from
+    /// `mmap` when given.
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        metadata_cache: Arc<FileMetadataCache>,
+        mmap: Option<Arc<MmapStore>>,
+    ) -> Self {
+        Self {
+            inner: CachedParquetFileReaderFactory::new(store, metadata_cache),
+            mmap,
+            local: LocalFileSystem::new(),
+        }
+    }
+
+    /// Fails unless the file is still the version the catalog listed.
+    fn check_listed(
+        path: &str,
+        file: &PartitionedFile,
+        size: u64,
+        modified: SystemTime,
+    ) -> Result<(), Error> {
+        let listed = &file.object_meta;
+        let modified: DateTime<Utc> = modified.into();
+        if size == listed.size && modified == listed.last_modified {
+            return Ok(());
+        }
+        Err(Error::FileChanged {
+            path: path.to_owned(),
+            reason: format!(
+                "it is now {size} bytes modified at {modified}, but was listed with {} bytes \
+                 modified at {}",
+                listed.size, listed.last_modified
+            ),
+        })
+    }
+}
+
+impl ParquetFileReaderFactory for FileReaderFactory {
+    fn create_reader(
+        &self,
+        partition_index: usize,
+        partitioned_file: PartitionedFile,
+        metadata_size_hint: Option<usize>,
+        metrics: &ExecutionPlanMetricsSet,
+    ) -> datafusion::error::Result<Box<dyn AsyncFileReader + Send>> {
+        let location = &partitioned_file.object_meta.location;
+        let fs_path = self
+            .local
+            .path_to_filesystem(location)
+            .map_err(|e| Error::file_read(format!("/{location}"), e))?;
+        let path = Arc::<str>::from(fs_path.display().to_string());
+
+        let (mapped, bytes_scanned) = match &self.mmap {
+            Some(store) => {
+                let mapped = store
+                    .open(location)
+                    .map_err(|e| Error::file_read(path.to_string(), e))?;
+                let identity = mapped.identity();
+                Self::check_listed(&path, &partitioned_file, identity.size, identity.modified)?;
+                // The same counter DataFusion's reader keeps, which it cannot see here
+                // because data reads bypass it.
+                let bytes_scanned = MetricBuilder::new(metrics)
+                    .with_new_label("filename", location.to_string())
+                    .counter("bytes_scanned", partition_index);
+                (Some(mapped), Some(bytes_scanned))
+            }
+            None => {
+                let metadata = std::fs::metadata(&fs_path).map_err(|e| {
+                    let e = MmapError::Io {
+                        path: fs_path.clone(),
+                        source: e,
+                    };
+                    Error::file_read(path.to_string(), e.into())
+                })?;
+                let modified = metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+                Self::check_listed(&path, &partitioned_file, metadata.len(), modified)?;
+                (None, None)
+            }
+        };
+
+        let inner = self.inner.create_reader(
+            partition_index,
+            partitioned_file,
+            metadata_size_hint,
+            metrics,
+        )?;
+        Ok(Box::new(FileReader {
+            inner,
+            path,
+            mapped,
+            bytes_scanned,
+        }))
+    }
+}
+
+struct FileReader {
+    /// DataFusion's reader: metadata (through the cache) and, in pread mode, data.
+    inner: Box<dyn AsyncFileReader + Send>,
+    path: Arc<str>,
+    /// The pinned mapping, in mmap mode.
+    mapped: Option<MappedFile>,
+    bytes_scanned: Option<Count>,
+}
+
+impl FileReader {
+    /// Puts the file's path on an error. Errors of the storage layer become
+    /// [`Error::FileRead`] so that they keep their gRPC code; the rest (decoding
+    /// errors: damaged data) keep their kind.
+    fn name(path: &str, e: ParquetError) -> ParquetError {
+        match e {
+            ParquetError::External(source) => match source.downcast::<object_store::Error>() {
+                Ok(store_error) => {
+                    ParquetError::External(Box::new(Error::file_read(path.into(), *store_error)))
+                }
+                Err(other) => ParquetError::External(format!("reading {path}: {other}").into()),
+            },
+            other => ParquetError::General(format!("reading {path}: {other}")),
+        }
+    }
+}
+
+/// Slices of the pinned mapping, counted as scanned.
+fn slices(
+    mapped: &MappedFile,
+    path: &str,
+    bytes_scanned: Option<&Count>,
+    ranges: &[Range<u64>],
+) -> parquet::errors::Result<Vec<Bytes>> {
+    let slices = ranges
+        .iter()
+        .map(|r| mapped.slice(r.clone()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ParquetError::External(Box::new(Error::file_read(path.into(), e.into()))))?;
+    if let Some(counter) = bytes_scanned {
+        counter.add(slices.iter().map(Bytes::len).sum());
+    }
+    Ok(slices)
+}
+
+impl AsyncFileReader for FileReader {
+    fn get_bytes(&mut self, range: Range<u64>) -> BoxFuture<'_, parquet::errors::Result<Bytes>> {
+        if let Some(mapped) = &self.mapped {
+            let result = slices(mapped, &self.path, self.bytes_scanned.as_ref(), &[range])
+                .map(|mut v| v.remove(0));
+            return futures::future::ready(result).boxed();
+        }
+        let path = Arc::clone(&self.path);
+        self.inner
+            .get_bytes(range)
+            .map(move |r| r.map_err(|e| Self::name(&path, e)))
+            .boxed()
+    }
+
+    fn get_byte_ranges(
+        &mut self,
+        ranges: Vec<Range<u64>>,
+    ) -> BoxFuture<'_, parquet::errors::Result<Vec<Bytes>>> {
+        if let Some(mapped) = &self.mapped {
+            let result = slices(mapped, &self.path, self.bytes_scanned.as_ref(), &ranges);
+            return futures::future::ready(result).boxed();
+        }
+        let path = Arc::clone(&self.path);
+        self.inner
+            .get_byte_ranges(ranges)
+            .map(move |r| r.map_err(|e| Self::name(&path, e)))
+            .boxed()
+    }
+
+    fn get_metadata<'a>(
+        &'a mut self,
+        options: Option<&'a ArrowReaderOptions>,
+    ) -> BoxFuture<'a, parquet::errors::Result<Arc<ParquetMetaData>>> {
+        let path = Arc::clone(&self.path);
+        self.inner
+            .get_metadata(options)
+            .map(move |r| r.map_err(|e| Self::name(&path, e)))
+            .boxed()
+    }
+}
