@@ -6,6 +6,7 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use quiver::io::{IoMode, MmapLimits};
 
 /// Quiver: SQL over Hive-partitioned Parquet directories, served over Arrow Flight.
 #[derive(Debug, Parser)]
@@ -86,6 +87,29 @@ pub struct ServeArgs {
         value_name = "KEY=VALUE"
     )]
     pub datafusion_config: Vec<String>,
+
+    /// How Parquet files are read: `mmap` serves reads as slices of memory maps (no copy,
+    /// no system call per read once mapped); `pread` reads into fresh buffers, for NFS,
+    /// FUSE and any file system where files might be truncated in place (a truncated
+    /// mapped file crashes the process with SIGBUS; see README, Operations).
+    #[arg(
+        long,
+        env = "QUIVER_IO",
+        default_value = "mmap",
+        value_name = "mmap|pread"
+    )]
+    pub io: IoMode,
+
+    /// Most files kept memory-mapped between queries (mmap mode). Each mapping uses one
+    /// of the process's vm.max_map_count (65530 by default) entries; files beyond this
+    /// are unmapped, least recently used first, once no query is reading them.
+    #[arg(long, env = "QUIVER_MMAP_MAX_FILES", default_value_t = MmapLimits::default().max_files)]
+    pub mmap_max_files: usize,
+
+    /// Most bytes kept memory-mapped between queries (mmap mode). Mapped pages are page
+    /// cache the kernel can reclaim, but count in RSS while resident.
+    #[arg(long, env = "QUIVER_MMAP_MAX_BYTES", default_value = "64GiB")]
+    pub mmap_max_bytes: ByteSize,
 
     /// Threads that run queries (DataFusion's CPU runtime) [default: number of CPUs].
     #[arg(long, env = "QUIVER_CPU_THREADS")]

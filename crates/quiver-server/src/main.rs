@@ -4,6 +4,8 @@ mod cli;
 mod demo;
 mod serve;
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
 
@@ -12,6 +14,8 @@ fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_new(&cli.log_filter)?)
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal: journald and log files get plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     match cli.command {
         cli::Command::Serve(args) => tokio::runtime::Builder::new_multi_thread()

@@ -8,6 +8,7 @@ use anyhow::{Context, bail};
 use arrow_flight::flight_service_server::FlightServiceServer;
 use quiver::catalog::{CatalogFile, TableDefinition, parse_table_flag, tables_in_data_dir};
 use quiver::flight::{QuiverFlightService, SendOptions};
+use quiver::io::{IoOptions, MmapLimits};
 use quiver::query::{QueryEngine, QueryOptions};
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
@@ -33,6 +34,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                     .with_context(|| format!("--datafusion-config expects KEY=VALUE, got '{kv}'"))
             })
             .collect::<anyhow::Result<_>>()?,
+        io: IoOptions {
+            mode: args.io,
+            mmap: MmapLimits {
+                max_files: args.mmap_max_files,
+                max_bytes: args.mmap_max_bytes.0 as u64,
+            },
+        },
     };
     let engine = Arc::new(QueryEngine::new(tables, options).await?);
     for name in engine.catalog().table_names() {

@@ -26,7 +26,7 @@ use object_store::ObjectStore;
 use object_store::local::LocalFileSystem;
 
 /// How file bytes reach the Parquet decoder.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum IoMode {
     /// Slices of a memory map: no copy, no system call per read once mapped.
     #[default]

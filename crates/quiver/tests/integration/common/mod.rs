@@ -155,6 +155,7 @@ impl Fixture {
                 QueryOptions {
                     cpu_threads: 2,
                     datafusion_config: vec![],
+                    io: Default::default(),
                 },
             )
             .await
