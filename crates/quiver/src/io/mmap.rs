@@ -36,6 +36,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use futures::stream::BoxStream;
 use memmap2::{Advice, Mmap};
@@ -134,6 +135,14 @@ pub enum MmapError {
         /// Actual size.
         size: u64,
     },
+    /// The file is not the version the caller listed.
+    #[error("{path} changed since it was listed: {reason}")]
+    Changed {
+        /// The path.
+        path: PathBuf,
+        /// What differs.
+        reason: String,
+    },
     /// Opening, inspecting or mapping the file failed.
     #[error("{path}: {source}")]
     Io {
@@ -157,9 +166,9 @@ impl From<MmapError> for object_store::Error {
     fn from(e: MmapError) -> Self {
         let (kind, path) = match &e {
             MmapError::Io { path, source } => (Some(source.kind()), path.display().to_string()),
-            MmapError::NotRegular { path, .. } | MmapError::OutOfRange { path, .. } => {
-                (None, path.display().to_string())
-            }
+            MmapError::NotRegular { path, .. }
+            | MmapError::OutOfRange { path, .. }
+            | MmapError::Changed { path, .. } => (None, path.display().to_string()),
         };
         match kind {
             Some(std::io::ErrorKind::NotFound) => Self::NotFound {
@@ -327,7 +336,23 @@ impl MmapStore {
     /// The file at `location` mapped, from the cache when the file is unchanged.
     pub fn open(&self, location: &Path) -> object_store::Result<MappedFile> {
         let path = self.local.path_to_filesystem(location)?;
-        Ok(self.map(&path)?)
+        Ok(self.map(&path, None)?)
+    }
+
+    /// Like [`Self::open`], but only if the file is still the version `listed`
+    /// describes (same size and modification time): checked before anything is mapped,
+    /// and again on the descriptor that gets mapped.
+    pub fn open_listed(&self, listed: &ObjectMeta) -> Result<MappedFile, MmapError> {
+        let path = self
+            .local
+            .path_to_filesystem(&listed.location)
+            .map_err(|e| {
+                MmapError::io(
+                    FsPath::new(listed.location.as_ref()),
+                    std::io::Error::other(e),
+                )
+            })?;
+        self.map(&path, Some(listed))
     }
 
     /// The mapping of `path` as it is now.
@@ -335,11 +360,12 @@ impl MmapStore {
     /// One `stat` per call decides whether the cached mapping still shows the file
     /// at `path`; a changed file is mapped again and replaces the old entry (whose
     /// slices stay valid).
-    fn map(&self, path: &FsPath) -> Result<MappedFile, MmapError> {
+    fn map(&self, path: &FsPath, listed: Option<&ObjectMeta>) -> Result<MappedFile, MmapError> {
         // Check the kind before opening: opening a FIFO for reading blocks.
         let metadata = std::fs::metadata(path).map_err(|e| MmapError::io(path, e))?;
         check_regular(path, &metadata)?;
         let identity = FileIdentity::of(&metadata);
+        check_listed(path, &identity, listed)?;
         {
             let mut cache = self.cache.lock().expect("poisoned");
             cache.clock += 1;
@@ -354,6 +380,8 @@ impl MmapStore {
         }
 
         let file = self.map_uncached(path)?;
+        // Renamed over between the stat and the open: what we mapped is newer.
+        check_listed(path, &file.identity, listed)?;
         self.insert(path, file.clone());
         Ok(file)
     }
@@ -457,6 +485,28 @@ impl MmapStore {
             version: None,
         }
     }
+}
+
+fn check_listed(
+    path: &FsPath,
+    identity: &FileIdentity,
+    listed: Option<&ObjectMeta>,
+) -> Result<(), MmapError> {
+    let Some(listed) = listed else {
+        return Ok(());
+    };
+    let modified: DateTime<Utc> = identity.modified.into();
+    if identity.size == listed.size && modified == listed.last_modified {
+        return Ok(());
+    }
+    Err(MmapError::Changed {
+        path: path.to_owned(),
+        reason: format!(
+            "it is now {} bytes modified at {modified}, but was listed with {} bytes modified \
+             at {}",
+            identity.size, listed.size, listed.last_modified
+        ),
+    })
 }
 
 fn check_regular(path: &FsPath, metadata: &Metadata) -> Result<(), MmapError> {

@@ -56,27 +56,13 @@ impl FileReaderFactory {
             local: LocalFileSystem::new(),
         }
     }
+}
 
-    /// Fails unless the file is still the version the catalog listed.
-    fn check_listed(
-        path: &str,
-        file: &PartitionedFile,
-        size: u64,
-        modified: SystemTime,
-    ) -> Result<(), Error> {
-        let listed = &file.object_meta;
-        let modified: DateTime<Utc> = modified.into();
-        if size == listed.size && modified == listed.last_modified {
-            return Ok(());
-        }
-        Err(Error::FileChanged {
-            path: path.to_owned(),
-            reason: format!(
-                "it is now {size} bytes modified at {modified}, but was listed with {} bytes \
-                 modified at {}",
-                listed.size, listed.last_modified
-            ),
-        })
+/// The error for a file that is not the version the catalog listed.
+fn changed(path: &str, reason: String) -> Error {
+    Error::FileChanged {
+        path: path.to_owned(),
+        reason,
     }
 }
 
@@ -97,11 +83,13 @@ impl ParquetFileReaderFactory for FileReaderFactory {
 
         let (mapped, bytes_scanned) = match &self.mmap {
             Some(store) => {
-                let mapped = store
-                    .open(location)
-                    .map_err(|e| Error::file_read(path.to_string(), e))?;
-                let identity = mapped.identity();
-                Self::check_listed(&path, &partitioned_file, identity.size, identity.modified)?;
+                let mapped =
+                    store
+                        .open_listed(&partitioned_file.object_meta)
+                        .map_err(|e| match e {
+                            MmapError::Changed { reason, .. } => changed(&path, reason),
+                            other => Error::file_read(path.to_string(), other.into()),
+                        })?;
                 // The same counter DataFusion's reader keeps, which it cannot see here
                 // because data reads bypass it.
                 let bytes_scanned = MetricBuilder::new(metrics)
@@ -117,8 +105,22 @@ impl ParquetFileReaderFactory for FileReaderFactory {
                     };
                     Error::file_read(path.to_string(), e.into())
                 })?;
-                let modified = metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH);
-                Self::check_listed(&path, &partitioned_file, metadata.len(), modified)?;
+                let listed = &partitioned_file.object_meta;
+                let modified: DateTime<Utc> =
+                    metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH).into();
+                if metadata.len() != listed.size || modified != listed.last_modified {
+                    return Err(changed(
+                        &path,
+                        format!(
+                            "it is now {} bytes modified at {modified}, but was listed with {} \
+                             bytes modified at {}",
+                            metadata.len(),
+                            listed.size,
+                            listed.last_modified
+                        ),
+                    )
+                    .into());
+                }
                 (None, None)
             }
         };

@@ -90,7 +90,7 @@ async fn zero_length_files_read_as_empty() {
     let result = mmap.get(&location(&path)).await.unwrap();
     assert_eq!(result.meta.size, 0);
     assert!(result.bytes().await.unwrap().is_empty());
-    assert!(mmap.get_ranges(&location(&path), &[0..0]).await.unwrap()[0].is_empty());
+    assert!(mmap.get_ranges(&location(&path), std::slice::from_ref(&(0..0))).await.unwrap()[0].is_empty());
 }
 
 #[tokio::test]
@@ -99,7 +99,7 @@ async fn reads_past_the_end_are_errors_not_crashes() {
     let path = dir.path().join("short.bin");
     write(&path, &pattern(100, 1));
     let err = store()
-        .get_ranges(&location(&path), &[50..150])
+        .get_ranges(&location(&path), std::slice::from_ref(&(50..150)))
         .await
         .unwrap_err();
     assert!(
@@ -249,4 +249,23 @@ async fn unreadable_files_are_permission_errors() {
         matches!(err, object_store::Error::PermissionDenied { .. }),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn open_listed_refuses_a_changed_file_before_mapping_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("listed.parquet");
+    write(&path, &pattern(1000, 1));
+    let mmap = store();
+    let listed = LocalFileSystem::new().head(&location(&path)).await.unwrap();
+    assert_eq!(mmap.open_listed(&listed).unwrap().slice(0..1000).unwrap(), pattern(1000, 1));
+
+    let staged = dir.path().join("staged");
+    write(&staged, &pattern(2000, 2));
+    std::fs::rename(&staged, &path).unwrap();
+    let maps = mmap.stats().maps.load(Ordering::Relaxed);
+    let err = mmap.open_listed(&listed).unwrap_err();
+    assert!(matches!(err, MmapError::Changed { .. }), "{err}");
+    assert!(err.to_string().contains("now 2000 bytes"), "{err}");
+    assert_eq!(mmap.stats().maps.load(Ordering::Relaxed), maps, "nothing mapped");
 }
