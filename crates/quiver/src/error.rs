@@ -90,7 +90,7 @@ pub enum Error {
     },
 
     /// A table file could not be opened or read.
-    #[error("reading {path}: {source}")]
+    #[error("{}", file_read_message(.path, .source))]
     FileRead {
         /// The file.
         path: String,
@@ -203,6 +203,23 @@ impl Error {
     }
 }
 
+/// "reading PATH: what went wrong", without object_store's wrapping of the cause.
+fn file_read_message(path: &str, source: &object_store::Error) -> String {
+    let cause = match source {
+        object_store::Error::Generic { source, .. }
+        | object_store::Error::NotFound { source, .. }
+        | object_store::Error::PermissionDenied { source, .. } => {
+            if let Some(ours) = source.downcast_ref::<crate::io::MmapError>() {
+                // Already names the file.
+                return ours.to_string();
+            }
+            source.to_string()
+        }
+        other => other.to_string(),
+    };
+    format!("reading {path}: {cause}")
+}
+
 /// The first [`Error`] in `e`'s source chain, however deep DataFusion, Arrow and
 /// Parquet have wrapped it.
 fn ours_in<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a Error> {
@@ -271,7 +288,15 @@ impl From<Error> for Status {
         } else {
             tracing::debug!(error = %e, ?code, "request rejected");
         }
-        Status::new(code, truncate(e.to_string()))
+        // Our own error wrapped by DataFusion says it best without the wrappers'
+        // prefixes ("External error: Parquet error: ...").
+        let message = match &e {
+            Error::DataFusion(d) => {
+                ours_in(d.as_ref()).map_or_else(|| e.to_string(), Error::to_string)
+            }
+            _ => e.to_string(),
+        };
+        Status::new(code, truncate(message))
     }
 }
 

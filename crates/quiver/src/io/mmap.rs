@@ -144,7 +144,7 @@ pub enum MmapError {
         reason: String,
     },
     /// Opening, inspecting or mapping the file failed.
-    #[error("{path}: {source}")]
+    #[error("cannot read {path}: {source}")]
     Io {
         /// The path.
         path: PathBuf,

@@ -90,7 +90,12 @@ async fn zero_length_files_read_as_empty() {
     let result = mmap.get(&location(&path)).await.unwrap();
     assert_eq!(result.meta.size, 0);
     assert!(result.bytes().await.unwrap().is_empty());
-    assert!(mmap.get_ranges(&location(&path), std::slice::from_ref(&(0..0))).await.unwrap()[0].is_empty());
+    assert!(
+        mmap.get_ranges(&location(&path), std::slice::from_ref(&(0..0)))
+            .await
+            .unwrap()[0]
+            .is_empty()
+    );
 }
 
 #[tokio::test]
@@ -258,7 +263,10 @@ async fn open_listed_refuses_a_changed_file_before_mapping_it() {
     write(&path, &pattern(1000, 1));
     let mmap = store();
     let listed = LocalFileSystem::new().head(&location(&path)).await.unwrap();
-    assert_eq!(mmap.open_listed(&listed).unwrap().slice(0..1000).unwrap(), pattern(1000, 1));
+    assert_eq!(
+        mmap.open_listed(&listed).unwrap().slice(0..1000).unwrap(),
+        pattern(1000, 1)
+    );
 
     let staged = dir.path().join("staged");
     write(&staged, &pattern(2000, 2));
@@ -267,5 +275,9 @@ async fn open_listed_refuses_a_changed_file_before_mapping_it() {
     let err = mmap.open_listed(&listed).unwrap_err();
     assert!(matches!(err, MmapError::Changed { .. }), "{err}");
     assert!(err.to_string().contains("now 2000 bytes"), "{err}");
-    assert_eq!(mmap.stats().maps.load(Ordering::Relaxed), maps, "nothing mapped");
+    assert_eq!(
+        mmap.stats().maps.load(Ordering::Relaxed),
+        maps,
+        "nothing mapped"
+    );
 }
