@@ -118,7 +118,7 @@ def requests_dataset(root: Path) -> ds.Dataset:
 
 
 class Server:
-    def __init__(self, args, tmp: Path):
+    def __init__(self, args, tmp: Path, connect: bool = True):
         self.addr_file = tmp / "addr"
         self.log = open(tmp / "server.log", "w+")
         self.proc = subprocess.Popen(
@@ -134,7 +134,8 @@ class Server:
                 raise RuntimeError(f"quiver did not start:\n{self.logs()}")
             time.sleep(0.05)
         self.addr = self.addr_file.read_text().strip()
-        self.client = flight.connect(f"grpc://{self.addr}")
+        self.port = int(self.addr.rsplit(":", 1)[1])
+        self.client = flight.connect(f"grpc://{self.addr}") if connect else None
 
     def logs(self) -> str:
         self.log.flush()
@@ -145,7 +146,8 @@ class Server:
         return self.client.do_get(flight.Ticket(sql.encode())).read_all()
 
     def stop(self):
-        self.client.close()
+        if self.client is not None:
+            self.client.close()
         self.proc.terminate()
         try:
             self.proc.wait(timeout=20)

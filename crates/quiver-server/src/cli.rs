@@ -8,6 +8,8 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use quiver::io::{IoMode, MmapLimits};
 
+use crate::tls::{ClientAuth, TlsVersion};
+
 /// Quiver: SQL over Hive-partitioned Parquet directories, served over Arrow Flight.
 #[derive(Debug, Parser)]
 #[command(name = "quiver", version, about, long_about = None)]
@@ -28,6 +30,17 @@ pub enum Command {
     Serve(Box<ServeArgs>),
     /// Write the demo dataset (request logs partitioned by day and service) and exit.
     Demo(DemoArgs),
+    /// Authentication helpers.
+    #[command(subcommand)]
+    Auth(AuthCommand),
+}
+
+/// `quiver auth`.
+#[derive(Debug, Subcommand)]
+pub enum AuthCommand {
+    /// Read a password from the first line of stdin and print its argon2id PHC string,
+    /// for the `password` of a `[[users]]` entry in the auth file.
+    HashPassword,
 }
 
 /// `quiver serve`.
@@ -132,6 +145,118 @@ pub struct ServeArgs {
         default_value = "64MiB"
     )]
     pub max_encoding_message_size: ByteSize,
+
+    /// Compress record batch bodies in the Arrow IPC stream (pyarrow decodes either
+    /// transparently). Costs server CPU; pays off on slow links, not on loopback or LANs.
+    #[arg(long, env = "QUIVER_IPC_COMPRESSION", default_value = "none")]
+    pub ipc_compression: IpcCompression,
+
+    #[command(flatten)]
+    pub tls: TlsArgs,
+
+    #[command(flatten)]
+    pub http2: Http2Args,
+
+    /// Users and API tokens (TOML; see README, Authentication). Without it the server
+    /// accepts every client, and warns when listening beyond loopback.
+    #[arg(long, env = "QUIVER_AUTH_FILE")]
+    pub auth_file: Option<PathBuf>,
+
+    /// Lifetime of the bearer token a Handshake returns.
+    #[arg(long, env = "QUIVER_SESSION_TTL", default_value = "12h", value_parser = parse_duration)]
+    pub session_ttl: Duration,
+}
+
+/// IPC body compression of results.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum IpcCompression {
+    /// Uncompressed.
+    None,
+    /// Zstandard: best ratio.
+    Zstd,
+    /// LZ4 frame: fastest.
+    Lz4,
+}
+
+/// TLS on the Flight port.
+#[derive(Debug, Args)]
+pub struct TlsArgs {
+    /// Certificate chain (PEM, leaf first). With --tls-key, turns TLS on.
+    #[arg(long, env = "QUIVER_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM: PKCS#8, RSA or EC).
+    #[arg(long, env = "QUIVER_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA bundle (PEM) that client certificates must chain to: turns on mutual TLS.
+    #[arg(long, env = "QUIVER_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// With --tls-client-ca: `required` refuses clients without a valid certificate,
+    /// `optional` also accepts clients that present none.
+    #[arg(long, env = "QUIVER_TLS_CLIENT_AUTH", default_value = "required")]
+    pub tls_client_auth: ClientAuth,
+
+    /// Lowest TLS version accepted. `1.2` adds TLS 1.2 with AEAD cipher suites only.
+    #[arg(long, env = "QUIVER_TLS_MIN_VERSION", default_value = "1.3")]
+    pub tls_min_version: TlsVersion,
+
+    /// How often the certificate, key and CA files are checked for changes; changed
+    /// files are loaded for new connections (SIGHUP reloads at once). `0s` disables.
+    #[arg(long, env = "QUIVER_TLS_RELOAD_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    pub tls_reload_interval: Duration,
+
+    /// A client must finish the TLS handshake within this time.
+    #[arg(long, env = "QUIVER_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub tls_handshake_timeout: Duration,
+}
+
+/// HTTP/2 transport tuning. The window sizes bound data the server *receives* per
+/// stream and connection; result streams are paced by the client's windows.
+#[derive(Debug, Args)]
+pub struct Http2Args {
+    /// Initial HTTP/2 stream flow-control window.
+    #[arg(long, env = "QUIVER_HTTP2_STREAM_WINDOW", default_value = "1MiB")]
+    pub http2_stream_window: ByteSize,
+
+    /// Initial HTTP/2 connection flow-control window.
+    #[arg(long, env = "QUIVER_HTTP2_CONNECTION_WINDOW", default_value = "2MiB")]
+    pub http2_connection_window: ByteSize,
+
+    /// Size the windows by measuring bandwidth-delay (overrides the two above).
+    #[arg(long, env = "QUIVER_HTTP2_ADAPTIVE_WINDOW", default_value_t = false)]
+    pub http2_adaptive_window: bool,
+
+    /// Largest HTTP/2 frame the server accepts (16KiB to 16MiB).
+    #[arg(long, env = "QUIVER_HTTP2_MAX_FRAME_SIZE", default_value = "16KiB")]
+    pub http2_max_frame_size: ByteSize,
+
+    /// Concurrent streams (calls) per connection.
+    #[arg(
+        long,
+        env = "QUIVER_HTTP2_MAX_CONCURRENT_STREAMS",
+        default_value_t = 256
+    )]
+    pub http2_max_concurrent_streams: u32,
+
+    /// Interval of HTTP/2 keepalive pings on idle connections; `0s` disables.
+    #[arg(long, env = "QUIVER_HTTP2_KEEPALIVE_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub http2_keepalive_interval: Duration,
+
+    /// A connection whose keepalive ping is not answered within this time is closed.
+    #[arg(long, env = "QUIVER_HTTP2_KEEPALIVE_TIMEOUT", default_value = "20s", value_parser = parse_duration)]
+    pub http2_keepalive_timeout: Duration,
+
+    /// Close connections after this age (GOAWAY), so clients rebalance across servers
+    /// and pick up rotated certificates; `0s` keeps them forever.
+    #[arg(long, env = "QUIVER_MAX_CONNECTION_AGE", default_value = "0s", value_parser = parse_duration)]
+    pub max_connection_age: Duration,
+
+    /// After --max-connection-age, time given to calls still running before the
+    /// connection is closed.
+    #[arg(long, env = "QUIVER_MAX_CONNECTION_AGE_GRACE", default_value = "5m", value_parser = parse_duration)]
+    pub max_connection_age_grace: Duration,
 }
 
 /// `quiver demo`.

@@ -2,7 +2,9 @@
 
 mod cli;
 mod demo;
+mod listener;
 mod serve;
+mod tls;
 
 use std::io::IsTerminal;
 
@@ -24,5 +26,13 @@ fn main() -> anyhow::Result<()> {
             .build()?
             .block_on(serve::run(*args)),
         cli::Command::Demo(args) => demo::write(&args.out, args.rows),
+        cli::Command::Auth(cli::AuthCommand::HashPassword) => {
+            let mut line = String::new();
+            std::io::stdin().read_line(&mut line)?;
+            let password = line.trim_end_matches(['\r', '\n']);
+            anyhow::ensure!(!password.is_empty(), "no password on stdin");
+            println!("{}", quiver::flight::auth::hash_password(password));
+            Ok(())
+        }
     }
 }

@@ -7,19 +7,29 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use arrow_flight::flight_service_server::FlightServiceServer;
 use quiver::catalog::{CatalogFile, TableDefinition, parse_table_flag, tables_in_data_dir};
-use quiver::flight::{QuiverFlightService, SendOptions};
+use quiver::flight::auth::Authenticator;
+use quiver::flight::{CompressionType, QuiverFlightService, SendOptions};
 use quiver::io::{IoOptions, MmapLimits};
 use quiver::query::{QueryEngine, QueryOptions};
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
+use tonic_health::server::HealthReporter;
 
-use crate::cli::ServeArgs;
+use crate::cli::{Http2Args, IpcCompression, ServeArgs, TlsArgs};
 use crate::demo;
+use crate::listener;
+use crate::tls::{TlsReloader, TlsSettings};
 
 /// Runs the server until SIGINT or SIGTERM.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    // Everything that can be wrong with the flags fails before the tables load.
+    let mut server = http2_server(&args.http2)?;
+    let tls = tls_reloader(&args.tls)?;
+    let auth = match &args.auth_file {
+        Some(path) => Some(Arc::new(Authenticator::load(path, args.session_ttl)?)),
+        None => None,
+    };
     let tables = table_definitions(&args)?;
     let options = QueryOptions {
         cpu_threads: args
@@ -61,21 +71,48 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let _refresh = refresh_loop(Arc::clone(&engine), args.refresh_interval);
 
-    let service = QuiverFlightService::new(
+    if auth.is_none() && !addr.ip().is_loopback() {
+        tracing::warn!(%addr, "no --auth-file: every client that can reach this address can query");
+    }
+    let _tls_reload = tls
+        .as_ref()
+        .map(|tls| tls_reload_loop(Arc::clone(tls), args.tls.tls_reload_interval));
+
+    let mut service = QuiverFlightService::new(
         Arc::clone(&engine),
         SendOptions {
             max_flight_data_size: args.max_flight_data_size.0,
+            compression: match args.ipc_compression {
+                IpcCompression::None => None,
+                IpcCompression::Zstd => Some(CompressionType::ZSTD),
+                IpcCompression::Lz4 => Some(CompressionType::LZ4_FRAME),
+            },
             ..SendOptions::default()
         },
     );
+    if let Some(auth) = auth {
+        service = service.with_auth(auth);
+    }
     let flight = FlightServiceServer::new(service)
         .max_decoding_message_size(args.max_decoding_message_size.0)
         .max_encoding_message_size(args.max_encoding_message_size.0);
 
+    // gRPC health, outside authentication: probes and load balancers send no credentials.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<FlightServiceServer<QuiverFlightService>>()
+        .await;
+
     let shutdown = CancellationToken::new();
-    let signal = shutdown_on_signal(shutdown.clone());
-    let incoming = TcpListenerStream::new(listener);
-    tonic::transport::Server::builder()
+    let signal = shutdown_on_signal(shutdown.clone(), health);
+    let (incoming, _accept) = listener::incoming(
+        listener,
+        tls,
+        args.tls.tls_handshake_timeout,
+        shutdown.clone(),
+    );
+    server
+        .add_service(health_service)
         .add_service(flight)
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await
@@ -83,6 +120,100 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     drop(signal);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// tonic's server with the HTTP/2 flags applied, after checking them against the
+/// protocol's limits (h2 would panic on the first connection otherwise).
+fn http2_server(h: &Http2Args) -> anyhow::Result<tonic::transport::Server> {
+    const MAX_WINDOW: usize = (1 << 31) - 1;
+    anyhow::ensure!(
+        (16_384..=16_777_215).contains(&h.http2_max_frame_size.0),
+        "--http2-max-frame-size must be between 16KiB and 16MiB-1 (RFC 9113), got {} bytes",
+        h.http2_max_frame_size.0
+    );
+    for (flag, value) in [
+        ("--http2-stream-window", h.http2_stream_window.0),
+        ("--http2-connection-window", h.http2_connection_window.0),
+    ] {
+        anyhow::ensure!(
+            (65_535..=MAX_WINDOW).contains(&value),
+            "{flag} must be between 64KiB-1 and 2GiB-1 (RFC 9113), got {value} bytes"
+        );
+    }
+    let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
+    let mut server = tonic::transport::Server::builder()
+        .initial_stream_window_size(h.http2_stream_window.0 as u32)
+        .initial_connection_window_size(h.http2_connection_window.0 as u32)
+        .http2_adaptive_window(Some(h.http2_adaptive_window))
+        .max_frame_size(h.http2_max_frame_size.0 as u32)
+        .max_concurrent_streams(h.http2_max_concurrent_streams)
+        .http2_keepalive_interval(nonzero(h.http2_keepalive_interval))
+        .http2_keepalive_timeout(nonzero(h.http2_keepalive_timeout));
+    if let Some(age) = nonzero(h.max_connection_age) {
+        server = server
+            .max_connection_age(age)
+            .max_connection_age_grace(h.max_connection_age_grace);
+    }
+    Ok(server)
+}
+
+/// The TLS config from the flags, when TLS is on.
+fn tls_reloader(args: &TlsArgs) -> anyhow::Result<Option<Arc<TlsReloader>>> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let settings = TlsSettings {
+        cert: cert.clone(),
+        key: key.clone(),
+        client_ca: args.tls_client_ca.clone(),
+        client_auth: args.tls_client_auth,
+        min_version: args.tls_min_version,
+    };
+    let reloader = TlsReloader::new(settings)?;
+    tracing::info!(cert = %cert.display(), min_version = ?args.tls_min_version, mtls = args.tls_client_ca.is_some(), "TLS on");
+    Ok(Some(Arc::new(reloader)))
+}
+
+/// Reloads the TLS material on SIGHUP, and when its files change (checked every
+/// `interval`). Polling rather than inotify: Kubernetes updates secret volumes by
+/// swapping a symlink, which file watches on the files themselves miss.
+fn tls_reload_loop(tls: Arc<TlsReloader>, interval: Duration) -> AbortOnDropHandle<()> {
+    AbortOnDropHandle::new(tokio::runtime::Handle::current().spawn(async move {
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP");
+                None
+            }
+        };
+        let poll = if interval.is_zero() {
+            Duration::from_secs(3600 * 24 * 365)
+        } else {
+            interval
+        };
+        let mut ticker = tokio::time::interval(poll);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await;
+        loop {
+            let hup_recv = async {
+                match hup.as_mut() {
+                    Some(h) => {
+                        h.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! {
+                () = hup_recv => {
+                    tracing::info!("SIGHUP: reloading TLS material");
+                    tls.reload();
+                }
+                _ = ticker.tick(), if !interval.is_zero() => {
+                    tls.reload_if_changed();
+                }
+            }
+        }
+    }))
 }
 
 /// Collects tables from --table, --data-dir, --catalog and --demo (all combine).
@@ -143,8 +274,9 @@ fn refresh_loop(engine: Arc<QueryEngine>, interval: Duration) -> Option<AbortOnD
     ))
 }
 
-/// Cancels `token` on SIGINT or SIGTERM. Aborted when dropped.
-fn shutdown_on_signal(token: CancellationToken) -> AbortOnDropHandle<()> {
+/// On SIGINT or SIGTERM: reports NOT_SERVING to health checks, then cancels `token`,
+/// which stops accepting and drains in-flight calls. Aborted when dropped.
+fn shutdown_on_signal(token: CancellationToken, health: HealthReporter) -> AbortOnDropHandle<()> {
     AbortOnDropHandle::new(tokio::runtime::Handle::current().spawn(async move {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
@@ -163,6 +295,12 @@ fn shutdown_on_signal(token: CancellationToken) -> AbortOnDropHandle<()> {
             _ = term => {}
         }
         tracing::info!("shutting down: finishing in-flight requests");
+        health
+            .set_not_serving::<FlightServiceServer<QuiverFlightService>>()
+            .await;
+        health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
         token.cancel();
     }))
 }

@@ -43,6 +43,13 @@ pub enum Error {
         available: Vec<String>,
     },
 
+    /// Missing, wrong or expired credentials.
+    #[error("unauthenticated: {reason}")]
+    Unauthenticated {
+        /// What was wrong and what to send.
+        reason: String,
+    },
+
     /// The feature exists in the protocol but is not served (yet).
     #[error("{what} is not supported")]
     Unsupported {
@@ -160,6 +167,7 @@ impl Error {
             Self::InvalidRequest { .. } | Self::NotReadOnly { .. } => Code::InvalidArgument,
             Self::TableNotFound { .. } => Code::NotFound,
             Self::Unsupported { .. } => Code::Unimplemented,
+            Self::Unauthenticated { .. } => Code::Unauthenticated,
             Self::Config { .. } => Code::InvalidArgument,
             Self::Schema { .. } => Code::FailedPrecondition,
             Self::Io { .. } => Code::Unavailable,

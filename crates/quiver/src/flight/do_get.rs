@@ -19,6 +19,8 @@ use std::sync::Arc;
 use arrow_flight::FlightData;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
+use datafusion::arrow::ipc::CompressionType;
+use datafusion::arrow::ipc::writer::IpcWriteOptions;
 use futures::{FutureExt, Stream, StreamExt};
 use std::panic::AssertUnwindSafe;
 use tokio::sync::mpsc;
@@ -39,6 +41,8 @@ pub struct SendOptions {
     pub max_flight_data_size: usize,
     /// Encoded messages buffered between the CPU runtime and the network.
     pub channel_depth: usize,
+    /// IPC body compression (zstd or LZ4 frame), which pyarrow decodes transparently.
+    pub compression: Option<CompressionType>,
 }
 
 impl Default for SendOptions {
@@ -49,6 +53,7 @@ impl Default for SendOptions {
             // Two messages in flight keep the socket busy while the next batch is computed,
             // and bound the memory a slow client can pin to a few messages per stream.
             channel_depth: 2,
+            compression: None,
         }
     }
 }
@@ -69,7 +74,9 @@ pub(super) async fn do_get(
             .map_err(|e| FlightError::Tonic(Box::new(Status::from(Error::from(e)))))
             .and_then(|b| views::expand_batch(b, &batch_schema).map_err(FlightError::Arrow))
     });
+    let ipc = IpcWriteOptions::default().try_with_compression(options.compression)?;
     let mut encoded = FlightDataEncoderBuilder::new()
+        .with_options(ipc)
         .with_schema(schema)
         .with_max_flight_data_size(options.max_flight_data_size)
         .build(batches);

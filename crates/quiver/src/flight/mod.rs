@@ -6,11 +6,13 @@
 //! routes it. Each RPC lives in its own module; the trait impl below only delegates.
 
 mod actions;
+pub mod auth;
 mod do_get;
 mod flight_info;
 pub mod ticket;
 pub mod views;
 
+pub use datafusion::arrow::ipc::CompressionType;
 pub use do_get::SendOptions;
 
 use std::pin::Pin;
@@ -26,6 +28,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::{Error, Result};
 use crate::query::QueryEngine;
+use auth::{Authenticator, Identity, PeerInfo};
 use ticket::Command;
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -35,12 +38,40 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 pub struct QuiverFlightService {
     engine: Arc<QueryEngine>,
     send: SendOptions,
+    auth: Option<Arc<Authenticator>>,
 }
 
 impl QuiverFlightService {
-    /// A service over `engine`.
+    /// A service over `engine`, open to every client.
     pub fn new(engine: Arc<QueryEngine>, send: SendOptions) -> Self {
-        Self { engine, send }
+        Self {
+            engine,
+            send,
+            auth: None,
+        }
+    }
+
+    /// Requires every call but `Handshake` to carry a bearer token `auth` accepts.
+    pub fn with_auth(mut self, auth: Arc<Authenticator>) -> Self {
+        self.auth = Some(auth);
+        self
+    }
+
+    /// The caller, or `None` when authentication is off. Runs first in every RPC.
+    fn authorize<T>(&self, request: &Request<T>) -> Result<Option<Identity>, Status> {
+        if let Some(subject) = request
+            .extensions()
+            .get::<PeerInfo>()
+            .and_then(|p| p.client_subject.as_deref())
+        {
+            tracing::Span::current().record("client", subject);
+        }
+        let Some(auth) = &self.auth else {
+            return Ok(None);
+        };
+        let identity = auth.authenticate(request.metadata())?;
+        tracing::Span::current().record("user", &*identity.name);
+        Ok(Some(identity))
     }
 
     /// The SQL a command stands for; Flight SQL is not served yet.
@@ -71,31 +102,50 @@ impl FlightService for QuiverFlightService {
     type DoActionStream = BoxStream<arrow_flight::Result>;
     type ListActionsStream = BoxStream<ActionType>;
 
-    #[tracing::instrument(skip_all, name = "Handshake")]
+    #[tracing::instrument(skip_all, name = "Handshake", fields(user, client))]
     async fn handshake(
         &self,
-        _request: Request<Streaming<HandshakeRequest>>,
+        request: Request<Streaming<HandshakeRequest>>,
     ) -> Result<Response<Self::HandshakeStream>, Status> {
-        // No authentication is configured: the handshake succeeds with nothing to exchange.
-        Ok(Response::new(Box::pin(futures::stream::empty())))
+        let Some(auth) = &self.auth else {
+            // No authentication configured: nothing to exchange.
+            return Ok(Response::new(Box::pin(futures::stream::empty())));
+        };
+        let (identity, token) = auth.handshake(request.metadata()).await?;
+        tracing::Span::current().record("user", &*identity.name);
+        tracing::info!("session started");
+        // pyarrow reads the token from this header; other clients from the payload.
+        let bearer = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| Status::internal("session token is not a valid header"))?;
+        let reply = HandshakeResponse {
+            protocol_version: 0,
+            payload: token.into(),
+        };
+        let mut response =
+            Response::new(Box::pin(futures::stream::iter([Ok(reply)])) as Self::HandshakeStream);
+        response.metadata_mut().insert("authorization", bearer);
+        Ok(response)
     }
 
-    #[tracing::instrument(skip_all, name = "ListFlights")]
+    #[tracing::instrument(skip_all, name = "ListFlights", fields(user, client))]
     async fn list_flights(
         &self,
-        _request: Request<Criteria>,
+        request: Request<Criteria>,
     ) -> Result<Response<Self::ListFlightsStream>, Status> {
+        self.authorize(&request)?;
         let infos = flight_info::list_flights(&self.engine)?;
         Ok(Response::new(Box::pin(futures::stream::iter(
             infos.into_iter().map(Ok),
         ))))
     }
 
-    #[tracing::instrument(skip_all, name = "GetFlightInfo")]
+    #[tracing::instrument(skip_all, name = "GetFlightInfo", fields(user, client))]
     async fn get_flight_info(
         &self,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
+        self.authorize(&request)?;
         let descriptor = request.into_inner();
         let sql = Self::sql(flight_info::descriptor_sql(&self.engine, &descriptor)?)?;
         let info = flight_info::flight_info(&self.engine, descriptor, sql).await?;
@@ -104,26 +154,29 @@ impl FlightService for QuiverFlightService {
 
     async fn poll_flight_info(
         &self,
-        _request: Request<FlightDescriptor>,
+        request: Request<FlightDescriptor>,
     ) -> Result<Response<PollInfo>, Status> {
+        self.authorize(&request)?;
         unsupported("PollFlightInfo (use GetFlightInfo: results stream as they are computed)")
     }
 
-    #[tracing::instrument(skip_all, name = "GetSchema")]
+    #[tracing::instrument(skip_all, name = "GetSchema", fields(user, client))]
     async fn get_schema(
         &self,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<SchemaResult>, Status> {
+        self.authorize(&request)?;
         let descriptor = request.into_inner();
         let sql = Self::sql(flight_info::descriptor_sql(&self.engine, &descriptor)?)?;
         Ok(Response::new(flight_info::schema(&self.engine, sql).await?))
     }
 
-    #[tracing::instrument(skip_all, name = "DoGet")]
+    #[tracing::instrument(skip_all, name = "DoGet", fields(user, client))]
     async fn do_get(
         &self,
         request: Request<Ticket>,
     ) -> Result<Response<Self::DoGetStream>, Status> {
+        self.authorize(&request)?;
         let sql = Self::sql(ticket::decode(&request.into_inner().ticket)?)?;
         tracing::debug!(%sql, "query");
         let stream = do_get::do_get(&self.engine, sql, self.send).await?;
@@ -132,23 +185,26 @@ impl FlightService for QuiverFlightService {
 
     async fn do_put(
         &self,
-        _request: Request<Streaming<FlightData>>,
+        request: Request<Streaming<FlightData>>,
     ) -> Result<Response<Self::DoPutStream>, Status> {
+        self.authorize(&request)?;
         unsupported("DoPut (Quiver serves read-only tables from Parquet files)")
     }
 
     async fn do_exchange(
         &self,
-        _request: Request<Streaming<FlightData>>,
+        request: Request<Streaming<FlightData>>,
     ) -> Result<Response<Self::DoExchangeStream>, Status> {
+        self.authorize(&request)?;
         unsupported("DoExchange")
     }
 
-    #[tracing::instrument(skip_all, name = "DoAction")]
+    #[tracing::instrument(skip_all, name = "DoAction", fields(user, client))]
     async fn do_action(
         &self,
         request: Request<Action>,
     ) -> Result<Response<Self::DoActionStream>, Status> {
+        self.authorize(&request)?;
         let action = request.into_inner();
         let body = actions::run(&self.engine, &action.r#type).await?;
         let result = arrow_flight::Result { body: body.into() };
@@ -159,8 +215,9 @@ impl FlightService for QuiverFlightService {
 
     async fn list_actions(
         &self,
-        _request: Request<Empty>,
+        request: Request<Empty>,
     ) -> Result<Response<Self::ListActionsStream>, Status> {
+        self.authorize(&request)?;
         Ok(Response::new(Box::pin(futures::stream::iter(
             actions::list().into_iter().map(Ok),
         ))))

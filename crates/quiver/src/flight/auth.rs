@@ -1,0 +1,353 @@
+//! Who may call: users with argon2id passwords and static API tokens, from a TOML file.
+//!
+//! ```text
+//!  Handshake  authorization: Basic b64(user:password) ──▶ argon2id verify
+//!             ◀── authorization: Bearer <session token>  (random, --session-ttl)
+//!  any call   authorization: Bearer <session or static token> ──▶ Identity
+//! ```
+//!
+//! Only SHA-256 digests of tokens are kept (the file holds digests of static tokens; the
+//! server holds digests of the session tokens it issued), so neither the file nor a
+//! memory dump hands out working credentials. An unknown user name is verified against a
+//! dummy hash, so a wrong name and a wrong password take the same time.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use argon2::Argon2;
+use argon2::password_hash::rand_core::{OsRng, RngCore};
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use base64::Engine;
+use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tonic::metadata::MetadataMap;
+
+use crate::error::{Error, Result};
+
+/// Bytes of entropy in a session token.
+const TOKEN_BYTES: usize = 32;
+
+/// Who is on the other end of a connection: set by the server's listener as the
+/// connection info, so handlers find it in every request's extensions.
+#[derive(Debug, Clone, Default)]
+pub struct PeerInfo {
+    /// The client's address.
+    pub remote_addr: Option<std::net::SocketAddr>,
+    /// Subject of the verified client certificate (mutual TLS), e.g. `CN=alice`.
+    pub client_subject: Option<Arc<str>>,
+}
+
+/// The authenticated caller.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// User or token name from the auth file.
+    pub name: Arc<str>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AuthFile {
+    #[serde(default)]
+    users: Vec<UserEntry>,
+    #[serde(default)]
+    tokens: Vec<TokenEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UserEntry {
+    name: String,
+    /// argon2id PHC string (`quiver auth hash-password`).
+    password: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TokenEntry {
+    name: String,
+    /// Hex SHA-256 of the token.
+    sha256: String,
+}
+
+#[derive(Debug)]
+struct Session {
+    identity: Identity,
+    expires: Instant,
+}
+
+/// Checks credentials and issues session tokens.
+#[derive(Debug)]
+pub struct Authenticator {
+    /// User name to PHC string (validated at load).
+    users: HashMap<String, String>,
+    /// Token digest to token name.
+    tokens: HashMap<[u8; 32], Identity>,
+    /// Session token digest to session.
+    sessions: Mutex<HashMap<[u8; 32], Session>>,
+    ttl: Duration,
+    /// Verified against when the user name is unknown.
+    dummy_hash: String,
+}
+
+impl Authenticator {
+    /// Reads an auth file; see the README for the format.
+    pub fn load(path: &Path, session_ttl: Duration) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
+            path: path.display().to_string(),
+            source: e,
+        })?;
+        Self::from_toml(&text, session_ttl).map_err(|e| Error::Config {
+            message: format!("auth file {}: {e}", path.display()),
+        })
+    }
+
+    /// Parses an auth file's contents.
+    pub fn from_toml(text: &str, session_ttl: Duration) -> Result<Self, String> {
+        let file: AuthFile = toml::from_str(text).map_err(|e| e.to_string())?;
+        let mut users = HashMap::new();
+        for user in file.users {
+            let hash = PasswordHash::new(&user.password)
+                .map_err(|e| format!("user '{}': password is not a PHC string ({e}); create one with `quiver auth hash-password`", user.name))?;
+            if hash.algorithm.as_str() != "argon2id" {
+                return Err(format!(
+                    "user '{}': password hash uses {}, expected argon2id",
+                    user.name, hash.algorithm
+                ));
+            }
+            if users.insert(user.name.clone(), user.password).is_some() {
+                return Err(format!("user '{}' is listed twice", user.name));
+            }
+        }
+        let mut tokens = HashMap::new();
+        for token in file.tokens {
+            let digest = parse_hex_digest(&token.sha256).ok_or_else(|| {
+                format!(
+                    "token '{}': sha256 must be 64 hex digits (e.g. `printf %s TOKEN | sha256sum`)",
+                    token.name
+                )
+            })?;
+            tokens.insert(
+                digest,
+                Identity {
+                    name: token.name.into(),
+                },
+            );
+        }
+        if users.is_empty() && tokens.is_empty() {
+            return Err("no [[users]] and no [[tokens]]: nobody could connect".into());
+        }
+        Ok(Self {
+            users,
+            tokens,
+            sessions: Mutex::default(),
+            ttl: session_ttl,
+            dummy_hash: hash_password("quiver-dummy-password"),
+        })
+    }
+
+    /// Checks Basic credentials from a Handshake and issues a session token.
+    pub async fn handshake(self: &Arc<Self>, metadata: &MetadataMap) -> Result<(Identity, String)> {
+        let credentials = header(metadata, "Basic ")?;
+        let decoded = STANDARD
+            .decode(credentials)
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .ok_or_else(|| {
+                unauthenticated("the Basic credentials are not base64 of user:password")
+            })?;
+        let (user, password) = decoded.split_once(':').ok_or_else(|| {
+            unauthenticated("the Basic credentials are not base64 of user:password")
+        })?;
+        let (user, password) = (user.to_owned(), password.to_owned());
+        // argon2 is deliberately slow: keep it off the async workers.
+        let this = Arc::clone(self);
+        let verified = tokio::task::spawn_blocking(move || {
+            let (hash, known) = match this.users.get(&user) {
+                Some(h) => (h.as_str(), true),
+                None => (this.dummy_hash.as_str(), false),
+            };
+            let ok = PasswordHash::new(hash)
+                .map(|h| {
+                    Argon2::default()
+                        .verify_password(password.as_bytes(), &h)
+                        .is_ok()
+                })
+                .unwrap_or(false);
+            (ok && known).then_some(user)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("password check failed: {e}")))?;
+        let user = verified.ok_or_else(|| unauthenticated("wrong user name or password"))?;
+
+        let mut bytes = [0u8; TOKEN_BYTES];
+        OsRng.fill_bytes(&mut bytes);
+        let token = URL_SAFE_NO_PAD.encode(bytes);
+        let identity = Identity { name: user.into() };
+        let now = Instant::now();
+        let mut sessions = self.sessions.lock().expect("poisoned");
+        sessions.retain(|_, s| s.expires > now);
+        sessions.insert(
+            digest(&token),
+            Session {
+                identity: identity.clone(),
+                expires: now + self.ttl,
+            },
+        );
+        Ok((identity, token))
+    }
+
+    /// The caller of a request carrying `authorization: Bearer <token>`.
+    pub fn authenticate(&self, metadata: &MetadataMap) -> Result<Identity> {
+        let token = header(metadata, "Bearer ")?;
+        let digest = digest(token);
+        if let Some(identity) = self.tokens.get(&digest) {
+            return Ok(identity.clone());
+        }
+        let mut sessions = self.sessions.lock().expect("poisoned");
+        match sessions.get(&digest) {
+            Some(s) if s.expires > Instant::now() => Ok(s.identity.clone()),
+            Some(_) => {
+                sessions.remove(&digest);
+                Err(unauthenticated(
+                    "the session token expired; call Handshake again",
+                ))
+            }
+            None => Err(unauthenticated("unknown bearer token")),
+        }
+    }
+}
+
+/// An argon2id PHC string for `password`, with a random salt and the crate's default
+/// (OWASP-recommended) cost.
+pub fn hash_password(password: &str) -> String {
+    let salt = SaltString::generate(&mut OsRng);
+    Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .expect("argon2 with default parameters cannot fail")
+        .to_string()
+}
+
+fn unauthenticated(reason: &str) -> Error {
+    Error::Unauthenticated {
+        reason: reason.into(),
+    }
+}
+
+/// The value of the `authorization` header after `scheme`.
+fn header<'a>(metadata: &'a MetadataMap, scheme: &str) -> Result<&'a str> {
+    let value = metadata
+        .get("authorization")
+        .ok_or_else(|| {
+            unauthenticated(&format!(
+                "missing 'authorization' header: send '{scheme}...' (pyarrow: authenticate_basic_token, then pass its header in FlightCallOptions)"
+            ))
+        })?
+        .to_str()
+        .map_err(|_| unauthenticated("the 'authorization' header is not ASCII"))?;
+    value
+        .strip_prefix(scheme)
+        .or_else(|| {
+            // Schemes are case-insensitive (RFC 9110).
+            let (s, rest) = value.split_at_checked(scheme.len())?;
+            s.eq_ignore_ascii_case(scheme).then_some(rest)
+        })
+        .ok_or_else(|| unauthenticated(&format!("expected 'authorization: {scheme}...'")))
+}
+
+fn digest(token: &str) -> [u8; 32] {
+    Sha256::digest(token.as_bytes()).into()
+}
+
+fn parse_hex_digest(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.trim();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta(value: &str) -> MetadataMap {
+        let mut m = MetadataMap::new();
+        m.insert("authorization", value.parse().unwrap());
+        m
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[tokio::test]
+    async fn basic_then_bearer_static_tokens_and_expiry() {
+        let file = format!(
+            "[[users]]\nname = \"alice\"\npassword = \"{}\"\n[[tokens]]\nname = \"ci\"\nsha256 = \"{}\"\n",
+            hash_password("s3cret"),
+            hex(&Sha256::digest(b"tok-123"))
+        );
+        let auth = Arc::new(Authenticator::from_toml(&file, Duration::from_millis(300)).unwrap());
+        let basic =
+            |u: &str, p: &str| meta(&format!("Basic {}", STANDARD.encode(format!("{u}:{p}"))));
+
+        let (who, token) = auth.handshake(&basic("alice", "s3cret")).await.unwrap();
+        assert_eq!(&*who.name, "alice");
+        assert_eq!(
+            &*auth
+                .authenticate(&meta(&format!("Bearer {token}")))
+                .unwrap()
+                .name,
+            "alice"
+        );
+        assert_eq!(
+            &*auth.authenticate(&meta("bearer tok-123")).unwrap().name,
+            "ci"
+        );
+
+        for (m, needle) in [
+            (basic("alice", "wrong"), "wrong user name or password"),
+            (basic("mallory", "s3cret"), "wrong user name or password"),
+            (meta("Basic !!!"), "not base64"),
+            (MetadataMap::new(), "missing 'authorization'"),
+        ] {
+            let err = auth.handshake(&m).await.unwrap_err();
+            assert_eq!(err.code(), tonic::Code::Unauthenticated);
+            assert!(err.to_string().contains(needle), "{err}");
+        }
+        let err = auth.authenticate(&meta("Bearer nope")).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated);
+
+        std::thread::sleep(Duration::from_millis(400));
+        let err = auth
+            .authenticate(&meta(&format!("Bearer {token}")))
+            .unwrap_err();
+        assert!(err.to_string().contains("expired"), "{err}");
+    }
+
+    #[test]
+    fn bad_files_say_what_to_fix() {
+        for (file, needle) in [
+            ("", "nobody could connect"),
+            (
+                "[[users]]\nname = \"a\"\npassword = \"plain\"\n",
+                "hash-password",
+            ),
+            (
+                "[[tokens]]\nname = \"t\"\nsha256 = \"abc\"\n",
+                "64 hex digits",
+            ),
+            ("[[user]]\nname = \"a\"\n", "unknown field"),
+        ] {
+            let err = Authenticator::from_toml(file, Duration::from_secs(1)).unwrap_err();
+            assert!(err.contains(needle), "{file:?}: {err}");
+        }
+    }
+}
