@@ -76,9 +76,28 @@ def certs(tmp_path):
     return Certs(tmp_path)
 
 
+def resumed(port: int, root: bytes) -> bool:
+    """Whether a second TLS connection resumes the first one's session (TLS 1.3 ticket)."""
+    ctx = ssl.create_default_context(cadata=root.decode())
+    ctx.set_alpn_protocols(["h2"])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost") as s:
+            s.recv(64)  # the server's HTTP/2 SETTINGS; tickets arrive with it
+            session = s.session
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        with ctx.wrap_socket(raw, server_hostname="localhost", session=session) as s:
+            return s.session_reused
+
+
 def test_tls_13_only_with_h2_and_a_real_pyarrow_client(dataset, tmp_path, certs):
-    server = Server(["--data-dir", str(dataset), "--tls-cert", str(certs.cert), "--tls-key", str(certs.key)], tmp_path, connect=False)
+    server = Server(
+        ["--data-dir", str(dataset), "--tls-cert", str(certs.cert), "--tls-key", str(certs.key), "--tls-handshake-timeout", "1s"],
+        tmp_path,
+        connect=False,
+    )
     try:
+        # A client that connects and never says hello holds up nobody, and is cut off.
+        stalled = socket.create_connection(("127.0.0.1", server.port), timeout=10)
         client = tls_client(server.port, certs.ca_pem)
         assert count(client) == services_count(dataset)
         version, _, alpn = handshake(server.port, certs.ca_pem)
@@ -91,6 +110,10 @@ def test_tls_13_only_with_h2_and_a_real_pyarrow_client(dataset, tmp_path, certs)
         with pytest.raises(flight.FlightError):
             count(plain)
         assert count(client) == services_count(dataset)
+        assert resumed(server.port, certs.ca_pem)
+        assert stalled.recv(1) == b"", "the stalled handshake is closed after the timeout"
+        assert "TLS handshake timed out" in server.logs()
+        stalled.close()
     finally:
         server.stop()
     assert server.proc.returncode == 0
