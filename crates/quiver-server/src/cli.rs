@@ -124,6 +124,25 @@ pub struct ServeArgs {
     #[arg(long, env = "QUIVER_MMAP_MAX_BYTES", default_value = "64GiB")]
     pub mmap_max_bytes: ByteSize,
 
+    /// Memory all running queries may reserve together (sorts, joins, aggregations):
+    /// a size like `4GiB`, or a share of the machine's (or cgroup's) memory like `50%`.
+    /// Beyond it operators spill to disk, or the query fails with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "QUIVER_MEMORY_LIMIT", default_value = "50%")]
+    pub memory_limit: MemoryLimit,
+
+    /// How queries share the pool: `fair` splits it among spilling operators so one
+    /// query cannot starve the rest; `greedy` serves whoever asks first.
+    #[arg(long, env = "QUIVER_MEMORY_POOL", default_value = "fair")]
+    pub memory_pool: MemoryPoolArg,
+
+    /// Directory for spill files [default: the OS temporary directory].
+    #[arg(long, env = "QUIVER_SPILL_DIR")]
+    pub spill_dir: Option<PathBuf>,
+
+    /// Most bytes of spill files at once; `0` turns spilling off.
+    #[arg(long, env = "QUIVER_MAX_SPILL_SIZE", default_value = "100GiB")]
+    pub max_spill_size: ByteSize,
+
     /// Threads that run queries (DataFusion's CPU runtime) [default: number of CPUs].
     #[arg(long, env = "QUIVER_CPU_THREADS")]
     pub cpu_threads: Option<usize>,
@@ -165,6 +184,74 @@ pub struct ServeArgs {
     /// Lifetime of the bearer token a Handshake returns.
     #[arg(long, env = "QUIVER_SESSION_TTL", default_value = "12h", value_parser = parse_duration)]
     pub session_ttl: Duration,
+}
+
+/// Memory pool policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum MemoryPoolArg {
+    /// Fair share among spilling operators.
+    Fair,
+    /// First come, first served.
+    Greedy,
+}
+
+/// `--memory-limit`: bytes, or a percentage of the memory available to the process.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum MemoryLimit {
+    /// A fixed size.
+    Bytes(usize),
+    /// A share (0-100] of the cgroup limit, or of physical memory without one.
+    Percent(f64),
+}
+
+impl MemoryLimit {
+    /// The limit in bytes.
+    pub fn bytes(&self) -> usize {
+        match *self {
+            Self::Bytes(n) => n,
+            Self::Percent(p) => (available_memory() as f64 * p / 100.0) as usize,
+        }
+    }
+}
+
+impl FromStr for MemoryLimit {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.trim().strip_suffix('%') {
+            Some(p) => {
+                let p: f64 = p
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("'{s}' is not a percentage like 50%"))?;
+                if p > 0.0 && p <= 100.0 {
+                    Ok(Self::Percent(p))
+                } else {
+                    Err(format!("'{s}': a percentage must be in (0, 100]"))
+                }
+            }
+            None => Ok(Self::Bytes(s.parse::<ByteSize>()?.0)),
+        }
+    }
+}
+
+/// The cgroup v2 memory limit if there is one (containers), else physical memory.
+fn available_memory() -> u64 {
+    let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let physical = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+    });
+    match (cgroup, physical) {
+        (Some(c), Some(p)) => c.min(p),
+        (Some(v), None) | (None, Some(v)) => v,
+        // Unknown: a conservative 4 GiB.
+        (None, None) => 4 << 30,
+    }
 }
 
 /// IPC body compression of results.
@@ -327,6 +414,27 @@ mod tests {
         assert_eq!("123".parse::<ByteSize>().unwrap(), ByteSize(123));
         assert!("4 parsecs".parse::<ByteSize>().is_err());
         assert!("MiB".parse::<ByteSize>().is_err());
+    }
+
+    #[test]
+    fn memory_limits() {
+        assert_eq!(
+            "2MiB".parse::<MemoryLimit>().unwrap(),
+            MemoryLimit::Bytes(2 << 20)
+        );
+        assert_eq!(
+            "50%".parse::<MemoryLimit>().unwrap(),
+            MemoryLimit::Percent(50.0)
+        );
+        for bad in ["0%", "150%", "half", "12 parsecs"] {
+            assert!(bad.parse::<MemoryLimit>().is_err(), "{bad}");
+        }
+        let half = MemoryLimit::Percent(50.0).bytes();
+        let all = MemoryLimit::Percent(100.0).bytes();
+        assert!(
+            half > 0 && half <= all && all.abs_diff(2 * half) <= 1,
+            "{half} {all}"
+        );
     }
 
     #[test]

@@ -10,13 +10,13 @@ use quiver::catalog::{CatalogFile, TableDefinition, parse_table_flag, tables_in_
 use quiver::flight::auth::Authenticator;
 use quiver::flight::{CompressionType, QuiverFlightService, SendOptions};
 use quiver::io::{IoOptions, MmapLimits};
-use quiver::query::{QueryEngine, QueryOptions};
+use quiver::query::{MemoryOptions, PoolKind, QueryEngine, QueryOptions};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tonic_health::server::HealthReporter;
 
-use crate::cli::{Http2Args, IpcCompression, ServeArgs, TlsArgs};
+use crate::cli::{Http2Args, IpcCompression, MemoryPoolArg, ServeArgs, TlsArgs};
 use crate::demo;
 use crate::listener;
 use crate::tls::{TlsReloader, TlsSettings};
@@ -44,6 +44,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                     .with_context(|| format!("--datafusion-config expects KEY=VALUE, got '{kv}'"))
             })
             .collect::<anyhow::Result<_>>()?,
+        memory: MemoryOptions {
+            limit: args.memory_limit.bytes(),
+            pool: match args.memory_pool {
+                MemoryPoolArg::Fair => PoolKind::Fair,
+                MemoryPoolArg::Greedy => PoolKind::Greedy,
+            },
+            spill_dir: args.spill_dir.clone(),
+            max_spill_bytes: args.max_spill_size.0 as u64,
+        },
         io: IoOptions {
             mode: args.io,
             mmap: MmapLimits {
@@ -52,6 +61,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             },
         },
     };
+    tracing::info!(
+        memory_limit = options.memory.limit,
+        pool = ?options.memory.pool,
+        "memory pool"
+    );
     let engine = Arc::new(QueryEngine::new(tables, options).await?);
     for name in engine.catalog().table_names() {
         if let Some(t) = engine.catalog().get(&name) {

@@ -12,6 +12,7 @@ mod scan;
 pub use runtime::CpuRuntime;
 pub use scan::{PartitionPruning, ScanReport, ScanSummary};
 
+use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -19,6 +20,10 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::dataframe::DataFrame;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::SessionStateBuilder;
+use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
+use datafusion::execution::memory_pool::{
+    FairSpillPool, GreedyMemoryPool, MemoryPool, TrackConsumersPool,
+};
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::physical_plan::{ExecutionPlan, execute_stream};
@@ -37,7 +42,47 @@ pub struct QueryOptions {
     pub datafusion_config: Vec<(String, String)>,
     /// How table files are read.
     pub io: IoOptions,
+    /// The memory pool all queries share.
+    pub memory: MemoryOptions,
 }
+
+/// Which memory pool policy queries share.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PoolKind {
+    /// Spillable operators (sorts, aggregations, joins) share the pool fairly, so one
+    /// query cannot starve the others; they spill when over their share.
+    #[default]
+    Fair,
+    /// First come, first served: a query may take the whole pool.
+    Greedy,
+}
+
+/// The bounded memory every query draws from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryOptions {
+    /// Bytes all running queries may reserve together.
+    pub limit: usize,
+    /// Pool policy.
+    pub pool: PoolKind,
+    /// Where spill files go (the OS temporary directory when `None`).
+    pub spill_dir: Option<std::path::PathBuf>,
+    /// Most bytes of spill files at once; a query that needs more fails.
+    pub max_spill_bytes: u64,
+}
+
+impl Default for MemoryOptions {
+    fn default() -> Self {
+        Self {
+            limit: usize::MAX,
+            pool: PoolKind::default(),
+            spill_dir: None,
+            max_spill_bytes: 100 << 30,
+        }
+    }
+}
+
+/// Consumers named in a ResourceExhausted error: enough to see who took the memory.
+const TOP_CONSUMERS: usize = 5;
 
 impl Default for QueryOptions {
     fn default() -> Self {
@@ -45,6 +90,7 @@ impl Default for QueryOptions {
             cpu_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
             datafusion_config: vec![],
             io: IoOptions::default(),
+            memory: MemoryOptions::default(),
         }
     }
 }
@@ -91,7 +137,10 @@ impl QueryEngine {
     pub async fn new(tables: Vec<TableDefinition>, options: QueryOptions) -> Result<Self> {
         let io = Arc::new(Io::new(options.io));
         let config = session_config(&options)?.with_extension(Arc::clone(&io));
-        let runtime = RuntimeEnvBuilder::new().build_arc()?;
+        let runtime = RuntimeEnvBuilder::new()
+            .with_memory_pool(memory_pool(&options.memory))
+            .with_disk_manager_builder(disk_manager(&options.memory))
+            .build_arc()?;
         runtime.register_object_store(ObjectStoreUrl::local_filesystem().as_ref(), io.store());
         let state = SessionStateBuilder::new()
             .with_config(config)
@@ -135,6 +184,11 @@ impl QueryEngine {
                 RefreshSummary::default()
             }
         }
+    }
+
+    /// The pool every query reserves from.
+    pub fn memory_pool(&self) -> Arc<dyn MemoryPool> {
+        Arc::clone(&self.base.runtime_env().memory_pool)
     }
 
     /// Scan figures summed over every query so far.
@@ -215,6 +269,31 @@ impl QueryEngine {
     }
 }
 
+/// The shared pool, tracking its largest consumers so that a query refused memory is
+/// told who holds it.
+fn memory_pool(options: &MemoryOptions) -> Arc<dyn MemoryPool> {
+    let top = NonZeroUsize::new(TOP_CONSUMERS).expect("nonzero");
+    match options.pool {
+        PoolKind::Fair => Arc::new(TrackConsumersPool::new(
+            FairSpillPool::new(options.limit),
+            top,
+        )),
+        PoolKind::Greedy => Arc::new(TrackConsumersPool::new(
+            GreedyMemoryPool::new(options.limit),
+            top,
+        )),
+    }
+}
+
+fn disk_manager(options: &MemoryOptions) -> DiskManagerBuilder {
+    let builder =
+        DiskManagerBuilder::default().with_max_temp_directory_size(options.max_spill_bytes);
+    match &options.spill_dir {
+        Some(dir) => builder.with_mode(DiskManagerMode::Directories(vec![dir.clone()])),
+        None => builder,
+    }
+}
+
 /// Quiver's DataFusion defaults: every pushdown on, then the user's overrides.
 fn session_config(options: &QueryOptions) -> Result<SessionConfig> {
     let mut config = SessionConfig::new()
@@ -241,3 +320,6 @@ fn session_config(options: &QueryOptions) -> Result<SessionConfig> {
     }
     Ok(config)
 }
+
+#[cfg(test)]
+mod tests;

@@ -156,6 +156,7 @@ impl Fixture {
                     cpu_threads: 2,
                     datafusion_config: vec![],
                     io: Default::default(),
+                    memory: Default::default(),
                 },
             )
             .await

@@ -1,0 +1,107 @@
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+
+use super::*;
+
+/// A sort of ~21 MB of rows, far over a 2 MiB pool.
+const BIG_SORT: &str = "SELECT value, repeat('x', 100) AS s FROM generate_series(1, 200000) \
+                        ORDER BY s DESC, value DESC";
+
+async fn engine(limit: usize, pool: PoolKind, spill: bool) -> Arc<QueryEngine> {
+    let options = QueryOptions {
+        cpu_threads: 2,
+        // DataFusion sets 10 MB aside per sort for merging spills: more than these pools.
+        datafusion_config: vec![(
+            "datafusion.execution.sort_spill_reservation_bytes".into(),
+            "262144".into(),
+        )],
+        memory: MemoryOptions {
+            limit,
+            pool,
+            max_spill_bytes: if spill { 1 << 30 } else { 0 },
+            ..MemoryOptions::default()
+        },
+        ..QueryOptions::default()
+    };
+    Arc::new(QueryEngine::new(vec![], options).await.unwrap())
+}
+
+/// Runs `sql` to the end on the CPU runtime: rows, or the error.
+async fn run(engine: &Arc<QueryEngine>, sql: &str) -> Result<(usize, i64)> {
+    let Execution { mut stream, report } = engine.execute(sql.into()).await?;
+    engine
+        .cpu()
+        .run(async move {
+            let _report = report;
+            let (mut rows, mut first) = (0, None);
+            while let Some(batch) = stream.next().await {
+                let batch = batch?;
+                if first.is_none() && batch.num_rows() > 0 {
+                    let col = batch.column(0);
+                    let col = col
+                        .as_any()
+                        .downcast_ref::<datafusion::arrow::array::Int64Array>()
+                        .expect("int64");
+                    first = Some(col.value(0));
+                }
+                rows += batch.num_rows();
+            }
+            Ok((rows, first.unwrap_or_default()))
+        })
+        .await
+}
+
+async fn wait_idle(engine: &QueryEngine) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while engine.memory_pool().reserved() != 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    engine.memory_pool().reserved()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_query_over_the_limit_spills_and_the_pool_returns_to_idle() {
+    // A fifth of what the sort holds: it must spill to finish.
+    let engine = engine(4 << 20, PoolKind::Fair, true).await;
+    assert_eq!(engine.memory_pool().reserved(), 0);
+    let (rows, first) = run(&engine, BIG_SORT).await.unwrap();
+    // Oracle: the sort's answer is known in closed form.
+    assert_eq!((rows, first), (200_000, 200_000));
+    assert_eq!(wait_idle(&engine).await, 0, "success leaks nothing");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_spill_space_it_fails_with_resources_exhausted_naming_consumers() {
+    let engine = engine(2 << 20, PoolKind::Greedy, false).await;
+    let err = run(&engine, BIG_SORT).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    assert!(err.to_string().contains("consumers"), "{err}");
+    assert_eq!(wait_idle(&engine).await, 0, "an error leaks nothing");
+    // The engine is fine afterwards.
+    assert_eq!(run(&engine, "SELECT 42::BIGINT").await.unwrap(), (1, 42));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cancelled_query_returns_its_memory() {
+    let engine = engine(64 << 20, PoolKind::Fair, true).await;
+    let Execution { mut stream, report } = engine.execute(BIG_SORT.into()).await.unwrap();
+    let pool = engine.memory_pool();
+    let first = engine
+        .cpu()
+        .run(async move {
+            let batch = stream.next().await.unwrap()?;
+            assert!(
+                pool.reserved() > 0,
+                "the sort holds memory while it streams"
+            );
+            // Dropping the stream here (client gone) must release the sort's reservation.
+            drop(stream);
+            drop(report);
+            Ok(batch.num_rows())
+        })
+        .await
+        .unwrap();
+    assert!(first > 0);
+    assert_eq!(wait_idle(&engine).await, 0, "cancel leaks nothing");
+}
