@@ -87,7 +87,7 @@ pub struct FileIdentity {
 }
 
 impl FileIdentity {
-    fn of(metadata: &Metadata) -> Self {
+    pub(super) fn of(metadata: &Metadata) -> Self {
         Self {
             dev: metadata.dev(),
             ino: metadata.ino(),
@@ -487,7 +487,8 @@ impl MmapStore {
     }
 }
 
-fn check_listed(
+/// Fails with [`MmapError::Changed`] unless `identity` is the version `listed` describes.
+pub(super) fn check_listed(
     path: &FsPath,
     identity: &FileIdentity,
     listed: Option<&ObjectMeta>,

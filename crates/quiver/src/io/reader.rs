@@ -13,10 +13,8 @@
 use std::fmt::Debug;
 use std::ops::Range;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use bytes::Bytes;
-use chrono::{DateTime, Utc};
 use datafusion::execution::cache::cache_manager::FileMetadataCache;
 use datafusion::physical_plan::metrics::{Count, ExecutionPlanMetricsSet, MetricBuilder};
 use datafusion_datasource::PartitionedFile;
@@ -30,7 +28,7 @@ use parquet::arrow::async_reader::AsyncFileReader;
 use parquet::errors::ParquetError;
 use parquet::file::metadata::ParquetMetaData;
 
-use super::mmap::{MappedFile, MmapError, MmapStore};
+use super::mmap::{FileIdentity, MappedFile, MmapError, MmapStore, check_listed};
 use crate::error::Error;
 
 /// Creates the readers of a scan; see the module documentation.
@@ -58,11 +56,15 @@ impl FileReaderFactory {
     }
 }
 
-/// The error for a file that is not the version the catalog listed.
-fn changed(path: &str, reason: String) -> Error {
-    Error::FileChanged {
-        path: path.to_owned(),
-        reason,
+/// A file that is not the version the catalog listed is [`Error::FileChanged`]
+/// (retryable); anything else keeps its storage error kind.
+fn open_error(path: &str, e: MmapError) -> Error {
+    match e {
+        MmapError::Changed { reason, .. } => Error::FileChanged {
+            path: path.to_owned(),
+            reason,
+        },
+        other => Error::file_read(path.to_owned(), other.into()),
     }
 }
 
@@ -81,15 +83,12 @@ impl ParquetFileReaderFactory for FileReaderFactory {
             .map_err(|e| Error::file_read(format!("/{location}"), e))?;
         let path = Arc::<str>::from(fs_path.display().to_string());
 
+        let listed = &partitioned_file.object_meta;
         let (mapped, bytes_scanned) = match &self.mmap {
             Some(store) => {
-                let mapped =
-                    store
-                        .open_listed(&partitioned_file.object_meta)
-                        .map_err(|e| match e {
-                            MmapError::Changed { reason, .. } => changed(&path, reason),
-                            other => Error::file_read(path.to_string(), other.into()),
-                        })?;
+                let mapped = store
+                    .open_listed(listed)
+                    .map_err(|e| open_error(&path, e))?;
                 // The same counter DataFusion's reader keeps, which it cannot see here
                 // because data reads bypass it.
                 let bytes_scanned = MetricBuilder::new(metrics)
@@ -98,29 +97,15 @@ impl ParquetFileReaderFactory for FileReaderFactory {
                 (Some(mapped), Some(bytes_scanned))
             }
             None => {
-                let metadata = std::fs::metadata(&fs_path).map_err(|e| {
+                let metadata = std::fs::metadata(&fs_path).map_err(|source| {
                     let e = MmapError::Io {
                         path: fs_path.clone(),
-                        source: e,
+                        source,
                     };
-                    Error::file_read(path.to_string(), e.into())
+                    open_error(&path, e)
                 })?;
-                let listed = &partitioned_file.object_meta;
-                let modified: DateTime<Utc> =
-                    metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH).into();
-                if metadata.len() != listed.size || modified != listed.last_modified {
-                    return Err(changed(
-                        &path,
-                        format!(
-                            "it is now {} bytes modified at {modified}, but was listed with {} \
-                             bytes modified at {}",
-                            metadata.len(),
-                            listed.size,
-                            listed.last_modified
-                        ),
-                    )
-                    .into());
-                }
+                check_listed(&fs_path, &FileIdentity::of(&metadata), Some(listed))
+                    .map_err(|e| open_error(&path, e))?;
                 (None, None)
             }
         };
