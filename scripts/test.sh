@@ -13,6 +13,18 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/pip install --quiet --disable-pip-version-check -r tests/e2e/requirements.txt
 
+# promtool checks the metrics scrape (Debian package `prometheus`).
+if ! command -v promtool >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "== installing promtool (apt-get install prometheus)"
+    apt-get install -y -qq prometheus >/dev/null \
+      || { apt-get update -qq && apt-get install -y -qq prometheus >/dev/null; } \
+      || echo "!! could not install prometheus: the promtool checks will be skipped"
+  else
+    echo "!! apt-get is unavailable (or not root): the promtool checks will be skipped"
+  fi
+fi
+
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "== installing cargo-nextest"
   cargo install --locked cargo-nextest

@@ -10,6 +10,8 @@ import os
 import random
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,6 +19,7 @@ import pyarrow.dataset as ds
 import pyarrow.flight as flight
 import pyarrow.parquet as pq
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parents[2]
 DAYS = [dt.date(2026, 1, 1) + dt.timedelta(days=i) for i in range(4)]
@@ -120,9 +123,12 @@ def requests_dataset(root: Path) -> ds.Dataset:
 class Server:
     def __init__(self, args, tmp: Path, connect: bool = True):
         self.addr_file = tmp / "addr"
+        self.metrics_addr_file = tmp / "metrics-addr"
         self.log = open(tmp / "server.log", "w+")
+        # Every server gets its own metrics port: tests never share (or fight over) 9464.
+        metrics = ["--metrics-listen", "127.0.0.1:0", "--metrics-addr-file", str(self.metrics_addr_file)]
         self.proc = subprocess.Popen(
-            [str(quiver_binary()), "serve", "--listen", "127.0.0.1:0", "--listen-addr-file", str(self.addr_file), *args],
+            [str(quiver_binary()), "serve", "--listen", "127.0.0.1:0", "--listen-addr-file", str(self.addr_file), *metrics, *args],
             stdout=self.log,
             stderr=subprocess.STDOUT,
         )
@@ -135,12 +141,30 @@ class Server:
             time.sleep(0.05)
         self.addr = self.addr_file.read_text().strip()
         self.port = int(self.addr.rsplit(":", 1)[1])
+        # Written before the Flight address file.
+        self.metrics_addr = self.metrics_addr_file.read_text().strip()
         self.client = flight.connect(f"grpc://{self.addr}") if connect else None
 
     def logs(self) -> str:
         self.log.flush()
         self.log.seek(0)
         return self.log.read()
+
+    def http_get(self, path: str) -> tuple[int, str]:
+        """Status and body of GET `path` on the metrics endpoint."""
+        try:
+            with urllib.request.urlopen(f"http://{self.metrics_addr}{path}", timeout=10) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    def scrape_text(self) -> str:
+        status, text = self.http_get("/metrics")
+        assert status == 200, text
+        return text
+
+    def metrics(self) -> "Metrics":
+        return Metrics(self.scrape_text())
 
     def query(self, sql: str) -> pa.Table:
         return self.client.do_get(flight.Ticket(sql.encode())).read_all()
@@ -155,6 +179,47 @@ class Server:
             self.proc.kill()
             raise
         self.log.close()
+
+
+class Metrics:
+    """One scrape, parsed by prometheus_client's parser (not ours): sample values by name
+    and labels."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.families = {f.name: f for f in text_string_to_metric_families(text)}
+        self.samples = {}
+        for family in self.families.values():
+            for s in family.samples:
+                self.samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+
+    def get(self, name: str, **labels) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        assert key in self.samples, f"no sample {name}{labels} in the scrape"
+        return self.samples[key]
+
+    def names(self) -> set:
+        return {name for name, _ in self.samples}
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set size of a process, as the kernel reports it."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):
+    """Polls `predicate` until it returns a truthy value, which it returns."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
 
 
 @pytest.fixture(scope="session")

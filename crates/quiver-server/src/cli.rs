@@ -55,6 +55,17 @@ pub struct ServeArgs {
     #[arg(long, env = "QUIVER_LISTEN_ADDR_FILE")]
     pub listen_addr_file: Option<PathBuf>,
 
+    /// Address of the HTTP endpoint serving Prometheus metrics (`/metrics`) and a liveness
+    /// check (`/healthz`). Plain HTTP: keep it on loopback or a private network. Port 0
+    /// picks a free port.
+    #[arg(long, env = "QUIVER_METRICS_LISTEN", default_value = "127.0.0.1:9464")]
+    pub metrics_listen: SocketAddr,
+
+    /// After binding, write the bound metrics address as `host:port` on one line to this
+    /// file, like --listen-addr-file.
+    #[arg(long, env = "QUIVER_METRICS_ADDR_FILE")]
+    pub metrics_addr_file: Option<PathBuf>,
+
     /// A table to serve, as NAME=PATH (a directory of Parquet files, Hive-partitioned or
     /// not, or one file). Repeatable.
     #[arg(

@@ -6,10 +6,12 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use arrow_flight::flight_service_server::FlightServiceServer;
+use prometheus::Registry;
 use quiver::catalog::{CatalogFile, TableDefinition, parse_table_flag, tables_in_data_dir};
 use quiver::flight::auth::Authenticator;
 use quiver::flight::{CompressionType, QuiverFlightService, SendOptions};
 use quiver::io::{IoOptions, MmapLimits};
+use quiver::metrics::{RpcMetrics, RpcMetricsLayer};
 use quiver::query::{MemoryOptions, PoolKind, QueryEngine, QueryOptions};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -19,12 +21,13 @@ use tonic_health::server::HealthReporter;
 use crate::cli::{Http2Args, IpcCompression, MemoryPoolArg, ServeArgs, TlsArgs};
 use crate::demo;
 use crate::listener;
+use crate::metrics;
 use crate::tls::{TlsReloader, TlsSettings};
 
 /// Runs the server until SIGINT or SIGTERM.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Everything that can be wrong with the flags fails before the tables load.
-    let mut server = http2_server(&args.http2)?;
+    let server = http2_server(&args.http2)?;
     let tls = tls_reloader(&args.tls)?;
     let auth = match &args.auth_file {
         Some(path) => Some(Arc::new(Authenticator::load(path, args.session_ttl)?)),
@@ -73,6 +76,27 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
 
+    // One registry for everything, filled before the first scrape can arrive.
+    let registry = Registry::new();
+    engine.register_metrics(&registry)?;
+    let rpc_metrics = RpcMetrics::register(&registry)?;
+    metrics::register_process_metrics(&registry)?;
+    let shutdown = CancellationToken::new();
+    let metrics_listener = TcpListener::bind(args.metrics_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (--metrics-listen)",
+                args.metrics_listen
+            )
+        })?;
+    let metrics_addr = metrics_listener.local_addr()?;
+    let _metrics = metrics::serve(metrics_listener, registry, shutdown.clone());
+    if let Some(file) = &args.metrics_addr_file {
+        write_atomically(file, &format!("{metrics_addr}\n"))?;
+    }
+    tracing::info!(addr = %metrics_addr, "metrics endpoint listening (/metrics, /healthz)");
+
     // Bind first: the address file is written only once clients can connect.
     let listener = TcpListener::bind(args.listen)
         .await
@@ -117,7 +141,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .set_serving::<FlightServiceServer<QuiverFlightService>>()
         .await;
 
-    let shutdown = CancellationToken::new();
     let signal = shutdown_on_signal(shutdown.clone(), health);
     let (incoming, _accept) = listener::incoming(
         listener,
@@ -126,6 +149,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         shutdown.clone(),
     );
     server
+        .layer(RpcMetricsLayer::new(rpc_metrics))
         .add_service(health_service)
         .add_service(flight)
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())

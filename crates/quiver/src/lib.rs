@@ -26,6 +26,7 @@ pub mod demo;
 pub mod error;
 pub mod flight;
 pub mod io;
+pub mod metrics;
 pub mod query;
 
 pub use error::{Error, Result};

@@ -55,6 +55,8 @@ pub struct Catalog {
     /// (and repeated warnings) when nothing changed.
     seen: Mutex<HashMap<String, TableFiles>>,
     skipped_files: AtomicU64,
+    /// When the last load or refresh finished.
+    refreshed_at: Mutex<SystemTime>,
 }
 
 /// What the catalog remembers of one table's files between refreshes.
@@ -105,10 +107,12 @@ impl Catalog {
             tables: RwLock::default(),
             seen: Mutex::default(),
             skipped_files: AtomicU64::new(0),
+            refreshed_at: Mutex::new(SystemTime::now()),
         };
         for def in &catalog.definitions {
             catalog.refresh_table(def, true).await?;
         }
+        *catalog.refreshed_at.lock().expect("poisoned") = SystemTime::now();
         Ok(catalog)
     }
 
@@ -127,7 +131,13 @@ impl Catalog {
                 }
             }
         }
+        *self.refreshed_at.lock().expect("poisoned") = SystemTime::now();
         summary
+    }
+
+    /// When the last load or refresh of every table finished.
+    pub fn refreshed_at(&self) -> SystemTime {
+        *self.refreshed_at.lock().expect("poisoned")
     }
 
     /// Registered table names, sorted.
@@ -477,7 +487,7 @@ impl Catalog {
             });
         }
         Ok((
-            HiveTable::new(file_schema, partition_fields, table_files),
+            HiveTable::new(def.name.clone(), file_schema, partition_fields, table_files),
             rejected,
         ))
     }

@@ -52,6 +52,7 @@ pub(crate) struct TableFile {
 /// A table over a fixed set of Parquet files with typed Hive partition columns.
 #[derive(Debug)]
 pub struct HiveTable {
+    name: String,
     file_schema: SchemaRef,
     partition_fields: Vec<FieldRef>,
     schema: SchemaRef,
@@ -60,6 +61,7 @@ pub struct HiveTable {
 
 impl HiveTable {
     pub(crate) fn new(
+        name: String,
         file_schema: SchemaRef,
         partition_fields: Vec<FieldRef>,
         files: Vec<TableFile>,
@@ -72,6 +74,7 @@ impl HiveTable {
             .collect::<Vec<_>>();
         let schema = Arc::new(Schema::new(fields));
         Self {
+            name,
             file_schema,
             partition_fields,
             schema,
@@ -92,6 +95,25 @@ impl HiveTable {
     /// Number of data files.
     pub fn num_files(&self) -> usize {
         self.files.len()
+    }
+
+    /// Bytes of the data files on disk.
+    pub fn file_bytes(&self) -> u64 {
+        self.files.iter().map(|f| f.meta.size).sum()
+    }
+
+    /// Distinct partitions (combinations of partition values) holding files; 0 when the
+    /// table is not partitioned.
+    pub fn num_partitions(&self) -> usize {
+        if self.partition_fields.is_empty() {
+            return 0;
+        }
+        let distinct: std::collections::HashSet<&[ScalarValue]> = self
+            .files
+            .iter()
+            .map(|f| f.partition_values.as_slice())
+            .collect();
+        distinct.len()
     }
 
     /// A filter is decided by partition values alone when it names only partition
@@ -224,7 +246,7 @@ impl TableProvider for HiveTable {
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
         let files = self.prune(state, filters)?;
         if let Some(pruning) = state.config().get_extension::<PartitionPruning>() {
-            pruning.record(self.files.len(), files.len());
+            pruning.record(&self.name, self.files.len(), files.len());
         }
         if files.is_empty() {
             let schema = match projection {

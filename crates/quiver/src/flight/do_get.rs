@@ -20,6 +20,7 @@ use arrow_flight::FlightData;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
 use datafusion::arrow::ipc::CompressionType;
+use datafusion::arrow::ipc::root_as_message;
 use datafusion::arrow::ipc::writer::IpcWriteOptions;
 use futures::{FutureExt, Stream, StreamExt};
 use std::panic::AssertUnwindSafe;
@@ -29,6 +30,7 @@ use tonic::Status;
 
 use super::views;
 use crate::error::{Error, Result};
+use crate::metrics::Outcome;
 use crate::query::{Execution, QueryEngine};
 
 /// The response stream of `DoGet`.
@@ -64,7 +66,11 @@ pub(super) async fn do_get(
     sql: String,
     options: SendOptions,
 ) -> Result<FlightDataStream> {
-    let Execution { stream, report } = engine.execute(sql).await?;
+    let Execution {
+        stream,
+        report,
+        mut query,
+    } = engine.execute(sql).await?;
     let schema = views::expand_schema(&stream.schema());
 
     let (tx, rx) = mpsc::channel::<Result<FlightData, Status>>(options.channel_depth.max(1));
@@ -82,29 +88,38 @@ pub(super) async fn do_get(
         .build(batches);
 
     let panic_tx = tx.clone();
-    let running = engine.track();
     let task = engine.cpu().spawn(async move {
-        let _running = running;
         // Dropped with the task, however it ends: the scan summary is always recorded.
         let _report = report;
-        let run = AssertUnwindSafe(async move {
+        let run = AssertUnwindSafe(async {
             while let Some(item) = encoded.next().await {
                 let item = item.map_err(|e| match e {
                     FlightError::Tonic(status) => *status,
                     other => Status::from(Error::from(other)),
                 });
+                let sent = item
+                    .as_ref()
+                    .ok()
+                    .map(|data| (batch_rows(data), data_bytes(data)));
                 let failed = item.is_err();
                 if tx.send(item).await.is_err() {
                     tracing::debug!("client went away; stopping the query");
+                    query.finish(Outcome::Cancelled);
                     return;
                 }
+                if let Some((rows, bytes)) = sent {
+                    query.sent(rows, bytes);
+                }
                 if failed {
+                    query.finish(Outcome::Error);
                     return;
                 }
             }
+            query.finish(Outcome::Success);
         });
         // A panic must end the stream with an error, never as a silently short result.
         if run.catch_unwind().await.is_err() {
+            query.finish(Outcome::Error);
             let status = Status::from(Error::Internal("the query panicked".into()));
             let _ = panic_tx.send(Err(status)).await;
         }
@@ -116,4 +131,17 @@ pub(super) async fn do_get(
         item
     });
     Ok(Box::pin(out))
+}
+
+/// Rows of a record batch message, from its IPC header; `None` for schema and
+/// dictionary messages.
+fn batch_rows(data: &FlightData) -> Option<u64> {
+    let message = root_as_message(&data.data_header).ok()?;
+    let batch = message.header_as_record_batch()?;
+    Some(batch.length().max(0) as u64)
+}
+
+/// Bytes of a Flight message's payload: IPC header, body and application metadata.
+fn data_bytes(data: &FlightData) -> u64 {
+    (data.data_header.len() + data.data_body.len() + data.app_metadata.len()) as u64
 }

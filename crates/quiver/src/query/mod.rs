@@ -6,14 +6,16 @@
 //! own `SessionState` cloned from the base one, so nothing a query does leaks into another.
 
 mod guard;
+mod memory;
+mod running;
 mod runtime;
 mod scan;
 
+pub use memory::MeteredPool;
+pub use running::RunningQuery;
 pub use runtime::CpuRuntime;
 pub use scan::{PartitionPruning, ScanReport, ScanSummary};
 
-use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use datafusion::arrow::datatypes::SchemaRef;
@@ -21,9 +23,7 @@ use datafusion::dataframe::DataFrame;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
-use datafusion::execution::memory_pool::{
-    FairSpillPool, GreedyMemoryPool, MemoryPool, TrackConsumersPool,
-};
+use datafusion::execution::memory_pool::MemoryPool;
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::physical_plan::{ExecutionPlan, execute_stream};
@@ -32,6 +32,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use crate::catalog::{Catalog, RefreshSummary, TableDefinition};
 use crate::error::{Error, Result};
 use crate::io::{Io, IoOptions, MmapStats};
+use crate::metrics::{EngineCollector, Outcome, QueryMetrics};
 
 /// How the engine is set up.
 #[derive(Debug, Clone)]
@@ -81,9 +82,6 @@ impl Default for MemoryOptions {
     }
 }
 
-/// Consumers named in a ResourceExhausted error: enough to see who took the memory.
-const TOP_CONSUMERS: usize = 5;
-
 impl Default for QueryOptions {
     fn default() -> Self {
         Self {
@@ -100,27 +98,21 @@ pub struct QueryEngine {
     base: SessionContext,
     catalog: Arc<Catalog>,
     cpu: CpuRuntime,
-    running: Arc<AtomicUsize>,
     io: Arc<Io>,
+    pool: Arc<MeteredPool>,
     scan_totals: Arc<Mutex<ScanSummary>>,
+    metrics: QueryMetrics,
 }
 
-/// A started query: its result stream and the report of what it scanned.
+/// A started query: its result stream, the report of what it scanned, and its entry in
+/// the query metrics. Keep all three until the stream is done.
 pub struct Execution {
     /// The result batches; poll on the CPU runtime.
     pub stream: SendableRecordBatchStream,
-    /// Records the scan summary when dropped; keep it until the stream is done.
+    /// Records the scan summary when dropped.
     pub report: ScanReport,
-}
-
-/// Counts a query as running until dropped (the stream finished, failed or was cancelled).
-#[derive(Debug)]
-pub struct RunningQuery(Arc<AtomicUsize>);
-
-impl Drop for RunningQuery {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
+    /// Counts the query as active; record what is sent and how it ended here.
+    pub query: RunningQuery,
 }
 
 impl std::fmt::Debug for QueryEngine {
@@ -137,8 +129,9 @@ impl QueryEngine {
     pub async fn new(tables: Vec<TableDefinition>, options: QueryOptions) -> Result<Self> {
         let io = Arc::new(Io::new(options.io));
         let config = session_config(&options)?.with_extension(Arc::clone(&io));
+        let pool = Arc::new(MeteredPool::new(&options.memory));
         let runtime = RuntimeEnvBuilder::new()
-            .with_memory_pool(memory_pool(&options.memory))
+            .with_memory_pool(Arc::clone(&pool) as Arc<dyn MemoryPool>)
             .with_disk_manager_builder(disk_manager(&options.memory))
             .build_arc()?;
         runtime.register_object_store(ObjectStoreUrl::local_filesystem().as_ref(), io.store());
@@ -160,14 +153,32 @@ impl QueryEngine {
         base.catalog("datafusion")
             .ok_or_else(|| Error::Internal("the default catalog is missing".into()))?
             .register_schema("public", Arc::clone(&catalog) as _)?;
+        let metrics = QueryMetrics::new(catalog.table_names().iter().map(String::as_str))?;
         Ok(Self {
             base,
             catalog,
             cpu,
-            running: Arc::default(),
             io,
+            pool,
             scan_totals: Arc::default(),
+            metrics,
         })
+    }
+
+    /// Adds the engine's metrics to `registry`: the query families, and a collector
+    /// that reads the memory pool, spill, scan, memory map and catalog figures at
+    /// scrape time.
+    pub fn register_metrics(&self, registry: &prometheus::Registry) -> Result<()> {
+        self.metrics.register(registry)?;
+        let collector = EngineCollector::new(crate::metrics::EngineSources {
+            pool: Arc::clone(&self.pool),
+            disk: Arc::clone(&self.base.runtime_env().disk_manager),
+            scan_totals: Arc::clone(&self.scan_totals),
+            mmap: self.io.mmap_stats(),
+            catalog: Arc::clone(&self.catalog),
+        })?;
+        registry.register(Box::new(collector))?;
+        Ok(())
     }
 
     /// Re-lists every table now, on the CPU runtime (footer reads touch file bytes).
@@ -191,6 +202,11 @@ impl QueryEngine {
         Arc::clone(&self.base.runtime_env().memory_pool)
     }
 
+    /// The pool, with its allocation counters.
+    pub fn metered_pool(&self) -> &Arc<MeteredPool> {
+        &self.pool
+    }
+
     /// Scan figures summed over every query so far.
     pub fn scan_totals(&self) -> ScanSummary {
         *self.scan_totals.lock().expect("poisoned")
@@ -201,15 +217,9 @@ impl QueryEngine {
         self.io.mmap_stats()
     }
 
-    /// Queries whose results are still streaming.
+    /// Queries planning or streaming now.
     pub fn running_queries(&self) -> usize {
-        self.running.load(Ordering::Relaxed)
-    }
-
-    /// Marks a query as running for as long as the guard lives.
-    pub fn track(&self) -> RunningQuery {
-        self.running.fetch_add(1, Ordering::Relaxed);
-        RunningQuery(Arc::clone(&self.running))
+        self.metrics.active.get().max(0) as usize
     }
 
     /// The tables.
@@ -254,34 +264,41 @@ impl QueryEngine {
     /// Plans and starts `sql` on the CPU runtime. The stream must be polled on the CPU
     /// runtime too (see `flight::do_get`): DataFusion does its work inside `poll`.
     pub async fn execute(self: &Arc<Self>, sql: String) -> Result<Execution> {
+        let mut query = RunningQuery::start(self.metrics.clone());
         let engine = Arc::clone(self);
-        self.cpu
+        let started = self
+            .cpu
             .run(async move {
                 let pruning = Arc::new(PartitionPruning::default());
                 let df = engine.plan_with(&sql, Arc::clone(&pruning)).await?;
                 let task = Arc::new(df.task_ctx());
                 let plan: Arc<dyn ExecutionPlan> = df.create_physical_plan().await?;
+                for table in pruning.tables() {
+                    engine
+                        .metrics
+                        .table_scans
+                        .with_label_values(&[&table])
+                        .inc();
+                }
                 let stream = execute_stream(Arc::clone(&plan), task)?;
                 let report = ScanReport::new(plan, pruning, Arc::clone(&engine.scan_totals), &sql);
-                Ok(Execution { stream, report })
+                Ok((stream, report))
             })
-            .await
-    }
-}
-
-/// The shared pool, tracking its largest consumers so that a query refused memory is
-/// told who holds it.
-fn memory_pool(options: &MemoryOptions) -> Arc<dyn MemoryPool> {
-    let top = NonZeroUsize::new(TOP_CONSUMERS).expect("nonzero");
-    match options.pool {
-        PoolKind::Fair => Arc::new(TrackConsumersPool::new(
-            FairSpillPool::new(options.limit),
-            top,
-        )),
-        PoolKind::Greedy => Arc::new(TrackConsumersPool::new(
-            GreedyMemoryPool::new(options.limit),
-            top,
-        )),
+            .await;
+        match started {
+            Ok((stream, report)) => {
+                query.planned();
+                Ok(Execution {
+                    stream,
+                    report,
+                    query,
+                })
+            }
+            Err(e) => {
+                query.finish(Outcome::Error);
+                Err(e)
+            }
+        }
     }
 }
 

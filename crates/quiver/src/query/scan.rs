@@ -17,14 +17,25 @@ use serde::Serialize;
 pub struct PartitionPruning {
     files_total: AtomicU64,
     files_pruned: AtomicU64,
+    /// The table of every scan planned, in order (a self-join scans a table twice).
+    tables: Mutex<Vec<String>>,
 }
 
 impl PartitionPruning {
-    /// Records a table scan that kept `kept` of `total` files.
-    pub fn record(&self, total: usize, kept: usize) {
+    /// Records a scan of `table` that kept `kept` of `total` files.
+    pub fn record(&self, table: &str, total: usize, kept: usize) {
         self.files_total.fetch_add(total as u64, Ordering::Relaxed);
         self.files_pruned
             .fetch_add(total.saturating_sub(kept) as u64, Ordering::Relaxed);
+        self.tables
+            .lock()
+            .expect("poisoned")
+            .push(table.to_string());
+    }
+
+    /// The tables scanned so far.
+    pub fn tables(&self) -> Vec<String> {
+        self.tables.lock().expect("poisoned").clone()
     }
 }
 
@@ -63,6 +74,10 @@ pub struct ScanSummary {
     pub rows_matched_filter: u64,
     /// Bytes read from files (footers excluded when cached).
     pub bytes_scanned: u64,
+    /// Spill files written by sorts, aggregations and joins over the memory limit.
+    pub spill_files: u64,
+    /// Bytes written to spill files.
+    pub spilled_bytes: u64,
 }
 
 impl ScanSummary {
@@ -120,6 +135,10 @@ impl ScanSummary {
                             _ => {}
                         }
                     }
+                    MetricValue::SpillCount(count) => summary.spill_files += count.value() as u64,
+                    MetricValue::SpilledBytes(count) => {
+                        summary.spilled_bytes += count.value() as u64;
+                    }
                     _ => {}
                 }
             }
@@ -149,6 +168,8 @@ impl ScanSummary {
         self.rows_pruned_filter += other.rows_pruned_filter;
         self.rows_matched_filter += other.rows_matched_filter;
         self.bytes_scanned += other.bytes_scanned;
+        self.spill_files += other.spill_files;
+        self.spilled_bytes += other.spilled_bytes;
     }
 }
 

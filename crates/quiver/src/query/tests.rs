@@ -29,11 +29,16 @@ async fn engine(limit: usize, pool: PoolKind, spill: bool) -> Arc<QueryEngine> {
 
 /// Runs `sql` to the end on the CPU runtime: rows, or the error.
 async fn run(engine: &Arc<QueryEngine>, sql: &str) -> Result<(usize, i64)> {
-    let Execution { mut stream, report } = engine.execute(sql.into()).await?;
+    let Execution {
+        mut stream,
+        report,
+        mut query,
+    } = engine.execute(sql.into()).await?;
     engine
         .cpu()
         .run(async move {
             let _report = report;
+            query.finish(crate::metrics::Outcome::Success);
             let (mut rows, mut first) = (0, None);
             while let Some(batch) = stream.next().await {
                 let batch = batch?;
@@ -69,6 +74,18 @@ async fn a_query_over_the_limit_spills_and_the_pool_returns_to_idle() {
     // Oracle: the sort's answer is known in closed form.
     assert_eq!((rows, first), (200_000, 200_000));
     assert_eq!(wait_idle(&engine).await, 0, "success leaks nothing");
+    let totals = engine.scan_totals();
+    assert!(
+        totals.spill_files > 0 && totals.spilled_bytes > 0,
+        "{totals:?}"
+    );
+    let pool = engine.metered_pool();
+    assert_eq!(pool.allocated_total(), pool.freed_total());
+    assert!(
+        pool.peak() > 0 && pool.peak() <= 4 << 20,
+        "peak {}",
+        pool.peak()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -85,7 +102,11 @@ async fn without_spill_space_it_fails_with_resources_exhausted_naming_consumers(
 #[tokio::test(flavor = "multi_thread")]
 async fn a_cancelled_query_returns_its_memory() {
     let engine = engine(64 << 20, PoolKind::Fair, true).await;
-    let Execution { mut stream, report } = engine.execute(BIG_SORT.into()).await.unwrap();
+    let Execution {
+        mut stream,
+        report,
+        query,
+    } = engine.execute(BIG_SORT.into()).await.unwrap();
     let pool = engine.memory_pool();
     let first = engine
         .cpu()
@@ -98,6 +119,7 @@ async fn a_cancelled_query_returns_its_memory() {
             // Dropping the stream here (client gone) must release the sort's reservation.
             drop(stream);
             drop(report);
+            drop(query);
             Ok(batch.num_rows())
         })
         .await

@@ -1,0 +1,274 @@
+//! Figures the engine already keeps, read at scrape time: the memory pool, spill files,
+//! scan totals, memory maps and the catalog. Reading them when Prometheus asks costs
+//! queries nothing and can never disagree with the engine's own numbers.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::UNIX_EPOCH;
+
+use datafusion::execution::disk_manager::DiskManager;
+use datafusion::execution::memory_pool::MemoryPool;
+use prometheus::core::{Collector, Desc};
+use prometheus::proto::MetricFamily;
+use prometheus::{Gauge, IntCounter, IntGauge};
+
+use crate::catalog::Catalog;
+use crate::error::Result;
+use crate::io::MmapStats;
+use crate::query::{MeteredPool, ScanSummary};
+
+/// What the collector reads.
+#[derive(Debug)]
+pub(crate) struct EngineSources {
+    pub pool: Arc<MeteredPool>,
+    pub disk: Arc<DiskManager>,
+    pub scan_totals: Arc<Mutex<ScanSummary>>,
+    pub mmap: Option<Arc<MmapStats>>,
+    pub catalog: Arc<Catalog>,
+}
+
+/// Reads a gauge's current value from the sources.
+type ReadGauge = fn(&EngineSources) -> i64;
+/// Reads a counter's running total from the sources.
+type ReadCounter = fn(&EngineSources) -> u64;
+
+/// A [`Collector`] that copies the engine's figures into its metrics on every scrape.
+#[derive(Debug)]
+pub(crate) struct EngineCollector {
+    sources: EngineSources,
+    /// Serialises scrapes, so two at once cannot both add the same counter delta.
+    scrape: Mutex<()>,
+    gauges: Vec<(IntGauge, ReadGauge)>,
+    counters: Vec<(IntCounter, ReadCounter)>,
+    last_refresh: Gauge,
+}
+
+impl EngineCollector {
+    pub(crate) fn new(sources: EngineSources) -> Result<Self> {
+        let gauge = |name: &str, help: &str, read: ReadGauge| {
+            Ok::<_, prometheus::Error>((IntGauge::new(name, help)?, read))
+        };
+        let counter = |name: &str, help: &str, read: ReadCounter| {
+            Ok::<_, prometheus::Error>((IntCounter::new(name, help)?, read))
+        };
+        let gauges = vec![
+            gauge(
+                "quiver_memory_pool_reserved_bytes",
+                "Bytes reserved from the query memory pool now.",
+                |s| s.pool.reserved() as i64,
+            )?,
+            gauge(
+                "quiver_memory_pool_peak_bytes",
+                "Most bytes reserved from the query memory pool at once since start-up.",
+                |s| s.pool.peak() as i64,
+            )?,
+            gauge(
+                "quiver_memory_pool_limit_bytes",
+                "Bytes all queries may reserve together (--memory-limit).",
+                |s| i64::try_from(s.pool.limit()).unwrap_or(i64::MAX),
+            )?,
+            gauge(
+                "quiver_spill_disk_bytes",
+                "Bytes of spill files on disk now.",
+                |s| s.disk.spilling_progress().current_bytes as i64,
+            )?,
+            gauge(
+                "quiver_mmap_mapped_bytes",
+                "Bytes of Parquet files memory-mapped now (cached, or held by running queries).",
+                |s| mmap(s, |m| &m.live_bytes) as i64,
+            )?,
+            gauge(
+                "quiver_mmap_mapped_files",
+                "Parquet files memory-mapped now.",
+                |s| mmap(s, |m| &m.live_files) as i64,
+            )?,
+            gauge(
+                "quiver_mmap_cached_bytes",
+                "Bytes of memory-mapped files kept in the mapping cache.",
+                |s| mmap(s, |m| &m.cached_bytes) as i64,
+            )?,
+            gauge("quiver_catalog_tables", "Tables served.", |s| {
+                s.catalog.table_names().len() as i64
+            })?,
+            gauge(
+                "quiver_catalog_files",
+                "Parquet files in all tables.",
+                |s| tables_sum(s, |t| t.num_files() as u64),
+            )?,
+            gauge(
+                "quiver_catalog_bytes",
+                "Bytes on disk of the Parquet files in all tables.",
+                |s| tables_sum(s, |t| t.file_bytes()),
+            )?,
+            gauge(
+                "quiver_catalog_rows",
+                "Rows in all tables, from Parquet footers.",
+                |s| tables_sum(s, |t| t.num_rows()),
+            )?,
+            gauge(
+                "quiver_catalog_partitions",
+                "Distinct Hive partitions holding files, over all tables.",
+                |s| tables_sum(s, |t| t.num_partitions() as u64),
+            )?,
+        ];
+        let counters = vec![
+            counter(
+                "quiver_memory_pool_allocated_bytes_total",
+                "Bytes granted by every grow of a memory pool reservation.",
+                |s| s.pool.allocated_total(),
+            )?,
+            counter(
+                "quiver_memory_pool_freed_bytes_total",
+                "Bytes returned by every shrink of a memory pool reservation.",
+                |s| s.pool.freed_total(),
+            )?,
+            counter(
+                "quiver_spill_bytes_total",
+                "Bytes written to spill files by finished queries.",
+                |s| totals(s).spilled_bytes,
+            )?,
+            counter(
+                "quiver_spill_files_total",
+                "Spill files written by finished queries.",
+                |s| totals(s).spill_files,
+            )?,
+            counter(
+                "quiver_scan_files_scanned_total",
+                "Parquet files (or file ranges) opened by finished queries.",
+                |s| totals(s).files_scanned,
+            )?,
+            counter(
+                "quiver_scan_files_pruned_total",
+                "Parquet files skipped by partition values or file statistics.",
+                |s| {
+                    let t = totals(s);
+                    t.files_pruned_partition + t.files_pruned_statistics
+                },
+            )?,
+            counter(
+                "quiver_scan_row_groups_scanned_total",
+                "Row groups read by finished queries.",
+                |s| totals(s).row_groups_scanned,
+            )?,
+            counter(
+                "quiver_scan_row_groups_pruned_total",
+                "Row groups skipped by statistics, bloom filters, limits or dynamic filters.",
+                |s| {
+                    let t = totals(s);
+                    t.row_groups_pruned_statistics
+                        + t.row_groups_pruned_bloom_filter
+                        + t.row_groups_pruned_other
+                },
+            )?,
+            counter(
+                "quiver_scan_pages_pruned_total",
+                "Data pages skipped by the page index.",
+                |s| totals(s).pages_pruned,
+            )?,
+            counter(
+                "quiver_scan_bytes_total",
+                "Bytes read from Parquet files by finished queries.",
+                |s| totals(s).bytes_scanned,
+            )?,
+            counter(
+                "quiver_mmap_cache_hits_total",
+                "File reads served from a cached memory map.",
+                |s| mmap(s, |m| &m.hits),
+            )?,
+            counter(
+                "quiver_mmap_maps_total",
+                "Files memory-mapped (mapping cache misses).",
+                |s| mmap(s, |m| &m.maps),
+            )?,
+            counter(
+                "quiver_mmap_evictions_total",
+                "Mappings dropped from the cache to stay within --mmap-max-files/--mmap-max-bytes.",
+                |s| mmap(s, |m| &m.evictions),
+            )?,
+            counter(
+                "quiver_catalog_skipped_files_total",
+                "Files left out of their table because they were corrupt or did not fit its schema.",
+                |s| s.catalog.skipped_files(),
+            )?,
+        ];
+        let last_refresh = Gauge::new(
+            "quiver_catalog_last_refresh_timestamp_seconds",
+            "When the tables were last listed (Unix time).",
+        )?;
+        let collector = Self {
+            sources,
+            scrape: Mutex::new(()),
+            gauges,
+            counters,
+            last_refresh,
+        };
+        collector.update();
+        Ok(collector)
+    }
+
+    fn update(&self) {
+        let _one_at_a_time = self.scrape.lock().expect("poisoned");
+        let s = &self.sources;
+        for (gauge, read) in &self.gauges {
+            gauge.set(read(s));
+        }
+        for (counter, read) in &self.counters {
+            // The sources only grow: add what they gained since the last scrape.
+            counter.inc_by(read(s).saturating_sub(counter.get()));
+        }
+        let refreshed = s
+            .catalog
+            .refreshed_at()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        self.last_refresh.set(refreshed.as_secs_f64());
+    }
+}
+
+fn totals(s: &EngineSources) -> ScanSummary {
+    *s.scan_totals.lock().expect("poisoned")
+}
+
+/// A figure of the mapping layer; 0 when files are read with `pread`.
+fn mmap(s: &EngineSources, field: fn(&MmapStats) -> &AtomicU64) -> u64 {
+    s.mmap
+        .as_ref()
+        .map_or(0, |m| field(m).load(Ordering::Relaxed))
+}
+
+fn tables_sum(s: &EngineSources, f: fn(&crate::catalog::HiveTable) -> u64) -> i64 {
+    let catalog = &s.catalog;
+    catalog
+        .table_names()
+        .iter()
+        .filter_map(|name| catalog.get(name))
+        .map(|t| f(&t))
+        .sum::<u64>() as i64
+}
+
+impl Collector for EngineCollector {
+    fn desc(&self) -> Vec<&Desc> {
+        let mut descs = Vec::new();
+        for (gauge, _) in &self.gauges {
+            descs.extend(gauge.desc());
+        }
+        for (counter, _) in &self.counters {
+            descs.extend(counter.desc());
+        }
+        descs.extend(self.last_refresh.desc());
+        descs
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        self.update();
+        let mut families = Vec::new();
+        for (gauge, _) in &self.gauges {
+            families.extend(gauge.collect());
+        }
+        for (counter, _) in &self.counters {
+            families.extend(counter.collect());
+        }
+        families.extend(self.last_refresh.collect());
+        families
+    }
+}

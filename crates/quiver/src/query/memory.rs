@@ -1,0 +1,182 @@
+//! The memory pool every query reserves from, and its accounting.
+//!
+//! DataFusion's operators reserve memory for what they buffer (sort runs, hash tables,
+//! spill merges) from one pool shared by all queries. [`MeteredPool`] sits on top of
+//! the policy pool and counts every grow and shrink, so the exported figures add up:
+//! `allocated_total - freed_total == reserved` at every instant, and `reserved` returns
+//! to its idle value when queries end, whichever way they end.
+
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use datafusion::common::Result as DfResult;
+use datafusion::execution::memory_pool::{
+    FairSpillPool, GreedyMemoryPool, MemoryConsumer, MemoryLimit, MemoryPool, MemoryReservation,
+    TrackConsumersPool,
+};
+
+use super::{MemoryOptions, PoolKind};
+
+/// Consumers named in a ResourceExhausted error: enough to see who took the memory.
+const TOP_CONSUMERS: usize = 5;
+
+/// A pool that counts what passes through it; the policy is the inner pool's.
+#[derive(Debug)]
+pub struct MeteredPool {
+    inner: Box<dyn MemoryPool>,
+    limit: usize,
+    allocated: AtomicU64,
+    freed: AtomicU64,
+    peak: AtomicUsize,
+}
+
+impl MeteredPool {
+    /// The pool `options` describe, tracking its largest consumers so that a query
+    /// refused memory is told who holds it.
+    pub fn new(options: &MemoryOptions) -> Self {
+        let top = NonZeroUsize::new(TOP_CONSUMERS).expect("nonzero");
+        let inner: Box<dyn MemoryPool> = match options.pool {
+            PoolKind::Fair => Box::new(TrackConsumersPool::new(
+                FairSpillPool::new(options.limit),
+                top,
+            )),
+            PoolKind::Greedy => Box::new(TrackConsumersPool::new(
+                GreedyMemoryPool::new(options.limit),
+                top,
+            )),
+        };
+        Self {
+            inner,
+            limit: options.limit,
+            allocated: AtomicU64::new(0),
+            freed: AtomicU64::new(0),
+            peak: AtomicUsize::new(0),
+        }
+    }
+
+    /// Bytes all queries may reserve together.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// Most bytes reserved at once since start-up.
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    /// Bytes granted by every grow since start-up.
+    pub fn allocated_total(&self) -> u64 {
+        self.allocated.load(Ordering::Relaxed)
+    }
+
+    /// Bytes returned by every shrink since start-up (a dropped reservation shrinks to 0).
+    pub fn freed_total(&self) -> u64 {
+        self.freed.load(Ordering::Relaxed)
+    }
+
+    fn granted(&self, bytes: usize) {
+        self.allocated.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.peak
+            .fetch_max(self.inner.reserved(), Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Display for MeteredPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "metered({})", self.inner)
+    }
+}
+
+impl MemoryPool for MeteredPool {
+    fn name(&self) -> &str {
+        "metered"
+    }
+
+    fn register(&self, consumer: &MemoryConsumer) {
+        self.inner.register(consumer);
+    }
+
+    fn unregister(&self, consumer: &MemoryConsumer) {
+        self.inner.unregister(consumer);
+    }
+
+    fn grow(&self, reservation: &MemoryReservation, additional: usize) {
+        self.inner.grow(reservation, additional);
+        self.granted(additional);
+    }
+
+    fn shrink(&self, reservation: &MemoryReservation, shrink: usize) {
+        self.inner.shrink(reservation, shrink);
+        self.freed.fetch_add(shrink as u64, Ordering::Relaxed);
+    }
+
+    fn try_grow(&self, reservation: &MemoryReservation, additional: usize) -> DfResult<()> {
+        self.inner.try_grow(reservation, additional)?;
+        self.granted(additional);
+        Ok(())
+    }
+
+    fn reserved(&self) -> usize {
+        self.inner.reserved()
+    }
+
+    fn memory_limit(&self) -> MemoryLimit {
+        self.inner.memory_limit()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn pool(kind: PoolKind, limit: usize) -> Arc<dyn MemoryPool> {
+        Arc::new(MeteredPool::new(&MemoryOptions {
+            limit,
+            pool: kind,
+            ..MemoryOptions::default()
+        }))
+    }
+
+    fn metered(pool: &Arc<dyn MemoryPool>) -> &MeteredPool {
+        pool.downcast_ref::<MeteredPool>().expect("metered")
+    }
+
+    #[test]
+    fn every_grow_and_shrink_is_counted_and_they_balance() {
+        for kind in [PoolKind::Fair, PoolKind::Greedy] {
+            let pool = pool(kind, 1000);
+            let a = MemoryConsumer::new("a").register(&pool);
+            let b = MemoryConsumer::new("b")
+                .with_can_spill(true)
+                .register(&pool);
+            a.grow(300);
+            b.try_grow(200).unwrap();
+            a.shrink(100);
+            let m = metered(&pool);
+            assert_eq!(m.reserved(), 400);
+            assert_eq!(m.allocated_total(), 500);
+            assert_eq!(m.freed_total(), 100);
+            assert_eq!(m.peak(), 500);
+            // A refused grow is neither counted nor reserved.
+            assert!(a.try_grow(10_000).is_err());
+            assert_eq!((m.reserved(), m.allocated_total()), (400, 500));
+            drop(a);
+            drop(b);
+            assert_eq!(m.reserved(), 0, "{kind:?}");
+            assert_eq!(m.allocated_total(), m.freed_total(), "{kind:?}");
+            assert_eq!(m.peak(), 500);
+        }
+    }
+
+    #[test]
+    fn refusals_still_name_the_top_consumers() {
+        let pool = pool(PoolKind::Greedy, 100);
+        let a = MemoryConsumer::new("big sort").register(&pool);
+        a.grow(90);
+        let b = MemoryConsumer::new("small").register(&pool);
+        let err = b.try_grow(50).unwrap_err().to_string();
+        assert!(err.contains("big sort"), "{err}");
+    }
+}
