@@ -6,6 +6,7 @@ import datetime as dt
 import os
 import shutil
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -227,6 +228,31 @@ def test_an_abandoned_stream_is_counted_and_everything_returns_to_idle(mserver):
     assert idle.get("quiver_memory_pool_allocated_bytes_total") == idle.get("quiver_memory_pool_freed_bytes_total")
     # Fewer rows were sent than the query would have produced.
     assert idle.get("quiver_query_rows_sent_total") - before.get("quiver_query_rows_sent_total") < 3_000_000
+
+
+def test_a_client_process_that_dies_mid_stream_is_counted_and_frees_everything(mserver):
+    before = mserver.metrics()
+    # A separate client process reads one batch and exits without closing anything: the
+    # server sees the connection drop, not a cancel.
+    script = (
+        "import os, sys, pyarrow.flight as f\n"
+        f"r = f.connect('grpc://{mserver.addr}').do_get(f.Ticket({LONG_SORT!r}.encode()))\n"
+        "r.read_chunk(); print('read', flush=True); os._exit(0)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "read", out.stderr
+    after = wait_query_recorded(mserver, before, "cancelled")
+    assert (
+        after.get("quiver_rpc_streams_aborted_total", method="DoGet")
+        == before.get("quiver_rpc_streams_aborted_total", method="DoGet") + 1
+    )
+    idle = wait_for(
+        lambda: (m := mserver.metrics()).get("quiver_memory_pool_reserved_bytes") == 0 and m,
+        what="the pool to return to idle",
+    )
+    assert idle.get("quiver_memory_pool_allocated_bytes_total") == idle.get("quiver_memory_pool_freed_bytes_total")
+    # The server goes on serving.
+    assert mserver.query("SELECT count(*) AS n FROM services")["n"][0].as_py() == 4
 
 
 def test_pushdown_counters_match_pyarrow_dataset(mserver, dataset):
