@@ -40,7 +40,7 @@ def test_get_flight_info_and_schema(server):
 
 def test_refresh_action_and_list_actions(server):
     actions = [a.type for a in server.client.list_actions()]
-    assert actions == ["refresh"]
+    assert actions == ["refresh", "list-queries", "cancel-query", "CancelFlightInfo"]
     result = list(server.client.do_action(flight.Action("refresh", b"")))
     body = json.loads(result[0].body.to_pybytes())
     assert body["failed"] == []

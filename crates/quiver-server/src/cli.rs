@@ -158,6 +158,43 @@ pub struct ServeArgs {
     #[arg(long, env = "QUIVER_CPU_THREADS")]
     pub cpu_threads: Option<usize>,
 
+    /// Queries planning or streaming at once; more wait in the queue
+    /// [default: 4 per CPU thread].
+    #[arg(long, env = "QUIVER_MAX_CONCURRENT_QUERIES", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_concurrent_queries: Option<u32>,
+
+    /// Queries waiting for a slot; a query that finds the queue full fails at once with
+    /// UNAVAILABLE (retryable). `0` rejects every query beyond the running ones.
+    #[arg(long, env = "QUIVER_MAX_QUEUED_QUERIES", default_value_t = 256)]
+    pub max_queued_queries: usize,
+
+    /// Longest a query waits in the queue before failing with UNAVAILABLE.
+    #[arg(long, env = "QUIVER_QUEUE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub queue_timeout: Duration,
+
+    /// Longest a query may take from arrival to its last message, unless the client's
+    /// own deadline (grpc-timeout) is shorter; then DEADLINE_EXCEEDED. `0s`: no limit.
+    #[arg(long, env = "QUIVER_QUERY_TIMEOUT", default_value = "1h", value_parser = parse_duration)]
+    pub query_timeout: Duration,
+
+    /// Longest parsing and planning may take. `0s`: no limit.
+    #[arg(long, env = "QUIVER_PLANNING_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub planning_timeout: Duration,
+
+    /// Longest from a query's arrival to its first record batch. `0s`: no limit.
+    #[arg(long, env = "QUIVER_FIRST_BATCH_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    pub first_batch_timeout: Duration,
+
+    /// A stream whose client takes no message for this long is stopped and its query's
+    /// resources freed (the client gets DEADLINE_EXCEEDED if it reads on). `0s`: never.
+    #[arg(long, env = "QUIVER_STREAM_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub stream_idle_timeout: Duration,
+
+    /// On SIGTERM or SIGINT, how long running streams may finish before they are
+    /// cancelled (with UNAVAILABLE, so clients retry elsewhere) and the process exits.
+    #[arg(long, env = "QUIVER_SHUTDOWN_GRACE", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
     /// Largest gRPC message the server accepts (tickets, descriptors). Larger requests get
     /// OUT_OF_RANGE from the transport.
     #[arg(long, env = "QUIVER_MAX_DECODING_MESSAGE_SIZE", default_value = "4MiB")]

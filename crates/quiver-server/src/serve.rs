@@ -12,7 +12,9 @@ use quiver::flight::auth::Authenticator;
 use quiver::flight::{CompressionType, QuiverFlightService, SendOptions};
 use quiver::io::{IoOptions, MmapLimits};
 use quiver::metrics::{RpcMetrics, RpcMetricsLayer};
-use quiver::query::{MemoryOptions, PoolKind, QueryEngine, QueryOptions};
+use quiver::query::{
+    AdmissionOptions, MemoryOptions, PoolKind, QueryEngine, QueryLimits, QueryOptions,
+};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
@@ -34,10 +36,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         None => None,
     };
     let tables = table_definitions(&args)?;
+    let cpu_threads = args
+        .cpu_threads
+        .unwrap_or_else(|| QueryOptions::default().cpu_threads);
     let options = QueryOptions {
-        cpu_threads: args
-            .cpu_threads
-            .unwrap_or_else(|| QueryOptions::default().cpu_threads),
+        cpu_threads,
         datafusion_config: args
             .datafusion_config
             .iter()
@@ -56,6 +59,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             spill_dir: args.spill_dir.clone(),
             max_spill_bytes: args.max_spill_size.0 as u64,
         },
+        admission: AdmissionOptions {
+            max_concurrent: args
+                .max_concurrent_queries
+                .map_or(4 * cpu_threads.max(1), |n| n as usize),
+            max_queued: args.max_queued_queries,
+            queue_timeout: args.queue_timeout,
+        },
+        limits: QueryLimits {
+            query_timeout: args.query_timeout,
+            planning_timeout: args.planning_timeout,
+            first_batch_timeout: args.first_batch_timeout,
+            stream_idle_timeout: args.stream_idle_timeout,
+        },
         io: IoOptions {
             mode: args.io,
             mmap: MmapLimits {
@@ -67,7 +83,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(
         memory_limit = options.memory.limit,
         pool = ?options.memory.pool,
-        "memory pool"
+        max_concurrent_queries = options.admission.max_concurrent,
+        max_queued_queries = options.admission.max_queued,
+        "limits"
     );
     let engine = Arc::new(QueryEngine::new(tables, options).await?);
     for name in engine.catalog().table_names() {
@@ -148,16 +166,46 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         args.tls.tls_handshake_timeout,
         shutdown.clone(),
     );
-    server
+    let serve = server
         .layer(RpcMetricsLayer::new(rpc_metrics))
         .add_service(health_service)
         .add_service(flight)
-        .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
-        .await
-        .context("the Flight server failed")?;
+        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+    tokio::select! {
+        served = serve => served.context("the Flight server failed")?,
+        () = drain(&engine, &shutdown, args.shutdown_grace) => {
+            tracing::warn!("connections still open after the shutdown grace period; closing them");
+        }
+    }
     drop(signal);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// After shutdown begins, gives running streams `grace` to finish, then cancels every
+/// query (its stream ends with UNAVAILABLE) and waits a little for the connections to
+/// close. Completes only if they do not.
+async fn drain(engine: &QueryEngine, shutdown: &CancellationToken, grace: Duration) {
+    /// How long cancelled streams get to deliver their error and close.
+    const CLOSE: Duration = Duration::from_secs(5);
+    shutdown.cancelled().await;
+    let running = engine.active_queries().len();
+    if running > 0 {
+        tracing::info!(running, grace = %humantime::format_duration(grace), "waiting for running queries");
+    }
+    let deadline = tokio::time::Instant::now() + grace;
+    while !engine.active_queries().is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let left = engine.active_queries().len();
+    if left > 0 {
+        tracing::warn!(
+            queries = left,
+            "shutdown grace period over: cancelling the queries still running"
+        );
+    }
+    engine.active_queries().shut_down();
+    tokio::time::sleep(CLOSE).await;
 }
 
 /// tonic's server with the HTTP/2 flags applied, after checking them against the

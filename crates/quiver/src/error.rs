@@ -50,6 +50,44 @@ pub enum Error {
         reason: String,
     },
 
+    /// The caller is authenticated but may not do this (e.g. cancel another user's query).
+    #[error("permission denied: {reason}")]
+    PermissionDenied {
+        /// What was refused and why.
+        reason: String,
+    },
+
+    /// Admission control turned the query away. Retryable.
+    #[error("server busy: {reason}; retry later")]
+    Overloaded {
+        /// Which limit was hit, naming its flag.
+        reason: String,
+    },
+
+    /// The query was cancelled by `cancel-query` or `CancelFlightInfo`. ABORTED, not
+    /// CANCELLED: pyarrow turns a CANCELLED status into a `KeyboardInterrupt` in the
+    /// reading thread, which a service cannot tell from a real Ctrl-C.
+    #[error("query cancelled: {reason}")]
+    Cancelled {
+        /// Who or what cancelled it.
+        reason: String,
+    },
+
+    /// A deadline expired: the client's, or one of the server's limits.
+    #[error("{stage} exceeded its deadline of {} ({source_of_limit})", humantime::format_duration(*.limit))]
+    DeadlineExceeded {
+        /// What took too long: "the query", "planning", "the first batch", ...
+        stage: String,
+        /// The time it had.
+        limit: std::time::Duration,
+        /// Where the limit came from: the client's grpc-timeout, or a flag.
+        source_of_limit: String,
+    },
+
+    /// The server is shutting down. Retryable on another replica.
+    #[error("the server is shutting down; retry (on another replica)")]
+    ShuttingDown,
+
     /// The feature exists in the protocol but is not served (yet).
     #[error("{what} is not supported")]
     Unsupported {
@@ -168,6 +206,10 @@ impl Error {
             Self::TableNotFound { .. } => Code::NotFound,
             Self::Unsupported { .. } => Code::Unimplemented,
             Self::Unauthenticated { .. } => Code::Unauthenticated,
+            Self::PermissionDenied { .. } => Code::PermissionDenied,
+            Self::Overloaded { .. } | Self::ShuttingDown => Code::Unavailable,
+            Self::Cancelled { .. } => Code::Aborted,
+            Self::DeadlineExceeded { .. } => Code::DeadlineExceeded,
             Self::Config { .. } => Code::InvalidArgument,
             Self::Schema { .. } => Code::FailedPrecondition,
             Self::Io { .. } => Code::Unavailable,

@@ -45,6 +45,8 @@ pub struct PeerInfo {
 pub struct Identity {
     /// User or token name from the auth file.
     pub name: Arc<str>,
+    /// May list and cancel every user's queries (`admin = true` in the auth file).
+    pub admin: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -62,6 +64,8 @@ struct UserEntry {
     name: String,
     /// argon2id PHC string (`quiver auth hash-password`).
     password: String,
+    #[serde(default)]
+    admin: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -70,6 +74,8 @@ struct TokenEntry {
     name: String,
     /// Hex SHA-256 of the token.
     sha256: String,
+    #[serde(default)]
+    admin: bool,
 }
 
 #[derive(Debug)]
@@ -81,8 +87,8 @@ struct Session {
 /// Checks credentials and issues session tokens.
 #[derive(Debug)]
 pub struct Authenticator {
-    /// User name to PHC string (validated at load).
-    users: HashMap<String, String>,
+    /// User name to PHC string (validated at load) and admin flag.
+    users: HashMap<String, (String, bool)>,
     /// Token digest to token name.
     tokens: HashMap<[u8; 32], Identity>,
     /// Session token digest to session.
@@ -117,7 +123,10 @@ impl Authenticator {
                     user.name, hash.algorithm
                 ));
             }
-            if users.insert(user.name.clone(), user.password).is_some() {
+            if users
+                .insert(user.name.clone(), (user.password, user.admin))
+                .is_some()
+            {
                 return Err(format!("user '{}' is listed twice", user.name));
             }
         }
@@ -133,6 +142,7 @@ impl Authenticator {
                 digest,
                 Identity {
                     name: token.name.into(),
+                    admin: token.admin,
                 },
             );
         }
@@ -165,9 +175,9 @@ impl Authenticator {
         // argon2 is deliberately slow: keep it off the async workers.
         let this = Arc::clone(self);
         let verified = tokio::task::spawn_blocking(move || {
-            let (hash, known) = match this.users.get(&user) {
-                Some(h) => (h.as_str(), true),
-                None => (this.dummy_hash.as_str(), false),
+            let (hash, admin, known) = match this.users.get(&user) {
+                Some((h, admin)) => (h.as_str(), *admin, true),
+                None => (this.dummy_hash.as_str(), false, false),
             };
             let ok = PasswordHash::new(hash)
                 .map(|h| {
@@ -176,7 +186,7 @@ impl Authenticator {
                         .is_ok()
                 })
                 .unwrap_or(false);
-            (ok && known).then_some(user)
+            (ok && known).then_some((user, admin))
         })
         .await
         .map_err(|e| Error::Internal(format!("password check failed: {e}")))?;
@@ -185,7 +195,10 @@ impl Authenticator {
         let mut bytes = [0u8; TOKEN_BYTES];
         OsRng.fill_bytes(&mut bytes);
         let token = URL_SAFE_NO_PAD.encode(bytes);
-        let identity = Identity { name: user.into() };
+        let identity = Identity {
+            name: user.0.into(),
+            admin: user.1,
+        };
         let now = Instant::now();
         let mut sessions = self.sessions.lock().expect("poisoned");
         sessions.retain(|_, s| s.expires > now);

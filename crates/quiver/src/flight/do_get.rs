@@ -3,18 +3,23 @@
 //! ```text
 //!  network runtime                      CPU runtime
 //!  ───────────────                      ───────────
-//!  do_get(ticket) ── execute(sql) ────▶ plan, execute_stream()
+//!  do_get(ticket) ── execute(request) ─▶ admit (slot or queue), plan, execute_stream()
 //!                                       │ poll batches (Parquet decode, filters, ...)
 //!                                       │ expand views
 //!                                       │ FlightDataEncoder (schema first, split to size)
 //!  response stream ◀── bounded channel ─┘ tx.send().await  (backpressure)
+//!        then the task's error, if it stopped early
 //! ```
 //!
-//! Dropping the response (client gone, deadline, cancel) drops the receiver and the
-//! task handle; the task is aborted and the plan dropped, which stops the query.
+//! The send task stops at the first of: the end of the result, an error, a cancel
+//! (`cancel-query`, `CancelFlightInfo`, shutdown), the query or first-batch deadline, or
+//! a client that takes no message for `--stream-idle-timeout`. It then ends the stream
+//! with that error after the messages already queued. Dropping the response (client
+//! gone) drops the task handle; the task is aborted and the plan dropped.
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arrow_flight::FlightData;
 use arrow_flight::encode::FlightDataEncoderBuilder;
@@ -31,7 +36,7 @@ use tonic::Status;
 use super::views;
 use crate::error::{Error, Result};
 use crate::metrics::Outcome;
-use crate::query::{Execution, QueryEngine};
+use crate::query::{Deadline, Execution, QueryEngine, QueryRequest, RunningQuery};
 
 /// The response stream of `DoGet`.
 pub(super) type FlightDataStream = Pin<Box<dyn Stream<Item = Result<FlightData, Status>> + Send>>;
@@ -60,17 +65,19 @@ impl Default for SendOptions {
     }
 }
 
-/// Plans and runs `sql`; planning errors are returned, execution errors arrive in-band.
+/// Admits, plans and runs a query; planning errors are returned, execution errors
+/// arrive in-band.
 pub(super) async fn do_get(
     engine: &Arc<QueryEngine>,
-    sql: String,
+    request: QueryRequest,
     options: SendOptions,
 ) -> Result<FlightDataStream> {
     let Execution {
         stream,
         report,
-        mut query,
-    } = engine.execute(sql).await?;
+        query,
+        deadline,
+    } = engine.execute(request).await?;
     let schema = views::expand_schema(&stream.schema());
 
     let (tx, rx) = mpsc::channel::<Result<FlightData, Status>>(options.channel_depth.max(1));
@@ -81,56 +88,132 @@ pub(super) async fn do_get(
             .and_then(|b| views::expand_batch(b, &batch_schema).map_err(FlightError::Arrow))
     });
     let ipc = IpcWriteOptions::default().try_with_compression(options.compression)?;
-    let mut encoded = FlightDataEncoderBuilder::new()
+    let encoded = FlightDataEncoderBuilder::new()
         .with_options(ipc)
         .with_schema(schema)
         .with_max_flight_data_size(options.max_flight_data_size)
         .build(batches);
 
-    let panic_tx = tx.clone();
+    let limits = Limits {
+        first_batch: deadline.clone().earliest(Deadline::after(
+            tokio::time::Instant::from_std(query.started()),
+            engine.limits().first_batch_timeout,
+            "--first-batch-timeout",
+        )),
+        query: deadline,
+        idle: engine.limits().stream_idle_timeout,
+    };
     let task = engine.cpu().spawn(async move {
         // Dropped with the task, however it ends: the scan summary is always recorded.
         let _report = report;
-        let run = AssertUnwindSafe(async {
-            while let Some(item) = encoded.next().await {
-                let item = item.map_err(|e| match e {
-                    FlightError::Tonic(status) => *status,
-                    other => Status::from(Error::from(other)),
-                });
-                let sent = item
-                    .as_ref()
-                    .ok()
-                    .map(|data| (batch_rows(data), data_bytes(data)));
-                let failed = item.is_err();
-                if tx.send(item).await.is_err() {
-                    tracing::debug!("client went away; stopping the query");
-                    query.finish(Outcome::Cancelled);
-                    return;
-                }
-                if let Some((rows, bytes)) = sent {
-                    query.sent(rows, bytes);
-                }
-                if failed {
-                    query.finish(Outcome::Error);
-                    return;
-                }
+        let mut query = query;
+        let sent = AssertUnwindSafe(send(encoded, &tx, &mut query, &limits))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_panic| {
+                Err((
+                    Outcome::Error,
+                    Status::from(Error::Internal("the query panicked".into())),
+                ))
+            });
+        match sent {
+            Ok(()) => {
+                query.finish(Outcome::Success);
+                None
             }
-            query.finish(Outcome::Success);
-        });
-        // A panic must end the stream with an error, never as a silently short result.
-        if run.catch_unwind().await.is_err() {
-            query.finish(Outcome::Error);
-            let status = Status::from(Error::Internal("the query panicked".into()));
-            let _ = panic_tx.send(Err(status)).await;
+            Err((outcome, status)) => {
+                query.finish(outcome);
+                Some(status)
+            }
         }
     });
 
-    // The stream owns the task: dropping the response aborts the query.
-    let out = ReceiverStream::new(rx).map(move |item| {
-        let _owned = &task;
-        item
-    });
-    Ok(Box::pin(out))
+    // The stream owns the task: dropping the response aborts the query. After the last
+    // message, a query that failed ends the stream with its error: in the trailers,
+    // never as a silently short result.
+    let last = futures::stream::once(async move {
+        match task.await {
+            Ok(failed) => failed.map(Err),
+            Err(join) => Some(Err(Status::from(Error::Internal(format!(
+                "the query task failed: {join}"
+            ))))),
+        }
+    })
+    .filter_map(futures::future::ready);
+    Ok(Box::pin(ReceiverStream::new(rx).chain(last)))
+}
+
+/// The limits a stream runs under.
+struct Limits {
+    /// Until the first record batch is sent.
+    first_batch: Deadline,
+    /// The whole query.
+    query: Deadline,
+    /// Longest wait for the client to take the next message.
+    idle: Duration,
+}
+
+/// How a query's stream ended early: its outcome and the status the client gets.
+type Stop = (Outcome, Status);
+
+/// Moves encoded messages to the network until the result ends, the query fails, is
+/// cancelled, runs out of time, or the client goes away or stops reading.
+async fn send(
+    mut encoded: impl Stream<Item = Result<FlightData, FlightError>> + Unpin,
+    tx: &mpsc::Sender<Result<FlightData, Status>>,
+    query: &mut RunningQuery,
+    limits: &Limits,
+) -> Result<(), Stop> {
+    let active = Arc::clone(query.active());
+    let cancel = active.cancelled().clone();
+    let stop = |e: Error| (Outcome::of(&e), Status::from(e));
+    // Cancelled, whoever asked (a client, an operator, shutdown).
+    let cancelled = || (Outcome::Cancelled, Status::from(active.cancel_error()));
+    loop {
+        let (deadline, stage) = if query.sent_first_batch() {
+            (&limits.query, "the query")
+        } else {
+            (&limits.first_batch, "the first batch")
+        };
+        let next = tokio::select! {
+            biased;
+            () = cancel.cancelled() => return Err(cancelled()),
+            () = deadline.expired() => return Err(stop(deadline.error(stage))),
+            next = encoded.next() => next,
+        };
+        let data = match next {
+            None => return Ok(()),
+            Some(Ok(data)) => data,
+            Some(Err(FlightError::Tonic(status))) => return Err((Outcome::Error, *status)),
+            Some(Err(other)) => return Err(stop(Error::from(other))),
+        };
+        let (rows, bytes) = (batch_rows(&data), data_bytes(&data));
+        let idle = async {
+            if limits.idle.is_zero() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(limits.idle).await;
+        };
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => return Err(cancelled()),
+            () = deadline.expired() => return Err(stop(deadline.error(stage))),
+            () = idle => {
+                return Err(stop(Error::DeadlineExceeded {
+                    stage: "the client reading the stream".into(),
+                    limit: limits.idle,
+                    source_of_limit: "--stream-idle-timeout".into(),
+                }));
+            }
+            sent = tx.send(Ok(data)) => {
+                if sent.is_err() {
+                    tracing::debug!("client went away; stopping the query");
+                    return Err((Outcome::Cancelled, Status::cancelled("the client went away")));
+                }
+            }
+        }
+        query.sent(rows, bytes);
+    }
 }
 
 /// Rows of a record batch message, from its IPC header; `None` for schema and

@@ -13,7 +13,7 @@ use datafusion::catalog::TableProvider;
 use super::ticket::{self, Command, QuiverTicket};
 use super::views;
 use crate::error::{Error, Result};
-use crate::query::QueryEngine;
+use crate::query::{QueryEngine, new_query_id};
 
 /// The SQL a descriptor stands for: a CMD holds SQL (or a Quiver ticket), a PATH
 /// `[table]` means every row of that table.
@@ -51,7 +51,9 @@ pub(super) async fn flight_info(
     sql: String,
 ) -> Result<FlightInfo> {
     let schema = views::expand_schema(&engine.schema(sql.clone()).await?);
-    info_for(descriptor, &schema, &sql, None)
+    // The ticket names the query it will start, so CancelFlightInfo can reach it.
+    let ticket = QuiverTicket::new(sql).with_query_id(new_query_id());
+    info_for(descriptor, &schema, ticket, None)
 }
 
 /// The IPC-encoded schema of `sql`.
@@ -72,7 +74,7 @@ pub(super) fn list_flights(engine: &QueryEngine) -> Result<Vec<FlightInfo>> {
             info_for(
                 FlightDescriptor::new_path(vec![name.clone()]),
                 &schema,
-                &ticket::select_all(&name),
+                QuiverTicket::new(ticket::select_all(&name)),
                 Some((table.num_rows(), table.byte_size())),
             )
         })
@@ -82,11 +84,10 @@ pub(super) fn list_flights(engine: &QueryEngine) -> Result<Vec<FlightInfo>> {
 fn info_for(
     descriptor: FlightDescriptor,
     schema: &SchemaRef,
-    sql: &str,
+    ticket: QuiverTicket,
     size: Option<(u64, u64)>,
 ) -> Result<FlightInfo> {
-    let endpoint =
-        FlightEndpoint::new().with_ticket(Ticket::new(QuiverTicket::new(sql).encode_any()));
+    let endpoint = FlightEndpoint::new().with_ticket(Ticket::new(ticket.encode_any()));
     let (records, bytes) = size.map_or((-1, -1), |(r, b)| {
         (
             i64::try_from(r).unwrap_or(i64::MAX),

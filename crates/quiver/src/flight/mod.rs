@@ -17,6 +17,7 @@ pub use do_get::SendOptions;
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arrow_flight::flight_service_server::FlightService;
 use arrow_flight::{
@@ -27,7 +28,7 @@ use futures::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::{Error, Result};
-use crate::query::QueryEngine;
+use crate::query::{Caller, QueryEngine, QueryRequest};
 use auth::{Authenticator, Identity, PeerInfo};
 use ticket::Command;
 
@@ -76,8 +77,14 @@ impl QuiverFlightService {
 
     /// The SQL a command stands for; Flight SQL is not served yet.
     fn sql(command: Command) -> Result<String> {
+        Ok(Self::query(command)?.0)
+    }
+
+    /// The SQL a command stands for, and the query id its ticket names.
+    fn query(command: Command) -> Result<(String, Option<String>)> {
         match command {
-            Command::Sql(sql) => Ok(sql),
+            Command::Sql(sql) => Ok((sql, None)),
+            Command::Query { sql, query_id } => Ok((sql, Some(query_id))),
             Command::FlightSql(any) => Err(Error::Unsupported {
                 what: format!("Flight SQL ({})", any.type_url),
             }),
@@ -85,11 +92,62 @@ impl QuiverFlightService {
     }
 }
 
+/// Who is asking, for listing and cancelling queries.
+fn caller(identity: &Option<Identity>) -> Caller<'_> {
+    match identity {
+        None => Caller::Anyone,
+        Some(id) if id.admin => Caller::Admin(&id.name),
+        Some(id) => Caller::User(&id.name),
+    }
+}
+
+/// The client's deadline from the `grpc-timeout` header: up to 8 digits and a unit
+/// (H, M, S, m, u, n) per the gRPC HTTP/2 protocol.
+fn client_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
+    let value = metadata.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 fn unsupported<T>(what: &str) -> Result<T, Status> {
     Err(Error::Unsupported {
         what: what.to_string(),
     }
     .into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_header() {
+        let parse = |v: &str| {
+            let mut m = tonic::metadata::MetadataMap::new();
+            m.insert("grpc-timeout", v.parse().unwrap());
+            client_timeout(&m)
+        };
+        assert_eq!(parse("1500m"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        assert_eq!(parse("123456789S"), None, "at most 8 digits");
+        assert_eq!(parse("5x"), None);
+        assert_eq!(parse("S"), None);
+        assert_eq!(client_timeout(&tonic::metadata::MetadataMap::new()), None);
+    }
 }
 
 #[tonic::async_trait]
@@ -176,10 +234,17 @@ impl FlightService for QuiverFlightService {
         &self,
         request: Request<Ticket>,
     ) -> Result<Response<Self::DoGetStream>, Status> {
-        self.authorize(&request)?;
-        let sql = Self::sql(ticket::decode(&request.into_inner().ticket)?)?;
+        let identity = self.authorize(&request)?;
+        let client_timeout = client_timeout(request.metadata());
+        let (sql, id) = Self::query(ticket::decode(&request.into_inner().ticket)?)?;
         tracing::debug!(%sql, "query");
-        let stream = do_get::do_get(&self.engine, sql, self.send).await?;
+        let request = QueryRequest {
+            sql,
+            id,
+            user: identity.map(|i| i.name.to_string()),
+            client_timeout,
+        };
+        let stream = do_get::do_get(&self.engine, request, self.send).await?;
         Ok(Response::new(stream))
     }
 
@@ -204,9 +269,9 @@ impl FlightService for QuiverFlightService {
         &self,
         request: Request<Action>,
     ) -> Result<Response<Self::DoActionStream>, Status> {
-        self.authorize(&request)?;
+        let identity = self.authorize(&request)?;
         let action = request.into_inner();
-        let body = actions::run(&self.engine, &action.r#type).await?;
+        let body = actions::run(&self.engine, &action, caller(&identity)).await?;
         let result = arrow_flight::Result { body: body.into() };
         Ok(Response::new(Box::pin(futures::stream::once(async {
             Ok(result)

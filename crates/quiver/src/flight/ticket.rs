@@ -37,6 +37,10 @@ pub struct QuiverTicket {
     /// The statement to run.
     #[prost(string, tag = "2")]
     pub sql: String,
+    /// Set by `GetFlightInfo`: the query's id while it runs, so that `CancelFlightInfo`
+    /// (and `cancel-query`) can reach it.
+    #[prost(string, optional, tag = "3")]
+    pub query_id: Option<String>,
 }
 
 impl QuiverTicket {
@@ -45,7 +49,14 @@ impl QuiverTicket {
         Self {
             version: QUIVER_TICKET_VERSION,
             sql: sql.into(),
+            query_id: None,
         }
+    }
+
+    /// The same ticket, naming the query it will start.
+    pub fn with_query_id(mut self, id: impl Into<String>) -> Self {
+        self.query_id = Some(id.into());
+        self
     }
 
     /// Encodes as an `Any` with [`QUIVER_TICKET_TYPE_URL`].
@@ -64,6 +75,13 @@ impl QuiverTicket {
 pub enum Command {
     /// Run this SQL.
     Sql(String),
+    /// Run this SQL as the query with this id (a ticket from `GetFlightInfo`).
+    Query {
+        /// The statement.
+        sql: String,
+        /// The id it runs under.
+        query_id: String,
+    },
     /// A Flight SQL command, still packed.
     FlightSql(Any),
 }
@@ -89,7 +107,11 @@ pub fn decode(bytes: &[u8]) -> Result<Command> {
                     ticket.version
                 )));
             }
-            return sql(ticket.sql.into_bytes());
+            let command = sql(ticket.sql.into_bytes())?;
+            return Ok(match (command, ticket.query_id) {
+                (Command::Sql(sql), Some(query_id)) => Command::Query { sql, query_id },
+                (command, _) => command,
+            });
         }
     }
     sql(bytes.to_vec())
@@ -137,11 +159,22 @@ mod tests {
     fn quiver_ticket_round_trips() {
         let bytes = QuiverTicket::new("SELECT 2").encode_any();
         assert_eq!(decode(&bytes).unwrap(), Command::Sql("SELECT 2".into()));
+        let bytes = QuiverTicket::new("SELECT 3")
+            .with_query_id("00ff")
+            .encode_any();
+        assert_eq!(
+            decode(&bytes).unwrap(),
+            Command::Query {
+                sql: "SELECT 3".into(),
+                query_id: "00ff".into()
+            }
+        );
         let future = Any {
             type_url: QUIVER_TICKET_TYPE_URL.into(),
             value: QuiverTicket {
                 version: 99,
                 sql: "x".into(),
+                query_id: None,
             }
             .encode_to_vec()
             .into(),

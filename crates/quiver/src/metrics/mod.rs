@@ -58,6 +58,16 @@ impl Outcome {
         Outcome::Timeout,
     ];
 
+    /// The outcome of a query that failed with `error`.
+    pub fn of(error: &Error) -> Self {
+        match error {
+            Error::Overloaded { .. } | Error::ShuttingDown => Outcome::Rejected,
+            Error::Cancelled { .. } => Outcome::Cancelled,
+            Error::DeadlineExceeded { .. } => Outcome::Timeout,
+            _ => Outcome::Error,
+        }
+    }
+
     /// The label value.
     pub fn as_str(self) -> &'static str {
         match self {

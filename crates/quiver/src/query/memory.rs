@@ -7,6 +7,7 @@
 //! to its idle value when queries end, whichever way they end.
 
 use std::num::NonZeroUsize;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use datafusion::common::Result as DfResult;
@@ -125,10 +126,66 @@ impl MemoryPool for MeteredPool {
     }
 }
 
+/// One query's view of the shared pool: the same policy and limit, plus a count of what
+/// this query holds, for `list-queries`.
+#[derive(Debug)]
+pub(super) struct QueryPool {
+    shared: Arc<dyn MemoryPool>,
+    reserved: Arc<AtomicUsize>,
+}
+
+impl QueryPool {
+    pub(super) fn new(shared: Arc<dyn MemoryPool>, reserved: Arc<AtomicUsize>) -> Self {
+        Self { shared, reserved }
+    }
+}
+
+impl std::fmt::Display for QueryPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "query({})", self.shared)
+    }
+}
+
+impl MemoryPool for QueryPool {
+    fn name(&self) -> &str {
+        "query"
+    }
+
+    fn register(&self, consumer: &MemoryConsumer) {
+        self.shared.register(consumer);
+    }
+
+    fn unregister(&self, consumer: &MemoryConsumer) {
+        self.shared.unregister(consumer);
+    }
+
+    fn grow(&self, reservation: &MemoryReservation, additional: usize) {
+        self.shared.grow(reservation, additional);
+        self.reserved.fetch_add(additional, Ordering::Relaxed);
+    }
+
+    fn shrink(&self, reservation: &MemoryReservation, shrink: usize) {
+        self.shared.shrink(reservation, shrink);
+        self.reserved.fetch_sub(shrink, Ordering::Relaxed);
+    }
+
+    fn try_grow(&self, reservation: &MemoryReservation, additional: usize) -> DfResult<()> {
+        self.shared.try_grow(reservation, additional)?;
+        self.reserved.fetch_add(additional, Ordering::Relaxed);
+        Ok(())
+    }
+
+    fn reserved(&self) -> usize {
+        self.shared.reserved()
+    }
+
+    fn memory_limit(&self) -> MemoryLimit {
+        self.shared.memory_limit()
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
 
     fn pool(kind: PoolKind, limit: usize) -> Arc<dyn MemoryPool> {
@@ -168,6 +225,27 @@ mod tests {
             assert_eq!(m.allocated_total(), m.freed_total(), "{kind:?}");
             assert_eq!(m.peak(), 500);
         }
+    }
+
+    #[test]
+    fn a_query_pool_counts_its_own_share_of_the_shared_pool() {
+        let shared = pool(PoolKind::Fair, 1000);
+        let mine = Arc::new(AtomicUsize::new(0));
+        let query: Arc<dyn MemoryPool> =
+            Arc::new(QueryPool::new(Arc::clone(&shared), Arc::clone(&mine)));
+        let other = MemoryConsumer::new("other").register(&shared);
+        other.grow(100);
+        let r = MemoryConsumer::new("sort").register(&query);
+        r.grow(300);
+        r.shrink(50);
+        assert_eq!(mine.load(Ordering::Relaxed), 250);
+        assert_eq!(shared.reserved(), 350);
+        drop(r);
+        assert_eq!(mine.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            metered(&shared).allocated_total() - metered(&shared).freed_total(),
+            100
+        );
     }
 
     #[test]

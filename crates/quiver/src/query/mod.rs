@@ -5,18 +5,25 @@
 //! later, the same memory pool), the catalog and the CPU runtime. Each request gets its
 //! own `SessionState` cloned from the base one, so nothing a query does leaks into another.
 
+mod active;
+mod admission;
+mod deadline;
 mod guard;
 mod memory;
 mod running;
 mod runtime;
 mod scan;
 
+pub use active::{ActiveQueries, ActiveQuery, Caller, QuerySnapshot, QueryState};
+pub use admission::{AdmissionOptions, Slot};
+pub use deadline::Deadline;
 pub use memory::MeteredPool;
 pub use running::RunningQuery;
 pub use runtime::CpuRuntime;
 pub use scan::{PartitionPruning, ScanReport, ScanSummary};
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::dataframe::DataFrame;
@@ -25,6 +32,7 @@ use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::MemoryPool;
 use datafusion::execution::object_store::ObjectStoreUrl;
+use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::physical_plan::{ExecutionPlan, execute_stream};
 use datafusion::prelude::{SessionConfig, SessionContext};
@@ -33,6 +41,8 @@ use crate::catalog::{Catalog, RefreshSummary, TableDefinition};
 use crate::error::{Error, Result};
 use crate::io::{Io, IoOptions, MmapStats};
 use crate::metrics::{EngineCollector, Outcome, QueryMetrics};
+use admission::Admission;
+use memory::QueryPool;
 
 /// How the engine is set up.
 #[derive(Debug, Clone)]
@@ -45,6 +55,69 @@ pub struct QueryOptions {
     pub io: IoOptions,
     /// The memory pool all queries share.
     pub memory: MemoryOptions,
+    /// How many queries run and wait at once.
+    pub admission: AdmissionOptions,
+    /// Time limits.
+    pub limits: QueryLimits,
+}
+
+/// Time limits on a query; zero turns a limit off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueryLimits {
+    /// The whole query, from arrival to the last message, unless the client's
+    /// `grpc-timeout` is shorter.
+    pub query_timeout: Duration,
+    /// Parsing and planning.
+    pub planning_timeout: Duration,
+    /// From arrival to the first record batch sent.
+    pub first_batch_timeout: Duration,
+    /// Longest a stream may wait for its client to read the next message.
+    pub stream_idle_timeout: Duration,
+}
+
+impl Default for QueryLimits {
+    fn default() -> Self {
+        Self {
+            query_timeout: Duration::from_secs(3600),
+            planning_timeout: Duration::from_secs(30),
+            first_batch_timeout: Duration::from_secs(600),
+            stream_idle_timeout: Duration::from_secs(300),
+        }
+    }
+}
+
+/// A query to run, and on whose behalf.
+#[derive(Debug, Clone, Default)]
+pub struct QueryRequest {
+    /// The statement.
+    pub sql: String,
+    /// The id from a `GetFlightInfo` ticket; a new one is made when `None`.
+    pub id: Option<String>,
+    /// The authenticated user, if authentication is on.
+    pub user: Option<String>,
+    /// The client's own deadline (`grpc-timeout`).
+    pub client_timeout: Option<Duration>,
+}
+
+impl From<String> for QueryRequest {
+    fn from(sql: String) -> Self {
+        Self {
+            sql,
+            ..Self::default()
+        }
+    }
+}
+
+impl From<&str> for QueryRequest {
+    fn from(sql: &str) -> Self {
+        sql.to_string().into()
+    }
+}
+
+/// A fresh query id: 64 random bits, hex. Not guessable, so one user cannot cancel
+/// another's query by counting (and with authentication on, only its user may).
+pub fn new_query_id() -> String {
+    format!("{:016x}", rand::random::<u64>())
 }
 
 /// Which memory pool policy queries share.
@@ -89,6 +162,8 @@ impl Default for QueryOptions {
             datafusion_config: vec![],
             io: IoOptions::default(),
             memory: MemoryOptions::default(),
+            admission: AdmissionOptions::default(),
+            limits: QueryLimits::default(),
         }
     }
 }
@@ -102,17 +177,22 @@ pub struct QueryEngine {
     pool: Arc<MeteredPool>,
     scan_totals: Arc<Mutex<ScanSummary>>,
     metrics: QueryMetrics,
+    admission: Admission,
+    active: Arc<ActiveQueries>,
+    limits: QueryLimits,
 }
 
-/// A started query: its result stream, the report of what it scanned, and its entry in
-/// the query metrics. Keep all three until the stream is done.
+/// A started query: its result stream, the report of what it scanned, its entry in the
+/// active queries and metrics, and its deadline. Keep them until the stream is done.
 pub struct Execution {
     /// The result batches; poll on the CPU runtime.
     pub stream: SendableRecordBatchStream,
     /// Records the scan summary when dropped.
     pub report: ScanReport,
-    /// Counts the query as active; record what is sent and how it ended here.
+    /// Lists the query and holds its slot; record what is sent and how it ended here.
     pub query: RunningQuery,
+    /// When the whole query must be done.
+    pub deadline: Deadline,
 }
 
 impl std::fmt::Debug for QueryEngine {
@@ -162,6 +242,9 @@ impl QueryEngine {
             pool,
             scan_totals: Arc::default(),
             metrics,
+            admission: Admission::new(options.admission),
+            active: Arc::default(),
+            limits: options.limits,
         })
     }
 
@@ -222,6 +305,16 @@ impl QueryEngine {
         self.metrics.active.get().max(0) as usize
     }
 
+    /// Queries waiting or running, for listing and cancelling.
+    pub fn active_queries(&self) -> &Arc<ActiveQueries> {
+        &self.active
+    }
+
+    /// The time limits.
+    pub fn limits(&self) -> &QueryLimits {
+        &self.limits
+    }
+
     /// The tables.
     pub fn catalog(&self) -> &Arc<Catalog> {
         &self.catalog
@@ -261,43 +354,104 @@ impl QueryEngine {
             .await
     }
 
-    /// Plans and starts `sql` on the CPU runtime. The stream must be polled on the CPU
-    /// runtime too (see `flight::do_get`): DataFusion does its work inside `poll`.
-    pub async fn execute(self: &Arc<Self>, sql: String) -> Result<Execution> {
-        let mut query = RunningQuery::start(self.metrics.clone());
-        let engine = Arc::clone(self);
-        let started = self
-            .cpu
-            .run(async move {
-                let pruning = Arc::new(PartitionPruning::default());
-                let df = engine.plan_with(&sql, Arc::clone(&pruning)).await?;
-                let task = Arc::new(df.task_ctx());
-                let plan: Arc<dyn ExecutionPlan> = df.create_physical_plan().await?;
-                for table in pruning.tables() {
-                    engine
-                        .metrics
-                        .table_scans
-                        .with_label_values(&[&table])
-                        .inc();
-                }
-                let stream = execute_stream(Arc::clone(&plan), task)?;
-                let report = ScanReport::new(plan, pruning, Arc::clone(&engine.scan_totals), &sql);
-                Ok((stream, report))
-            })
-            .await;
-        match started {
+    /// Admits, plans and starts a query on the CPU runtime. The stream must be polled on
+    /// the CPU runtime too (see `flight::do_get`): DataFusion does its work inside `poll`.
+    ///
+    /// The query is listed (and cancellable) from the start; it waits for a slot within
+    /// `--queue-timeout`, plans within `--planning-timeout`, and all of it within its
+    /// deadline. Every way this fails is counted in `quiver_queries_total`.
+    pub async fn execute(self: &Arc<Self>, request: impl Into<QueryRequest>) -> Result<Execution> {
+        let request = request.into();
+        let arrived = tokio::time::Instant::now();
+        let mut deadline = Deadline::after(arrived, self.limits.query_timeout, "--query-timeout");
+        if let Some(client) = request.client_timeout {
+            deadline = deadline.earliest(Deadline::after(
+                arrived,
+                client,
+                "the client's grpc-timeout",
+            ));
+        }
+        let id = request.id.unwrap_or_else(new_query_id);
+        let active = Arc::new(ActiveQuery::new(id, request.user, &request.sql));
+        let mut query = RunningQuery::start(
+            self.metrics.clone(),
+            Arc::clone(&active),
+            Arc::clone(&self.active),
+        )?;
+        match self.start(request.sql, &mut query, &deadline).await {
             Ok((stream, report)) => {
                 query.planned();
+                active.set_state(QueryState::Running);
                 Ok(Execution {
                     stream,
                     report,
                     query,
+                    deadline,
                 })
             }
             Err(e) => {
-                query.finish(Outcome::Error);
+                let outcome = if active.cancelled().is_cancelled() {
+                    Outcome::Cancelled
+                } else {
+                    Outcome::of(&e)
+                };
+                query.finish(outcome);
                 Err(e)
             }
+        }
+    }
+
+    /// Admission, then planning, each cut short by cancellation or its deadline.
+    async fn start(
+        self: &Arc<Self>,
+        sql: String,
+        query: &mut RunningQuery,
+        deadline: &Deadline,
+    ) -> Result<(SendableRecordBatchStream, ScanReport)> {
+        let active = Arc::clone(query.active());
+        let cancel = active.cancelled().clone();
+        let admit = self.admission.admit(&cancel, &self.metrics.queued, || {
+            active.set_state(QueryState::Queued)
+        });
+        let slot = deadline.run("waiting for a query slot", admit).await?;
+        query.admitted(slot);
+        active.set_state(QueryState::Planning);
+
+        let planning = deadline.clone().earliest(Deadline::after(
+            tokio::time::Instant::now(),
+            self.limits.planning_timeout,
+            "--planning-timeout",
+        ));
+        let engine = Arc::clone(self);
+        let memory = Arc::clone(active.memory());
+        let plan = self.cpu.run(async move {
+            let pruning = Arc::new(PartitionPruning::default());
+            let df = engine.plan_with(&sql, Arc::clone(&pruning)).await?;
+            let task = df.task_ctx();
+            // The query's own view of the shared pool counts what it holds.
+            let runtime = task.runtime_env();
+            let runtime = Arc::new(RuntimeEnv {
+                memory_pool: Arc::new(QueryPool::new(Arc::clone(&runtime.memory_pool), memory)),
+                disk_manager: Arc::clone(&runtime.disk_manager),
+                cache_manager: Arc::clone(&runtime.cache_manager),
+                object_store_registry: Arc::clone(&runtime.object_store_registry),
+            });
+            let task = Arc::new(task.with_runtime(runtime));
+            let plan: Arc<dyn ExecutionPlan> = df.create_physical_plan().await?;
+            for table in pruning.tables() {
+                engine
+                    .metrics
+                    .table_scans
+                    .with_label_values(&[&table])
+                    .inc();
+            }
+            let stream = execute_stream(Arc::clone(&plan), task)?;
+            let report = ScanReport::new(plan, pruning, Arc::clone(&engine.scan_totals), &sql);
+            Ok((stream, report))
+        });
+        tokio::select! {
+            started = planning.run("planning", plan) => started,
+            () = cancel.cancelled() => Err(active.cancel_error()),
         }
     }
 }

@@ -1,30 +1,59 @@
-//! One query's life, from its arrival to its last message, in the metrics.
+//! One query's life, from its arrival to its last message: its entry in the active
+//! queries, its admission slot, and its metrics.
 
+use std::sync::Arc;
 use std::time::Instant;
 
+use super::active::{ActiveQueries, ActiveQuery};
+use super::admission::Slot;
+use crate::error::Result;
 use crate::metrics::{Outcome, QueryMetrics};
 
-/// A query that is planning or streaming. Counts in `quiver_queries_active` while it
-/// lives; when dropped it records its duration and outcome: the one given to
-/// [`RunningQuery::finish`], or `cancelled` if it never finished (the client went away
-/// and the task holding it was dropped).
+/// A query that is queued, planning or streaming. While it lives it is listed by
+/// `list-queries` and counts in `quiver_queries_active` (once admitted); when dropped it
+/// leaves the list, frees its slot and records its duration and outcome: the one given
+/// to [`RunningQuery::finish`], or `cancelled` if it never finished (the client went
+/// away and the task holding it was dropped).
 #[derive(Debug)]
 pub struct RunningQuery {
     metrics: QueryMetrics,
+    active: Arc<ActiveQuery>,
+    queries: Arc<ActiveQueries>,
+    slot: Option<Slot>,
     started: Instant,
     sent_first_batch: bool,
     outcome: Option<Outcome>,
 }
 
 impl RunningQuery {
-    pub(super) fn start(metrics: QueryMetrics) -> Self {
-        metrics.active.inc();
-        Self {
+    /// Lists the query. Fails (and counts the outcome) if it may not start.
+    pub(super) fn start(
+        metrics: QueryMetrics,
+        active: Arc<ActiveQuery>,
+        queries: Arc<ActiveQueries>,
+    ) -> Result<Self> {
+        if let Err(e) = queries.insert(&active) {
+            metrics
+                .queries
+                .with_label_values(&[Outcome::of(&e).as_str()])
+                .inc();
+            return Err(e);
+        }
+        Ok(Self {
             metrics,
+            active,
+            queries,
+            slot: None,
             started: Instant::now(),
             sent_first_batch: false,
             outcome: None,
-        }
+        })
+    }
+
+    /// Holds `slot` until the query ends; from now on the query counts as active.
+    pub(super) fn admitted(&mut self, slot: Slot) {
+        self.metrics.active.inc();
+        self.slot = Some(slot);
     }
 
     /// Records planning time, measured from arrival.
@@ -32,6 +61,21 @@ impl RunningQuery {
         self.metrics
             .planning
             .observe(self.started.elapsed().as_secs_f64());
+    }
+
+    /// The query as `list-queries` shows it, and its cancellation token.
+    pub fn active(&self) -> &Arc<ActiveQuery> {
+        &self.active
+    }
+
+    /// When the query arrived.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// Whether a record batch has been sent yet.
+    pub fn sent_first_batch(&self) -> bool {
+        self.sent_first_batch
     }
 
     /// Records one Flight message handed to the network: `rows` is `Some` for a record
@@ -47,6 +91,7 @@ impl RunningQuery {
         }
         self.metrics.batches_sent.inc();
         self.metrics.rows_sent.inc_by(rows);
+        self.active.add_rows_sent(rows);
     }
 
     /// Sets how the query ended; the first call wins.
@@ -65,6 +110,9 @@ impl Drop for RunningQuery {
         self.metrics
             .duration
             .observe(self.started.elapsed().as_secs_f64());
-        self.metrics.active.dec();
+        if self.slot.take().is_some() {
+            self.metrics.active.dec();
+        }
+        self.queries.remove(self.active.id());
     }
 }

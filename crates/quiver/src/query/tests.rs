@@ -33,7 +33,8 @@ async fn run(engine: &Arc<QueryEngine>, sql: &str) -> Result<(usize, i64)> {
         mut stream,
         report,
         mut query,
-    } = engine.execute(sql.into()).await?;
+        ..
+    } = engine.execute(sql).await?;
     engine
         .cpu()
         .run(async move {
@@ -106,7 +107,8 @@ async fn a_cancelled_query_returns_its_memory() {
         mut stream,
         report,
         query,
-    } = engine.execute(BIG_SORT.into()).await.unwrap();
+        ..
+    } = engine.execute(BIG_SORT).await.unwrap();
     let pool = engine.memory_pool();
     let first = engine
         .cpu()

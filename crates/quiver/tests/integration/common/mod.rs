@@ -154,9 +154,7 @@ impl Fixture {
                 tables,
                 QueryOptions {
                     cpu_threads: 2,
-                    datafusion_config: vec![],
-                    io: Default::default(),
-                    memory: Default::default(),
+                    ..QueryOptions::default()
                 },
             )
             .await

@@ -1,0 +1,366 @@
+//! The queries waiting or running now: what `list-queries` shows and what
+//! `cancel-query`, `CancelFlightInfo` and shutdown cancel.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{Error, Result};
+
+/// Longest SQL text `list-queries` shows, in characters.
+const LISTED_SQL_CHARS: usize = 1000;
+
+/// Ids of queries cancelled before they started (a `CancelFlightInfo` for a ticket not
+/// yet redeemed), remembered so that the ticket fails when it arrives.
+const CANCELLED_EARLY_CAPACITY: usize = 4096;
+
+/// Where a query is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QueryState {
+    /// Waiting for a slot (admission control).
+    Queued = 0,
+    /// Parsing and planning.
+    Planning = 1,
+    /// Streaming results.
+    Running = 2,
+}
+
+/// One query waiting or running.
+#[derive(Debug)]
+pub struct ActiveQuery {
+    id: String,
+    user: Option<String>,
+    sql: String,
+    started: SystemTime,
+    state: AtomicU8,
+    rows_sent: AtomicU64,
+    /// Bytes this query holds in the memory pool (kept by its `QueryPool`).
+    memory: Arc<AtomicUsize>,
+    cancel: CancellationToken,
+    cause: Mutex<Option<Cause>>,
+}
+
+/// Why a query was cancelled.
+#[derive(Debug, Clone)]
+enum Cause {
+    /// By a client or operator, with who and how.
+    Request(String),
+    /// The shutdown grace period ended.
+    Shutdown,
+}
+
+impl ActiveQuery {
+    /// A query by `user` (when authentication is on) running `sql`.
+    pub fn new(id: String, user: Option<String>, sql: &str) -> Self {
+        Self {
+            id,
+            user,
+            sql: sql.chars().take(LISTED_SQL_CHARS).collect(),
+            started: SystemTime::now(),
+            state: AtomicU8::new(QueryState::Planning as u8),
+            rows_sent: AtomicU64::new(0),
+            memory: Arc::default(),
+            cancel: CancellationToken::new(),
+            cause: Mutex::new(None),
+        }
+    }
+
+    /// The query's id, as `list-queries` shows it.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Fires when the query is cancelled.
+    pub fn cancelled(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    /// The error the query ends with once cancelled: ABORTED, or UNAVAILABLE
+    /// (retryable elsewhere) when the server shut down.
+    pub fn cancel_error(&self) -> Error {
+        match self.cause.lock().expect("poisoned").clone() {
+            Some(Cause::Shutdown) => Error::ShuttingDown,
+            Some(Cause::Request(reason)) => Error::Cancelled { reason },
+            None => Error::Cancelled {
+                reason: "cancelled".into(),
+            },
+        }
+    }
+
+    /// Cancels the query; the first cause is kept.
+    fn cancel_with(&self, cause: Cause) {
+        self.cause.lock().expect("poisoned").get_or_insert(cause);
+        self.cancel.cancel();
+    }
+
+    pub(super) fn set_state(&self, state: QueryState) {
+        self.state.store(state as u8, Ordering::Relaxed);
+    }
+
+    fn state(&self) -> QueryState {
+        match self.state.load(Ordering::Relaxed) {
+            0 => QueryState::Queued,
+            1 => QueryState::Planning,
+            _ => QueryState::Running,
+        }
+    }
+
+    pub(super) fn add_rows_sent(&self, rows: u64) {
+        self.rows_sent.fetch_add(rows, Ordering::Relaxed);
+    }
+
+    /// The counter the query's memory pool keeps.
+    pub(super) fn memory(&self) -> &Arc<AtomicUsize> {
+        &self.memory
+    }
+
+    fn snapshot(&self) -> QuerySnapshot {
+        let started: chrono::DateTime<chrono::Utc> = self.started.into();
+        QuerySnapshot {
+            id: self.id.clone(),
+            user: self.user.clone(),
+            started: started.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            elapsed_seconds: self.started.elapsed().unwrap_or_default().as_secs_f64(),
+            state: self.state(),
+            rows_sent: self.rows_sent.load(Ordering::Relaxed),
+            memory_reserved_bytes: self.memory.load(Ordering::Relaxed) as u64,
+            sql: self.sql.clone(),
+        }
+    }
+}
+
+/// One entry of `list-queries`.
+#[derive(Debug, Clone, Serialize)]
+pub struct QuerySnapshot {
+    /// Pass to `cancel-query`.
+    pub id: String,
+    /// Who runs it (when authentication is on).
+    pub user: Option<String>,
+    /// When it arrived (RFC 3339, UTC).
+    pub started: String,
+    /// Seconds since it arrived.
+    pub elapsed_seconds: f64,
+    /// Queued, planning or running.
+    pub state: QueryState,
+    /// Result rows sent so far.
+    pub rows_sent: u64,
+    /// Bytes it holds in the memory pool.
+    pub memory_reserved_bytes: u64,
+    /// The statement, cut at 1000 characters.
+    pub sql: String,
+}
+
+/// Who asks to see or cancel queries.
+#[derive(Debug, Clone, Copy)]
+pub enum Caller<'a> {
+    /// Authentication is off: everyone sees and cancels everything.
+    Anyone,
+    /// An authenticated user: sees and cancels their own queries only.
+    User(&'a str),
+    /// An authenticated administrator: sees and cancels every query.
+    Admin(&'a str),
+}
+
+impl Caller<'_> {
+    fn may_see(&self, query: &ActiveQuery) -> bool {
+        match self {
+            Caller::Anyone | Caller::Admin(_) => true,
+            Caller::User(name) => query.user.as_deref() == Some(*name),
+        }
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            Caller::Anyone => "a client",
+            Caller::User(name) | Caller::Admin(name) => name,
+        }
+    }
+}
+
+/// Every query waiting or running.
+#[derive(Debug, Default)]
+pub struct ActiveQueries {
+    queries: Mutex<HashMap<String, Arc<ActiveQuery>>>,
+    cancelled_early: Mutex<VecDeque<String>>,
+    shutting_down: AtomicBool,
+}
+
+impl ActiveQueries {
+    /// Adds a query. Fails if its id was cancelled before it arrived, is already
+    /// running, or the server is shutting down.
+    pub(super) fn insert(&self, query: &Arc<ActiveQuery>) -> Result<()> {
+        if self.shutting_down.load(Ordering::Acquire) {
+            return Err(Error::ShuttingDown);
+        }
+        if let Some(pos) = self
+            .cancelled_early
+            .lock()
+            .expect("poisoned")
+            .iter()
+            .position(|id| id == &query.id)
+        {
+            self.cancelled_early.lock().expect("poisoned").remove(pos);
+            return Err(Error::Cancelled {
+                reason: "CancelFlightInfo cancelled this ticket before it was redeemed".into(),
+            });
+        }
+        let mut queries = self.queries.lock().expect("poisoned");
+        if queries.contains_key(&query.id) {
+            return Err(Error::invalid(format!(
+                "query {} is already running: a ticket from GetFlightInfo can be redeemed once at a time",
+                query.id
+            )));
+        }
+        queries.insert(query.id.clone(), Arc::clone(query));
+        Ok(())
+    }
+
+    pub(super) fn remove(&self, id: &str) {
+        self.queries.lock().expect("poisoned").remove(id);
+    }
+
+    /// The queries `caller` may see, oldest first.
+    pub fn list(&self, caller: Caller<'_>) -> Vec<QuerySnapshot> {
+        let mut list: Vec<_> = self
+            .queries
+            .lock()
+            .expect("poisoned")
+            .values()
+            .filter(|q| caller.may_see(q))
+            .map(|q| q.snapshot())
+            .collect();
+        list.sort_by(|a, b| a.started.cmp(&b.started).then(a.id.cmp(&b.id)));
+        list
+    }
+
+    /// Cancels query `id` on behalf of `caller` (`cancel-query`).
+    pub fn cancel(&self, id: &str, caller: Caller<'_>) -> Result<()> {
+        self.cancel_via(id, caller, "cancel-query")
+    }
+
+    fn cancel_via(&self, id: &str, caller: Caller<'_>, via: &str) -> Result<()> {
+        let query = self.queries.lock().expect("poisoned").get(id).cloned();
+        let Some(query) = query else {
+            return Err(Error::invalid(format!(
+                "no query with id '{id}' is running (DoAction \"list-queries\" lists them)"
+            )));
+        };
+        if !caller.may_see(&query) {
+            return Err(Error::PermissionDenied {
+                reason: format!(
+                    "query {id} belongs to another user; only its user or an admin may cancel it"
+                ),
+            });
+        }
+        query.cancel_with(Cause::Request(format!(
+            "cancelled by {} ({via})",
+            caller.name()
+        )));
+        Ok(())
+    }
+
+    /// Cancels the query a `GetFlightInfo` ticket starts: now if it runs, or when its
+    /// ticket arrives. Returns whether it was running.
+    pub fn cancel_ticket(&self, id: &str, caller: Caller<'_>) -> Result<bool> {
+        let running = self.queries.lock().expect("poisoned").contains_key(id);
+        if running {
+            self.cancel_via(id, caller, "CancelFlightInfo")?;
+            return Ok(true);
+        }
+        let mut early = self.cancelled_early.lock().expect("poisoned");
+        if early.len() == CANCELLED_EARLY_CAPACITY {
+            early.pop_front();
+        }
+        early.push_back(id.to_string());
+        Ok(false)
+    }
+
+    /// Refuses new queries and cancels every query; they end with UNAVAILABLE.
+    pub fn shut_down(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+        for query in self.queries.lock().expect("poisoned").values() {
+            query.cancel_with(Cause::Shutdown);
+        }
+    }
+
+    /// Queries waiting or running.
+    pub fn len(&self) -> usize {
+        self.queries.lock().expect("poisoned").len()
+    }
+
+    /// Whether no query is waiting or running.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn query(id: &str, user: Option<&str>) -> Arc<ActiveQuery> {
+        Arc::new(ActiveQuery::new(
+            id.into(),
+            user.map(Into::into),
+            "SELECT 1",
+        ))
+    }
+
+    #[test]
+    fn users_see_and_cancel_their_own_admins_everything() {
+        let queries = ActiveQueries::default();
+        let (a, b) = (query("a", Some("alice")), query("b", Some("bob")));
+        queries.insert(&a).unwrap();
+        queries.insert(&b).unwrap();
+        let ids = |c| {
+            queries
+                .list(c)
+                .into_iter()
+                .map(|q| q.id)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(Caller::User("alice")), ["a"]);
+        assert_eq!(ids(Caller::Admin("ops")).len(), 2);
+        assert_eq!(ids(Caller::Anyone).len(), 2);
+        let err = queries.cancel("b", Caller::User("alice")).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::PermissionDenied);
+        assert!(!b.cancelled().is_cancelled());
+        queries.cancel("b", Caller::Admin("ops")).unwrap();
+        assert!(b.cancelled().is_cancelled());
+        assert!(b.cancel_error().to_string().contains("cancelled by ops"));
+        let err = queries.cancel("zzz", Caller::Anyone).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    }
+
+    #[test]
+    fn a_ticket_cancelled_before_it_arrives_fails_once_it_does() {
+        let queries = ActiveQueries::default();
+        assert!(!queries.cancel_ticket("t", Caller::Anyone).unwrap());
+        let err = queries.insert(&query("t", None)).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Aborted);
+        // The mark is used up: the same id may run later.
+        queries.insert(&query("t", None)).unwrap();
+        // Not twice at once.
+        let err = queries.insert(&query("t", None)).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        queries.remove("t");
+        assert!(queries.is_empty());
+    }
+
+    #[test]
+    fn shutdown_cancels_everything_and_refuses_newcomers() {
+        let queries = ActiveQueries::default();
+        let a = query("a", None);
+        queries.insert(&a).unwrap();
+        queries.shut_down();
+        assert!(a.cancelled().is_cancelled());
+        assert_eq!(a.cancel_error().code(), tonic::Code::Unavailable);
+        let err = queries.insert(&query("b", None)).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unavailable);
+    }
+}
