@@ -77,7 +77,7 @@ pub enum Error {
     #[error("{stage} exceeded its deadline of {} ({source_of_limit})", humantime::format_duration(*.limit))]
     DeadlineExceeded {
         /// What took too long: "the query", "planning", "the first batch", ...
-        stage: String,
+        stage: &'static str,
         /// The time it had.
         limit: std::time::Duration,
         /// Where the limit came from: the client's grpc-timeout, or a flag.

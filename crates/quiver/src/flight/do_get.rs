@@ -200,7 +200,7 @@ async fn send(
             () = deadline.expired() => return Err(stop(deadline.error(stage))),
             () = idle => {
                 return Err(stop(Error::DeadlineExceeded {
-                    stage: "the client reading the stream".into(),
+                    stage: "the client reading the stream",
                     limit: limits.idle,
                     source_of_limit: "--stream-idle-timeout".into(),
                 }));

@@ -128,28 +128,6 @@ fn unsupported<T>(what: &str) -> Result<T, Status> {
     .into())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grpc_timeout_header() {
-        let parse = |v: &str| {
-            let mut m = tonic::metadata::MetadataMap::new();
-            m.insert("grpc-timeout", v.parse().unwrap());
-            client_timeout(&m)
-        };
-        assert_eq!(parse("1500m"), Some(Duration::from_millis(1500)));
-        assert_eq!(parse("2S"), Some(Duration::from_secs(2)));
-        assert_eq!(parse("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse("99999999n"), Some(Duration::from_nanos(99_999_999)));
-        assert_eq!(parse("123456789S"), None, "at most 8 digits");
-        assert_eq!(parse("5x"), None);
-        assert_eq!(parse("S"), None);
-        assert_eq!(client_timeout(&tonic::metadata::MetadataMap::new()), None);
-    }
-}
-
 #[tonic::async_trait]
 impl FlightService for QuiverFlightService {
     type HandshakeStream = BoxStream<HandshakeResponse>;
@@ -286,5 +264,27 @@ impl FlightService for QuiverFlightService {
         Ok(Response::new(Box::pin(futures::stream::iter(
             actions::list().into_iter().map(Ok),
         ))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_header() {
+        let parse = |v: &str| {
+            let mut m = tonic::metadata::MetadataMap::new();
+            m.insert("grpc-timeout", v.parse().unwrap());
+            client_timeout(&m)
+        };
+        assert_eq!(parse("1500m"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        assert_eq!(parse("123456789S"), None, "at most 8 digits");
+        assert_eq!(parse("5x"), None);
+        assert_eq!(parse("S"), None);
+        assert_eq!(client_timeout(&tonic::metadata::MetadataMap::new()), None);
     }
 }

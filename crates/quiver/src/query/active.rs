@@ -197,14 +197,13 @@ impl ActiveQueries {
         if self.shutting_down.load(Ordering::Acquire) {
             return Err(Error::ShuttingDown);
         }
-        if let Some(pos) = self
-            .cancelled_early
-            .lock()
-            .expect("poisoned")
-            .iter()
-            .position(|id| id == &query.id)
-        {
-            self.cancelled_early.lock().expect("poisoned").remove(pos);
+        // One lock: the guard of an `if let` scrutinee lives through its block.
+        let voided = {
+            let mut early = self.cancelled_early.lock().expect("poisoned");
+            let pos = early.iter().position(|id| id == &query.id);
+            pos.and_then(|pos| early.remove(pos)).is_some()
+        };
+        if voided {
             return Err(Error::Cancelled {
                 reason: "CancelFlightInfo cancelled this ticket before it was redeemed".into(),
             });

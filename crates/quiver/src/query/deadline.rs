@@ -52,9 +52,9 @@ impl Deadline {
     }
 
     /// The error for `stage` running out of this deadline.
-    pub fn error(&self, stage: &str) -> Error {
+    pub fn error(&self, stage: &'static str) -> Error {
         Error::DeadlineExceeded {
-            stage: stage.to_string(),
+            stage,
             limit: self.limit,
             source_of_limit: self.source.clone(),
         }
@@ -69,7 +69,11 @@ impl Deadline {
     }
 
     /// Runs `future` for `stage` within the deadline.
-    pub async fn run<T>(&self, stage: &str, future: impl Future<Output = Result<T>>) -> Result<T> {
+    pub async fn run<T>(
+        &self,
+        stage: &'static str,
+        future: impl Future<Output = Result<T>>,
+    ) -> Result<T> {
         match self.at {
             Some(at) => tokio::time::timeout_at(at, future)
                 .await
