@@ -104,8 +104,8 @@ pub(super) async fn do_get(
         idle: engine.limits().stream_idle_timeout,
     };
     let task = engine.cpu().spawn(async move {
-        // Dropped with the task, however it ends: the scan summary is always recorded.
-        let _report = report;
+        // `report` is dropped with the task however it ends, so the scan summary is
+        // always recorded; `encoded` (the plan's stream, and its memory) with `send`.
         let mut query = query;
         let sent = AssertUnwindSafe(send(encoded, &tx, &mut query, &limits))
             .catch_unwind()
@@ -116,6 +116,8 @@ pub(super) async fn do_get(
                     Status::from(Error::Internal("the query panicked".into())),
                 ))
             });
+        // Scan totals before the outcome: a query counted as ended has its scan counted.
+        drop(report);
         match sent {
             Ok(()) => {
                 query.finish(Outcome::Success);

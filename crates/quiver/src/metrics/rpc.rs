@@ -210,7 +210,6 @@ impl Call {
 impl Drop for Call {
     fn drop(&mut self) {
         let m = &self.metrics;
-        m.in_flight.with_label_values(&[self.method]).dec();
         m.duration
             .with_label_values(&[self.method])
             .observe(self.started.elapsed().as_secs_f64());
@@ -221,6 +220,8 @@ impl Drop for Call {
         m.requests
             .with_label_values(&[self.method, code_label(code)])
             .inc();
+        // Last: a scrape that sees the call gone also sees it counted.
+        m.in_flight.with_label_values(&[self.method]).dec();
     }
 }
 

@@ -104,15 +104,16 @@ impl Drop for RunningQuery {
     fn drop(&mut self) {
         let outcome = self.outcome.unwrap_or(Outcome::Cancelled);
         self.metrics
+            .duration
+            .observe(self.started.elapsed().as_secs_f64());
+        self.metrics
             .queries
             .with_label_values(&[outcome.as_str()])
             .inc();
-        self.metrics
-            .duration
-            .observe(self.started.elapsed().as_secs_f64());
+        self.queries.remove(self.active.id());
+        // Last: a scrape that sees the query gone also sees it counted.
         if self.slot.take().is_some() {
             self.metrics.active.dec();
         }
-        self.queries.remove(self.active.id());
     }
 }
