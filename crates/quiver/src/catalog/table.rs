@@ -57,6 +57,8 @@ pub struct HiveTable {
     partition_fields: Vec<FieldRef>,
     schema: SchemaRef,
     files: Vec<TableFile>,
+    /// Distinct partition value tuples, counted once per (immutable) snapshot.
+    num_partitions: usize,
 }
 
 impl HiveTable {
@@ -73,8 +75,18 @@ impl HiveTable {
             .cloned()
             .collect::<Vec<_>>();
         let schema = Arc::new(Schema::new(fields));
+        let num_partitions = if partition_fields.is_empty() {
+            0
+        } else {
+            files
+                .iter()
+                .map(|f| f.partition_values.as_slice())
+                .collect::<std::collections::HashSet<&[ScalarValue]>>()
+                .len()
+        };
         Self {
             name,
+            num_partitions,
             file_schema,
             partition_fields,
             schema,
@@ -105,15 +117,7 @@ impl HiveTable {
     /// Distinct partitions (combinations of partition values) holding files; 0 when the
     /// table is not partitioned.
     pub fn num_partitions(&self) -> usize {
-        if self.partition_fields.is_empty() {
-            return 0;
-        }
-        let distinct: std::collections::HashSet<&[ScalarValue]> = self
-            .files
-            .iter()
-            .map(|f| f.partition_values.as_slice())
-            .collect();
-        distinct.len()
+        self.num_partitions
     }
 
     /// A filter is decided by partition values alone when it names only partition
