@@ -32,6 +32,12 @@ fi
 
 echo "== cargo fmt"
 cargo fmt --all -- --check
+cargo fmt --manifest-path proto/codegen/Cargo.toml -- --check
+
+# The Rust code for proto/quiver is generated and checked in: it must match the .proto files.
+echo "== generated protobuf code is current"
+cargo run --quiet --locked --manifest-path proto/codegen/Cargo.toml \
+  --target-dir "$target_dir/codegen" -- --check
 
 # One profile (release) for clippy's dependencies aside, tests and the end-to-end binary:
 # DataFusion is expensive to build twice.

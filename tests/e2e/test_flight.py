@@ -40,7 +40,15 @@ def test_get_flight_info_and_schema(server):
 
 def test_refresh_action_and_list_actions(server):
     actions = [a.type for a in server.client.list_actions()]
-    assert actions == ["refresh", "list-queries", "cancel-query", "CancelFlightInfo"]
+    assert actions == [
+        "refresh",
+        "list-queries",
+        "cancel-query",
+        "CancelFlightInfo",
+        "CreatePreparedStatement",
+        "ClosePreparedStatement",
+        "CancelQuery",
+    ]
     result = list(server.client.do_action(flight.Action("refresh", b"")))
     body = json.loads(result[0].body.to_pybytes())
     assert body["failed"] == []
@@ -78,11 +86,18 @@ def test_huge_garbage_ticket_gets_the_transport_limit_and_server_survives(server
 def test_unknown_action_and_unsupported_rpcs(server):
     with pytest.raises(pa.ArrowInvalid, match="available actions: refresh"):
         list(server.client.do_action(flight.Action("explode", b"")))
-    with pytest.raises(pa.ArrowNotImplementedError):
+    # DoPut only binds Flight SQL parameters; an upload is refused as read-only.
+    with pytest.raises(pa.ArrowInvalid, match="read-only"):
         writer, _ = server.client.do_put(
             flight.FlightDescriptor.for_path("services"), pa.schema([("a", pa.int32())])
         )
+        writer.write_table(pa.table({"a": pa.array([1], pa.int32())}))
         writer.close()
+    with pytest.raises(pa.ArrowNotImplementedError):
+        writer, reader = server.client.do_exchange(flight.FlightDescriptor.for_command(b"SELECT 1"))
+        writer.done_writing()
+        reader.read_all()
+    assert server.query("SELECT COUNT(*) AS n FROM services").column("n")[0].as_py() == 4
 
 
 def test_partition_added_while_running_is_seen(dataset, tmp_path):

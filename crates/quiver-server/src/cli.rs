@@ -168,6 +168,12 @@ pub struct ServeArgs {
     #[arg(long, env = "QUIVER_MAX_QUEUED_QUERIES", default_value_t = 256)]
     pub max_queued_queries: usize,
 
+    /// Flight SQL prepared statements open at once (all clients together); creating one
+    /// more closes the one used least recently, whose handle then fails with
+    /// INVALID_ARGUMENT ("prepare it again").
+    #[arg(long, env = "QUIVER_MAX_PREPARED_STATEMENTS", default_value_t = quiver::flight::DEFAULT_MAX_PREPARED_STATEMENTS, value_parser = clap::value_parser!(u64).range(1..).map(|n| n as usize))]
+    pub max_prepared_statements: usize,
+
     /// Longest a query waits in the queue before failing with UNAVAILABLE.
     #[arg(long, env = "QUIVER_QUEUE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     pub queue_timeout: Duration,

@@ -145,7 +145,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             },
             ..SendOptions::default()
         },
-    );
+        args.max_prepared_statements,
+    )?;
     if let Some(auth) = auth {
         service = service.with_auth(auth);
     }

@@ -1,11 +1,11 @@
 //! `DoAction` and `ListActions`.
 
 use arrow_flight::{
-    Action, ActionType, CancelFlightInfoRequest, CancelFlightInfoResult, CancelStatus,
+    Action, ActionType, CancelFlightInfoRequest, CancelFlightInfoResult, CancelStatus, FlightInfo,
 };
 use prost::Message;
 
-use super::ticket::{self, Command};
+use super::ticket;
 use crate::error::{Error, Result};
 use crate::query::{Caller, QueryEngine};
 
@@ -45,6 +45,20 @@ pub(super) fn list() -> Vec<ActionType> {
             CANCEL_FLIGHT_INFO,
             "Cancel the query of a FlightInfo from GetFlightInfo (body: \
              CancelFlightInfoRequest), whether or not its ticket was redeemed yet.",
+        ),
+        action(
+            "CreatePreparedStatement",
+            "Flight SQL: prepare a query (body: ActionCreatePreparedStatementRequest); \
+             returns its handle, result schema and parameter schema.",
+        ),
+        action(
+            "ClosePreparedStatement",
+            "Flight SQL: close a prepared statement (body: ActionClosePreparedStatementRequest).",
+        ),
+        action(
+            "CancelQuery",
+            "Flight SQL (deprecated, use CancelFlightInfo): cancel the query of a FlightInfo \
+             (body: ActionCancelQueryRequest).",
         ),
     ]
 }
@@ -90,26 +104,49 @@ pub(super) async fn run(
             let info = request
                 .info
                 .ok_or_else(|| Error::invalid("the CancelFlightInfoRequest has no FlightInfo"))?;
-            let mut status = CancelStatus::NotCancellable;
-            for endpoint in &info.endpoint {
-                let Some(ticket) = &endpoint.ticket else {
-                    continue;
-                };
-                // Only tickets from our GetFlightInfo name a query.
-                if let Ok(Command::Query { query_id, .. }) = ticket::decode(&ticket.ticket) {
-                    engine.active_queries().cancel_ticket(&query_id, caller)?;
-                    status = CancelStatus::Cancelled;
-                }
-            }
+            let status = cancel_flight_info(engine, &info, caller)?;
             Ok(CancelFlightInfoResult::new(status).encode_to_vec())
         }
-        other => Err(Error::invalid(format!(
-            "unknown action '{other}'; available actions: {}",
-            list()
-                .iter()
-                .map(|a| a.r#type.as_str())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))),
+        other => Err(unknown(other)),
     }
+}
+
+/// Whether `action` is one of this module's (the rest are Flight SQL's).
+pub(super) fn is_ours(action: &str) -> bool {
+    [REFRESH, LIST_QUERIES, CANCEL_QUERY, CANCEL_FLIGHT_INFO].contains(&action)
+}
+
+/// Cancels the queries `info`'s tickets start: plain and Flight SQL tickets from our
+/// `GetFlightInfo` name one, whether or not they were redeemed yet.
+pub(super) fn cancel_flight_info(
+    engine: &QueryEngine,
+    info: &FlightInfo,
+    caller: Caller<'_>,
+) -> Result<CancelStatus> {
+    let mut status = CancelStatus::NotCancellable;
+    for endpoint in &info.endpoint {
+        let Some(ticket) = &endpoint.ticket else {
+            continue;
+        };
+        if let Some(query_id) = ticket::decode(&ticket.ticket)
+            .ok()
+            .and_then(|c| c.query_id())
+        {
+            engine.active_queries().cancel_ticket(&query_id, caller)?;
+            status = CancelStatus::Cancelled;
+        }
+    }
+    Ok(status)
+}
+
+/// The error for an action nobody serves.
+pub(super) fn unknown(action: &str) -> Error {
+    Error::invalid(format!(
+        "unknown action '{action}'; available actions: {}",
+        list()
+            .iter()
+            .map(|a| a.r#type.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
 }

@@ -33,10 +33,13 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
+use super::CallContext;
+use super::ticket::QueryTicket;
 use super::views;
 use crate::error::{Error, Result};
 use crate::metrics::Outcome;
 use crate::query::{Deadline, Execution, QueryEngine, QueryRequest, RunningQuery};
+use datafusion::common::ScalarValue;
 
 /// The response stream of `DoGet`.
 pub(super) type FlightDataStream = Pin<Box<dyn Stream<Item = Result<FlightData, Status>> + Send>>;
@@ -63,6 +66,30 @@ impl Default for SendOptions {
             compression: None,
         }
     }
+}
+
+/// Runs a ticket's query with `params` bound, on behalf of `user`: the ticket's
+/// timeout and compression apply on top of the server's.
+pub(super) async fn run_ticket(
+    engine: &Arc<QueryEngine>,
+    ticket: QueryTicket,
+    params: Vec<ScalarValue>,
+    caller: &CallContext,
+    mut options: SendOptions,
+) -> Result<FlightDataStream> {
+    if let Some(compression) = ticket.result_compression()? {
+        options.compression = compression;
+    }
+    let request = QueryRequest {
+        ticket_timeout: ticket.timeout(),
+        sql: ticket.sql,
+        id: ticket.query_id,
+        user: caller.identity.as_ref().map(|i| i.name.to_string()),
+        client_timeout: caller.client_timeout,
+        params,
+    };
+    tracing::debug!(sql = %request.sql, "query");
+    do_get(engine, request, options).await
 }
 
 /// Admits, plans and runs a query; planning errors are returned, execution errors

@@ -10,14 +10,14 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::ipc::writer::IpcWriteOptions;
 use datafusion::catalog::TableProvider;
 
-use super::ticket::{self, Command, QuiverTicket};
+use super::ticket::{self, Command, QueryTicket};
 use super::views;
 use crate::error::{Error, Result};
 use crate::query::{QueryEngine, new_query_id};
 
-/// The SQL a descriptor stands for: a CMD holds SQL (or a Quiver ticket), a PATH
-/// `[table]` means every row of that table.
-pub(super) fn descriptor_sql(
+/// What a descriptor stands for: a CMD holds SQL, a Quiver ticket or a Flight SQL
+/// command; a PATH `[table]` means every row of that table.
+pub(super) fn descriptor_command(
     engine: &QueryEngine,
     descriptor: &FlightDescriptor,
 ) -> Result<Command> {
@@ -44,21 +44,22 @@ pub(super) fn descriptor_sql(
     }
 }
 
-/// The schema and one endpoint whose ticket runs `sql`.
+/// The schema and one endpoint whose ticket runs `ticket` (keeping its timeout and
+/// compression).
 pub(super) async fn flight_info(
     engine: &Arc<QueryEngine>,
     descriptor: FlightDescriptor,
-    sql: String,
+    ticket: QueryTicket,
 ) -> Result<FlightInfo> {
-    let schema = views::expand_schema(&engine.schema(sql.clone()).await?);
+    let schema = views::expand_schema(&engine.schema(ticket.sql.clone(), vec![]).await?);
     // The ticket names the query it will start, so CancelFlightInfo can reach it.
-    let ticket = QuiverTicket::new(sql).with_query_id(new_query_id());
+    let ticket = ticket.with_query_id(new_query_id());
     info_for(descriptor, &schema, ticket, None)
 }
 
 /// The IPC-encoded schema of `sql`.
 pub(super) async fn schema(engine: &Arc<QueryEngine>, sql: String) -> Result<SchemaResult> {
-    let schema = views::expand_schema(&engine.schema(sql).await?);
+    let schema = views::expand_schema(&engine.schema(sql, vec![]).await?);
     Ok(SchemaAsIpc::new(&schema, &IpcWriteOptions::default()).try_into()?)
 }
 
@@ -74,7 +75,7 @@ pub(super) fn list_flights(engine: &QueryEngine) -> Result<Vec<FlightInfo>> {
             info_for(
                 FlightDescriptor::new_path(vec![name.clone()]),
                 &schema,
-                QuiverTicket::new(ticket::select_all(&name)),
+                QueryTicket::new(ticket::select_all(&name)),
                 Some((table.num_rows(), table.byte_size())),
             )
         })
@@ -84,7 +85,7 @@ pub(super) fn list_flights(engine: &QueryEngine) -> Result<Vec<FlightInfo>> {
 fn info_for(
     descriptor: FlightDescriptor,
     schema: &SchemaRef,
-    ticket: QuiverTicket,
+    ticket: QueryTicket,
     size: Option<(u64, u64)>,
 ) -> Result<FlightInfo> {
     let endpoint = FlightEndpoint::new().with_ticket(Ticket::new(ticket.encode_any()));

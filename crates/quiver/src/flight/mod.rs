@@ -2,13 +2,16 @@
 //!
 //! arrow-flight's `FlightSqlService` cannot be the service itself (its `DoGet` rejects
 //! any ticket that is not a protobuf `Any`, so plain SQL tickets would never arrive), so
-//! this hand-written [`FlightService`] decodes each request once ([`ticket::decode`]) and
-//! routes it. Each RPC lives in its own module; the trait impl below only delegates.
+//! this hand-written [`FlightService`] authenticates every call, decodes each ticket or
+//! command once ([`ticket::decode`]) and routes it: plain SQL text and Quiver tickets to
+//! the modules here, Flight SQL messages (and actions, and `DoPut`) to [`sql::FlightSql`].
+//! Each RPC lives in its own module; the trait impl below only routes.
 
 mod actions;
 pub mod auth;
 mod do_get;
 mod flight_info;
+mod sql;
 pub mod ticket;
 pub mod views;
 
@@ -28,11 +31,14 @@ use futures::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::{Error, Result};
-use crate::query::{Caller, QueryEngine, QueryRequest};
+use crate::query::{Caller, QueryEngine};
 use auth::{Authenticator, Identity, PeerInfo};
-use ticket::Command;
+use ticket::{Command, QueryTicket};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Default of `--max-prepared-statements`.
+pub const DEFAULT_MAX_PREPARED_STATEMENTS: usize = 1024;
 
 /// Quiver's Flight service.
 #[derive(Debug, Clone)]
@@ -40,16 +46,33 @@ pub struct QuiverFlightService {
     engine: Arc<QueryEngine>,
     send: SendOptions,
     auth: Option<Arc<Authenticator>>,
+    flight_sql: Arc<sql::FlightSql>,
+}
+
+/// Who is calling and their deadline: put in each request's extensions by the
+/// dispatcher, for the Flight SQL service.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct CallContext {
+    /// The authenticated caller; `None` when authentication is off.
+    pub(crate) identity: Option<Identity>,
+    /// The client's `grpc-timeout`.
+    pub(crate) client_timeout: Option<Duration>,
 }
 
 impl QuiverFlightService {
-    /// A service over `engine`, open to every client.
-    pub fn new(engine: Arc<QueryEngine>, send: SendOptions) -> Self {
-        Self {
+    /// A service over `engine`, open to every client, keeping at most `max_prepared`
+    /// Flight SQL prepared statements open.
+    pub fn new(engine: Arc<QueryEngine>, send: SendOptions, max_prepared: usize) -> Result<Self> {
+        Ok(Self {
+            flight_sql: Arc::new(sql::FlightSql::new(
+                Arc::clone(&engine),
+                send,
+                max_prepared,
+            )?),
             engine,
             send,
             auth: None,
-        }
+        })
     }
 
     /// Requires every call but `Handshake` to carry a bearer token `auth` accepts.
@@ -75,20 +98,23 @@ impl QuiverFlightService {
         Ok(Some(identity))
     }
 
-    /// The SQL a command stands for; Flight SQL is not served yet.
-    fn sql(command: Command) -> Result<String> {
-        Ok(Self::query(command)?.0)
+    /// Authenticates the call and records who it is in the request, for Flight SQL.
+    fn context<T>(&self, request: &mut Request<T>) -> Result<CallContext, Status> {
+        let context = CallContext {
+            identity: self.authorize(request)?,
+            client_timeout: client_timeout(request.metadata()),
+        };
+        request.extensions_mut().insert(context.clone());
+        Ok(context)
     }
+}
 
-    /// The SQL a command stands for, and the query id its ticket names.
-    fn query(command: Command) -> Result<(String, Option<String>)> {
-        match command {
-            Command::Sql(sql) => Ok((sql, None)),
-            Command::Query { sql, query_id } => Ok((sql, Some(query_id))),
-            Command::FlightSql(any) => Err(Error::Unsupported {
-                what: format!("Flight SQL ({})", any.type_url),
-            }),
-        }
+/// The ticket a plain command stands for; `None` for Flight SQL.
+fn query_ticket(command: Command) -> Option<QueryTicket> {
+    match command {
+        Command::Sql(sql) => Some(QueryTicket::new(sql)),
+        Command::Query(ticket) => Some(ticket),
+        Command::FlightSql(_) => None,
     }
 }
 
@@ -122,6 +148,7 @@ fn client_timeout(metadata: &tonic::metadata::MetadataMap) -> Option<Duration> {
 }
 
 fn unsupported<T>(what: &str) -> Result<T, Status> {
+    // DoExchange only.
     Err(Error::Unsupported {
         what: what.to_string(),
     }
@@ -179,59 +206,74 @@ impl FlightService for QuiverFlightService {
     #[tracing::instrument(skip_all, name = "GetFlightInfo", fields(user, client))]
     async fn get_flight_info(
         &self,
-        request: Request<FlightDescriptor>,
+        mut request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.authorize(&request)?;
-        let descriptor = request.into_inner();
-        let sql = Self::sql(flight_info::descriptor_sql(&self.engine, &descriptor)?)?;
-        let info = flight_info::flight_info(&self.engine, descriptor, sql).await?;
+        self.context(&mut request)?;
+        let command = flight_info::descriptor_command(&self.engine, request.get_ref())?;
+        let Some(ticket) = query_ticket(command) else {
+            return FlightService::get_flight_info(&*self.flight_sql, request).await;
+        };
+        let info = flight_info::flight_info(&self.engine, request.into_inner(), ticket).await?;
         Ok(Response::new(info))
     }
 
+    /// Results stream as they are computed, so a query's `FlightInfo` is complete at
+    /// once: the answer is the `GetFlightInfo` one, marked done (no descriptor to poll).
+    #[tracing::instrument(skip_all, name = "PollFlightInfo", fields(user, client))]
     async fn poll_flight_info(
         &self,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<PollInfo>, Status> {
-        self.authorize(&request)?;
-        unsupported("PollFlightInfo (use GetFlightInfo: results stream as they are computed)")
+        let info = self.get_flight_info(request).await?.into_inner();
+        Ok(Response::new(PollInfo {
+            info: Some(info),
+            flight_descriptor: None,
+            progress: Some(1.0),
+            expiration_time: None,
+        }))
     }
 
     #[tracing::instrument(skip_all, name = "GetSchema", fields(user, client))]
     async fn get_schema(
         &self,
-        request: Request<FlightDescriptor>,
+        mut request: Request<FlightDescriptor>,
     ) -> Result<Response<SchemaResult>, Status> {
-        self.authorize(&request)?;
-        let descriptor = request.into_inner();
-        let sql = Self::sql(flight_info::descriptor_sql(&self.engine, &descriptor)?)?;
-        Ok(Response::new(flight_info::schema(&self.engine, sql).await?))
+        self.context(&mut request)?;
+        let command = flight_info::descriptor_command(&self.engine, request.get_ref())?;
+        let Some(ticket) = query_ticket(command) else {
+            // Flight SQL has no GetSchema of its own: the FlightInfo's schema is it.
+            let info = FlightService::get_flight_info(&*self.flight_sql, request).await?;
+            return Ok(Response::new(SchemaResult {
+                schema: info.into_inner().schema,
+            }));
+        };
+        Ok(Response::new(
+            flight_info::schema(&self.engine, ticket.sql).await?,
+        ))
     }
 
     #[tracing::instrument(skip_all, name = "DoGet", fields(user, client))]
     async fn do_get(
         &self,
-        request: Request<Ticket>,
+        mut request: Request<Ticket>,
     ) -> Result<Response<Self::DoGetStream>, Status> {
-        let identity = self.authorize(&request)?;
-        let client_timeout = client_timeout(request.metadata());
-        let (sql, id) = Self::query(ticket::decode(&request.into_inner().ticket)?)?;
-        tracing::debug!(%sql, "query");
-        let request = QueryRequest {
-            sql,
-            id,
-            user: identity.map(|i| i.name.to_string()),
-            client_timeout,
+        let context = self.context(&mut request)?;
+        let Some(ticket) = query_ticket(ticket::decode(&request.get_ref().ticket)?) else {
+            return FlightService::do_get(&*self.flight_sql, request).await;
         };
-        let stream = do_get::do_get(&self.engine, request, self.send).await?;
+        let stream = do_get::run_ticket(&self.engine, ticket, vec![], &context, self.send).await?;
         Ok(Response::new(stream))
     }
 
+    /// Only Flight SQL uses `DoPut` here (binding prepared statement parameters); it
+    /// refuses updates and ingestion as read-only.
+    #[tracing::instrument(skip_all, name = "DoPut", fields(user, client))]
     async fn do_put(
         &self,
-        request: Request<Streaming<FlightData>>,
+        mut request: Request<Streaming<FlightData>>,
     ) -> Result<Response<Self::DoPutStream>, Status> {
-        self.authorize(&request)?;
-        unsupported("DoPut (Quiver serves read-only tables from Parquet files)")
+        self.context(&mut request)?;
+        FlightService::do_put(&*self.flight_sql, request).await
     }
 
     async fn do_exchange(
@@ -245,9 +287,12 @@ impl FlightService for QuiverFlightService {
     #[tracing::instrument(skip_all, name = "DoAction", fields(user, client))]
     async fn do_action(
         &self,
-        request: Request<Action>,
+        mut request: Request<Action>,
     ) -> Result<Response<Self::DoActionStream>, Status> {
-        let identity = self.authorize(&request)?;
+        let CallContext { identity, .. } = self.context(&mut request)?;
+        if !actions::is_ours(&request.get_ref().r#type) {
+            return FlightService::do_action(&*self.flight_sql, request).await;
+        }
         let action = request.into_inner();
         let body = actions::run(&self.engine, &action, caller(&identity)).await?;
         let result = arrow_flight::Result { body: body.into() };

@@ -1,55 +1,53 @@
 //! What a ticket or a CMD descriptor means.
 //!
-//! Three encodings share the same bytes, told apart in this order:
-//! 1. a protobuf `Any` whose type URL is a Flight SQL command
+//! Three encodings share the same bytes (docs/protocol.md), told apart in this order:
+//! 1. a protobuf `Any` whose type URL is a Flight SQL message
 //!    (`type.googleapis.com/arrow.flight.protocol.sql.*`): a Flight SQL request;
-//! 2. a protobuf `Any` whose type URL is [`QUIVER_TICKET_TYPE_URL`]: Quiver's own
-//!    versioned ticket (see `proto/quiver/v1/ticket.proto`), which `GetFlightInfo` hands out;
+//! 2. a protobuf `Any` whose type URL is [`QUERY_TICKET_TYPE_URL`]: Quiver's own
+//!    versioned [`QueryTicket`] (`proto/quiver/v1/ticket.proto`);
 //! 3. anything else: UTF-8 SQL text, as `flight.Ticket(b"SELECT ...")` sends.
 //!
-//! Plain text rarely decodes as an `Any`, and when it does (an empty ticket, some short
-//! strings) the type URL is not one of ours, so it falls through to SQL.
+//! SQL text can happen to decode as an `Any` (an empty ticket, `EXPLAIN ...`, short
+//! strings), but then its type URL is empty or holds spaces. An `Any` whose type URL
+//! looks like one (`host/package.Message`) but is neither of ours is refused with
+//! `InvalidArgument` rather than run as SQL.
 
-use arrow_flight::sql::Any;
+use std::time::Duration;
+
+use arrow_flight::sql::{Any, TicketStatementQuery};
 use bytes::Bytes;
+use datafusion::arrow::ipc::CompressionType;
 use prost::Message;
 
 use crate::error::{Error, Result};
 
+/// Code generated from `proto/quiver/v1/*.proto` by `proto/codegen`.
+#[allow(missing_docs, clippy::all)]
+pub mod proto {
+    include!("generated/quiver.v1.rs");
+}
+
+pub use proto::{Compression, QueryTicket};
+
 /// Type URL prefix of every Flight SQL command message.
 pub const FLIGHT_SQL_TYPE_URL_PREFIX: &str = "type.googleapis.com/arrow.flight.protocol.sql.";
 
-/// Type URL of [`QuiverTicket`].
-pub const QUIVER_TICKET_TYPE_URL: &str = "type.googleapis.com/quiver.v1.Ticket";
+/// Type URL of [`QueryTicket`].
+pub const QUERY_TICKET_TYPE_URL: &str = "type.googleapis.com/quiver.v1.QueryTicket";
 
-/// The current [`QuiverTicket::version`].
-pub const QUIVER_TICKET_VERSION: u32 = 1;
+/// The current [`QueryTicket::version`].
+pub const QUERY_TICKET_VERSION: u32 = 1;
 
 /// Longest SQL text accepted, in bytes.
 pub const MAX_SQL_BYTES: usize = 1024 * 1024;
 
-/// Quiver's ticket, mirrored in `proto/quiver/v1/ticket.proto`.
-#[derive(Clone, PartialEq, Message)]
-pub struct QuiverTicket {
-    /// Format version; a server rejects versions it does not know.
-    #[prost(uint32, tag = "1")]
-    pub version: u32,
-    /// The statement to run.
-    #[prost(string, tag = "2")]
-    pub sql: String,
-    /// Set by `GetFlightInfo`: the query's id while it runs, so that `CancelFlightInfo`
-    /// (and `cancel-query`) can reach it.
-    #[prost(string, optional, tag = "3")]
-    pub query_id: Option<String>,
-}
-
-impl QuiverTicket {
+impl QueryTicket {
     /// A current-version ticket for `sql`.
     pub fn new(sql: impl Into<String>) -> Self {
         Self {
-            version: QUIVER_TICKET_VERSION,
+            version: QUERY_TICKET_VERSION,
             sql: sql.into(),
-            query_id: None,
+            ..Self::default()
         }
     }
 
@@ -59,31 +57,82 @@ impl QuiverTicket {
         self
     }
 
-    /// Encodes as an `Any` with [`QUIVER_TICKET_TYPE_URL`].
+    /// Encodes as an `Any` with [`QUERY_TICKET_TYPE_URL`].
     pub fn encode_any(&self) -> Bytes {
         Any {
-            type_url: QUIVER_TICKET_TYPE_URL.to_string(),
+            type_url: QUERY_TICKET_TYPE_URL.to_string(),
             value: self.encode_to_vec().into(),
         }
         .encode_to_vec()
         .into()
+    }
+
+    /// The ticket's own time limit.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout_ms.map(Duration::from_millis)
+    }
+
+    /// The result compression the ticket asks for: `None` for the server's default,
+    /// `Some(None)` for uncompressed.
+    pub fn result_compression(&self) -> Result<Option<Option<CompressionType>>> {
+        let Some(value) = self.compression else {
+            return Ok(None);
+        };
+        match Compression::try_from(value) {
+            Ok(Compression::Unspecified) => Ok(None),
+            Ok(Compression::None) => Ok(Some(None)),
+            Ok(Compression::Lz4Frame) => Ok(Some(Some(CompressionType::LZ4_FRAME))),
+            Ok(Compression::Zstd) => Ok(Some(Some(CompressionType::ZSTD))),
+            Err(_) => Err(Error::invalid(format!(
+                "the ticket's compression {value} is unknown: use COMPRESSION_NONE (1), \
+                 COMPRESSION_LZ4_FRAME (2) or COMPRESSION_ZSTD (3)"
+            ))),
+        }
+    }
+
+    /// Decodes and checks the value of an `Any` with [`QUERY_TICKET_TYPE_URL`].
+    pub fn decode_checked(value: &[u8]) -> Result<Self> {
+        let ticket = QueryTicket::decode(value)
+            .map_err(|e| Error::invalid(format!("malformed Quiver QueryTicket: {e}")))?;
+        if ticket.version != QUERY_TICKET_VERSION {
+            return Err(Error::invalid(format!(
+                "Quiver ticket version {} is not supported (this server reads version \
+                 {QUERY_TICKET_VERSION}); ask GetFlightInfo for a new ticket",
+                ticket.version
+            )));
+        }
+        check_sql(&ticket.sql)?;
+        ticket.result_compression()?;
+        Ok(ticket)
     }
 }
 
 /// A decoded request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Command {
-    /// Run this SQL.
+    /// Run this SQL (a plain-text ticket).
     Sql(String),
-    /// Run this SQL as the query with this id (a ticket from `GetFlightInfo`).
-    Query {
-        /// The statement.
-        sql: String,
-        /// The id it runs under.
-        query_id: String,
-    },
-    /// A Flight SQL command, still packed.
+    /// A Quiver ticket, checked.
+    Query(QueryTicket),
+    /// A Flight SQL message, still packed.
     FlightSql(Any),
+}
+
+impl Command {
+    /// The id of the query the ticket starts, when it names one (tickets from our
+    /// `GetFlightInfo`, plain or Flight SQL).
+    pub fn query_id(&self) -> Option<String> {
+        match self {
+            Command::Query(ticket) => ticket.query_id.clone(),
+            Command::FlightSql(any) => {
+                let statement = any.unpack::<TicketStatementQuery>().ok()??;
+                QueryTicket::decode(statement.statement_handle)
+                    .ok()?
+                    .query_id
+            }
+            Command::Sql(_) => None,
+        }
+    }
 }
 
 /// Decodes ticket or CMD descriptor bytes.
@@ -97,24 +146,45 @@ pub fn decode(bytes: &[u8]) -> Result<Command> {
         if any.type_url.starts_with(FLIGHT_SQL_TYPE_URL_PREFIX) {
             return Ok(Command::FlightSql(any));
         }
-        if any.type_url == QUIVER_TICKET_TYPE_URL {
-            let ticket = QuiverTicket::decode(any.value)
-                .map_err(|e| Error::invalid(format!("malformed Quiver ticket: {e}")))?;
-            if ticket.version != QUIVER_TICKET_VERSION {
-                return Err(Error::invalid(format!(
-                    "Quiver ticket version {} is not supported (this server reads version {QUIVER_TICKET_VERSION}); \
-                     ask GetFlightInfo for a new ticket",
-                    ticket.version
-                )));
-            }
-            let command = sql(ticket.sql.into_bytes())?;
-            return Ok(match (command, ticket.query_id) {
-                (Command::Sql(sql), Some(query_id)) => Command::Query { sql, query_id },
-                (command, _) => command,
-            });
+        if any.type_url == QUERY_TICKET_TYPE_URL {
+            return Ok(Command::Query(QueryTicket::decode_checked(&any.value)?));
+        }
+        if looks_like_type_url(&any.type_url) {
+            return Err(Error::invalid(format!(
+                "the ticket is a protobuf Any of type '{}', which this server does not read: \
+                 send SQL text, a {QUERY_TICKET_TYPE_URL} or a Flight SQL command",
+                any.type_url
+            )));
         }
     }
     sql(bytes.to_vec())
+}
+
+/// `type.googleapis.com/package.Message`: a host or prefix, a slash, and a dotted name,
+/// with nothing SQL text would hold (spaces, quotes, parentheses).
+fn looks_like_type_url(url: &str) -> bool {
+    let Some((prefix, name)) = url.rsplit_once('/') else {
+        return false;
+    };
+    let word = |s: &str, extra: &[char]| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.' || extra.contains(&c))
+    };
+    word(name, &[]) && word(prefix, &['/', '-', ':'])
+}
+
+fn check_sql(text: &str) -> Result<()> {
+    if text.len() > MAX_SQL_BYTES {
+        return Err(Error::invalid(format!(
+            "the SQL text is {} bytes; the limit is {MAX_SQL_BYTES}",
+            text.len()
+        )));
+    }
+    if text.trim().is_empty() {
+        return Err(Error::invalid("the SQL text is blank: send a query"));
+    }
+    Ok(())
 }
 
 fn sql(bytes: Vec<u8>) -> Result<Command> {
@@ -130,9 +200,7 @@ fn sql(bytes: Vec<u8>) -> Result<Command> {
             e.utf8_error().valid_up_to()
         ))
     })?;
-    if text.trim().is_empty() {
-        return Err(Error::invalid("the SQL text is blank: send a query"));
-    }
+    check_sql(&text)?;
     Ok(Command::Sql(text))
 }
 
@@ -157,35 +225,67 @@ mod tests {
 
     #[test]
     fn quiver_ticket_round_trips() {
-        let bytes = QuiverTicket::new("SELECT 2").encode_any();
-        assert_eq!(decode(&bytes).unwrap(), Command::Sql("SELECT 2".into()));
-        let bytes = QuiverTicket::new("SELECT 3")
-            .with_query_id("00ff")
-            .encode_any();
+        let ticket = QueryTicket::new("SELECT 2");
         assert_eq!(
-            decode(&bytes).unwrap(),
-            Command::Query {
-                sql: "SELECT 3".into(),
-                query_id: "00ff".into()
-            }
+            decode(&ticket.encode_any()).unwrap(),
+            Command::Query(ticket)
         );
-        let future = Any {
-            type_url: QUIVER_TICKET_TYPE_URL.into(),
-            value: QuiverTicket {
-                version: 99,
-                sql: "x".into(),
-                query_id: None,
+        let ticket = QueryTicket {
+            timeout_ms: Some(1500),
+            compression: Some(Compression::Zstd as i32),
+            ..QueryTicket::new("SELECT 3").with_query_id("00ff")
+        };
+        let Command::Query(decoded) = decode(&ticket.encode_any()).unwrap() else {
+            panic!("not a query ticket");
+        };
+        assert_eq!(decoded.query_id.as_deref(), Some("00ff"));
+        assert_eq!(decoded.timeout(), Some(Duration::from_millis(1500)));
+        assert_eq!(
+            decoded.result_compression().unwrap(),
+            Some(Some(CompressionType::ZSTD))
+        );
+        let any = |ticket: QueryTicket| {
+            Any {
+                type_url: QUERY_TICKET_TYPE_URL.into(),
+                value: ticket.encode_to_vec().into(),
             }
             .encode_to_vec()
-            .into(),
-        }
-        .encode_to_vec();
-        assert!(
-            decode(&future)
-                .unwrap_err()
-                .to_string()
-                .contains("version 99")
+        };
+        let future = QueryTicket {
+            version: 99,
+            ..QueryTicket::new("x")
+        };
+        let e = decode(&any(future)).unwrap_err();
+        assert!(e.to_string().contains("version 99"), "{e}");
+        let bad_compression = QueryTicket {
+            compression: Some(42),
+            ..QueryTicket::new("SELECT 1")
+        };
+        assert_eq!(
+            decode(&any(bad_compression)).unwrap_err().code(),
+            tonic::Code::InvalidArgument
         );
+        assert!(decode(&any(QueryTicket::new(" "))).is_err());
+    }
+
+    #[test]
+    fn foreign_any_is_invalid_but_sql_that_decodes_as_any_is_sql() {
+        let foreign = Any {
+            type_url: "type.googleapis.com/acme.v2.Ticket".into(),
+            value: Bytes::from_static(b"\x08\x01"),
+        };
+        let e = decode(&foreign.encode_to_vec()).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.to_string().contains("acme.v2.Ticket"), "{e}");
+        // `EXPLAIN ...` and friends: valid protobuf, but not an Any anyone sent.
+        for text in ["EXPLAIN SELECT 1", "\nSELECT 1", "\n\x02ab"] {
+            assert_eq!(decode(text.as_bytes()).unwrap(), Command::Sql(text.into()));
+        }
+        assert!(looks_like_type_url(
+            "type.googleapis.com/quiver.v1.QueryTicket"
+        ));
+        assert!(!looks_like_type_url("SELECT a/b"));
+        assert!(!looks_like_type_url(""));
     }
 
     #[test]

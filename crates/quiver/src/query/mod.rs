@@ -10,6 +10,7 @@ mod admission;
 mod deadline;
 mod guard;
 mod memory;
+mod params;
 mod running;
 mod runtime;
 mod scan;
@@ -18,6 +19,7 @@ pub use active::{ActiveQueries, ActiveQuery, Caller, QuerySnapshot, QueryState};
 pub use admission::{AdmissionOptions, Slot};
 pub use deadline::Deadline;
 pub use memory::MeteredPool;
+pub(crate) use params::cast_params;
 pub use running::RunningQuery;
 pub use runtime::CpuRuntime;
 pub use scan::{PartitionPruning, ScanReport, ScanSummary};
@@ -25,7 +27,8 @@ pub use scan::{PartitionPruning, ScanReport, ScanSummary};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::common::ScalarValue;
 use datafusion::dataframe::DataFrame;
 use datafusion::execution::SendableRecordBatchStream;
 use datafusion::execution::SessionStateBuilder;
@@ -97,6 +100,35 @@ pub struct QueryRequest {
     pub user: Option<String>,
     /// The client's own deadline (`grpc-timeout`).
     pub client_timeout: Option<Duration>,
+    /// A time limit the ticket carries (`QueryTicket.timeout_ms`).
+    pub ticket_timeout: Option<Duration>,
+    /// Values for the placeholders (`?` or `$1..$n`), cast to the types the statement
+    /// needs; empty when it has none.
+    pub params: Vec<ScalarValue>,
+}
+
+/// A table or view clients can query, for metadata calls.
+#[derive(Debug, Clone)]
+pub struct TableListing {
+    /// Catalog name (`datafusion`).
+    pub catalog: String,
+    /// Schema name (`public` for Quiver's tables).
+    pub schema: String,
+    /// Table name.
+    pub name: String,
+    /// `TABLE` or `VIEW`, as Flight SQL and JDBC name them.
+    pub table_type: &'static str,
+    /// Its columns.
+    pub arrow_schema: SchemaRef,
+}
+
+/// What a prepared statement returns and takes.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The result schema.
+    pub schema: SchemaRef,
+    /// The parameter types, `$1` first; `None` where the statement does not say.
+    pub params: Vec<Option<DataType>>,
 }
 
 impl From<String> for QueryRequest {
@@ -320,6 +352,40 @@ impl QueryEngine {
         &self.catalog
     }
 
+    /// Every table and view a query can name, in catalog, schema, name order.
+    pub async fn list_tables(&self) -> Result<Vec<TableListing>> {
+        let mut tables = vec![];
+        for catalog_name in self.base.catalog_names() {
+            let Some(catalog) = self.base.catalog(&catalog_name) else {
+                continue;
+            };
+            for schema_name in catalog.schema_names() {
+                let Some(schema) = catalog.schema(&schema_name) else {
+                    continue;
+                };
+                for name in schema.table_names() {
+                    let Some(table) = schema.table(&name).await? else {
+                        continue;
+                    };
+                    tables.push(TableListing {
+                        catalog: catalog_name.clone(),
+                        schema: schema_name.clone(),
+                        name,
+                        table_type: match table.table_type() {
+                            datafusion::datasource::TableType::View => "VIEW",
+                            _ => "TABLE",
+                        },
+                        arrow_schema: table.schema(),
+                    });
+                }
+            }
+        }
+        tables.sort_by(|a, b| {
+            (&a.catalog, &a.schema, &a.name).cmp(&(&b.catalog, &b.schema, &b.name))
+        });
+        Ok(tables)
+    }
+
     /// The runtime that runs plans.
     pub fn cpu(&self) -> &CpuRuntime {
         &self.cpu
@@ -327,29 +393,62 @@ impl QueryEngine {
 
     /// Parses, checks and plans `sql` without running it.
     pub async fn plan(&self, sql: &str) -> Result<DataFrame> {
-        self.plan_with(sql, Arc::default()).await
+        self.plan_with(sql, vec![], Arc::default()).await
     }
 
-    /// [`Self::plan`], with table scans reporting partition pruning to `pruning`.
-    async fn plan_with(&self, sql: &str, pruning: Arc<PartitionPruning>) -> Result<DataFrame> {
+    /// [`Self::plan`] with `params` bound (cast to the placeholders' types), table scans
+    /// reporting partition pruning to `pruning`.
+    async fn plan_with(
+        &self,
+        sql: &str,
+        params: Vec<ScalarValue>,
+        pruning: Arc<PartitionPruning>,
+    ) -> Result<DataFrame> {
         let mut state = self.base.state();
         state.config_mut().set_extension(pruning);
         let dialect = state.config().options().sql_parser.dialect;
-        let statement = state.sql_to_statement(sql, &dialect)?;
+        let mut statement = state.sql_to_statement(sql, &dialect)?;
         guard::check_statement(&statement)?;
         guard::check_tables(&state, &self.catalog, &statement)?;
+        params::number_placeholders(&mut statement)?;
         let plan = state.statement_to_plan(statement).await?;
         guard::check_plan(&plan)?;
+        let plan = if params.is_empty() {
+            plan
+        } else {
+            let types = params::parameter_types(plan.get_parameter_types()?)?;
+            plan.with_param_values(params::cast_params(params, &types)?)?
+        };
         Ok(DataFrame::new(state, plan))
     }
 
-    /// The schema `sql` produces, from its plan.
-    pub async fn schema(self: &Arc<Self>, sql: String) -> Result<SchemaRef> {
+    /// The schema `sql` produces with `params` bound, from its plan.
+    pub async fn schema(
+        self: &Arc<Self>,
+        sql: String,
+        params: Vec<ScalarValue>,
+    ) -> Result<SchemaRef> {
+        let engine = Arc::clone(self);
+        self.cpu
+            .run(async move {
+                let df = engine.plan_with(&sql, params, Arc::default()).await?;
+                Ok(Arc::clone(df.schema().inner()))
+            })
+            .await
+    }
+
+    /// Plans `sql` once to learn its result schema and parameter types, as a prepared
+    /// statement needs them before any value is bound.
+    pub async fn prepare(self: &Arc<Self>, sql: String) -> Result<Prepared> {
         let engine = Arc::clone(self);
         self.cpu
             .run(async move {
                 let df = engine.plan(&sql).await?;
-                Ok(Arc::clone(df.schema().inner()))
+                let params = params::parameter_types(df.logical_plan().get_parameter_types()?)?;
+                Ok(Prepared {
+                    schema: Arc::clone(df.schema().inner()),
+                    params,
+                })
             })
             .await
     }
@@ -371,6 +470,10 @@ impl QueryEngine {
                 "the client's grpc-timeout",
             ));
         }
+        if let Some(limit) = request.ticket_timeout {
+            deadline =
+                deadline.earliest(Deadline::after(arrived, limit, "the ticket's timeout_ms"));
+        }
         let id = request.id.unwrap_or_else(new_query_id);
         let active = Arc::new(ActiveQuery::new(id, request.user, &request.sql));
         let mut query = RunningQuery::start(
@@ -378,7 +481,10 @@ impl QueryEngine {
             Arc::clone(&active),
             Arc::clone(&self.active),
         )?;
-        match self.start(request.sql, &mut query, &deadline).await {
+        match self
+            .start(request.sql, request.params, &mut query, &deadline)
+            .await
+        {
             Ok((stream, report)) => {
                 query.planned();
                 active.set_state(QueryState::Running);
@@ -405,6 +511,7 @@ impl QueryEngine {
     async fn start(
         self: &Arc<Self>,
         sql: String,
+        params: Vec<ScalarValue>,
         query: &mut RunningQuery,
         deadline: &Deadline,
     ) -> Result<(SendableRecordBatchStream, ScanReport)> {
@@ -426,7 +533,7 @@ impl QueryEngine {
         let memory = Arc::clone(active.memory());
         let plan = self.cpu.run(async move {
             let pruning = Arc::new(PartitionPruning::default());
-            let df = engine.plan_with(&sql, Arc::clone(&pruning)).await?;
+            let df = engine.plan_with(&sql, params, Arc::clone(&pruning)).await?;
             let task = df.task_ctx();
             // The query's own view of the shared pool counts what it holds.
             let runtime = task.runtime_env();

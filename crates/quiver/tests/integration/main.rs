@@ -7,6 +7,7 @@
 #![allow(clippy::disallowed_methods)]
 
 mod common;
+mod flight_sql;
 
 use std::time::Duration;
 

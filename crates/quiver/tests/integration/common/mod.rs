@@ -164,7 +164,12 @@ impl Fixture {
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
         let service = arrow_flight::flight_service_server::FlightServiceServer::new(
-            QuiverFlightService::new(Arc::clone(&engine), SendOptions::default()),
+            QuiverFlightService::new(
+                Arc::clone(&engine),
+                SendOptions::default(),
+                quiver::flight::DEFAULT_MAX_PREPARED_STATEMENTS,
+            )
+            .unwrap(),
         );
         let token = shutdown.clone();
         let server = tokio::task::spawn(async move {
