@@ -171,8 +171,8 @@ pub struct ServeArgs {
     /// Flight SQL prepared statements open at once (all clients together); creating one
     /// more closes the one used least recently, whose handle then fails with
     /// INVALID_ARGUMENT ("prepare it again").
-    #[arg(long, env = "QUIVER_MAX_PREPARED_STATEMENTS", default_value_t = quiver::flight::DEFAULT_MAX_PREPARED_STATEMENTS, value_parser = clap::value_parser!(u64).range(1..).map(|n| n as usize))]
-    pub max_prepared_statements: usize,
+    #[arg(long, env = "QUIVER_MAX_PREPARED_STATEMENTS", default_value_t = quiver::flight::DEFAULT_MAX_PREPARED_STATEMENTS as u64, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_prepared_statements: u64,
 
     /// Longest a query waits in the queue before failing with UNAVAILABLE.
     #[arg(long, env = "QUIVER_QUEUE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]

@@ -145,7 +145,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             },
             ..SendOptions::default()
         },
-        args.max_prepared_statements,
+        usize::try_from(args.max_prepared_statements).unwrap_or(usize::MAX),
     )?;
     if let Some(auth) = auth {
         service = service.with_auth(auth);

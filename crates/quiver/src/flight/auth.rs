@@ -20,12 +20,20 @@ use argon2::Argon2;
 use argon2::password_hash::rand_core::{OsRng, RngCore};
 use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
 use base64::Engine;
-use base64::engine::general_purpose::{STANDARD, URL_SAFE_NO_PAD};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tonic::metadata::MetadataMap;
 
 use crate::error::{Error, Result};
+
+/// Base64 of Basic credentials, padded or not: Go's Flight client (ADBC's Flight SQL
+/// driver) sends them without padding.
+const BASIC: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
 
 /// Bytes of entropy in a session token.
 const TOKEN_BYTES: usize = 32;
@@ -161,7 +169,7 @@ impl Authenticator {
     /// Checks Basic credentials from a Handshake and issues a session token.
     pub async fn handshake(self: &Arc<Self>, metadata: &MetadataMap) -> Result<(Identity, String)> {
         let credentials = header(metadata, "Basic ")?;
-        let decoded = STANDARD
+        let decoded = BASIC
             .decode(credentials)
             .ok()
             .and_then(|b| String::from_utf8(b).ok())
@@ -289,6 +297,7 @@ fn parse_hex_digest(hex: &str) -> Option<[u8; 32]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::engine::general_purpose::STANDARD;
 
     fn meta(value: &str) -> MetadataMap {
         let mut m = MetadataMap::new();

@@ -79,7 +79,7 @@ fn rows(batches: &[RecordBatch]) -> usize {
     batches.iter().map(RecordBatch::num_rows).sum()
 }
 
-fn code(e: &arrow_flight::error::ArrowError) -> String {
+fn code(e: &impl std::fmt::Display) -> String {
     e.to_string()
 }
 
