@@ -8,7 +8,9 @@ use arrow_flight::sql::{
     Any, CommandGetDbSchemas, CommandGetExportedKeys, CommandGetImportedKeys,
     CommandGetPrimaryKeys, CommandGetTables, CommandGetXdbcTypeInfo, ProstMessageExt, SqlInfo,
 };
-use arrow_flight::{FlightDescriptor, FlightInfo, IpcMessage, Ticket};
+use arrow_flight::{
+    CancelFlightInfoRequest, CancelStatus, FlightDescriptor, FlightInfo, IpcMessage, Ticket,
+};
 use datafusion::arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch, StringArray};
 use datafusion::arrow::datatypes::{DataType, Field, Int64Type, Schema};
 use futures::TryStreamExt;
@@ -157,6 +159,25 @@ async fn statements_and_the_three_ticket_forms_return_the_same_rows() {
         id_name_rows(&fetch(&mut sql_client, poll.info.unwrap()).await),
         expected
     );
+
+    // CancelFlightInfo reaches a Flight SQL statement's query, even before its DoGet.
+    let info = sql_client.execute(sql.to_string(), None).await.unwrap();
+    let result = fx
+        .client()
+        .cancel_flight_info(CancelFlightInfoRequest::new(info.clone()))
+        .await
+        .unwrap();
+    assert_eq!(result.status, CancelStatus::Cancelled as i32);
+    let ticket = info.endpoint[0].ticket.clone().unwrap();
+    let voided = match sql_client.do_get(ticket).await {
+        Ok(stream) => stream
+            .try_collect::<Vec<_>>()
+            .await
+            .unwrap_err()
+            .to_string(),
+        Err(e) => e.to_string(),
+    };
+    assert!(voided.contains("before it was redeemed"), "{voided}");
     fx.stop().await;
 }
 
