@@ -1,0 +1,36 @@
+"""pyarrow's own C++ Flight server serving one Parquet file's table from memory: the transport
+ceiling the throughput benchmarks compare Quiver with.
+
+    python benches/arrow_flight_server.py FILE.parquet ADDR_FILE
+
+The ticket is the batch size in rows (b"8192", b"65536"); the table is read and combined once
+at start, then sliced into batches of that size without copying.
+"""
+
+import sys
+
+import pyarrow.flight as flight
+import pyarrow.parquet as pq
+
+
+class TableServer(flight.FlightServerBase):
+    def __init__(self, table, **kwargs):
+        super().__init__("grpc://127.0.0.1:0", **kwargs)
+        self.table = table
+
+    def do_get(self, context, ticket):
+        rows = int(ticket.ticket.decode())
+        return flight.RecordBatchStream(self.table.to_reader(max_chunksize=rows))
+
+
+def main():
+    path, addr_file = sys.argv[1], sys.argv[2]
+    table = pq.read_table(path).combine_chunks()
+    server = TableServer(table)
+    with open(addr_file, "w") as f:
+        f.write(f"127.0.0.1:{server.port}")
+    server.serve()
+
+
+if __name__ == "__main__":
+    main()

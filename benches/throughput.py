@@ -1,0 +1,114 @@
+"""Full-scan delivery: `SELECT * FROM lineitem` through Quiver (from Parquet, mmap, hot page
+cache) vs pyarrow's C++ Flight server serving the same table from memory at 8k and 64k-row
+batches (the transport ceiling) vs pyarrow.dataset reading the file in-process.
+
+    .venv/bin/python benches/throughput.py --quiver target/release/quiver            # SF1, 5 runs
+    .venv/bin/python benches/throughput.py --quiver target/release/quiver --smoke    # SF0.01, 1 run
+
+The same pyarrow client reads every stream to the end, counting rows as batches arrive and
+dropping them. Arrow delivered is measured in one unit for all: the size of the table as one
+contiguous chunk (`combine_chunks().nbytes`), since a sliced or view-typed batch can report
+buffers it only partly uses. Reported: medians of GB/s delivered, the ratios against the best
+pyarrow server and against pyarrow.dataset, and Quiver's bytes on the wire (its
+quiver_query_bytes_sent_total) per byte of that plain Arrow size.
+"""
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.dataset as ds
+import pyarrow.flight as flight
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Quiver, generate_tpch, rotate  # noqa: E402
+
+
+def drain(reader) -> int:
+    """Rows read to the end of the stream."""
+    rows = 0
+    for chunk in reader:
+        rows += chunk.data.num_rows
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quiver", default="target/release/quiver")
+    p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "quiver")
+    p.add_argument("--smoke", action="store_true", help="SF0.01, one run")
+    a = p.parse_args()
+    if a.smoke:
+        a.scale, a.runs = 0.01, 1
+    lineitem = generate_tpch(a.scale, a.cache) / "lineitem.parquet"
+    work = Path(tempfile.mkdtemp(prefix="quiver-throughput-"))
+
+    quiver = Quiver(a.quiver, work / "quiver", ["--table", f"lineitem={lineitem}"])
+    addr_file = work / "arrow-addr"
+    arrow = subprocess.Popen([sys.executable, str(Path(__file__).parent / "arrow_flight_server.py"), str(lineitem), str(addr_file)])
+    deadline = time.monotonic() + 300
+    while not addr_file.exists() or not addr_file.read_text():
+        if arrow.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError("the pyarrow Flight server did not start")
+        time.sleep(0.05)
+    arrow_client = flight.connect(f"grpc://{addr_file.read_text()}")
+
+    table = ds.dataset(lineitem).to_table()
+    total_rows, arrow_bytes = table.num_rows, table.combine_chunks().nbytes
+    del table
+    wire = []
+
+    def via_quiver() -> int:
+        before = quiver.metric("quiver_query_bytes_sent_total")
+        n = drain(quiver.client.do_get(flight.Ticket(b"SELECT * FROM lineitem")))
+        wire.append((quiver.metric("quiver_query_bytes_sent_total") - before) / arrow_bytes)
+        return n
+
+    def local() -> int:
+        return sum(b.num_rows for b in ds.dataset(lineitem).to_batches())
+
+    systems = {
+        "quiver (Parquet, mmap)": via_quiver,
+        "pyarrow server, 8k rows": lambda: drain(arrow_client.do_get(flight.Ticket(b"8192"))),
+        "pyarrow server, 64k rows": lambda: drain(arrow_client.do_get(flight.Ticket(b"65536"))),
+        "pyarrow.dataset (in-process)": local,
+    }
+    rates = {name: [] for name in systems}
+    wrong = []
+    try:
+        for run in range(a.runs + 1):
+            for name in rotate(list(systems), run):
+                started = time.perf_counter()
+                rows = systems[name]()
+                elapsed = time.perf_counter() - started
+                if rows != total_rows:
+                    wrong.append(f"{name} delivered {rows} rows of {total_rows}")
+                if run:  # the first round warms caches
+                    rates[name].append(arrow_bytes / elapsed / 1e9)
+    finally:
+        arrow_client.close()
+        arrow.terminate()
+        arrow.wait(timeout=30)
+        quiver.close()
+
+    medians = {name: statistics.median(r) for name, r in rates.items()}
+    best_server = max(medians["pyarrow server, 8k rows"], medians["pyarrow server, 64k rows"])
+    print(f"SELECT * FROM lineitem, TPC-H SF{a.scale:g}: {total_rows} rows, {arrow_bytes / 1e6:.0f} MB of Arrow, medians of {a.runs}\n")
+    print("| source | GB/s | vs best pyarrow server | vs pyarrow.dataset |")
+    print("|---|---:|---:|---:|")
+    for name, rate in medians.items():
+        print(f"| {name} | {rate:.2f} | {rate / best_server:.2f}x | {rate / medians['pyarrow.dataset (in-process)']:.2f}x |")
+    print(f"\nQuiver bytes on the wire per Arrow byte: {statistics.median(wire):.3f}")
+    for problem in wrong:
+        print(problem, file=sys.stderr)
+    return 1 if wrong else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""The benchmark harness in smoke mode (tiny scale, one run), so it never rots: every TPC-H
+query's result through Quiver and DataFusion must equal DuckDB's, and every throughput source
+must deliver the whole table. Timings are printed, never asserted."""
+
+import subprocess
+import sys
+
+from conftest import REPO, quiver_binary
+
+
+def run_bench(script: str, tmp_path) -> str:
+    out = subprocess.run(
+        [sys.executable, str(REPO / "benches" / script), "--quiver", str(quiver_binary()), "--smoke", "--cache", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+def test_tpch_smoke_matches_duckdb(tmp_path):
+    out = run_bench("tpch.py", tmp_path)
+    assert all(f"| Q{q} |" in out for q in range(1, 23)), out
+    assert "geomean" in out
+
+
+def test_throughput_smoke_delivers_every_row(tmp_path):
+    out = run_bench("throughput.py", tmp_path)
+    assert "pyarrow server, 64k rows" in out and "bytes on the wire" in out, out
