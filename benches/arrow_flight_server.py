@@ -3,8 +3,9 @@ ceiling the throughput benchmarks compare Quiver with.
 
     python benches/arrow_flight_server.py FILE.parquet ADDR_FILE
 
-The ticket is the batch size in rows (b"8192", b"65536"); the table is read and combined once
-at start, then sliced into batches of that size without copying.
+The ticket is the batch size in rows, optionally with a row limit: b"8192", b"65536",
+b"8192:7500" (the first 7500 rows). The table is read and combined once at start, then sliced
+into batches of that size without copying.
 """
 
 import sys
@@ -19,8 +20,9 @@ class TableServer(flight.FlightServerBase):
         self.table = table
 
     def do_get(self, context, ticket):
-        rows = int(ticket.ticket.decode())
-        return flight.RecordBatchStream(self.table.to_reader(max_chunksize=rows))
+        batch, _, limit = ticket.ticket.decode().partition(":")
+        table = self.table.slice(0, int(limit)) if limit else self.table
+        return flight.RecordBatchStream(table.to_reader(max_chunksize=int(batch)))
 
 
 def main():

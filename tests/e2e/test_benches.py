@@ -28,3 +28,15 @@ def test_tpch_smoke_matches_duckdb(tmp_path):
 def test_throughput_smoke_delivers_every_row(tmp_path):
     out = run_bench("throughput.py", tmp_path)
     assert "pyarrow server, 64k rows" in out and "bytes on the wire" in out, out
+
+
+def test_concurrency_smoke_has_no_errors(tmp_path):
+    out = run_bench("concurrency.py", tmp_path)
+    assert "| 100 |" in out and "pyarrow C++ server" in out, out
+
+
+def test_pruning_smoke_reads_the_same_bytes_at_every_size(tmp_path):
+    out = run_bench("pruning.py", tmp_path)
+    rows = [line.split("|") for line in out.splitlines() if line.startswith("| one partition")]
+    # Same files and bytes at 1x and 4x: pruning, not luck.
+    assert len(rows) == 2 and rows[0][6:8] == rows[1][6:8], out

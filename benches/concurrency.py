@@ -1,0 +1,150 @@
+"""Latency and concurrency: time to first batch, a mixed workload at 1, 8, 32 and 100 concurrent
+clients, and 100 concurrent streams of ~1 MB (Quiver vs pyarrow's C++ Flight server serving the
+same rows from memory, the baseline measured in the same run).
+
+    .venv/bin/python benches/concurrency.py --quiver target/release/quiver            # SF1
+    .venv/bin/python benches/concurrency.py --quiver target/release/quiver --smoke    # SF0.01
+
+Clients are threads of one process, each with its own connection (pyarrow releases the GIL
+while it waits on the network). Reported per level: queries per second, p50/p99 latency,
+errors (0 is required: the default admission limits queue what they cannot run) and the
+server's peak RSS so far. Exits 1 on any error.
+"""
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pyarrow.flight as flight
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import Quiver, generate_tpch  # noqa: E402
+from tpch_queries import TABLES  # noqa: E402
+
+# The mixed workload: a point lookup, a selective aggregate, a group-by over a date range and a
+# small scan, as a dashboard would send them.
+MIXED = [
+    "SELECT * FROM orders WHERE o_orderkey = {k}",
+    "SELECT SUM(l_extendedprice * l_discount) AS revenue FROM lineitem "
+    "WHERE l_shipdate >= DATE '1994-01-01' AND l_shipdate < DATE '1994-02-01' AND l_quantity < {q}",
+    "SELECT l_returnflag, l_linestatus, COUNT(*) AS n, SUM(l_quantity) AS qty FROM lineitem "
+    "WHERE l_shipdate BETWEEN DATE '1995-01-01' AND DATE '1995-03-31' GROUP BY 1, 2",
+    "SELECT c_name, c_acctbal FROM customer WHERE c_nationkey = {n} ORDER BY c_acctbal DESC LIMIT 20",
+]
+# About 1 MB of Arrow per stream.
+MEGABYTE_ROWS = 7_500
+
+
+def percentile(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def level(addr: str, clients: int, per_client: int, make_ticket) -> dict:
+    """`clients` threads, each on its own connection, each running `per_client` queries."""
+    latencies, errors = [], []
+
+    def client(c: int):
+        conn = flight.connect(f"grpc://{addr}")
+        try:
+            for i in range(per_client):
+                started = time.perf_counter()
+                try:
+                    conn.do_get(make_ticket(c, i)).read_all()
+                    latencies.append(time.perf_counter() - started)
+                except flight.FlightError as e:
+                    errors.append(str(e))
+        finally:
+            conn.close()
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    elapsed = time.perf_counter() - started
+    return {
+        "qps": len(latencies) / elapsed,
+        "p50": percentile(latencies, 50) if latencies else float("nan"),
+        "p99": percentile(latencies, 99) if latencies else float("nan"),
+        "mean": statistics.mean(latencies) if latencies else float("nan"),
+        "errors": errors,
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quiver", default="target/release/quiver")
+    p.add_argument("--scale", type=float, default=1.0)
+    p.add_argument("--per-client", type=int, default=20, help="queries each client runs per level")
+    p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "quiver")
+    p.add_argument("--smoke", action="store_true", help="SF0.01, fewer queries")
+    a = p.parse_args()
+    if a.smoke:
+        a.scale, a.per_client = 0.01, 2
+    data = generate_tpch(a.scale, a.cache)
+    work = Path(tempfile.mkdtemp(prefix="quiver-concurrency-"))
+    tables = [arg for t in TABLES for arg in ("--table", f"{t}={data / (t + '.parquet')}")]
+    quiver = Quiver(a.quiver, work / "quiver", tables)
+    addr_file = work / "arrow-addr"
+    arrow = subprocess.Popen(
+        [sys.executable, str(Path(__file__).parent / "arrow_flight_server.py"), str(data / "lineitem.parquet"), str(addr_file)]
+    )
+    failed = False
+    try:
+        # Time to first batch of a small query, warm.
+        firsts = []
+        for i in range(20 if not a.smoke else 3):
+            started = time.perf_counter()
+            reader = quiver.client.do_get(flight.Ticket(MIXED[0].format(k=1 + i * 32).encode()))
+            reader.read_chunk()
+            firsts.append(time.perf_counter() - started)
+            reader.read_all()
+        print(f"time to first batch (point lookup, warm): median {statistics.median(firsts) * 1e3:.1f} ms\n")
+
+        print("| clients | queries/s | p50 ms | p99 ms | errors | server peak RSS MB |")
+        print("|---:|---:|---:|---:|---:|---:|")
+        for clients in (1, 8, 32, 100):
+            r = level(
+                quiver.addr,
+                clients,
+                a.per_client,
+                lambda c, i: flight.Ticket(MIXED[(c + i) % len(MIXED)].format(k=1 + (c * 131 + i * 7) % 1000 * 4, q=10 + i % 20, n=(c + i) % 25).encode()),
+            )
+            failed |= bool(r["errors"])
+            print(f"| {clients} | {r['qps']:.1f} | {r['p50'] * 1e3:.1f} | {r['p99'] * 1e3:.1f} | {len(r['errors'])} | {quiver.peak_rss() / 2**20:.0f} |")
+            for e in r["errors"][:3]:
+                print(f"  error: {e}", file=sys.stderr)
+
+        while not addr_file.exists() or not addr_file.read_text():
+            if arrow.poll() is not None:
+                raise RuntimeError("the pyarrow Flight server did not start")
+            time.sleep(0.05)
+        sql = f"SELECT * FROM lineitem LIMIT {MEGABYTE_ROWS}".encode()
+        size = quiver.run(sql.decode()).nbytes
+        print(f"\n100 concurrent streams of ~{size / 1e6:.1f} MB ({MEGABYTE_ROWS} lineitem rows), one per client:\n")
+        print("| server | mean ms | p99 ms | errors |")
+        print("|---|---:|---:|---:|")
+        runs = {
+            "quiver (from Parquet)": (quiver.addr, lambda c, i: flight.Ticket(sql)),
+            "pyarrow C++ server (from memory)": (
+                addr_file.read_text(),
+                lambda c, i: flight.Ticket(f"65536:{MEGABYTE_ROWS}".encode()),
+            ),
+        }
+        for name, (addr, ticket) in runs.items():
+            r = level(addr, 100, 1, ticket)
+            failed |= bool(r["errors"])
+            print(f"| {name} | {r['mean'] * 1e3:.1f} | {r['p99'] * 1e3:.1f} | {len(r['errors'])} |")
+    finally:
+        arrow.terminate()
+        arrow.wait(timeout=30)
+        quiver.close()
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
