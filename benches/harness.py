@@ -81,6 +81,15 @@ class Quiver:
         self.log.close()
 
 
+def plain(table: pa.Table) -> pa.Table:
+    """`table` with string and binary views as plain strings and binaries: the form Quiver
+    sends. (tpchgen-cli writes views; pyarrow reads them back as views, and a sliced view
+    array keeps, and IPC sends, all of its data buffers.)"""
+    views = {pa.string_view(): pa.string(), pa.binary_view(): pa.binary()}
+    schema = pa.schema([f.with_type(views.get(f.type, f.type)) for f in table.schema])
+    return table.cast(schema)
+
+
 def geomean(xs) -> float:
     xs = list(xs)
     return math.exp(sum(map(math.log, xs)) / len(xs))
