@@ -123,6 +123,10 @@ def main() -> int:
     parser.add_argument("--queries", default="", help="comma-separated query numbers (default: all 22)")
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "quiver")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--quiver-arg", action="append", default=[],
+        help="an extra `quiver serve` argument (repeatable), e.g. --quiver-arg=--datafusion-config=KEY=VALUE",
+    )
     parser.add_argument("--smoke", action="store_true", help="SF0.01, one run: checks the harness and the results")
     args = parser.parse_args()
     if args.smoke:
@@ -133,7 +137,7 @@ def main() -> int:
     data = generate_tpch(args.scale, args.cache)
     workdir = Path(tempfile.mkdtemp(prefix="quiver-tpch-"))
     systems = {
-        "quiver": Quiver(args.quiver, workdir, tpch_tables(data), args.threads),
+        "quiver": Quiver(args.quiver, workdir, tpch_tables(data) + args.quiver_arg, args.threads),
         "datafusion": DataFusion(data, args.threads),
         "duckdb": DuckDB(data, args.threads),
     }
