@@ -13,7 +13,6 @@ server's peak RSS so far. Exits 1 on any error.
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,8 +22,7 @@ from pathlib import Path
 import pyarrow.flight as flight
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Quiver, generate_tpch  # noqa: E402
-from tpch_queries import TABLES  # noqa: E402
+from harness import ArrowServer, Quiver, common_args, generate_tpch, tpch_tables  # noqa: E402
 
 # The mixed workload: a point lookup, a selective aggregate, a group-by over a date range and a
 # small scan, as a dashboard would send them.
@@ -77,22 +75,16 @@ def level(addr: str, clients: int, per_client: int, make_ticket) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quiver", default="target/release/quiver")
+    common_args(p, "SF0.01, fewer queries")
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--per-client", type=int, default=20, help="queries each client runs per level")
-    p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "quiver")
-    p.add_argument("--smoke", action="store_true", help="SF0.01, fewer queries")
     a = p.parse_args()
     if a.smoke:
         a.scale, a.per_client = 0.01, 2
     data = generate_tpch(a.scale, a.cache)
     work = Path(tempfile.mkdtemp(prefix="quiver-concurrency-"))
-    tables = [arg for t in TABLES for arg in ("--table", f"{t}={data / (t + '.parquet')}")]
-    quiver = Quiver(a.quiver, work / "quiver", tables)
-    addr_file = work / "arrow-addr"
-    arrow = subprocess.Popen(
-        [sys.executable, str(Path(__file__).parent / "arrow_flight_server.py"), str(data / "lineitem.parquet"), str(addr_file)]
-    )
+    quiver = Quiver(a.quiver, work / "quiver", tpch_tables(data))
+    arrow = ArrowServer(data / "lineitem.parquet", work)
     failed = False
     try:
         # Time to first batch of a small query, warm.
@@ -119,10 +111,6 @@ def main() -> int:
             for e in r["errors"][:3]:
                 print(f"  error: {e}", file=sys.stderr)
 
-        while not addr_file.exists() or not addr_file.read_text():
-            if arrow.poll() is not None:
-                raise RuntimeError("the pyarrow Flight server did not start")
-            time.sleep(0.05)
         sql = f"SELECT * FROM lineitem LIMIT {MEGABYTE_ROWS}".encode()
         size = quiver.run(sql.decode()).nbytes
         print(f"\n100 concurrent streams of ~{size / 1e6:.1f} MB ({MEGABYTE_ROWS} lineitem rows), one per client:\n")
@@ -131,7 +119,7 @@ def main() -> int:
         runs = {
             "quiver (from Parquet)": (quiver.addr, lambda c, i: flight.Ticket(sql)),
             "pyarrow C++ server (from memory)": (
-                addr_file.read_text(),
+                arrow.addr,
                 lambda c, i: flight.Ticket(f"65536:{MEGABYTE_ROWS}".encode()),
             ),
         }
@@ -140,8 +128,7 @@ def main() -> int:
             failed |= bool(r["errors"])
             print(f"| {name} | {r['mean'] * 1e3:.1f} | {r['p99'] * 1e3:.1f} | {len(r['errors'])} |")
     finally:
-        arrow.terminate()
-        arrow.wait(timeout=30)
+        arrow.close()
         quiver.close()
     return 1 if failed else 0
 

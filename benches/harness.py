@@ -31,6 +31,42 @@ def generate_tpch(scale: float, cache: Path) -> Path:
     return target
 
 
+def tpch_tables(data: Path) -> list[str]:
+    """`quiver serve` arguments registering every TPC-H table of `data`."""
+    from tpch_queries import TABLES
+
+    return [arg for t in TABLES for arg in ("--table", f"{t}={data / (t + '.parquet')}")]
+
+
+def common_args(parser, smoke: str) -> None:
+    """The arguments every benchmark script takes."""
+    parser.add_argument("--quiver", default="target/release/quiver")
+    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "quiver")
+    parser.add_argument("--smoke", action="store_true", help=smoke)
+
+
+class ArrowServer:
+    """benches/arrow_flight_server.py (pyarrow's C++ Flight server) serving `parquet` from
+    memory, in its own process; `addr` once it listens."""
+
+    def __init__(self, parquet: Path, workdir: Path):
+        addr_file = workdir / "arrow-addr"
+        addr_file.unlink(missing_ok=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).parent / "arrow_flight_server.py"), str(parquet), str(addr_file)]
+        )
+        deadline = time.monotonic() + 300
+        while not addr_file.exists() or not addr_file.read_text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("the pyarrow Flight server did not start")
+            time.sleep(0.05)
+        self.addr = addr_file.read_text()
+
+    def close(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
 class Quiver:
     """`quiver serve` on 127.0.0.1:0 with `args`, and a pyarrow Flight client."""
 

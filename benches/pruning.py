@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Quiver, rotate  # noqa: E402
+from harness import Quiver, common_args, rotate  # noqa: E402
 
 QUERIES = {
     "one partition, filtered": "SELECT COUNT(*) AS n, AVG(latency_ms) AS mean FROM requests "
@@ -51,12 +51,10 @@ def scaled(base: Path, factor: int, root: Path) -> Path:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quiver", default="target/release/quiver")
+    common_args(p, "100k rows, 1x and 4x, 2 runs")
     p.add_argument("--rows", type=int, default=3_000_000, help="rows of the 1x dataset")
     p.add_argument("--factors", default="1,4,16")
     p.add_argument("--runs", type=int, default=9)
-    p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "quiver")
-    p.add_argument("--smoke", action="store_true", help="100k rows, 1x and 4x, 2 runs")
     a = p.parse_args()
     if a.smoke:
         a.rows, a.factors, a.runs = 100_000, "1,4", 2

@@ -15,7 +15,6 @@ quiver_query_bytes_sent_total) per byte of that plain Arrow size.
 
 import argparse
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ import pyarrow.dataset as ds
 import pyarrow.flight as flight
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Quiver, generate_tpch, plain, rotate  # noqa: E402
+from harness import ArrowServer, Quiver, common_args, generate_tpch, plain, rotate  # noqa: E402
 
 
 def drain(reader) -> int:
@@ -38,11 +37,9 @@ def drain(reader) -> int:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quiver", default="target/release/quiver")
+    common_args(p, "SF0.01, one run")
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "quiver")
-    p.add_argument("--smoke", action="store_true", help="SF0.01, one run")
     a = p.parse_args()
     if a.smoke:
         a.scale, a.runs = 0.01, 1
@@ -50,14 +47,8 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="quiver-throughput-"))
 
     quiver = Quiver(a.quiver, work / "quiver", ["--table", f"lineitem={lineitem}"])
-    addr_file = work / "arrow-addr"
-    arrow = subprocess.Popen([sys.executable, str(Path(__file__).parent / "arrow_flight_server.py"), str(lineitem), str(addr_file)])
-    deadline = time.monotonic() + 300
-    while not addr_file.exists() or not addr_file.read_text():
-        if arrow.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("the pyarrow Flight server did not start")
-        time.sleep(0.05)
-    arrow_client = flight.connect(f"grpc://{addr_file.read_text()}")
+    arrow = ArrowServer(lineitem, work)
+    arrow_client = flight.connect(f"grpc://{arrow.addr}")
 
     table = plain(ds.dataset(lineitem).to_table())
     total_rows, arrow_bytes = table.num_rows, table.combine_chunks().nbytes
@@ -93,8 +84,7 @@ def main() -> int:
                     rates[name].append(arrow_bytes / elapsed / 1e9)
     finally:
         arrow_client.close()
-        arrow.terminate()
-        arrow.wait(timeout=30)
+        arrow.close()
         quiver.close()
 
     medians = {name: statistics.median(r) for name, r in rates.items()}

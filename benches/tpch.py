@@ -36,12 +36,8 @@ import duckdb
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Quiver, generate_tpch, geomean, rotate  # noqa: E402
+from harness import Quiver, common_args, generate_tpch, geomean, rotate, tpch_tables  # noqa: E402
 from tpch_queries import QUERIES, TABLES  # noqa: E402
-
-
-def tpch_tables(data: Path) -> list[str]:
-    return [arg for t in TABLES for arg in ("--table", f"{t}={data / (t + '.parquet')}")]
 
 
 class DuckDB:
@@ -116,18 +112,16 @@ def same(expected: pa.Table, got: pa.Table) -> str | None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quiver", default="target/release/quiver")
+    common_args(parser, "SF0.01, one run: checks the harness and the results")
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--queries", default="", help="comma-separated query numbers (default: all 22)")
-    parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "quiver")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument(
         "--quiver-arg", action="append", default=[],
         help="an extra `quiver serve` argument (repeatable), e.g. --quiver-arg=--datafusion-config=KEY=VALUE",
     )
-    parser.add_argument("--smoke", action="store_true", help="SF0.01, one run: checks the harness and the results")
     args = parser.parse_args()
     if args.smoke:
         args.scale, args.runs = 0.01, 1

@@ -19,7 +19,7 @@ import pyarrow.flight as flight
 import pytest
 
 from conftest import DAYS, Server, requests_dataset
-from test_transport import auth_file, hash_password  # noqa: F401 (fixture)
+from test_transport import auth_file  # noqa: F401 (a fixture)
 
 FLIGHT_SQL = "type.googleapis.com/arrow.flight.protocol.sql."
 QUERY_TICKET = "type.googleapis.com/quiver.v1.QueryTicket"

@@ -118,7 +118,7 @@ impl FlightSql {
     /// the ticket.
     async fn metadata_info(
         &self,
-        command: impl ProstMessageExt + Clone + Into<Metadata>,
+        command: impl ProstMessageExt + Into<Metadata>,
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let ticket = command.as_any().encode_to_vec();
@@ -388,28 +388,27 @@ impl FlightSqlService for FlightSql {
             .await
             .map_err(Error::from)?;
         let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+        if rows > 1 {
+            return Err(Error::invalid(format!(
+                "{rows} rows of parameters were bound; a query runs with one row \
+                 (execute it once per row)"
+            ))
+            .into());
+        }
         let values = match batches.iter().find(|b| b.num_rows() > 0) {
-            _ if rows > 1 => {
-                return Err(Error::invalid(format!(
-                    "{rows} rows of parameters were bound; a query runs with one row \
-                     (execute it once per row)"
-                ))
-                .into());
-            }
             None => None,
-            Some(batch) => Some(
-                batch
+            Some(batch) => {
+                let values = batch
                     .columns()
                     .iter()
                     .map(|column| ScalarValue::try_from_array(column, 0))
                     .collect::<Result<Vec<_>, _>>()
-                    .map_err(Error::from)?,
-            ),
+                    .map_err(Error::from)?;
+                // Cast now: a value that cannot take its parameter's type fails at bind
+                // time, not at the first execution.
+                Some(crate::query::cast_params(values, &statement.params)?)
+            }
         };
-        if let Some(values) = &values {
-            // Fail at bind time, not at the first execution.
-            crate::query::cast_params(values.clone(), &statement.params)?;
-        }
         self.statements
             .bind(&query.prepared_statement_handle, &context, values)?;
         Ok(DoPutPreparedStatementResult {
@@ -843,8 +842,9 @@ impl PreparedStatements {
     }
 
     fn remove(&self, handle: &Bytes, context: &CallContext) -> Result<()> {
-        self.with(handle, context, |_| ())?;
-        self.map.lock().expect("poisoned").remove(handle);
+        let mut map = self.map.lock().expect("poisoned");
+        Self::owned(&mut map, handle, context)?;
+        map.remove(handle);
         Ok(())
     }
 
@@ -855,8 +855,17 @@ impl PreparedStatements {
         f: impl FnOnce(&mut PreparedStatement) -> T,
     ) -> Result<T> {
         let mut map = self.map.lock().expect("poisoned");
+        Ok(f(Self::owned(&mut map, handle, context)?))
+    }
+
+    /// The statement under `handle`, if `context`'s caller created it.
+    fn owned<'a>(
+        map: &'a mut HashMap<Bytes, PreparedStatement>,
+        handle: &Bytes,
+        context: &CallContext,
+    ) -> Result<&'a mut PreparedStatement> {
         match map.get_mut(handle) {
-            Some(statement) if statement.user == user_of(context) => Ok(f(statement)),
+            Some(statement) if statement.user == user_of(context) => Ok(statement),
             _ => Err(Error::invalid(format!(
                 "no open prepared statement has the handle {:?}: it was closed, replaced \
                  after --max-prepared-statements newer ones, or belongs to another user; \

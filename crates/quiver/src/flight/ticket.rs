@@ -188,12 +188,6 @@ fn check_sql(text: &str) -> Result<()> {
 }
 
 fn sql(bytes: Vec<u8>) -> Result<Command> {
-    if bytes.len() > MAX_SQL_BYTES {
-        return Err(Error::invalid(format!(
-            "the SQL text is {} bytes; the limit is {MAX_SQL_BYTES}",
-            bytes.len()
-        )));
-    }
     let text = String::from_utf8(bytes).map_err(|e| {
         Error::invalid(format!(
             "the ticket is neither a Flight SQL command nor UTF-8 SQL text (invalid UTF-8 at byte {})",
