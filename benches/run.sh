@@ -32,3 +32,12 @@ if [ "${1:-}" = "--smoke" ]; then
 else
   "$bin/io" --rows 3000000 --runs 7
 fi
+
+echo
+echo "== criterion micro-benchmarks (benches/benches/hot_paths.rs)"
+if [ "${1:-}" = "--smoke" ]; then
+  # criterion's test mode: every benchmark once, no timing.
+  cargo bench --workspace --bench hot_paths -- --test
+else
+  cargo bench --workspace --bench hot_paths
+fi

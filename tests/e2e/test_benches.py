@@ -40,3 +40,18 @@ def test_pruning_smoke_reads_the_same_bytes_at_every_size(tmp_path):
     rows = [line.split("|") for line in out.splitlines() if line.startswith("| one partition")]
     # Same files and bytes at 1x and 4x: pruning, not luck.
     assert len(rows) == 2 and rows[0][6:8] == rows[1][6:8], out
+
+
+def test_criterion_micro_benchmarks_run():
+    """criterion's test mode runs every micro-benchmark once (the build is the workspace
+    build the tests already made, so cargo only runs it)."""
+    out = subprocess.run(
+        ["cargo", "bench", "--workspace", "--bench", "hot_paths", "--", "--test"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    for group in ("ticket_decode/query_ticket", "flight_encode/64k_rows/zstd", "expand_views/64k_rows/utf8view_to_utf8"):
+        assert f"Testing {group}" in out.stdout, out.stdout

@@ -238,11 +238,10 @@ def hash_password(password: str) -> str:
     return out.stdout.strip()
 
 
-@pytest.fixture
-def auth_file(tmp_path):
+def write_auth_file(path: Path) -> Path:
+    """User alice (password "correct horse") and the static token "static-token-1"."""
     import hashlib
 
-    path = tmp_path / "auth.toml"
     path.write_text(
         f"""
 [[users]]
@@ -255,6 +254,11 @@ sha256 = "{hashlib.sha256(b'static-token-1').hexdigest()}"
 """
     )
     return path
+
+
+@pytest.fixture
+def auth_file(tmp_path):
+    return write_auth_file(tmp_path / "auth.toml")
 
 
 def test_basic_handshake_then_bearer_and_static_tokens(dataset, tmp_path, auth_file):

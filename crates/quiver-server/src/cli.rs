@@ -33,6 +33,137 @@ pub enum Command {
     /// Authentication helpers.
     #[command(subcommand)]
     Auth(AuthCommand),
+    /// Run one SQL statement on a server and print the result.
+    Query(QueryArgs),
+    /// List a server's tables with their sizes and schemas.
+    Tables(TablesArgs),
+    /// Check a server's gRPC health (grpc.health.v1): exit 0 when it is SERVING, 1 if not.
+    /// For container health checks and probes; needs no credentials.
+    Health(HealthArgs),
+}
+
+/// How the client subcommands reach a server.
+#[derive(Debug, Clone, Args)]
+pub struct ClientArgs {
+    /// The server: `grpc://HOST:PORT` (plain) or `grpc+tls://HOST:PORT` (TLS).
+    #[arg(long, env = "QUIVER_SERVER", default_value = "grpc://127.0.0.1:50051")]
+    pub server: String,
+
+    /// CA certificates (PEM) to verify the server's certificate with [default: the
+    /// system's roots].
+    #[arg(long, env = "QUIVER_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// Name to check the server's certificate against, when it is not the URL's host
+    /// (e.g. probing `localhost` with a certificate for `quiver.example.com`).
+    #[arg(long, env = "QUIVER_TLS_SERVER_NAME", value_name = "NAME")]
+    pub tls_server_name: Option<String>,
+
+    /// Client certificate (PEM) for servers that require mutual TLS.
+    #[arg(
+        long,
+        env = "QUIVER_CLIENT_CERT",
+        value_name = "FILE",
+        requires = "client_key"
+    )]
+    pub client_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --client-cert.
+    #[arg(
+        long,
+        env = "QUIVER_CLIENT_KEY",
+        value_name = "FILE",
+        requires = "client_cert"
+    )]
+    pub client_key: Option<PathBuf>,
+
+    /// User to log in as (a Basic handshake). The password comes from $QUIVER_PASSWORD,
+    /// or else the first line of stdin.
+    #[arg(long, env = "QUIVER_USER", conflicts_with = "token")]
+    pub user: Option<String>,
+
+    /// API token, sent as `authorization: Bearer <token>`.
+    #[arg(long, env = "QUIVER_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
+    /// Longest to wait for the connection (TCP and TLS).
+    #[arg(long, env = "QUIVER_CONNECT_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Largest gRPC message accepted from the server.
+    #[arg(long, env = "QUIVER_MAX_MESSAGE_SIZE", default_value = "64MiB")]
+    pub max_message_size: ByteSize,
+}
+
+/// `quiver query`.
+#[derive(Debug, Args)]
+pub struct QueryArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+
+    /// Output format: an aligned `table`, `csv` (with a header), `json` (one object per
+    /// line) or `parquet` (needs --output).
+    #[arg(long, short, default_value = "table")]
+    pub format: OutputFormat,
+
+    /// Write the result to FILE instead of stdout.
+    #[arg(long, short, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+
+    /// Most rows `table` prints; the rest are counted, not shown (csv, json and parquet
+    /// write every row, batch by batch). `0`: no limit.
+    #[arg(long, default_value_t = 1000)]
+    pub max_rows: usize,
+
+    /// Longest the query may run (sent as the gRPC deadline). `0s`: no limit.
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// No progress or summary on stderr.
+    #[arg(long, short)]
+    pub quiet: bool,
+
+    /// The SQL statement; `-` reads it from stdin.
+    pub sql: String,
+}
+
+/// Output formats of `quiver query`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned text table.
+    Table,
+    /// Comma-separated values with a header line.
+    Csv,
+    /// Newline-delimited JSON objects.
+    Json,
+    /// A Parquet file.
+    Parquet,
+}
+
+/// `quiver tables`.
+#[derive(Debug, Args)]
+pub struct TablesArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+
+    /// Only the summary line of each table, without its columns.
+    #[arg(long)]
+    pub no_schema: bool,
+}
+
+/// `quiver health`.
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+
+    /// The gRPC service whose status to ask for; empty for the whole server.
+    #[arg(long, default_value = "")]
+    pub service: String,
+
+    /// Longest to wait for the answer.
+    #[arg(long, default_value = "5s", value_parser = parse_duration)]
+    pub timeout: Duration,
 }
 
 /// `quiver auth`.

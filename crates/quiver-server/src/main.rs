@@ -1,6 +1,7 @@
 //! The `quiver` binary: parse flags, set up logging, run a subcommand.
 
 mod cli;
+mod client;
 mod demo;
 mod listener;
 mod metrics;
@@ -17,6 +18,22 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
+/// The client subcommands make one call: one thread is plenty.
+fn client_runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}
+
+/// A client subcommand's failure is one line on stderr and exit status 1: users read
+/// it, so no backtrace.
+fn exit_on_error<T>(result: anyhow::Result<T>) -> T {
+    result.unwrap_or_else(|e| {
+        eprintln!("error: {e:#}");
+        std::process::exit(1)
+    })
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = cli::Cli::parse();
     tracing_subscriber::fmt()
@@ -31,6 +48,20 @@ fn main() -> anyhow::Result<()> {
             .thread_name("quiver-io")
             .build()?
             .block_on(serve::run(*args)),
+        cli::Command::Query(args) => {
+            exit_on_error(client_runtime()?.block_on(client::query(args)));
+            Ok(())
+        }
+        cli::Command::Tables(args) => {
+            exit_on_error(client_runtime()?.block_on(client::tables(args)));
+            Ok(())
+        }
+        cli::Command::Health(args) => {
+            if !exit_on_error(client_runtime()?.block_on(client::health(args))) {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         cli::Command::Demo(args) => demo::write(&args.out, args.rows),
         cli::Command::Auth(cli::AuthCommand::HashPassword) => {
             let mut line = String::new();

@@ -99,6 +99,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     engine.register_metrics(&registry)?;
     let rpc_metrics = RpcMetrics::register(&registry)?;
     metrics::register_process_metrics(&registry)?;
+    if let Some(tls) = &tls {
+        registry.register(Box::new(tls.expiry_gauge()))?;
+    }
     let shutdown = CancellationToken::new();
     let metrics_listener = TcpListener::bind(args.metrics_listen)
         .await

@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 use anyhow::Context;
+use prometheus::IntGauge;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{
     ProducesTickets, ServerSessionMemoryCache, StoresServerSessions, WebPkiClientVerifier,
@@ -67,6 +68,9 @@ pub struct TlsReloader {
     current: RwLock<Arc<ServerConfig>>,
     /// Modification times and sizes of the files the current config was built from.
     loaded_from: Mutex<Vec<Option<(SystemTime, u64)>>>,
+    /// `quiver_tls_certificate_expiry_timestamp_seconds`: the serving certificate's
+    /// notAfter, so alerts can fire before it lapses.
+    expiry: IntGauge,
 }
 
 impl std::fmt::Debug for TlsReloader {
@@ -86,7 +90,12 @@ impl TlsReloader {
         let sessions: Arc<dyn StoresServerSessions> =
             ServerSessionMemoryCache::new(SESSION_CACHE_SIZE);
         let stamps = stamps(&settings);
-        let config = build(&settings, &provider, &ticketer, &sessions)?;
+        let (config, not_after) = build(&settings, &provider, &ticketer, &sessions)?;
+        let expiry = IntGauge::new(
+            "quiver_tls_certificate_expiry_timestamp_seconds",
+            "When the serving TLS certificate expires (its notAfter), in Unix seconds.",
+        )?;
+        expiry.set(not_after);
         Ok(Self {
             settings,
             provider,
@@ -94,7 +103,13 @@ impl TlsReloader {
             sessions,
             current: RwLock::new(config),
             loaded_from: Mutex::new(stamps),
+            expiry,
         })
+    }
+
+    /// The certificate expiry gauge, to register with the server's metrics.
+    pub fn expiry_gauge(&self) -> IntGauge {
+        self.expiry.clone()
     }
 
     /// An acceptor for one handshake with the current config.
@@ -112,8 +127,9 @@ impl TlsReloader {
             &self.ticketer,
             &self.sessions,
         ) {
-            Ok(config) => {
+            Ok((config, not_after)) => {
                 *self.current.write().expect("poisoned") = config;
+                self.expiry.set(not_after);
                 *self.loaded_from.lock().expect("poisoned") = stamps;
                 tracing::info!(cert = %self.settings.cert.display(), "TLS material reloaded");
                 true
@@ -141,15 +157,18 @@ impl TlsReloader {
     }
 }
 
-/// A rustls config from the files in `s`.
+/// A rustls config from the files in `s`, and the leaf certificate's notAfter.
 fn build(
     s: &TlsSettings,
     provider: &Arc<CryptoProvider>,
     ticketer: &Arc<dyn ProducesTickets>,
     sessions: &Arc<dyn StoresServerSessions>,
-) -> anyhow::Result<Arc<ServerConfig>> {
+) -> anyhow::Result<(Arc<ServerConfig>, i64)> {
     {
         let certs = read_certs(&s.cert)?;
+        let (_, leaf) = x509_parser::parse_x509_certificate(certs[0].as_ref())
+            .map_err(|e| anyhow::anyhow!("--tls-cert {}: {e}", s.cert.display()))?;
+        let not_after = leaf.validity().not_after.timestamp();
         let key = PrivateKeyDer::from_pem_file(&s.key).with_context(|| {
             format!(
                 "--tls-key {}: no PEM private key could be read",
@@ -198,7 +217,7 @@ fn build(
         config.alpn_protocols = vec![b"h2".to_vec()];
         config.ticketer = Arc::clone(ticketer);
         config.session_storage = Arc::clone(sessions);
-        Ok(Arc::new(config))
+        Ok((Arc::new(config), not_after))
     }
 }
 
