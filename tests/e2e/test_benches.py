@@ -53,5 +53,5 @@ def test_criterion_micro_benchmarks_run():
         timeout=1800,
     )
     assert out.returncode == 0, out.stdout + out.stderr
-    for group in ("ticket_decode/query_ticket", "flight_encode/64k_rows/zstd", "expand_views/64k_rows/utf8view_to_utf8"):
+    for group in ("ticket_decode/query_ticket", "flight_encode/64k_rows/zstd", "expand_views/64k_rows/utf8view_to_utf8", "flight_encode/8k_rows/baseline_memcpy"):
         assert f"Testing {group}" in out.stdout, out.stdout
