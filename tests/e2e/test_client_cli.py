@@ -108,6 +108,17 @@ def test_query_writes_files_equal_to_the_oracle(server, oracle, tmp_path, fmt):
         assert ids == expected.column("request_id").to_pylist()
 
 
+def test_a_failed_query_leaves_no_output_file(server, tmp_path):
+    path = tmp_path / "out.csv"
+    path.write_text("previous result\n")
+    # Fails during execution, after the schema (and possibly rows) arrived.
+    sql = "SELECT request_id, 1 / (status - 200) AS x FROM requests ORDER BY request_id"
+    out = quiver("query", "--server", url(server), "--format", "csv", "--output", str(path), sql)
+    assert out.returncode == 1 and "Divide by zero" in out.stderr, out.stderr
+    assert path.read_text() == "previous result\n", "the old file is untouched"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.csv"], "no partial file is left"
+
+
 def test_query_reads_sql_from_stdin_and_streams_csv_to_stdout(server, oracle):
     sql = "SELECT status, COUNT(*) AS n FROM requests GROUP BY status ORDER BY status"
     out = quiver("query", "--server", url(server), "--format", "csv", "--quiet", "-", input=sql)

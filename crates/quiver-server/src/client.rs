@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -57,10 +57,14 @@ pub async fn query(args: QueryArgs) -> anyhow::Result<()> {
         .await
         .map_err(|e| call_error("the query", e))?;
 
-    let out: Box<dyn Write + Send> = match &args.output {
-        Some(path) => Box::new(BufWriter::new(
-            File::create(path).with_context(|| format!("creating {}", path.display()))?,
-        )),
+    // A file appears under its name only once the whole result is in it.
+    let pending = args
+        .output
+        .as_deref()
+        .map(PendingFile::create)
+        .transpose()?;
+    let out: Box<dyn Write + Send> = match &pending {
+        Some(file) => Box::new(BufWriter::new(file.file.try_clone()?)),
         None => Box::new(BufWriter::new(std::io::stdout())),
     };
     let mut sink = Sink::new(args.format, out, args.max_rows);
@@ -81,7 +85,55 @@ pub async fn query(args: QueryArgs) -> anyhow::Result<()> {
     }
     let rows = progress.finish(started);
     sink.finish(rows)?;
+    if let Some(file) = pending {
+        file.commit()?;
+    }
     Ok(())
+}
+
+/// `--output`: written under a temporary name beside the target, renamed over it when
+/// complete, removed if the query fails.
+struct PendingFile {
+    file: File,
+    temporary: PathBuf,
+    target: PathBuf,
+    committed: bool,
+}
+
+impl PendingFile {
+    fn create(target: &Path) -> anyhow::Result<Self> {
+        let name = target
+            .file_name()
+            .with_context(|| format!("--output {} names no file", target.display()))?;
+        let mut temporary_name = std::ffi::OsString::from(".");
+        temporary_name.push(name);
+        temporary_name.push(format!(".{}.partial", std::process::id()));
+        let temporary = target.with_file_name(temporary_name);
+        let file = File::create(&temporary)
+            .with_context(|| format!("creating {}", temporary.display()))?;
+        Ok(Self {
+            file,
+            temporary,
+            target: target.to_path_buf(),
+            committed: false,
+        })
+    }
+
+    fn commit(mut self) -> anyhow::Result<()> {
+        self.file.sync_all()?;
+        std::fs::rename(&self.temporary, &self.target)
+            .with_context(|| format!("renaming the result to {}", self.target.display()))?;
+        self.committed = true;
+        Ok(())
+    }
+}
+
+impl Drop for PendingFile {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = std::fs::remove_file(&self.temporary);
+        }
+    }
 }
 
 /// `quiver tables`: every table with its row count, size and columns.

@@ -7,7 +7,7 @@
 //! cargo run --manifest-path proto/codegen/Cargo.toml -- --check # fail if stale
 //! ```
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 /// The files to compile, relative to `proto/`.
@@ -34,9 +34,13 @@ fn main() -> ExitCode {
 
 /// Returns whether the checked-in code is (now) current.
 fn run(check: bool) -> Result<bool, Box<dyn std::error::Error>> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()?;
+    // `cargo run` sets CARGO_MANIFEST_DIR for the process: prefer it to the path baked in
+    // at compile time, which names whichever checkout built the binary last when several
+    // share one target directory (CI clones do).
+    let manifest_dir = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    let root = manifest_dir.join("../..").canonicalize()?;
     let proto_dir = root.join("proto");
     let target_dir = root.join("crates/quiver/src/flight/generated");
     let descriptors = protox::compile(PROTOS, [&proto_dir])?;
