@@ -11,6 +11,7 @@ mod actions;
 pub mod auth;
 mod do_get;
 mod flight_info;
+pub mod frames;
 mod sql;
 pub mod ticket;
 pub mod views;
