@@ -1,5 +1,6 @@
 """Full-scan delivery: `SELECT * FROM lineitem` through Quiver (from Parquet, mmap, hot page
-cache) vs pyarrow's C++ Flight server serving the same table from memory at 8k and 64k-row
+cache; zero-copy send path, and the standard arrow-flight + tonic path it replaces) vs
+pyarrow's C++ Flight server serving the same table from memory at 8k and 64k-row
 batches (the transport ceiling) vs pyarrow.dataset reading the file in-process.
 
     .venv/bin/python benches/throughput.py --quiver target/release/quiver            # SF1, 5 runs
@@ -47,6 +48,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="quiver-throughput-"))
 
     quiver = Quiver(a.quiver, work / "quiver", ["--table", f"lineitem={lineitem}"])
+    standard = Quiver(a.quiver, work / "standard", ["--table", f"lineitem={lineitem}", "--send-path", "standard"])
     arrow = ArrowServer(lineitem, work)
     arrow_client = flight.connect(f"grpc://{arrow.addr}")
 
@@ -55,17 +57,18 @@ def main() -> int:
     del table
     wire = []
 
-    def via_quiver() -> int:
-        before = quiver.metric("quiver_query_bytes_sent_total")
-        n = drain(quiver.client.do_get(flight.Ticket(b"SELECT * FROM lineitem")))
-        wire.append((quiver.metric("quiver_query_bytes_sent_total") - before) / arrow_bytes)
+    def via(server) -> int:
+        before = server.metric("quiver_query_bytes_sent_total")
+        n = drain(server.client.do_get(flight.Ticket(b"SELECT * FROM lineitem")))
+        wire.append((server.metric("quiver_query_bytes_sent_total") - before) / arrow_bytes)
         return n
 
     def local() -> int:
         return sum(b.num_rows for b in ds.dataset(lineitem).to_batches())
 
     systems = {
-        "quiver (Parquet, mmap)": via_quiver,
+        "quiver (Parquet, mmap)": lambda: via(quiver),
+        "quiver, standard send path": lambda: via(standard),
         "pyarrow server, 8k rows": lambda: drain(arrow_client.do_get(flight.Ticket(b"8192"))),
         "pyarrow server, 64k rows": lambda: drain(arrow_client.do_get(flight.Ticket(b"65536"))),
         "pyarrow.dataset (in-process)": local,
@@ -86,6 +89,7 @@ def main() -> int:
         arrow_client.close()
         arrow.close()
         quiver.close()
+        standard.close()
 
     medians = {name: statistics.median(r) for name, r in rates.items()}
     best_server = max(medians["pyarrow server, 8k rows"], medians["pyarrow server, 64k rows"])

@@ -355,6 +355,13 @@ pub struct ServeArgs {
     #[arg(long, env = "QUIVER_IPC_COMPRESSION", default_value = "none")]
     pub ipc_compression: IpcCompression,
 
+    /// How query results are written to the socket: `zero-copy` hands the Arrow buffers
+    /// themselves to HTTP/2 (vectored writes, no copy of batch bodies); `standard` is
+    /// arrow-flight's encoder and tonic's codec (two copies per byte), kept for
+    /// comparison. Compressed results always take the standard path.
+    #[arg(long, env = "QUIVER_SEND_PATH", default_value = "zero-copy")]
+    pub send_path: SendPath,
+
     #[command(flatten)]
     pub tls: TlsArgs,
 
@@ -448,6 +455,15 @@ pub enum IpcCompression {
     Zstd,
     /// LZ4 frame: fastest.
     Lz4,
+}
+
+/// `--send-path`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SendPath {
+    /// Arrow buffers to the socket without copies.
+    ZeroCopy,
+    /// arrow-flight's encoder and tonic's codec.
+    Standard,
 }
 
 /// TLS on the Flight port.

@@ -9,6 +9,7 @@ use arrow_flight::flight_service_server::FlightServiceServer;
 use prometheus::Registry;
 use quiver::catalog::{CatalogFile, TableDefinition, parse_table_flag, tables_in_data_dir};
 use quiver::flight::auth::Authenticator;
+use quiver::flight::zero_copy::ZeroCopyDoGetLayer;
 use quiver::flight::{CompressionType, QuiverFlightService, SendOptions};
 use quiver::io::{IoOptions, MmapLimits};
 use quiver::metrics::{RpcMetrics, RpcMetricsLayer};
@@ -20,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tonic_health::server::HealthReporter;
 
-use crate::cli::{Http2Args, IpcCompression, MemoryPoolArg, ServeArgs, TlsArgs};
+use crate::cli::{Http2Args, IpcCompression, MemoryPoolArg, SendPath, ServeArgs, TlsArgs};
 use crate::demo;
 use crate::listener;
 use crate::metrics;
@@ -153,9 +154,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(auth) = auth {
         service = service.with_auth(auth);
     }
-    let flight = FlightServiceServer::new(service)
+    let service = Arc::new(service);
+    let flight = FlightServiceServer::from_arc(Arc::clone(&service))
         .max_decoding_message_size(args.max_decoding_message_size.0)
         .max_encoding_message_size(args.max_encoding_message_size.0);
+    // Query results skip tonic's codec; every other call reaches the routes below.
+    let zero_copy = ZeroCopyDoGetLayer::new(
+        service,
+        args.max_decoding_message_size.0,
+        args.max_encoding_message_size.0,
+    )
+    .enabled(args.send_path == SendPath::ZeroCopy);
 
     // gRPC health, outside authentication: probes and load balancers send no credentials.
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -172,6 +181,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     );
     let serve = server
         .layer(RpcMetricsLayer::new(rpc_metrics))
+        .layer(zero_copy)
         .add_service(health_service)
         .add_service(flight)
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());

@@ -24,25 +24,61 @@ use std::time::Duration;
 use arrow_flight::FlightData;
 use arrow_flight::encode::FlightDataEncoderBuilder;
 use arrow_flight::error::FlightError;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::ipc::CompressionType;
 use datafusion::arrow::ipc::root_as_message;
 use datafusion::arrow::ipc::writer::IpcWriteOptions;
-use futures::{FutureExt, Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
 use std::panic::AssertUnwindSafe;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use super::CallContext;
+use super::frames::{Frame, FrameEncoder};
 use super::ticket::QueryTicket;
 use super::views;
 use crate::error::{Error, Result};
 use crate::metrics::Outcome;
-use crate::query::{Deadline, Execution, QueryEngine, QueryRequest, RunningQuery};
+use crate::query::{Deadline, Execution, QueryEngine, QueryRequest, RunningQuery, ScanReport};
 use datafusion::common::ScalarValue;
 
 /// The response stream of `DoGet`.
-pub(super) type FlightDataStream = Pin<Box<dyn Stream<Item = Result<FlightData, Status>> + Send>>;
+pub(super) type FlightDataStream = MessageStream<FlightData>;
+
+/// A stream of encoded messages for the client, ending with the query's error if any.
+pub type MessageStream<M> = Pin<Box<dyn Stream<Item = Result<M, Status>> + Send>>;
+
+/// A message on its way to the client, in either encoding.
+pub trait Outgoing: Send + 'static {
+    /// Rows of a record batch message; `None` for schema and dictionary messages.
+    fn rows(&self) -> Option<u64>;
+    /// Bytes of the Flight payload: IPC header, body and application metadata.
+    fn payload_bytes(&self) -> u64;
+}
+
+impl Outgoing for FlightData {
+    fn rows(&self) -> Option<u64> {
+        let message = root_as_message(&self.data_header).ok()?;
+        let batch = message.header_as_record_batch()?;
+        Some(batch.length().max(0) as u64)
+    }
+
+    fn payload_bytes(&self) -> u64 {
+        (self.data_header.len() + self.data_body.len() + self.app_metadata.len()) as u64
+    }
+}
+
+impl Outgoing for Frame {
+    fn rows(&self) -> Option<u64> {
+        Frame::rows(self)
+    }
+
+    fn payload_bytes(&self) -> u64 {
+        self.payload_len() as u64
+    }
+}
 
 /// Knobs for the send path.
 #[derive(Debug, Clone, Copy)]
@@ -92,13 +128,88 @@ pub(super) async fn run_ticket(
     do_get(engine, request, options).await
 }
 
-/// Admits, plans and runs a query; planning errors are returned, execution errors
-/// arrive in-band.
-pub(super) async fn do_get(
+/// [`run_ticket`] on the zero-copy send path: `None` when the result is to be
+/// compressed (compression makes new buffers; the standard path serves it).
+pub(super) async fn run_ticket_frames(
     engine: &Arc<QueryEngine>,
-    request: QueryRequest,
-    options: SendOptions,
-) -> Result<FlightDataStream> {
+    ticket: QueryTicket,
+    caller: &CallContext,
+    mut options: SendOptions,
+) -> Result<Option<MessageStream<Frame>>> {
+    if let Some(compression) = ticket.result_compression()? {
+        options.compression = compression;
+    }
+    if options.compression.is_some() {
+        return Ok(None);
+    }
+    let request = QueryRequest {
+        ticket_timeout: ticket.timeout(),
+        sql: ticket.sql,
+        id: ticket.query_id,
+        user: caller.identity.as_ref().map(|i| i.name.to_string()),
+        client_timeout: caller.client_timeout,
+        params: vec![],
+    };
+    tracing::debug!(sql = %request.sql, "query (zero-copy send path)");
+    let started = start(engine, request).await?;
+    let encoder = FrameEncoder::try_new(
+        &started.schema,
+        IpcWriteOptions::default(),
+        options.max_flight_data_size,
+    )?;
+    let encoded = encode_frames(encoder, started.batches);
+    Ok(Some(stream_messages(
+        engine,
+        started.execution,
+        encoded,
+        options,
+    )))
+}
+
+/// Frames for `batches`: the schema with the first batch (or alone at the end of an
+/// empty result), then each batch.
+fn encode_frames(
+    encoder: FrameEncoder,
+    batches: BatchStream,
+) -> impl Stream<Item = std::result::Result<Frame, FlightError>> + Send + Unpin + 'static {
+    let frames = futures::stream::unfold(Some((encoder, batches)), |state| async move {
+        let (mut encoder, mut batches) = state?;
+        match batches.next().await {
+            Some(Ok(batch)) => {
+                let frames = encoder.encode(&batch).map_err(FlightError::Arrow);
+                Some((frames, Some((encoder, batches))))
+            }
+            Some(Err(e)) => Some((Err(e), None)),
+            None => Some((encoder.finish().map_err(FlightError::Arrow), None)),
+        }
+    });
+    Box::pin(
+        frames
+            .map_ok(|frames| futures::stream::iter(frames.into_iter().map(Ok)))
+            .try_flatten(),
+    )
+}
+
+/// Result batches with views expanded, errors as Flight errors.
+type BatchStream =
+    Pin<Box<dyn Stream<Item = std::result::Result<RecordBatch, FlightError>> + Send + 'static>>;
+
+/// A query admitted and executing, and its batches.
+struct Started {
+    execution: Running,
+    schema: SchemaRef,
+    batches: BatchStream,
+}
+
+/// What a running query keeps until its stream ends.
+struct Running {
+    report: ScanReport,
+    query: RunningQuery,
+    deadline: Deadline,
+}
+
+/// Admits, plans and starts a query; its batches come with views expanded.
+async fn start(engine: &Arc<QueryEngine>, request: QueryRequest) -> Result<Started> {
     let Execution {
         stream,
         report,
@@ -106,21 +217,54 @@ pub(super) async fn do_get(
         deadline,
     } = engine.execute(request).await?;
     let schema = views::expand_schema(&stream.schema());
-
-    let (tx, rx) = mpsc::channel::<Result<FlightData, Status>>(options.channel_depth.max(1));
     let batch_schema = Arc::clone(&schema);
     let batches = stream.map(move |batch| {
         batch
             .map_err(|e| FlightError::Tonic(Box::new(Status::from(Error::from(e)))))
             .and_then(|b| views::expand_batch(b, &batch_schema).map_err(FlightError::Arrow))
     });
+    Ok(Started {
+        execution: Running {
+            report,
+            query,
+            deadline,
+        },
+        schema,
+        batches: Box::pin(batches),
+    })
+}
+
+/// Admits, plans and runs a query; planning errors are returned, execution errors
+/// arrive in-band.
+pub(super) async fn do_get(
+    engine: &Arc<QueryEngine>,
+    request: QueryRequest,
+    options: SendOptions,
+) -> Result<FlightDataStream> {
+    let started = start(engine, request).await?;
     let ipc = IpcWriteOptions::default().try_with_compression(options.compression)?;
     let encoded = FlightDataEncoderBuilder::new()
         .with_options(ipc)
-        .with_schema(schema)
+        .with_schema(started.schema)
         .with_max_flight_data_size(options.max_flight_data_size)
-        .build(batches);
+        .build(started.batches);
+    Ok(stream_messages(engine, started.execution, encoded, options))
+}
 
+/// Runs the send loop on the CPU runtime, handing `encoded` messages to the returned
+/// stream through a bounded channel.
+fn stream_messages<M: Outgoing>(
+    engine: &Arc<QueryEngine>,
+    execution: Running,
+    encoded: impl Stream<Item = std::result::Result<M, FlightError>> + Send + Unpin + 'static,
+    options: SendOptions,
+) -> MessageStream<M> {
+    let Running {
+        report,
+        query,
+        deadline,
+    } = execution;
+    let (tx, rx) = mpsc::channel::<Result<M, Status>>(options.channel_depth.max(1));
     let limits = Limits {
         first_batch: deadline.clone().earliest(Deadline::after(
             tokio::time::Instant::from_std(query.started()),
@@ -169,7 +313,7 @@ pub(super) async fn do_get(
         }
     })
     .filter_map(futures::future::ready);
-    Ok(Box::pin(ReceiverStream::new(rx).chain(last)))
+    Box::pin(ReceiverStream::new(rx).chain(last))
 }
 
 /// The limits a stream runs under.
@@ -187,9 +331,9 @@ type Stop = (Outcome, Status);
 
 /// Moves encoded messages to the network until the result ends, the query fails, is
 /// cancelled, runs out of time, or the client goes away or stops reading.
-async fn send(
-    mut encoded: impl Stream<Item = Result<FlightData, FlightError>> + Unpin,
-    tx: &mpsc::Sender<Result<FlightData, Status>>,
+async fn send<M: Outgoing>(
+    mut encoded: impl Stream<Item = std::result::Result<M, FlightError>> + Unpin,
+    tx: &mpsc::Sender<Result<M, Status>>,
     query: &mut RunningQuery,
     limits: &Limits,
 ) -> Result<(), Stop> {
@@ -216,7 +360,7 @@ async fn send(
             Some(Err(FlightError::Tonic(status))) => return Err((Outcome::Error, *status)),
             Some(Err(other)) => return Err(stop(Error::from(other))),
         };
-        let (rows, bytes) = (batch_rows(&data), data_bytes(&data));
+        let (rows, bytes) = (data.rows(), data.payload_bytes());
         let idle = async {
             if limits.idle.is_zero() {
                 std::future::pending::<()>().await;
@@ -243,17 +387,4 @@ async fn send(
         }
         query.sent(rows, bytes);
     }
-}
-
-/// Rows of a record batch message, from its IPC header; `None` for schema and
-/// dictionary messages.
-fn batch_rows(data: &FlightData) -> Option<u64> {
-    let message = root_as_message(&data.data_header).ok()?;
-    let batch = message.header_as_record_batch()?;
-    Some(batch.length().max(0) as u64)
-}
-
-/// Bytes of a Flight message's payload: IPC header, body and application metadata.
-fn data_bytes(data: &FlightData) -> u64 {
-    (data.data_header.len() + data.data_body.len() + data.app_metadata.len()) as u64
 }

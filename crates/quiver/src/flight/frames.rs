@@ -36,6 +36,10 @@ pub struct Frame {
     chunks: Vec<Bytes>,
     len: usize,
     copied: usize,
+    /// Rows, for a record batch message.
+    rows: Option<u64>,
+    /// Bytes of the IPC header and body (the Flight payload, without framing).
+    payload: usize,
 }
 
 impl Frame {
@@ -57,6 +61,17 @@ impl Frame {
     /// Whether the frame has no bytes (never true for an encoded message).
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// Rows of a record batch message; `None` for schema and dictionary messages.
+    pub fn rows(&self) -> Option<u64> {
+        self.rows
+    }
+
+    /// Bytes of the Flight payload: IPC header and body, without protobuf and gRPC
+    /// framing.
+    pub fn payload_len(&self) -> usize {
+        self.payload
     }
 
     /// Bytes that were copied into gathered chunks rather than shared.
@@ -213,8 +228,14 @@ fn frame_ipc_messages(buffers: Vec<Buffer>, frames: &mut Vec<Frame>) -> Result<(
             .map_err(|e| ArrowError::IpcError(format!("invalid IPC header: {e}")))?;
         let body_len = usize::try_from(message.bodyLength())
             .map_err(|_| ArrowError::IpcError("negative IPC body length".into()))?;
+        let rows = message
+            .header_as_record_batch()
+            .map(|b| b.length().max(0) as u64);
         let body = rope.take(body_len)?;
-        frames.push(flight_data_frame(&header, body));
+        let mut frame = flight_data_frame(&header, body);
+        frame.rows = rows;
+        frame.payload = header.len() + body_len;
+        frames.push(frame);
     }
     Ok(())
 }

@@ -15,6 +15,7 @@ pub mod frames;
 mod sql;
 pub mod ticket;
 pub mod views;
+pub mod zero_copy;
 
 pub use datafusion::arrow::ipc::CompressionType;
 pub use do_get::SendOptions;
@@ -107,6 +108,22 @@ impl QuiverFlightService {
         };
         request.extensions_mut().insert(context.clone());
         Ok(context)
+    }
+}
+
+impl QuiverFlightService {
+    /// `DoGet` on the zero-copy send path ([`zero_copy`]): `Ok(None)` when the ticket is
+    /// not a query that path serves, for tonic's route to answer.
+    #[tracing::instrument(skip_all, name = "DoGet", fields(user, client))]
+    pub async fn do_get_frames(
+        &self,
+        mut request: Request<Ticket>,
+    ) -> Result<Option<do_get::MessageStream<frames::Frame>>, Status> {
+        let context = self.context(&mut request)?;
+        let Some(ticket) = query_ticket(ticket::decode(&request.get_ref().ticket)?) else {
+            return Ok(None);
+        };
+        Ok(do_get::run_ticket_frames(&self.engine, ticket, &context, self.send).await?)
     }
 }
 
