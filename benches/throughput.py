@@ -1,5 +1,6 @@
 """Full-scan delivery: `SELECT * FROM lineitem` through Quiver (from Parquet, mmap, hot page
-cache; zero-copy send path, and the standard arrow-flight + tonic path it replaces) vs
+cache; zero-copy send path, and the standard arrow-flight + tonic path it replaces), and from
+memory (`--pin-table`, both send paths) vs
 pyarrow's C++ Flight server serving the same table from memory at 8k and 64k-row
 batches (the transport ceiling) vs pyarrow.dataset reading the file in-process.
 
@@ -49,6 +50,11 @@ def main() -> int:
 
     quiver = Quiver(a.quiver, work / "quiver", ["--table", f"lineitem={lineitem}"])
     standard = Quiver(a.quiver, work / "standard", ["--table", f"lineitem={lineitem}", "--send-path", "standard"])
+    # The table held in memory (--pin-table): the transport alone, as the pyarrow server.
+    pinned = Quiver(a.quiver, work / "pinned", ["--table", f"lineitem={lineitem}", "--pin-table", "lineitem"])
+    pinned_std = Quiver(
+        a.quiver, work / "pinned-std", ["--table", f"lineitem={lineitem}", "--pin-table", "lineitem", "--send-path", "standard"]
+    )
     arrow = ArrowServer(lineitem, work)
     arrow_client = flight.connect(f"grpc://{arrow.addr}")
 
@@ -69,6 +75,8 @@ def main() -> int:
     systems = {
         "quiver (Parquet, mmap)": lambda: via(quiver),
         "quiver, standard send path": lambda: via(standard),
+        "quiver pinned (memory)": lambda: via(pinned),
+        "quiver pinned, standard send path": lambda: via(pinned_std),
         "pyarrow server, 8k rows": lambda: drain(arrow_client.do_get(flight.Ticket(b"8192"))),
         "pyarrow server, 64k rows": lambda: drain(arrow_client.do_get(flight.Ticket(b"65536"))),
         "pyarrow.dataset (in-process)": local,
@@ -88,8 +96,8 @@ def main() -> int:
     finally:
         arrow_client.close()
         arrow.close()
-        quiver.close()
-        standard.close()
+        for server in (quiver, standard, pinned, pinned_std):
+            server.close()
 
     medians = {name: statistics.median(r) for name, r in rates.items()}
     best_server = max(medians["pyarrow server, 8k rows"], medians["pyarrow server, 64k rows"])

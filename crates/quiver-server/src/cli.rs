@@ -207,6 +207,19 @@ pub struct ServeArgs {
     )]
     pub tables: Vec<String>,
 
+    /// Hold this table's rows in memory and serve it from there (hot dashboards; also
+    /// isolates the transport in benchmarks). Loaded at start and again after each
+    /// refresh that changes its files; its size is reserved from --memory-limit (start-up
+    /// fails if it does not fit) and shown in quiver_catalog_pinned_bytes. Repeatable;
+    /// the catalog file's `pin = true` does the same.
+    #[arg(
+        long = "pin-table",
+        env = "QUIVER_PIN_TABLES",
+        value_delimiter = ',',
+        value_name = "NAME"
+    )]
+    pub pin_tables: Vec<String>,
+
     /// Serve every immediate subdirectory of DIR as a table named after it.
     #[arg(long, env = "QUIVER_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,

@@ -337,6 +337,12 @@ fn table_definitions(args: &ServeArgs) -> anyhow::Result<Vec<TableDefinition>> {
             "no tables to serve: pass --table NAME=PATH, --data-dir DIR, --catalog FILE or --demo"
         );
     }
+    for name in &args.pin_tables {
+        let Some(table) = tables.iter_mut().find(|t| &t.name == name) else {
+            bail!("--pin-table {name}: no such table (pin one of the tables being served)");
+        };
+        table.pinned = true;
+    }
     Ok(tables)
 }
 

@@ -28,6 +28,9 @@ pub struct TableDefinition {
     pub partition_types: BTreeMap<String, PartitionType>,
     /// Suffix of the data files; other files are ignored.
     pub extension: String,
+    /// Hold the table's rows in memory (loaded at start and after each refresh that
+    /// changes its files) and serve queries from there.
+    pub pinned: bool,
 }
 
 /// Suffix of Parquet data files unless a table says otherwise.
@@ -47,6 +50,7 @@ impl TableDefinition {
             path,
             partition_types: BTreeMap::new(),
             extension: DEFAULT_EXTENSION.to_string(),
+            pinned: false,
         })
     }
 }
@@ -118,6 +122,9 @@ pub struct TableEntry {
     pub partitions: BTreeMap<String, PartitionType>,
     /// Suffix of the data files (default `.parquet`), e.g. `.parq` or `.pq`.
     pub extension: Option<String>,
+    /// Serve the table from memory (as `--pin-table`).
+    #[serde(default)]
+    pub pin: bool,
 }
 
 impl CatalogFile {
@@ -147,6 +154,7 @@ impl CatalogFile {
             .map(|(name, entry)| {
                 let mut def = TableDefinition::new(name, base.join(entry.path))?;
                 def.partition_types = entry.partitions;
+                def.pinned = entry.pin;
                 if let Some(extension) = entry.extension {
                     if extension.is_empty() {
                         return Err(Error::Config {
@@ -187,6 +195,7 @@ mod tests {
             [tables.one]
             path = "/abs/file.parquet"
             extension = ".parq"
+            pin = true
             "#,
             Path::new("/etc/quiver"),
         )
@@ -197,6 +206,7 @@ mod tests {
         assert_eq!(defs[1].path, PathBuf::from("/abs/file.parquet"));
         assert_eq!(defs[1].extension, ".parq");
         assert_eq!(defs[0].extension, DEFAULT_EXTENSION);
+        assert!(defs[1].pinned && !defs[0].pinned);
 
         let err = CatalogFile::parse("[tables.x]\npath='a'\nbogus=1", Path::new("/")).unwrap_err();
         assert!(err.to_string().contains("bogus"), "{err}");

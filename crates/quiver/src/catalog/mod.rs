@@ -234,6 +234,13 @@ impl Catalog {
         }
 
         let (table, rejected) = self.build_table(def, &valid, strict)?;
+        // A pinned table is read into memory before it is published: queries keep the
+        // previous snapshot (and its memory) until the new one is loaded.
+        let table = if def.pinned {
+            table.pin(&self.session).await?
+        } else {
+            table
+        };
         for (file, reason) in rejected {
             self.reject(&def.name, &previous, &mut next, &file, &reason);
         }
@@ -249,6 +256,7 @@ impl Catalog {
             files = table.num_files(),
             rows = table.num_rows(),
             columns = table.schema().fields().len(),
+            pinned_bytes = table.pinned_bytes(),
             "table published"
         );
         self.tables

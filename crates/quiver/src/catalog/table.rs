@@ -31,6 +31,12 @@ use datafusion_datasource::{PartitionedFile, TableSchema, compute_all_files_stat
 use datafusion_datasource_parquet::source::ParquetSource;
 use object_store::ObjectMeta;
 
+use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
+use datafusion::execution::session_state::SessionState;
+use datafusion::physical_plan::collect_partitioned;
+use datafusion_datasource::memory::MemorySourceConfig;
+
+use crate::flight::views::{expand_batch, expand_schema};
 use crate::io::{Io, IoMode, IoOptions};
 use crate::query::PartitionPruning;
 
@@ -59,6 +65,18 @@ pub struct HiveTable {
     files: Vec<TableFile>,
     /// Distinct partition value tuples, counted once per (immutable) snapshot.
     num_partitions: usize,
+    /// The rows, in memory, when the table is pinned.
+    pinned: Option<Arc<Pinned>>,
+}
+
+/// A pinned table's rows, with views expanded (as they are sent), and the memory pool
+/// reservation that accounts for them.
+#[derive(Debug)]
+pub(crate) struct Pinned {
+    schema: SchemaRef,
+    partitions: Vec<Vec<RecordBatch>>,
+    bytes: usize,
+    _reservation: MemoryReservation,
 }
 
 impl HiveTable {
@@ -91,7 +109,54 @@ impl HiveTable {
             partition_fields,
             schema,
             files,
+            pinned: None,
         }
+    }
+
+    /// Reads every row into memory, reserving its size from the query memory pool, and
+    /// returns the table serving from there.
+    pub(crate) async fn pin(mut self, session: &SessionState) -> crate::Result<Self> {
+        let plan = self.scan(session, None, &[], None).await?;
+        let partitions = collect_partitioned(plan, session.task_ctx()).await?;
+        let schema = expand_schema(&self.schema);
+        let partitions = partitions
+            .into_iter()
+            .map(|batches| {
+                batches
+                    .into_iter()
+                    .filter(|b| b.num_rows() > 0)
+                    .map(|b| expand_batch(b, &schema))
+                    .collect::<Result<Vec<_>, _>>()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let bytes: usize = partitions
+            .iter()
+            .flatten()
+            .map(RecordBatch::get_array_memory_size)
+            .sum();
+        let reservation = MemoryConsumer::new(format!("pinned table {}", self.name))
+            .register(&session.runtime_env().memory_pool);
+        reservation
+            .try_grow(bytes)
+            .map_err(|e| crate::Error::Config {
+                message: format!(
+                    "pinning table '{}' needs {bytes} bytes of the query memory pool, which \
+                 cannot grant them (raise --memory-limit, or unpin it): {e}",
+                    self.name
+                ),
+            })?;
+        self.pinned = Some(Arc::new(Pinned {
+            schema,
+            partitions,
+            bytes,
+            _reservation: reservation,
+        }));
+        Ok(self)
+    }
+
+    /// Bytes held in memory for a pinned table; 0 otherwise.
+    pub fn pinned_bytes(&self) -> usize {
+        self.pinned.as_ref().map_or(0, |p| p.bytes)
     }
 
     /// Total rows over all files, from Parquet footers.
@@ -215,7 +280,10 @@ use datafusion::common::tree_node::TreeNode;
 #[async_trait]
 impl TableProvider for HiveTable {
     fn schema(&self) -> SchemaRef {
-        Arc::clone(&self.schema)
+        match &self.pinned {
+            Some(pinned) => Arc::clone(&pinned.schema),
+            None => Arc::clone(&self.schema),
+        }
     }
 
     fn table_type(&self) -> TableType {
@@ -232,7 +300,8 @@ impl TableProvider for HiveTable {
         Ok(filters
             .iter()
             .map(|f| {
-                if self.is_partition_filter(f) {
+                // A pinned table applies no filter itself: DataFusion filters its rows.
+                if self.pinned.is_none() && self.is_partition_filter(f) {
                     TableProviderFilterPushDown::Exact
                 } else {
                     TableProviderFilterPushDown::Inexact
@@ -248,6 +317,14 @@ impl TableProvider for HiveTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        if let Some(pinned) = &self.pinned {
+            let plan = MemorySourceConfig::try_new_exec(
+                &pinned.partitions,
+                Arc::clone(&pinned.schema),
+                projection.cloned(),
+            )?;
+            return Ok(plan);
+        }
         let files = self.prune(state, filters)?;
         if let Some(pruning) = state.config().get_extension::<PartitionPruning>() {
             pruning.record(&self.name, self.files.len(), files.len());

@@ -106,6 +106,11 @@ impl EngineCollector {
                 |s| tables_sum(s, |t| t.num_rows()),
             )?,
             gauge(
+                "quiver_catalog_pinned_bytes",
+                "Bytes of pinned tables held in memory (reserved from the query memory pool).",
+                |s| tables_sum(s, |t| t.pinned_bytes() as u64),
+            )?,
+            gauge(
                 "quiver_catalog_partitions",
                 "Distinct Hive partitions holding files, over all tables.",
                 |s| tables_sum(s, |t| t.num_partitions() as u64),
