@@ -111,8 +111,20 @@ pub(super) async fn run_ticket(
     ticket: QueryTicket,
     params: Vec<ScalarValue>,
     caller: &CallContext,
-    mut options: SendOptions,
+    options: SendOptions,
 ) -> Result<FlightDataStream> {
+    let (request, options) = ticket_request(ticket, params, caller, options)?;
+    tracing::debug!(sql = %request.sql, "query");
+    do_get(engine, request, options).await
+}
+
+/// The query a ticket asks for, and the send options with the ticket's compression.
+fn ticket_request(
+    ticket: QueryTicket,
+    params: Vec<ScalarValue>,
+    caller: &CallContext,
+    mut options: SendOptions,
+) -> Result<(QueryRequest, SendOptions)> {
     if let Some(compression) = ticket.result_compression()? {
         options.compression = compression;
     }
@@ -124,8 +136,7 @@ pub(super) async fn run_ticket(
         client_timeout: caller.client_timeout,
         params,
     };
-    tracing::debug!(sql = %request.sql, "query");
-    do_get(engine, request, options).await
+    Ok((request, options))
 }
 
 /// [`run_ticket`] on the zero-copy send path: `None` when the result is to be
@@ -134,22 +145,12 @@ pub(super) async fn run_ticket_frames(
     engine: &Arc<QueryEngine>,
     ticket: QueryTicket,
     caller: &CallContext,
-    mut options: SendOptions,
+    options: SendOptions,
 ) -> Result<Option<MessageStream<Frame>>> {
-    if let Some(compression) = ticket.result_compression()? {
-        options.compression = compression;
-    }
+    let (request, options) = ticket_request(ticket, vec![], caller, options)?;
     if options.compression.is_some() {
         return Ok(None);
     }
-    let request = QueryRequest {
-        ticket_timeout: ticket.timeout(),
-        sql: ticket.sql,
-        id: ticket.query_id,
-        user: caller.identity.as_ref().map(|i| i.name.to_string()),
-        client_timeout: caller.client_timeout,
-        params: vec![],
-    };
     tracing::debug!(sql = %request.sql, "query (zero-copy send path)");
     let started = start(engine, request).await?;
     let encoder = FrameEncoder::try_new(
