@@ -6,10 +6,11 @@
 //! `TCP_NODELAY` is set here. Each TLS handshake runs in its own task with a timeout: a
 //! client that opens a socket and stalls cannot hold up anyone else's.
 
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use quiver::flight::auth::PeerInfo;
@@ -28,24 +29,77 @@ use crate::tls::{self, TlsReloader};
 /// Accepted connections waiting for tonic to pick them up.
 const ACCEPTED_QUEUE: usize = 64;
 
+/// How long a closing connection keeps reading (and discarding) what the client still
+/// sends after Quiver's last byte. Closing a socket with unread input makes the kernel
+/// send a reset, and a reset makes the client's kernel drop data it has received but not
+/// yet read: the end of the last stream. gRPC clients close their side as soon as they
+/// have read the GOAWAY, so this wait is normally one round trip.
+const LINGER: Duration = Duration::from_secs(2);
+
 /// A connection handed to tonic: plain TCP or TLS over TCP.
-pub enum Conn {
+pub struct Conn {
+    io: Io,
+    /// Set once the write side is shut down: until when to drain the read side.
+    linger: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+enum Io {
     /// Plaintext.
     Plain(TcpStream),
     /// TLS, with the client certificate's subject if any.
     Tls(Box<TlsStream<TcpStream>>, Option<Arc<str>>),
 }
 
+impl Conn {
+    fn plain(socket: TcpStream) -> Self {
+        Self {
+            io: Io::Plain(socket),
+            linger: None,
+        }
+    }
+
+    fn tls(stream: TlsStream<TcpStream>, client_subject: Option<Arc<str>>) -> Self {
+        Self {
+            io: Io::Tls(Box::new(stream), client_subject),
+            linger: None,
+        }
+    }
+
+    fn tcp(&mut self) -> &mut TcpStream {
+        match &mut self.io {
+            Io::Plain(s) => s,
+            Io::Tls(s, _) => s.get_mut().0,
+        }
+    }
+
+    /// Reads and discards until the client closes, the socket fails or `LINGER` ends.
+    fn poll_linger(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut scratch = [0u8; 4096];
+        loop {
+            let mut buf = ReadBuf::new(&mut scratch);
+            match Pin::new(self.tcp()).poll_read(cx, &mut buf) {
+                Poll::Ready(Ok(())) if buf.filled().is_empty() => return Poll::Ready(()),
+                Poll::Ready(Ok(())) => continue,
+                Poll::Ready(Err(_)) => return Poll::Ready(()),
+                Poll::Pending => {
+                    let timer = self.linger.as_mut().expect("lingering");
+                    return timer.as_mut().poll(cx);
+                }
+            }
+        }
+    }
+}
+
 impl Connected for Conn {
     type ConnectInfo = PeerInfo;
 
     fn connect_info(&self) -> PeerInfo {
-        match self {
-            Conn::Plain(s) => PeerInfo {
+        match &self.io {
+            Io::Plain(s) => PeerInfo {
                 remote_addr: s.peer_addr().ok(),
                 client_subject: None,
             },
-            Conn::Tls(s, subject) => PeerInfo {
+            Io::Tls(s, subject) => PeerInfo {
                 remote_addr: s.get_ref().0.peer_addr().ok(),
                 client_subject: subject.clone(),
             },
@@ -59,9 +113,9 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Io::Tls(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -72,9 +126,9 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Io::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -83,31 +137,38 @@ impl AsyncWrite for Conn {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Io::Tls(s, _) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            Conn::Plain(s) => s.is_write_vectored(),
-            Conn::Tls(s, _) => s.is_write_vectored(),
+        match &self.io {
+            Io::Plain(s) => s.is_write_vectored(),
+            Io::Tls(s, _) => s.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_flush(cx),
-            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
+        match &mut self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).poll_flush(cx),
+            Io::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
+    /// Shuts the write side down (after TLS's close_notify), then lingers: see `LINGER`.
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Conn::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Conn::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        let this = self.get_mut();
+        if this.linger.is_none() {
+            match &mut this.io {
+                Io::Plain(s) => ready!(Pin::new(s).poll_shutdown(cx))?,
+                Io::Tls(s, _) => ready!(Pin::new(s.as_mut()).poll_shutdown(cx))?,
+            }
+            this.linger = Some(Box::pin(tokio::time::sleep(LINGER)));
         }
+        ready!(this.poll_linger(cx));
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -157,7 +218,7 @@ async fn accept_loop(
                 }
                 match &tls {
                     None => {
-                        if tx.send(Ok(Conn::Plain(socket))).await.is_err() {
+                        if tx.send(Ok(Conn::plain(socket))).await.is_err() {
                             return;
                         }
                     }
@@ -176,7 +237,7 @@ async fn accept_loop(
                                     if let Some(subject) = &subject {
                                         tracing::info!(%addr, client = %subject, "client certificate accepted");
                                     }
-                                    Some(Conn::Tls(Box::new(stream), subject))
+                                    Some(Conn::tls(stream, subject))
                                 }
                                 Ok(Err(e)) => {
                                     tracing::info!(%addr, error = %e, "TLS handshake failed");
