@@ -34,6 +34,14 @@ else
 fi
 
 echo
+echo "== send_copies (bytes allocated and copied per byte sent, both send paths)"
+if [ "${1:-}" = "--smoke" ]; then
+  "$bin/send_copies" --parquet ~/.cache/quiver/tpch-sf0.01/lineitem.parquet --runs 1
+else
+  "$bin/send_copies" --parquet ~/.cache/quiver/tpch-sf1/lineitem.parquet --runs 5
+fi
+
+echo
 echo "== criterion micro-benchmarks (benches/benches/hot_paths.rs)"
 if [ "${1:-}" = "--smoke" ]; then
   # criterion's test mode: every benchmark once, no timing.

@@ -11,9 +11,13 @@ The same pyarrow client reads every stream to the end, counting rows as batches 
 dropping them. Arrow delivered is measured in one unit for all: the size of the table as one
 contiguous chunk with plain (not view) strings, as Quiver sends it, since a sliced or
 view-typed batch can report buffers it only partly uses. Reported: medians of GB/s delivered, the ratios against the best
-pyarrow server and against pyarrow.dataset, and Quiver's bytes on the wire (its
-quiver_query_bytes_sent_total) per byte of that plain Arrow size.
+pyarrow server and against pyarrow.dataset, the server process's CPU time per GB delivered
+(user + system, from /proc: what the send path costs, `perf stat`'s task-clock without
+perf), and Quiver's bytes on the wire (its quiver_query_bytes_sent_total) per byte of that
+plain Arrow size.
 """
+
+import os
 
 import argparse
 import statistics
@@ -35,6 +39,12 @@ def drain(reader) -> int:
     for chunk in reader:
         rows += chunk.data.num_rows
     return rows
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main() -> int:
@@ -72,6 +82,15 @@ def main() -> int:
     def local() -> int:
         return sum(b.num_rows for b in ds.dataset(lineitem).to_batches())
 
+    # The process serving each system, whose CPU time is measured around each run.
+    servers = {
+        "quiver (Parquet, mmap)": quiver.proc.pid,
+        "quiver, standard send path": standard.proc.pid,
+        "quiver pinned (memory)": pinned.proc.pid,
+        "quiver pinned, standard send path": pinned_std.proc.pid,
+        "pyarrow server, 8k rows": arrow.proc.pid,
+        "pyarrow server, 64k rows": arrow.proc.pid,
+    }
     systems = {
         "quiver (Parquet, mmap)": lambda: via(quiver),
         "quiver, standard send path": lambda: via(standard),
@@ -82,13 +101,18 @@ def main() -> int:
         "pyarrow.dataset (in-process)": local,
     }
     rates = {name: [] for name in systems}
+    cpu = {name: [] for name in servers}
     wrong = []
     try:
         for run in range(a.runs + 1):
             for name in rotate(list(systems), run):
+                pid = servers.get(name)
+                cpu_before = cpu_seconds(pid) if pid else 0.0
                 started = time.perf_counter()
                 rows = systems[name]()
                 elapsed = time.perf_counter() - started
+                if run and pid:
+                    cpu[name].append((cpu_seconds(pid) - cpu_before) / (arrow_bytes / 1e9))
                 if rows != total_rows:
                     wrong.append(f"{name} delivered {rows} rows of {total_rows}")
                 if run:  # the first round warms caches
@@ -102,10 +126,14 @@ def main() -> int:
     medians = {name: statistics.median(r) for name, r in rates.items()}
     best_server = max(medians["pyarrow server, 8k rows"], medians["pyarrow server, 64k rows"])
     print(f"SELECT * FROM lineitem, TPC-H SF{a.scale:g}: {total_rows} rows, {arrow_bytes / 1e6:.0f} MB of Arrow, medians of {a.runs}\n")
-    print("| source | GB/s | vs best pyarrow server | vs pyarrow.dataset |")
-    print("|---|---:|---:|---:|")
+    print("| source | GB/s | vs best pyarrow server | vs pyarrow.dataset | server CPU s per GB |")
+    print("|---|---:|---:|---:|---:|")
     for name, rate in medians.items():
-        print(f"| {name} | {rate:.2f} | {rate / best_server:.2f}x | {rate / medians['pyarrow.dataset (in-process)']:.2f}x |")
+        server_cpu = f"{statistics.median(cpu[name]):.2f}" if cpu.get(name) else "-"
+        print(
+            f"| {name} | {rate:.2f} | {rate / best_server:.2f}x | "
+            f"{rate / medians['pyarrow.dataset (in-process)']:.2f}x | {server_cpu} |"
+        )
     print(f"\nQuiver bytes on the wire per Arrow byte: {statistics.median(wire):.3f}")
     for problem in wrong:
         print(problem, file=sys.stderr)

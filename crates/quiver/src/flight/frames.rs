@@ -21,11 +21,11 @@ use arrow::ipc::writer::{IpcWriteOptions, StreamEncoder};
 use bytes::{BufMut, Bytes, BytesMut};
 
 /// Pieces shorter than this are copied into a shared chunk; longer ones are sent as the
-/// buffers they are. h2 writes one DATA frame (at most the client's frame size, 16 KiB
-/// by default) per system call, and each chunk ends in a partial frame: gathering pieces
-/// up to one frame measured faster end to end than 4 KiB (docs/benchmarks.md), at the
-/// cost of copying short columns (a few percent of the bytes of TPC-H lineitem).
-pub const COPY_BELOW: usize = 16 * 1024;
+/// buffers they are. h2 writes each chunk as its own DATA frame and system call (pyarrow's
+/// client allows 4 MiB frames), so a chunk per 3-byte pad would cost a call each. End to
+/// end, 4, 8 and 16 KiB measured the same (docs/benchmarks.md); 8 KiB keeps an 8k-row
+/// column of one-byte values (TPC-H's flags) out of the copies.
+pub const COPY_BELOW: usize = 8 * 1024;
 
 /// Protobuf tag of `FlightData.data_header` (field 2, length-delimited).
 const DATA_HEADER_TAG: u8 = (2 << 3) | 2;
@@ -90,6 +90,16 @@ struct FrameBuilder {
 }
 
 impl FrameBuilder {
+    fn with_capacity(chunks: usize, small: usize) -> Self {
+        Self {
+            frame: Frame {
+                chunks: Vec::with_capacity(chunks),
+                ..Frame::default()
+            },
+            small: BytesMut::with_capacity(small),
+        }
+    }
+
     fn put_slice(&mut self, bytes: &[u8]) {
         self.small.put_slice(bytes);
     }
@@ -251,7 +261,9 @@ fn flight_data_frame(header: &[u8], body: Vec<Buffer>) -> Frame {
     if body_len > 0 {
         message_len += DATA_BODY_TAG.len() + varint_len(body_len as u64) + body_len;
     }
-    let mut builder = FrameBuilder::default();
+    // One chunk per body buffer at most, plus the gathered header; the gathered bytes
+    // start with the prefix, the field headers and the IPC header.
+    let mut builder = FrameBuilder::with_capacity(body.len() + 1, 16 + header.len());
     builder.put_slice(&[0]);
     builder.put_slice(&(message_len as u32).to_be_bytes());
     if !header.is_empty() {
@@ -296,9 +308,11 @@ struct Rope {
 }
 
 impl Rope {
-    fn new(buffers: Vec<Buffer>) -> Self {
+    fn new(mut buffers: Vec<Buffer>) -> Self {
+        buffers.retain(|b| !b.is_empty());
+        // Reuses the Vec's allocation.
         Self {
-            buffers: buffers.into_iter().filter(|b| !b.is_empty()).collect(),
+            buffers: buffers.into(),
         }
     }
 
@@ -313,7 +327,18 @@ impl Rope {
 
     /// The next `n` bytes as the buffers (or slices of them) that hold them.
     fn take(&mut self, mut n: usize) -> Result<Vec<Buffer>, ArrowError> {
-        let mut out = Vec::new();
+        // Sized once: the buffers the range touches.
+        let mut covered = 0;
+        let touched = self
+            .buffers
+            .iter()
+            .take_while(|b| {
+                let before = covered;
+                covered += b.len();
+                before < n
+            })
+            .count();
+        let mut out = Vec::with_capacity(touched);
         while n > 0 {
             let Some(front) = self.buffers.pop_front() else {
                 return Err(ArrowError::IpcError(
