@@ -33,7 +33,7 @@ use futures::{TryStreamExt, stream};
 use prost::Message;
 use quiver::flight::frames::FrameEncoder;
 use quiver::flight::ticket::{self, QueryTicket};
-use quiver::flight::views;
+use quiver::wire::views;
 
 /// The server's allocator: encoding allocates, and glibc's malloc would measure page faults
 /// of fresh mappings for every large buffer instead.

@@ -30,7 +30,7 @@ use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use futures::{StreamExt, stream};
 use prost::Message;
 use quiver::flight::frames::FrameEncoder;
-use quiver::flight::views;
+use quiver::wire::views;
 use tikv_jemalloc_ctl::thread::allocatedp;
 
 /// The server's allocator, whose counters are read here.

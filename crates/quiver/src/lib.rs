@@ -17,7 +17,8 @@
 //!
 //! The library holds everything but process glue: the `quiver` binary
 //! (`crates/quiver-server`) parses flags, binds sockets and wires these pieces together.
-//! Dependencies point one way: `flight -> query -> catalog`.
+//! Dependencies point one way: `flight -> query -> catalog`, all of them on `wire` (the
+//! shape batches take on their way to the network).
 
 #![warn(missing_docs)]
 
@@ -28,5 +29,6 @@ pub mod flight;
 pub mod io;
 pub mod metrics;
 pub mod query;
+pub mod wire;
 
 pub use error::{Error, Result};

@@ -36,9 +36,11 @@ use datafusion::execution::session_state::SessionState;
 use datafusion::physical_plan::collect_partitioned;
 use datafusion_datasource::memory::MemorySourceConfig;
 
-use crate::flight::views::{expand_batch, expand_schema};
 use crate::io::{Io, IoMode, IoOptions};
 use crate::query::PartitionPruning;
+use crate::wire::contiguous::{ContiguousBodies, Registration, lay_out};
+use crate::wire::views::{expand_batch, expand_schema};
+use datafusion::arrow::ipc::writer::IpcWriteOptions;
 
 /// One validated data file of a table.
 #[derive(Debug, Clone)]
@@ -77,6 +79,8 @@ pub(crate) struct Pinned {
     partitions: Vec<Vec<RecordBatch>>,
     bytes: usize,
     _reservation: MemoryReservation,
+    /// Keeps the batches' allocations findable by the send path while they are served.
+    _contiguous: Option<Registration>,
 }
 
 impl HiveTable {
@@ -119,21 +123,36 @@ impl HiveTable {
         let plan = self.scan(session, None, &[], None).await?;
         let partitions = collect_partitioned(plan, session.task_ctx()).await?;
         let schema = expand_schema(&self.schema);
-        let partitions = partitions
-            .into_iter()
-            .map(|batches| {
-                batches
-                    .into_iter()
-                    .filter(|b| b.num_rows() > 0)
-                    .map(|b| expand_batch(b, &schema))
-                    .collect::<Result<Vec<_>, _>>()
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let bytes: usize = partitions
-            .iter()
-            .flatten()
-            .map(RecordBatch::get_array_memory_size)
-            .sum();
+        // Each batch in one allocation, in the IPC layout the send path produces, when the
+        // engine lets the send path use it (see `wire::contiguous`).
+        let bodies = session.config().get_extension::<ContiguousBodies>();
+        let ipc = IpcWriteOptions::default();
+        let mut allocations = Vec::new();
+        let mut laid_out = Vec::with_capacity(partitions.len());
+        for batches in partitions {
+            let mut partition = Vec::with_capacity(batches.len());
+            for batch in batches.into_iter().filter(|b| b.num_rows() > 0) {
+                let batch = expand_batch(batch, &schema)?;
+                if bodies.is_some() {
+                    let (batch, whole) = lay_out(&batch, &ipc)?;
+                    allocations.push(whole);
+                    partition.push(batch);
+                } else {
+                    partition.push(batch);
+                }
+            }
+            laid_out.push(partition);
+        }
+        let partitions = laid_out;
+        let bytes: usize = if bodies.is_some() {
+            allocations.iter().map(|b| b.capacity()).sum()
+        } else {
+            partitions
+                .iter()
+                .flatten()
+                .map(RecordBatch::get_array_memory_size)
+                .sum()
+        };
         let reservation = MemoryConsumer::new(format!("pinned table {}", self.name))
             .register(&session.runtime_env().memory_pool);
         reservation
@@ -150,6 +169,7 @@ impl HiveTable {
             partitions,
             bytes,
             _reservation: reservation,
+            _contiguous: bodies.map(|b| b.register(allocations)),
         }));
         Ok(self)
     }

@@ -38,10 +38,10 @@ use tonic::Status;
 use super::CallContext;
 use super::frames::{Frame, FrameEncoder};
 use super::ticket::QueryTicket;
-use super::views;
 use crate::error::{Error, Result};
 use crate::metrics::Outcome;
 use crate::query::{Deadline, Execution, QueryEngine, QueryRequest, RunningQuery, ScanReport};
+use crate::wire::views;
 use datafusion::common::ScalarValue;
 
 /// The response stream of `DoGet`.
@@ -157,7 +157,8 @@ pub(super) async fn run_ticket_frames(
         &started.schema,
         IpcWriteOptions::default(),
         options.max_flight_data_size,
-    )?;
+    )?
+    .with_contiguous_bodies(Arc::clone(engine.contiguous_bodies()));
     let encoded = encode_frames(encoder, started.batches);
     Ok(Some(stream_messages(
         engine,

@@ -11,9 +11,9 @@ use datafusion::arrow::ipc::writer::IpcWriteOptions;
 use datafusion::catalog::TableProvider;
 
 use super::ticket::{self, Command, QueryTicket};
-use super::views;
 use crate::error::{Error, Result};
 use crate::query::{QueryEngine, new_query_id};
+use crate::wire::views;
 
 /// What a descriptor stands for: a CMD holds SQL, a Quiver ticket or a Flight SQL
 /// command; a PATH `[table]` means every row of that table.

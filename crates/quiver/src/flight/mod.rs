@@ -14,7 +14,6 @@ mod flight_info;
 pub mod frames;
 mod sql;
 pub mod ticket;
-pub mod views;
 pub mod zero_copy;
 
 pub use datafusion::arrow::ipc::CompressionType;

@@ -61,9 +61,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::do_get::{self, SendOptions};
 use super::ticket::QueryTicket;
-use super::{CallContext, actions, caller, views};
+use super::{CallContext, actions, caller};
 use crate::error::{Error, Result};
 use crate::query::{QueryEngine, new_query_id};
+use crate::wire::views;
 
 type DoGetStream = Pin<Box<dyn Stream<Item = Result<FlightData, Status>> + Send + 'static>>;
 

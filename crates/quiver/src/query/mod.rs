@@ -44,6 +44,7 @@ use crate::catalog::{Catalog, RefreshSummary, TableDefinition};
 use crate::error::{Error, Result};
 use crate::io::{Io, IoOptions, MmapStats};
 use crate::metrics::{EngineCollector, Outcome, QueryMetrics};
+use crate::wire::contiguous::ContiguousBodies;
 use admission::Admission;
 use memory::QueryPool;
 
@@ -206,6 +207,8 @@ pub struct QueryEngine {
     catalog: Arc<Catalog>,
     cpu: CpuRuntime,
     io: Arc<Io>,
+    /// Pinned tables' batch allocations, which the send path may send whole.
+    bodies: Arc<ContiguousBodies>,
     pool: Arc<MeteredPool>,
     scan_totals: Arc<Mutex<ScanSummary>>,
     metrics: QueryMetrics,
@@ -240,7 +243,10 @@ impl QueryEngine {
     /// Builds the session, starts the CPU runtime and loads every table.
     pub async fn new(tables: Vec<TableDefinition>, options: QueryOptions) -> Result<Self> {
         let io = Arc::new(Io::new(options.io));
-        let config = session_config(&options)?.with_extension(Arc::clone(&io));
+        let bodies = Arc::new(ContiguousBodies::default());
+        let config = session_config(&options)?
+            .with_extension(Arc::clone(&io))
+            .with_extension(Arc::clone(&bodies));
         let pool = Arc::new(MeteredPool::new(&options.memory));
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_pool(Arc::clone(&pool) as Arc<dyn MemoryPool>)
@@ -271,6 +277,7 @@ impl QueryEngine {
             catalog,
             cpu,
             io,
+            bodies,
             pool,
             scan_totals: Arc::default(),
             metrics,
@@ -340,6 +347,11 @@ impl QueryEngine {
     /// Queries waiting or running, for listing and cancelling.
     pub fn active_queries(&self) -> &Arc<ActiveQueries> {
         &self.active
+    }
+
+    /// Pinned tables' batch allocations, for the send path (`wire::contiguous`).
+    pub fn contiguous_bodies(&self) -> &Arc<ContiguousBodies> {
+        &self.bodies
     }
 
     /// The time limits.
