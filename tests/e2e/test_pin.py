@@ -6,6 +6,7 @@ import subprocess
 
 import duckdb
 import pyarrow as pa
+import pyarrow.flight as flight
 import pytest
 
 from conftest import DAYS, Server, make_requests, quiver_binary, requests_dataset, wait_for, write_atomically
@@ -87,3 +88,31 @@ def test_new_files_are_loaded_into_the_pinned_table(dataset, tmp_path):
         assert s.query("SELECT COUNT(*) AS n FROM requests WHERE service = 'billing'")["n"][0].as_py() == 1234
     finally:
         s.stop()
+
+
+def test_both_send_paths_send_pinned_batches_whole(dataset, tmp_path):
+    """Pinned batches live in one allocation each (held in their IPC layout, so the
+    zero-copy path sends a message body as one chunk). The standard path must not take the
+    allocation's size for each column's and cut batches into small messages: both paths
+    deliver the same batches, equal to the files. A 64 KiB message limit (each batch's
+    rows take less, its allocation's size times its columns more) makes the difference."""
+    args = ["--data-dir", str(dataset), "--pin-table", "requests", "--max-flight-data-size", "64KiB"]
+    for name in ("zero-copy", "standard"):
+        (tmp_path / name).mkdir()
+    pinned = Server(args, tmp_path / "zero-copy")
+    standard = Server([*args, "--send-path", "standard"], tmp_path / "standard")
+    try:
+        sql = "SELECT * FROM requests"
+        zero_copy_batches = [c.data for c in pinned.client.do_get(flight.Ticket(sql.encode()))]
+        standard_batches = [c.data for c in standard.client.do_get(flight.Ticket(sql.encode()))]
+        # Partitions interleave in any order: compare the batch sizes as multisets.
+        assert sorted(b.num_rows for b in zero_copy_batches) == sorted(b.num_rows for b in standard_batches)
+        key = [(name, "ascending") for name in zero_copy_batches[0].schema.names]
+        got = pa.Table.from_batches(zero_copy_batches).sort_by(key)
+        assert got.equals(pa.Table.from_batches(standard_batches).sort_by(key))
+        expected = oracle(dataset).execute(sql).to_arrow_table()
+        assert got.num_rows == expected.num_rows
+        assert got.select(expected.column_names).cast(expected.schema).equals(expected.sort_by(key))
+    finally:
+        pinned.stop()
+        standard.stop()

@@ -36,7 +36,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use super::CallContext;
-use super::frames::{Frame, FrameEncoder};
+use super::frames::{self, Frame, FrameEncoder};
 use super::ticket::QueryTicket;
 use crate::error::{Error, Result};
 use crate::metrics::Outcome;
@@ -245,11 +245,23 @@ pub(super) async fn do_get(
 ) -> Result<FlightDataStream> {
     let started = start(engine, request).await?;
     let ipc = IpcWriteOptions::default().try_with_compression(options.compression)?;
+    // Split here, by the bytes the rows reference: arrow-flight splits by the capacity of
+    // the buffers, which for a pinned table's batches (slices of one allocation, see
+    // `wire::contiguous`) is the whole allocation per column, and would cut each batch
+    // into a dozen small messages.
+    let max = options.max_flight_data_size;
+    let pieces = started.batches.flat_map(move |batch| {
+        let pieces = match batch.and_then(|b| frames::split(&b, max).map_err(FlightError::Arrow)) {
+            Ok(pieces) => pieces.into_iter().map(Ok).collect(),
+            Err(e) => vec![Err(e)],
+        };
+        futures::stream::iter(pieces)
+    });
     let encoded = FlightDataEncoderBuilder::new()
         .with_options(ipc)
         .with_schema(started.schema)
-        .with_max_flight_data_size(options.max_flight_data_size)
-        .build(started.batches);
+        .with_max_flight_data_size(usize::MAX)
+        .build(pieces);
     Ok(stream_messages(engine, started.execution, encoded, options))
 }
 

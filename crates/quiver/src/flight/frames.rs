@@ -210,7 +210,7 @@ impl FrameEncoder {
 
 /// `batch` in row ranges of about `max` bytes each (by the bytes the rows reference,
 /// not the capacity of shared buffers), as arrow-flight splits them.
-fn split(batch: &RecordBatch, max: usize) -> Result<Vec<RecordBatch>, ArrowError> {
+pub(crate) fn split(batch: &RecordBatch, max: usize) -> Result<Vec<RecordBatch>, ArrowError> {
     let size: usize = batch
         .columns()
         .iter()
