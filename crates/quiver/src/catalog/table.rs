@@ -31,6 +31,7 @@ use datafusion_datasource::{PartitionedFile, TableSchema, compute_all_files_stat
 use datafusion_datasource_parquet::source::ParquetSource;
 use object_store::ObjectMeta;
 
+use datafusion::arrow::ipc::writer::IpcWriteOptions;
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
 use datafusion::execution::session_state::SessionState;
 use datafusion::physical_plan::collect_partitioned;
@@ -40,7 +41,6 @@ use crate::io::{Io, IoMode, IoOptions};
 use crate::query::PartitionPruning;
 use crate::wire::contiguous::{ContiguousBodies, Registration, lay_out};
 use crate::wire::views::{expand_batch, expand_schema};
-use datafusion::arrow::ipc::writer::IpcWriteOptions;
 
 /// One validated data file of a table.
 #[derive(Debug, Clone)]
