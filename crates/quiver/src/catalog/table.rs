@@ -133,13 +133,14 @@ impl HiveTable {
             let mut partition = Vec::with_capacity(batches.len());
             for batch in batches.into_iter().filter(|b| b.num_rows() > 0) {
                 let batch = expand_batch(batch, &schema)?;
-                if bodies.is_some() {
+                let batch = if bodies.is_some() {
                     let (batch, whole) = lay_out(&batch, &ipc)?;
                     allocations.push(whole);
-                    partition.push(batch);
+                    batch
                 } else {
-                    partition.push(batch);
-                }
+                    batch
+                };
+                partition.push(batch);
             }
             laid_out.push(partition);
         }
