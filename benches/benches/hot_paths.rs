@@ -31,8 +31,8 @@ use datafusion::arrow::ipc::CompressionType;
 use datafusion::arrow::ipc::writer::IpcWriteOptions;
 use futures::{TryStreamExt, stream};
 use prost::Message;
-use quiver::flight::frames::FrameEncoder;
 use quiver::flight::ticket::{self, QueryTicket};
+use quiver::wire::frames::FrameEncoder;
 use quiver::wire::views;
 
 /// The server's allocator: encoding allocates, and glibc's malloc would measure page faults

@@ -29,7 +29,7 @@ use datafusion::arrow::record_batch::RecordBatchReader;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use futures::{StreamExt, stream};
 use prost::Message;
-use quiver::flight::frames::FrameEncoder;
+use quiver::wire::frames::FrameEncoder;
 use quiver::wire::views;
 use tikv_jemalloc_ctl::thread::allocatedp;
 

@@ -31,7 +31,6 @@ use datafusion_datasource::{PartitionedFile, TableSchema, compute_all_files_stat
 use datafusion_datasource_parquet::source::ParquetSource;
 use object_store::ObjectMeta;
 
-use datafusion::arrow::ipc::writer::IpcWriteOptions;
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
 use datafusion::execution::session_state::SessionState;
 use datafusion::physical_plan::collect_partitioned;
@@ -39,7 +38,7 @@ use datafusion_datasource::memory::MemorySourceConfig;
 
 use crate::io::{Io, IoMode, IoOptions};
 use crate::query::PartitionPruning;
-use crate::wire::contiguous::{ContiguousBodies, Registration, lay_out};
+use crate::wire::pinned::{PinnedMessages, Registration, lay_out};
 use crate::wire::views::{expand_batch, expand_schema};
 
 /// One validated data file of a table.
@@ -79,8 +78,8 @@ pub(crate) struct Pinned {
     partitions: Vec<Vec<RecordBatch>>,
     bytes: usize,
     _reservation: MemoryReservation,
-    /// Keeps the batches' allocations findable by the send path while they are served.
-    _contiguous: Option<Registration>,
+    /// Keeps the batches' messages findable by the send path while they are served.
+    _messages: Option<Registration>,
 }
 
 impl HiveTable {
@@ -123,37 +122,32 @@ impl HiveTable {
         let plan = self.scan(session, None, &[], None).await?;
         let partitions = collect_partitioned(plan, session.task_ctx()).await?;
         let schema = expand_schema(&self.schema);
-        // Each batch in one allocation, in the IPC layout the send path produces, when the
-        // engine lets the send path use it (see `wire::contiguous`).
-        let bodies = session.config().get_extension::<ContiguousBodies>();
-        let ipc = IpcWriteOptions::default();
-        let mut allocations = Vec::new();
-        let mut laid_out = Vec::with_capacity(partitions.len());
+        // Each batch in one allocation with the message that sends it, when the engine
+        // lets the send path use it (see `wire::pinned`).
+        let messages = session.config().get_extension::<PinnedMessages>();
+        let mut laid_out = Vec::new();
+        let mut bytes = 0;
+        let mut pinned_partitions = Vec::with_capacity(partitions.len());
         for batches in partitions {
             let mut partition = Vec::with_capacity(batches.len());
             for batch in batches.into_iter().filter(|b| b.num_rows() > 0) {
                 let batch = expand_batch(batch, &schema)?;
-                let batch = if bodies.is_some() {
-                    let (batch, whole) = lay_out(&batch, &ipc)?;
-                    allocations.push(whole);
-                    batch
-                } else {
-                    batch
+                let batch = match messages.as_ref().map(|_| lay_out(&batch)).transpose()? {
+                    Some(Some(l)) => {
+                        bytes += l.allocated;
+                        laid_out.push((l.batch.clone(), l.frame));
+                        l.batch
+                    }
+                    _ => {
+                        bytes += batch.get_array_memory_size();
+                        batch
+                    }
                 };
                 partition.push(batch);
             }
-            laid_out.push(partition);
+            pinned_partitions.push(partition);
         }
-        let partitions = laid_out;
-        let bytes: usize = if bodies.is_some() {
-            allocations.iter().map(|b| b.capacity()).sum()
-        } else {
-            partitions
-                .iter()
-                .flatten()
-                .map(RecordBatch::get_array_memory_size)
-                .sum()
-        };
+        let partitions = pinned_partitions;
         let reservation = MemoryConsumer::new(format!("pinned table {}", self.name))
             .register(&session.runtime_env().memory_pool);
         reservation
@@ -170,7 +164,7 @@ impl HiveTable {
             partitions,
             bytes,
             _reservation: reservation,
-            _contiguous: bodies.map(|b| b.register(allocations)),
+            _messages: messages.map(|m| m.register(laid_out)),
         }));
         Ok(self)
     }

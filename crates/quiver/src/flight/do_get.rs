@@ -36,11 +36,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use super::CallContext;
-use super::frames::{self, Frame, FrameEncoder};
 use super::ticket::QueryTicket;
 use crate::error::{Error, Result};
 use crate::metrics::Outcome;
 use crate::query::{Deadline, Execution, QueryEngine, QueryRequest, RunningQuery, ScanReport};
+use crate::wire::frames::{self, Frame, FrameEncoder};
 use crate::wire::views;
 use datafusion::common::ScalarValue;
 
@@ -158,7 +158,7 @@ pub(super) async fn run_ticket_frames(
         IpcWriteOptions::default(),
         options.max_flight_data_size,
     )?
-    .with_contiguous_bodies(Arc::clone(engine.contiguous_bodies()));
+    .with_pinned_messages(Arc::clone(engine.pinned_messages()));
     let encoded = encode_frames(encoder, started.batches);
     Ok(Some(stream_messages(
         engine,
@@ -247,7 +247,7 @@ pub(super) async fn do_get(
     let ipc = IpcWriteOptions::default().try_with_compression(options.compression)?;
     // Split here, by the bytes the rows reference: arrow-flight splits by the capacity of
     // the buffers, which for a pinned table's batches (slices of one allocation, see
-    // `wire::contiguous`) is the whole allocation per column, and would cut each batch
+    // `wire::pinned`) is the whole allocation per column, and would cut each batch
     // into a dozen small messages.
     let max = options.max_flight_data_size;
     let pieces = started.batches.flat_map(move |batch| {

@@ -11,7 +11,6 @@ mod actions;
 pub mod auth;
 mod do_get;
 mod flight_info;
-pub mod frames;
 mod sql;
 pub mod ticket;
 pub mod zero_copy;
@@ -117,7 +116,7 @@ impl QuiverFlightService {
     pub async fn do_get_frames(
         &self,
         mut request: Request<Ticket>,
-    ) -> Result<Option<do_get::MessageStream<frames::Frame>>, Status> {
+    ) -> Result<Option<do_get::MessageStream<crate::wire::frames::Frame>>, Status> {
         let context = self.context(&mut request)?;
         let Some(ticket) = query_ticket(ticket::decode(&request.get_ref().ticket)?) else {
             return Ok(None);

@@ -31,7 +31,7 @@ use tower_service::Service;
 
 use super::QuiverFlightService;
 use super::do_get::MessageStream;
-use super::frames::Frame;
+use crate::wire::frames::Frame;
 
 /// The gRPC path of `DoGet`.
 const DO_GET_PATH: &str = "/arrow.flight.protocol.FlightService/DoGet";

@@ -44,7 +44,7 @@ use crate::catalog::{Catalog, RefreshSummary, TableDefinition};
 use crate::error::{Error, Result};
 use crate::io::{Io, IoOptions, MmapStats};
 use crate::metrics::{EngineCollector, Outcome, QueryMetrics};
-use crate::wire::contiguous::ContiguousBodies;
+use crate::wire::pinned::PinnedMessages;
 use admission::Admission;
 use memory::QueryPool;
 
@@ -207,8 +207,8 @@ pub struct QueryEngine {
     catalog: Arc<Catalog>,
     cpu: CpuRuntime,
     io: Arc<Io>,
-    /// Pinned tables' batch allocations, which the send path may send whole.
-    bodies: Arc<ContiguousBodies>,
+    /// Pinned tables' batches as the messages that send them.
+    pinned: Arc<PinnedMessages>,
     pool: Arc<MeteredPool>,
     scan_totals: Arc<Mutex<ScanSummary>>,
     metrics: QueryMetrics,
@@ -243,10 +243,10 @@ impl QueryEngine {
     /// Builds the session, starts the CPU runtime and loads every table.
     pub async fn new(tables: Vec<TableDefinition>, options: QueryOptions) -> Result<Self> {
         let io = Arc::new(Io::new(options.io));
-        let bodies = Arc::new(ContiguousBodies::default());
+        let pinned = Arc::new(PinnedMessages::default());
         let config = session_config(&options)?
             .with_extension(Arc::clone(&io))
-            .with_extension(Arc::clone(&bodies));
+            .with_extension(Arc::clone(&pinned));
         let pool = Arc::new(MeteredPool::new(&options.memory));
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_pool(Arc::clone(&pool) as Arc<dyn MemoryPool>)
@@ -277,7 +277,7 @@ impl QueryEngine {
             catalog,
             cpu,
             io,
-            bodies,
+            pinned,
             pool,
             scan_totals: Arc::default(),
             metrics,
@@ -349,9 +349,9 @@ impl QueryEngine {
         &self.active
     }
 
-    /// Pinned tables' batch allocations, for the send path (`wire::contiguous`).
-    pub fn contiguous_bodies(&self) -> &Arc<ContiguousBodies> {
-        &self.bodies
+    /// Pinned tables' batches as their messages, for the send path (`wire::pinned`).
+    pub fn pinned_messages(&self) -> &Arc<PinnedMessages> {
+        &self.pinned
     }
 
     /// The time limits.

@@ -22,7 +22,7 @@ use arrow::error::ArrowError;
 use arrow::ipc::writer::{IpcWriteOptions, StreamEncoder};
 use bytes::{BufMut, Bytes, BytesMut};
 
-use crate::wire::contiguous::ContiguousBodies;
+use super::pinned::PinnedMessages;
 
 /// Pieces shorter than this are copied into a shared chunk; longer ones are sent as the
 /// buffers they are. h2 writes each chunk as its own DATA frame and system call (pyarrow's
@@ -46,6 +46,10 @@ pub struct Frame {
     rows: Option<u64>,
     /// Bytes of the IPC header and body (the Flight payload, without framing).
     payload: usize,
+    /// Where the IPC header starts in the message, and its length.
+    header: (usize, usize),
+    /// Bytes of the IPC body, which ends the message.
+    body: usize,
 }
 
 impl Frame {
@@ -83,6 +87,26 @@ impl Frame {
     /// Bytes that were copied into gathered chunks rather than shared.
     pub fn copied_bytes(&self) -> usize {
         self.copied
+    }
+
+    /// Where the IPC flatbuffer header starts in the message, and its length.
+    pub fn header_range(&self) -> (usize, usize) {
+        self.header
+    }
+
+    /// Bytes of the IPC body, the end of the message.
+    pub fn body_len(&self) -> usize {
+        self.body
+    }
+
+    /// This message as one chunk of `bytes`, which must hold exactly its bytes.
+    pub(crate) fn sharing(&self, bytes: Buffer) -> Frame {
+        debug_assert_eq!(bytes.len(), self.len);
+        Frame {
+            chunks: vec![Bytes::from_owner(ArrowBytes(bytes))],
+            copied: 0,
+            ..self.clone()
+        }
     }
 }
 
@@ -148,8 +172,10 @@ impl AsRef<[u8]> for ArrowBytes {
 pub struct FrameEncoder {
     encoder: StreamEncoder,
     max_message_size: usize,
-    /// Allocations a message body may be sent from in one piece (pinned tables).
-    bodies: Option<Arc<ContiguousBodies>>,
+    /// Messages already laid out for pinned batches.
+    pinned: Option<Arc<PinnedMessages>>,
+    /// Whether `encoder` has sent the schema.
+    schema_sent: bool,
 }
 
 impl std::fmt::Debug for FrameEncoder {
@@ -171,16 +197,17 @@ impl FrameEncoder {
         Ok(Self {
             encoder: StreamEncoder::try_new_with_options(schema, options)?,
             max_message_size: max_message_size.max(1),
-            bodies: None,
+            pinned: None,
+            schema_sent: false,
         })
     }
 
-    /// Sends a message body whose pieces are consecutive ranges of one of `bodies`'
-    /// allocations (batches of a pinned table, laid out by
-    /// [`crate::wire::contiguous::lay_out`]) as one shared chunk instead of one per buffer:
-    /// the same bytes in fewer HTTP/2 frames and system calls.
-    pub fn with_contiguous_bodies(mut self, bodies: Arc<ContiguousBodies>) -> Self {
-        self.bodies = Some(bodies);
+    /// Sends a pinned batch (laid out by [`crate::wire::pinned::lay_out`]) as the message
+    /// laid out with it, one shared chunk, without encoding it: the same bytes in one
+    /// HTTP/2 frame and no allocation. Only for encoders with default (uncompressed)
+    /// options, which is how those messages were encoded.
+    pub fn with_pinned_messages(mut self, pinned: Arc<PinnedMessages>) -> Self {
+        self.pinned = Some(pinned);
         self
     }
 
@@ -192,9 +219,24 @@ impl FrameEncoder {
         if batch.num_rows() == 0 {
             return Ok(frames);
         }
+        if let Some(frame) = self.pinned.as_ref().and_then(|p| p.find(batch))
+            && frame.payload_len() <= self.max_message_size
+        {
+            if !self.schema_sent {
+                // The encoder writes the schema before its first batch: an empty one,
+                // whose own message is dropped.
+                let buffers = self.encoder.encode(&batch.slice(0, 0))?;
+                frame_ipc_messages(buffers, &mut frames)?;
+                frames.retain(|f| f.rows.is_none());
+                self.schema_sent = true;
+            }
+            frames.push(frame);
+            return Ok(frames);
+        }
         for piece in split(batch, self.max_message_size)? {
             let buffers = self.encoder.encode(&piece)?;
-            frame_ipc_messages(buffers, self.bodies.as_deref(), &mut frames)?;
+            self.schema_sent = true;
+            frame_ipc_messages(buffers, &mut frames)?;
         }
         Ok(frames)
     }
@@ -203,7 +245,7 @@ impl FrameEncoder {
     /// Flight streams carry no IPC end-of-stream marker.
     pub fn finish(self) -> Result<Vec<Frame>, ArrowError> {
         let mut frames = Vec::new();
-        frame_ipc_messages(self.encoder.finish()?, None, &mut frames)?;
+        frame_ipc_messages(self.encoder.finish()?, &mut frames)?;
         Ok(frames)
     }
 }
@@ -231,11 +273,7 @@ pub(crate) fn split(batch: &RecordBatch, max: usize) -> Result<Vec<RecordBatch>,
 /// Reads the IPC stream `buffers` (as `StreamEncoder` lays them out: continuation
 /// marker and length, flatbuffer header, padding, body buffers with their padding)
 /// message by message, and frames each as a `FlightData`.
-fn frame_ipc_messages(
-    buffers: Vec<Buffer>,
-    bodies: Option<&ContiguousBodies>,
-    frames: &mut Vec<Frame>,
-) -> Result<(), ArrowError> {
+fn frame_ipc_messages(buffers: Vec<Buffer>, frames: &mut Vec<Frame>) -> Result<(), ArrowError> {
     let mut rope = Rope::new(buffers);
     while !rope.is_empty() {
         let prefix = rope.take_contiguous(8)?;
@@ -263,10 +301,7 @@ fn frame_ipc_messages(
         let rows = message
             .header_as_record_batch()
             .map(|b| b.length().max(0) as u64);
-        let mut body = rope.take(body_len)?;
-        if let Some(whole) = bodies.and_then(|b| b.find(&body)) {
-            body = vec![whole];
-        }
+        let body = rope.take(body_len)?;
         let mut frame = flight_data_frame(&header, body);
         frame.rows = rows;
         frame.payload = header.len() + body_len;
@@ -292,8 +327,10 @@ fn flight_data_frame(header: &[u8], body: Vec<Buffer>) -> Frame {
     if !header.is_empty() {
         builder.put_slice(&[DATA_HEADER_TAG]);
         put_varint(&mut builder, header.len() as u64);
+        builder.frame.header = (builder.small.len(), header.len());
         builder.put_slice(header);
     }
+    builder.frame.body = body_len;
     if body_len > 0 {
         builder.put_slice(&DATA_BODY_TAG);
         put_varint(&mut builder, body_len as u64);
@@ -404,7 +441,7 @@ mod tests {
     use prost::Message;
 
     use super::*;
-    use crate::wire::contiguous::lay_out;
+    use crate::wire::pinned::lay_out;
 
     fn batch(rows: usize) -> RecordBatch {
         let ids: ArrayRef = Arc::new(Int64Array::from_iter(
@@ -442,12 +479,12 @@ mod tests {
     fn ours_with(
         batches: &[RecordBatch],
         max: usize,
-        bodies: Option<Arc<ContiguousBodies>>,
+        pinned: Option<Arc<PinnedMessages>>,
     ) -> (Vec<u8>, Vec<Frame>) {
         let schema = batches[0].schema();
         let mut encoder = FrameEncoder::try_new(&schema, IpcWriteOptions::default(), max).unwrap();
-        if let Some(bodies) = bodies {
-            encoder = encoder.with_contiguous_bodies(bodies);
+        if let Some(pinned) = pinned {
+            encoder = encoder.with_pinned_messages(pinned);
         }
         let mut frames = Vec::new();
         for b in batches {
@@ -611,49 +648,107 @@ mod tests {
     }
 
     #[test]
-    fn laid_out_batches_go_out_as_one_body_chunk() {
+    fn pinned_batches_go_out_as_one_chunk_each() {
         let max = 2 * 1024 * 1024;
-        let bodies = Arc::new(ContiguousBodies::default());
-        for original in [batch(8_192), every_layout(5_000)] {
-            let (laid_out, whole) = lay_out(&original, &IpcWriteOptions::default()).unwrap();
-            assert_eq!(laid_out, original);
-            let (apart, apart_frames) = ours(std::slice::from_ref(&laid_out), max);
-            let registration = bodies.register(vec![whole]);
-            let (joined, frames) = ours_with(
-                std::slice::from_ref(&laid_out),
-                max,
-                Some(Arc::clone(&bodies)),
-            );
-            // The same bytes, in a gathered header chunk and one shared body chunk.
-            assert_eq!(joined, apart);
-            for frame in frames.iter().filter(|f| f.rows().is_some()) {
-                assert_eq!(frame.chunks().len(), 2, "{frame:?}");
-                assert!(frame.copied_bytes() < 2_048, "{frame:?}");
-            }
-            assert!(
-                apart_frames.iter().map(|f| f.chunks().len()).sum::<usize>() > frames.len() * 2
-            );
-            // A slice re-encodes its offsets: not contiguous, sent piece by piece, same bytes.
-            let slice = laid_out.slice(777, 1_234);
-            let (sliced, _) =
-                ours_with(std::slice::from_ref(&slice), max, Some(Arc::clone(&bodies)));
-            assert_eq!(sliced, ours(&[slice], max).0);
-            drop(registration);
-            assert!(bodies.is_empty());
-            let (after, after_frames) = ours_with(
-                std::slice::from_ref(&laid_out),
-                max,
-                Some(Arc::clone(&bodies)),
-            );
-            assert_eq!(after, apart);
-            assert_eq!(after_frames.len(), apart_frames.len());
+        let pinned = Arc::new(PinnedMessages::default());
+        let originals = [batch(8_192), batch(3), batch(20_000)];
+        let laid_out: Vec<_> = originals
+            .iter()
+            .map(|b| lay_out(b).unwrap().expect("no dictionaries"))
+            .collect();
+        let batches: Vec<_> = laid_out.iter().map(|l| l.batch.clone()).collect();
+        assert_eq!(batches, originals);
+        for l in &laid_out {
+            let body = l.batch.column(0).to_data().buffers()[0].as_ptr() as usize;
+            assert_eq!(body % 64, 0, "buffers aligned in the allocation");
+            assert!(l.allocated >= l.frame.len());
         }
-        // Equal to what arrow-flight sends (no dictionaries in this one).
-        let original = batch(8_192);
-        let (laid_out, whole) = lay_out(&original, &IpcWriteOptions::default()).unwrap();
-        let _registration = bodies.register(vec![whole]);
-        let (wire, _) = ours_with(&[laid_out], max, Some(Arc::clone(&bodies)));
-        assert_eq!(wire, reference(vec![original], max));
+        let registration = pinned.register(
+            laid_out
+                .iter()
+                .map(|l| (l.batch.clone(), l.frame.clone()))
+                .collect(),
+        );
+        assert_eq!(pinned.len(), 3);
+
+        // What arrow-flight sends, byte for byte, one chunk per batch message.
+        let (wire, frames) = ours_with(&batches, max, Some(Arc::clone(&pinned)));
+        assert_eq!(wire, reference(originals.to_vec(), max));
+        let messages: Vec<_> = frames.iter().filter(|f| f.rows().is_some()).collect();
+        assert_eq!(messages.len(), 3);
+        for (frame, l) in messages.iter().zip(&laid_out) {
+            assert_eq!(frame.chunks().len(), 1, "{frame:?}");
+            assert_eq!(frame.copied_bytes(), 0);
+            // Sent from the memory the batch lives in.
+            let chunk = frame.chunks()[0].as_ptr_range();
+            let values = l.batch.column(0).to_data().buffers()[0].as_ptr();
+            assert!(chunk.contains(&values));
+        }
+
+        // Anything but the very batch is encoded as usual, to the same bytes: a slice, a
+        // projection, a batch above the message limit (split), a copy of the batch.
+        let slice = batches[0].slice(777, 1_234);
+        let projected = batches[0].project(&[1]).unwrap();
+        let copy = RecordBatch::try_new(
+            originals[0].schema(),
+            originals[0]
+                .columns()
+                .iter()
+                .map(|c| {
+                    arrow::compute::kernels::take::take(
+                        c,
+                        &Int64Array::from_iter_values(0..c.len() as i64),
+                        None,
+                    )
+                    .unwrap()
+                })
+                .collect(),
+        )
+        .unwrap();
+        for (input, max) in [
+            (slice, max),
+            (projected, max),
+            (batches[2].clone(), 64 * 1024),
+            (copy, max),
+        ] {
+            let (theirs, frames) =
+                ours_with(std::slice::from_ref(&input), max, Some(Arc::clone(&pinned)));
+            assert_eq!(theirs, ours(std::slice::from_ref(&input), max).0);
+            let pinned_chunks: Vec<_> = laid_out
+                .iter()
+                .map(|l| l.frame.chunks()[0].as_ptr())
+                .collect();
+            assert!(
+                frames
+                    .iter()
+                    .flat_map(Frame::chunks)
+                    .all(|c| !pinned_chunks.contains(&c.as_ptr()))
+            );
+        }
+
+        // Unregistered, the same batches are encoded as usual.
+        drop(registration);
+        assert!(pinned.is_empty());
+        let (after, after_frames) = ours_with(&batches, max, Some(Arc::clone(&pinned)));
+        assert_eq!(after, wire);
+        assert!(after_frames.iter().any(|f| f.chunks().len() > 1));
+    }
+
+    #[test]
+    fn batches_with_dictionaries_are_not_laid_out() {
+        assert!(lay_out(&every_layout(100)).unwrap().is_none());
+        let without = every_layout(5_000).project(&[0, 1, 3, 4, 5]).unwrap();
+        let laid_out = lay_out(&without).unwrap().expect("no dictionaries");
+        assert_eq!(laid_out.batch, without);
+        let pinned = Arc::new(PinnedMessages::default());
+        let _registration = pinned.register(vec![(laid_out.batch.clone(), laid_out.frame.clone())]);
+        let (wire, frames) = ours_with(
+            std::slice::from_ref(&laid_out.batch),
+            usize::MAX,
+            Some(Arc::clone(&pinned)),
+        );
+        assert_eq!(frames.len(), 2);
+        assert_eq!(wire, ours(&[without], usize::MAX).0);
     }
 
     #[test]
