@@ -61,8 +61,9 @@ def test_send_path_allocates_and_copies_next_to_nothing(tmp_path):
     """benches' send_copies on TPC-H lineitem: jemalloc's per-thread counters around each
     encoder. The zero-copy path must send the same bytes as the standard one while
     allocating under 5% of them (per-message IPC headers; the 8k-row measurement in
-    docs/benchmarks.md is 1.4%) and copying under 1%; the standard path allocates every
-    body byte at least twice. Counts of bytes, not timings."""
+    docs/benchmarks.md is 1.4%) and copying under 1%; sending a pinned table (batches
+    laid out with their messages) allocates under 1% and copies nothing; the standard
+    path allocates every body byte at least twice. Counts of bytes, not timings."""
     sys.path.insert(0, str(REPO / "benches"))
     from harness import generate_tpch
 
@@ -79,8 +80,10 @@ def test_send_path_allocates_and_copies_next_to_nothing(tmp_path):
         for cells in ([c.strip() for c in line.split("|")] for line in out.stdout.splitlines())
         if len(cells) > 7 and cells[1] == "8192"
     }
-    standard, zero_copy = rows["standard"], rows["zero-copy"]
-    assert standard[3] == zero_copy[3], out.stdout  # MB sent
+    standard, zero_copy, pinned = rows["standard"], rows["zero-copy"], rows["zero-copy, pinned table"]
+    assert standard[3] == zero_copy[3] == pinned[3], out.stdout  # MB sent
     assert float(standard[4]) >= 2.0, out.stdout
     assert float(zero_copy[4]) < 0.05, out.stdout
     assert float(zero_copy[5]) < 0.01, out.stdout
+    assert float(pinned[4]) < 0.01, out.stdout
+    assert float(pinned[5]) == 0, out.stdout

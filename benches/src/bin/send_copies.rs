@@ -1,6 +1,8 @@
 //! Bytes allocated and copied on the DoGet send path, per byte sent: the standard path
 //! (arrow-flight's `FlightDataEncoder`, then tonic's prost codec writing each message into
-//! its own buffer) against the zero-copy path (`FrameEncoder`), on the same batches.
+//! its own buffer) against the zero-copy path (`FrameEncoder`), on the same batches, and
+//! the zero-copy path sending a pinned table (batches laid out with their messages by
+//! `wire::pinned`, as `--pin-table` holds them).
 //!
 //! ```sh
 //! target/release/send_copies --parquet ~/.cache/quiver/tpch-sf1/lineitem.parquet
@@ -29,7 +31,8 @@ use datafusion::arrow::record_batch::RecordBatchReader;
 use datafusion::parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use futures::{StreamExt, stream};
 use prost::Message;
-use quiver::wire::frames::FrameEncoder;
+use quiver::wire::frames::{FrameEncoder, split};
+use quiver::wire::pinned::{PinnedMessages, Registration, lay_out};
 use quiver::wire::views;
 use tikv_jemalloc_ctl::thread::allocatedp;
 
@@ -85,11 +88,17 @@ fn main() -> anyhow::Result<()> {
     let memcpy_per_byte = median_seconds(args.runs, memcpy) / MEMCPY_BYTES as f64;
     for &rows in &args.batch_rows {
         let batches = read(&args.parquet, rows)?;
-        let paths: [(&str, &dyn Fn() -> anyhow::Result<Sent>); 2] = [
+        let (pinned, _registration, pinned_batches) = pin(&batches)?;
+        let paths: [(&str, &dyn Fn() -> anyhow::Result<Sent>); 3] = [
             ("standard (FlightDataEncoder + prost)", &|| {
                 standard(batches.clone(), counter)
             }),
-            ("zero-copy (FrameEncoder)", &|| zero_copy(&batches, counter)),
+            ("zero-copy (FrameEncoder)", &|| {
+                zero_copy(&batches, None, counter)
+            }),
+            ("zero-copy, pinned table", &|| {
+                zero_copy(&pinned_batches, Some(Arc::clone(&pinned)), counter)
+            }),
         ];
         for (name, path) in paths {
             let mut runs = (0..args.runs.max(1))
@@ -129,6 +138,28 @@ fn read(path: &PathBuf, rows: usize) -> anyhow::Result<Vec<RecordBatch>> {
         .context("reading the Parquet file")
 }
 
+/// `batches` as a pinned table holds them: in pieces no larger than a message, each
+/// laid out with its message (registered while the guard lives).
+fn pin(
+    batches: &[RecordBatch],
+) -> anyhow::Result<(Arc<PinnedMessages>, Registration, Vec<RecordBatch>)> {
+    let pinned = Arc::new(PinnedMessages::new(MESSAGE_TARGET));
+    let (mut held, mut messages) = (Vec::new(), Vec::new());
+    for batch in batches {
+        for piece in split(batch, MESSAGE_TARGET)? {
+            match lay_out(&piece)? {
+                Some(laid_out) => {
+                    messages.push((laid_out.batch.clone(), laid_out.frame));
+                    held.push(laid_out.batch);
+                }
+                None => held.push(piece),
+            }
+        }
+    }
+    let registration = pinned.register(messages);
+    Ok((pinned, registration, held))
+}
+
 /// `batches` by value: the encoder's input stream must own them (a clone of the Vec shares
 /// the buffers, so no data is copied to call this).
 fn standard(batches: Vec<RecordBatch>, allocated: impl Fn() -> u64) -> anyhow::Result<Sent> {
@@ -164,11 +195,18 @@ fn standard(batches: Vec<RecordBatch>, allocated: impl Fn() -> u64) -> anyhow::R
     })
 }
 
-fn zero_copy(batches: &[RecordBatch], allocated: impl Fn() -> u64) -> anyhow::Result<Sent> {
+fn zero_copy(
+    batches: &[RecordBatch],
+    pinned: Option<Arc<PinnedMessages>>,
+    allocated: impl Fn() -> u64,
+) -> anyhow::Result<Sent> {
     let schema = batches[0].schema();
     let started = Instant::now();
     let before = allocated();
     let mut encoder = FrameEncoder::try_new(&schema, IpcWriteOptions::default(), MESSAGE_TARGET)?;
+    if let Some(pinned) = pinned {
+        encoder = encoder.with_pinned_messages(pinned);
+    }
     let (mut wire, mut copied) = (0, 0);
     for batch in batches {
         for frame in encoder.encode(batch)? {

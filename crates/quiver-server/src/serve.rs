@@ -16,12 +16,15 @@ use quiver::metrics::{RpcMetrics, RpcMetricsLayer};
 use quiver::query::{
     AdmissionOptions, MemoryOptions, PoolKind, QueryEngine, QueryLimits, QueryOptions,
 };
+use quiver::wire::views::ViewTypes;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tonic_health::server::HealthReporter;
 
-use crate::cli::{Http2Args, IpcCompression, MemoryPoolArg, SendPath, ServeArgs, TlsArgs};
+use crate::cli::{
+    Http2Args, IpcCompression, MemoryPoolArg, SendPath, ServeArgs, TlsArgs, ViewTypesArg,
+};
 use crate::demo;
 use crate::listener;
 use crate::metrics;
@@ -79,6 +82,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 max_files: args.mmap_max_files,
                 max_bytes: args.mmap_max_bytes.0 as u64,
             },
+        },
+        max_message_size: args.max_flight_data_size.0,
+        view_types: match args.view_types {
+            ViewTypesArg::Expand => ViewTypes::Expand,
+            ViewTypesArg::Keep => ViewTypes::Keep,
         },
     };
     tracing::info!(

@@ -38,8 +38,9 @@ use datafusion_datasource::memory::MemorySourceConfig;
 
 use crate::io::{Io, IoMode, IoOptions};
 use crate::query::PartitionPruning;
+use crate::wire::frames::split;
 use crate::wire::pinned::{PinnedMessages, Registration, lay_out};
-use crate::wire::views::{expand_batch, expand_schema};
+use crate::wire::views::ViewTypes;
 
 /// One validated data file of a table.
 #[derive(Debug, Clone)]
@@ -70,7 +71,7 @@ pub struct HiveTable {
     pinned: Option<Arc<Pinned>>,
 }
 
-/// A pinned table's rows, with views expanded (as they are sent), and the memory pool
+/// A pinned table's rows, with views as they are sent (`--view-types`), and the memory pool
 /// reservation that accounts for them.
 #[derive(Debug)]
 pub(crate) struct Pinned {
@@ -121,7 +122,11 @@ impl HiveTable {
     pub(crate) async fn pin(mut self, session: &SessionState) -> crate::Result<Self> {
         let plan = self.scan(session, None, &[], None).await?;
         let partitions = collect_partitioned(plan, session.task_ctx()).await?;
-        let schema = expand_schema(&self.schema);
+        let view_types = session
+            .config()
+            .get_extension::<ViewTypes>()
+            .map_or_else(ViewTypes::default, |v| *v);
+        let schema = view_types.schema(&self.schema);
         // Each batch in one allocation with the message that sends it, when the engine
         // lets the send path use it (see `wire::pinned`).
         let messages = session.config().get_extension::<PinnedMessages>();
@@ -131,19 +136,26 @@ impl HiveTable {
         for batches in partitions {
             let mut partition = Vec::with_capacity(batches.len());
             for batch in batches.into_iter().filter(|b| b.num_rows() > 0) {
-                let batch = expand_batch(batch, &schema)?;
-                let batch = match messages.as_ref().map(|_| lay_out(&batch)).transpose()? {
-                    Some(Some(l)) => {
-                        bytes += l.allocated;
-                        laid_out.push((l.batch.clone(), l.frame));
-                        l.batch
-                    }
-                    _ => {
-                        bytes += batch.get_array_memory_size();
-                        batch
-                    }
+                let batch = view_types.batch(batch, &schema)?;
+                let Some(messages) = &messages else {
+                    bytes += batch.get_array_memory_size();
+                    partition.push(batch);
+                    continue;
                 };
-                partition.push(batch);
+                // In pieces the send path sends whole, each laid out with its message.
+                for piece in split(&batch, messages.max_message_size())? {
+                    match lay_out(&piece)? {
+                        Some(l) => {
+                            bytes += l.allocated;
+                            laid_out.push((l.batch.clone(), l.frame));
+                            partition.push(l.batch);
+                        }
+                        None => {
+                            bytes += piece.get_array_memory_size();
+                            partition.push(piece);
+                        }
+                    }
+                }
             }
             pinned_partitions.push(partition);
         }

@@ -41,7 +41,6 @@ use crate::error::{Error, Result};
 use crate::metrics::Outcome;
 use crate::query::{Deadline, Execution, QueryEngine, QueryRequest, RunningQuery, ScanReport};
 use crate::wire::frames::{self, Frame, FrameEncoder};
-use crate::wire::views;
 use datafusion::common::ScalarValue;
 
 /// The response stream of `DoGet`.
@@ -210,7 +209,8 @@ struct Running {
     deadline: Deadline,
 }
 
-/// Admits, plans and starts a query; its batches come with views expanded.
+/// Admits, plans and starts a query; its batches come with views as they are sent
+/// (`--view-types`).
 async fn start(engine: &Arc<QueryEngine>, request: QueryRequest) -> Result<Started> {
     let Execution {
         stream,
@@ -218,12 +218,17 @@ async fn start(engine: &Arc<QueryEngine>, request: QueryRequest) -> Result<Start
         query,
         deadline,
     } = engine.execute(request).await?;
-    let schema = views::expand_schema(&stream.schema());
+    let view_types = engine.view_types();
+    let schema = view_types.schema(&stream.schema());
     let batch_schema = Arc::clone(&schema);
     let batches = stream.map(move |batch| {
         batch
             .map_err(|e| FlightError::Tonic(Box::new(Status::from(Error::from(e)))))
-            .and_then(|b| views::expand_batch(b, &batch_schema).map_err(FlightError::Arrow))
+            .and_then(|b| {
+                view_types
+                    .batch(b, &batch_schema)
+                    .map_err(FlightError::Arrow)
+            })
     });
     Ok(Started {
         execution: Running {

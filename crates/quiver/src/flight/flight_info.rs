@@ -13,7 +13,6 @@ use datafusion::catalog::TableProvider;
 use super::ticket::{self, Command, QueryTicket};
 use crate::error::{Error, Result};
 use crate::query::{QueryEngine, new_query_id};
-use crate::wire::views;
 
 /// What a descriptor stands for: a CMD holds SQL, a Quiver ticket or a Flight SQL
 /// command; a PATH `[table]` means every row of that table.
@@ -51,7 +50,9 @@ pub(super) async fn flight_info(
     descriptor: FlightDescriptor,
     ticket: QueryTicket,
 ) -> Result<FlightInfo> {
-    let schema = views::expand_schema(&engine.schema(ticket.sql.clone(), vec![]).await?);
+    let schema = engine
+        .view_types()
+        .schema(&engine.schema(ticket.sql.clone(), vec![]).await?);
     // The ticket names the query it will start, so CancelFlightInfo can reach it.
     let ticket = ticket.with_query_id(new_query_id());
     info_for(descriptor, &schema, ticket, None)
@@ -59,7 +60,9 @@ pub(super) async fn flight_info(
 
 /// The IPC-encoded schema of `sql`.
 pub(super) async fn schema(engine: &Arc<QueryEngine>, sql: String) -> Result<SchemaResult> {
-    let schema = views::expand_schema(&engine.schema(sql, vec![]).await?);
+    let schema = engine
+        .view_types()
+        .schema(&engine.schema(sql, vec![]).await?);
     Ok(SchemaAsIpc::new(&schema, &IpcWriteOptions::default()).try_into()?)
 }
 
@@ -71,7 +74,7 @@ pub(super) fn list_flights(engine: &QueryEngine) -> Result<Vec<FlightInfo>> {
         .into_iter()
         .filter_map(|name| catalog.get(&name).map(|t| (name, t)))
         .map(|(name, table)| {
-            let schema = views::expand_schema(&table.schema());
+            let schema = engine.view_types().schema(&table.schema());
             info_for(
                 FlightDescriptor::new_path(vec![name.clone()]),
                 &schema,

@@ -164,7 +164,7 @@ impl FlightSql {
                         &table.schema,
                         &table.name,
                         table.table_type,
-                        &views::expand_schema(&table.arrow_schema),
+                        &self.engine.view_types().schema(&table.arrow_schema),
                     )?;
                 }
                 builder.build()
@@ -306,7 +306,7 @@ impl FlightSqlService for FlightSql {
                 .into(),
         };
         Self::info(
-            &views::expand_schema(&schema),
+            &self.engine.view_types().schema(&schema),
             ticket.as_any().encode_to_vec(),
             request.into_inner(),
         )
@@ -357,7 +357,7 @@ impl FlightSqlService for FlightSql {
                 .collect::<Vec<_>>(),
         );
         let parameter_schema = views::expand_schema(&Arc::new(parameter_schema));
-        let dataset_schema = views::expand_schema(&prepared.schema);
+        let dataset_schema = self.engine.view_types().schema(&prepared.schema);
         let handle = self.statements.insert(PreparedStatement {
             sql: query.query,
             user: user_of(&context(&request)),
@@ -428,7 +428,7 @@ impl FlightSqlService for FlightSql {
         let params = statement.values()?;
         let schema = self.engine.schema(statement.sql, params).await?;
         Self::info(
-            &views::expand_schema(&schema),
+            &self.engine.view_types().schema(&schema),
             query.as_any().encode_to_vec(),
             request.into_inner(),
         )

@@ -45,6 +45,7 @@ use crate::error::{Error, Result};
 use crate::io::{Io, IoOptions, MmapStats};
 use crate::metrics::{EngineCollector, Outcome, QueryMetrics};
 use crate::wire::pinned::PinnedMessages;
+use crate::wire::views::ViewTypes;
 use admission::Admission;
 use memory::QueryPool;
 
@@ -63,6 +64,12 @@ pub struct QueryOptions {
     pub admission: AdmissionOptions,
     /// Time limits.
     pub limits: QueryLimits,
+    /// Largest record batch message the send path writes (`--max-flight-data-size`):
+    /// pinned tables are held in batches no larger, each sent as the message laid out
+    /// with it.
+    pub max_message_size: usize,
+    /// How string and binary views are sent (`--view-types`).
+    pub view_types: ViewTypes,
 }
 
 /// Time limits on a query; zero turns a limit off.
@@ -197,6 +204,8 @@ impl Default for QueryOptions {
             memory: MemoryOptions::default(),
             admission: AdmissionOptions::default(),
             limits: QueryLimits::default(),
+            max_message_size: 2 * 1024 * 1024,
+            view_types: ViewTypes::default(),
         }
     }
 }
@@ -209,6 +218,7 @@ pub struct QueryEngine {
     io: Arc<Io>,
     /// Pinned tables' batches as the messages that send them.
     pinned: Arc<PinnedMessages>,
+    view_types: ViewTypes,
     pool: Arc<MeteredPool>,
     scan_totals: Arc<Mutex<ScanSummary>>,
     metrics: QueryMetrics,
@@ -243,10 +253,11 @@ impl QueryEngine {
     /// Builds the session, starts the CPU runtime and loads every table.
     pub async fn new(tables: Vec<TableDefinition>, options: QueryOptions) -> Result<Self> {
         let io = Arc::new(Io::new(options.io));
-        let pinned = Arc::new(PinnedMessages::default());
+        let pinned = Arc::new(PinnedMessages::new(options.max_message_size));
         let config = session_config(&options)?
             .with_extension(Arc::clone(&io))
-            .with_extension(Arc::clone(&pinned));
+            .with_extension(Arc::clone(&pinned))
+            .with_extension(Arc::new(options.view_types));
         let pool = Arc::new(MeteredPool::new(&options.memory));
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_pool(Arc::clone(&pool) as Arc<dyn MemoryPool>)
@@ -278,6 +289,7 @@ impl QueryEngine {
             cpu,
             io,
             pinned,
+            view_types: options.view_types,
             pool,
             scan_totals: Arc::default(),
             metrics,
@@ -347,6 +359,11 @@ impl QueryEngine {
     /// Queries waiting or running, for listing and cancelling.
     pub fn active_queries(&self) -> &Arc<ActiveQueries> {
         &self.active
+    }
+
+    /// How string and binary views are sent.
+    pub fn view_types(&self) -> ViewTypes {
+        self.view_types
     }
 
     /// Pinned tables' batches as their messages, for the send path (`wire::pinned`).

@@ -219,9 +219,14 @@ impl FrameEncoder {
         if batch.num_rows() == 0 {
             return Ok(frames);
         }
-        if let Some(frame) = self.pinned.as_ref().and_then(|p| p.find(batch))
-            && frame.payload_len() <= self.max_message_size
-        {
+        // A pinned batch was laid out in one message under the pinning limit; this
+        // encoder would send it whole too when its own limit is no smaller.
+        if let Some(frame) = self.pinned.as_ref().and_then(|p| {
+            p.find(batch).filter(|f| {
+                f.payload_len() <= self.max_message_size
+                    || p.max_message_size() <= self.max_message_size
+            })
+        }) {
             if !self.schema_sent {
                 // The encoder writes the schema before its first batch: an empty one,
                 // whose own message is dropped.
@@ -252,7 +257,7 @@ impl FrameEncoder {
 
 /// `batch` in row ranges of about `max` bytes each (by the bytes the rows reference,
 /// not the capacity of shared buffers), as arrow-flight splits them.
-pub(crate) fn split(batch: &RecordBatch, max: usize) -> Result<Vec<RecordBatch>, ArrowError> {
+pub fn split(batch: &RecordBatch, max: usize) -> Result<Vec<RecordBatch>, ArrowError> {
     let size: usize = batch
         .columns()
         .iter()
@@ -650,7 +655,7 @@ mod tests {
     #[test]
     fn pinned_batches_go_out_as_one_chunk_each() {
         let max = 2 * 1024 * 1024;
-        let pinned = Arc::new(PinnedMessages::default());
+        let pinned = Arc::new(PinnedMessages::new(usize::MAX));
         let originals = [batch(8_192), batch(3), batch(20_000)];
         let laid_out: Vec<_> = originals
             .iter()
@@ -740,7 +745,7 @@ mod tests {
         let without = every_layout(5_000).project(&[0, 1, 3, 4, 5]).unwrap();
         let laid_out = lay_out(&without).unwrap().expect("no dictionaries");
         assert_eq!(laid_out.batch, without);
-        let pinned = Arc::new(PinnedMessages::default());
+        let pinned = Arc::new(PinnedMessages::new(usize::MAX));
         let _registration = pinned.register(vec![(laid_out.batch.clone(), laid_out.frame.clone())]);
         let (wire, frames) = ours_with(
             std::slice::from_ref(&laid_out.batch),

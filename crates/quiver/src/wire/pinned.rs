@@ -88,8 +88,10 @@ pub fn lay_out(batch: &RecordBatch) -> Result<Option<LaidOut>, ArrowError> {
 }
 
 /// Messages of pinned batches, found by the batch's columns.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct PinnedMessages {
+    /// Largest message the send path writes: batches are pinned in pieces no larger.
+    max_message_size: usize,
     /// By the address of the batch's first column.
     by_column: RwLock<HashMap<usize, Entry>>,
 }
@@ -101,6 +103,21 @@ struct Entry {
 }
 
 impl PinnedMessages {
+    /// An empty registry for a send path whose messages carry at most
+    /// `max_message_size` bytes of Arrow data.
+    pub fn new(max_message_size: usize) -> Self {
+        Self {
+            max_message_size: max_message_size.max(1),
+            by_column: RwLock::default(),
+        }
+    }
+
+    /// Largest message the send path writes; a pinned batch larger than this is split
+    /// (and so encoded) on every send, so batches are laid out in pieces no larger.
+    pub fn max_message_size(&self) -> usize {
+        self.max_message_size
+    }
+
     /// Remembers each batch's message until the returned guard is dropped.
     pub fn register(self: &Arc<Self>, laid_out: Vec<(RecordBatch, Frame)>) -> Registration {
         let mut map = self.by_column.write().expect("poisoned");

@@ -1,18 +1,97 @@
-//! Expanding string and binary views before results go on the wire.
+//! String and binary views on their way to the wire.
 //!
 //! DataFusion reads Parquet strings as `Utf8View`, whose values live in shared data
-//! buffers. Arrow IPC writes every data buffer a view array references, and when the
-//! Flight encoder slices a batch into messages, each slice still references all of them:
-//! a 65k-row slice of TPC-H lineitem encoded to 215 MB instead of 11 MB. Casting views to
-//! `Utf8`/`Binary` copies just the values each batch holds, and clients get the types
-//! they would get reading the same files with pyarrow.
+//! buffers. Arrow IPC writes every data buffer a view array references, whole, and a
+//! filtered or sliced batch still references all of them: a 65k-row slice of TPC-H
+//! lineitem encoded to 215 MB instead of 11 MB. Two ways out ([`ViewTypes`]): casting
+//! views to `Utf8`/`Binary` (the default) copies just the values each batch holds, and
+//! clients get the types they would get reading the same files with pyarrow; keeping
+//! views sends them as they are when their buffers are mostly referenced, and compacts
+//! them (copying the referenced values) when they are not.
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, GenericByteViewArray, RecordBatch};
 use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::ByteViewType;
 use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Fields, Schema, SchemaRef};
 use datafusion::arrow::error::ArrowError;
+
+/// How string and binary views are sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ViewTypes {
+    /// As `Utf8`/`Binary`: the types pyarrow reads from Parquet and every Flight SQL
+    /// driver knows; each batch's values are copied once.
+    #[default]
+    Expand,
+    /// As `Utf8View`/`BinaryView` (clients need Arrow 15 or later): top-level view columns
+    /// go out untouched while they would put at most [`MAX_VIEW_OVERHEAD`] times their
+    /// compacted size on the wire, and are compacted otherwise. Views inside lists and
+    /// structs go out as they are.
+    Keep,
+}
+
+impl ViewTypes {
+    /// The schema results are sent with.
+    pub fn schema(self, schema: &SchemaRef) -> SchemaRef {
+        match self {
+            Self::Expand => expand_schema(schema),
+            Self::Keep => Arc::clone(schema),
+        }
+    }
+
+    /// `batch` as it is sent, with `schema` from [`ViewTypes::schema`].
+    pub fn batch(self, batch: RecordBatch, schema: &SchemaRef) -> Result<RecordBatch, ArrowError> {
+        match self {
+            Self::Expand => expand_batch(batch, schema),
+            Self::Keep => Ok(compact_batch(batch)),
+        }
+    }
+}
+
+/// A view column is compacted when its views and data buffers are more than this many
+/// times the views and the bytes they reference: what it would be compacted.
+pub const MAX_VIEW_OVERHEAD: f64 = 1.1;
+
+/// `batch` with each top-level view column that references a small part of its data
+/// buffers compacted; every other column is the same array.
+pub fn compact_batch(batch: RecordBatch) -> RecordBatch {
+    let mut columns = None::<Vec<ArrayRef>>;
+    for (i, column) in batch.columns().iter().enumerate() {
+        let compacted = match column.data_type() {
+            DataType::Utf8View => compact(column.as_string_view()),
+            DataType::BinaryView => compact(column.as_binary_view()),
+            _ => None,
+        };
+        if let Some(compacted) = compacted {
+            columns.get_or_insert_with(|| batch.columns().to_vec())[i] = compacted;
+        }
+    }
+    match columns {
+        // Same schema, same lengths: only the buffers changed.
+        Some(columns) => RecordBatch::try_new(batch.schema(), columns).unwrap_or(batch),
+        None => batch,
+    }
+}
+
+/// The compacted array, when `array`'s data buffers are mostly bytes it does not reference.
+fn compact<T: ByteViewType + ?Sized>(array: &GenericByteViewArray<T>) -> Option<ArrayRef> {
+    let held: usize = array.data_buffers().iter().map(|b| b.len()).sum();
+    if held == 0 {
+        return None;
+    }
+    // Values of 12 bytes or less live in the view itself.
+    let referenced: usize = array
+        .views()
+        .iter()
+        .map(|v| *v as u32 as usize)
+        .filter(|len| *len > 12)
+        .sum();
+    let views = array.views().inner().len();
+    let sent = (views + held) as f64;
+    let compacted = (views + referenced) as f64;
+    (sent > MAX_VIEW_OVERHEAD * compacted).then(|| Arc::new(array.gc()) as ArrayRef)
+}
 
 /// The schema with every view type (at any depth) replaced by its offset-based twin.
 pub fn expand_schema(schema: &SchemaRef) -> SchemaRef {
@@ -89,7 +168,7 @@ fn expand_type(data_type: &DataType) -> DataType {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use datafusion::arrow::array::{Array, Int32Array, StringArray, StringViewArray};
+    use datafusion::arrow::array::{Int32Array, StringArray, StringViewArray};
 
     #[test]
     fn views_become_offsets() {
@@ -129,6 +208,46 @@ mod tests {
             .unwrap();
         assert_eq!(strings.value(0), long);
         assert_eq!(strings.value_data().len(), long.len());
+    }
+
+    #[test]
+    fn views_are_kept_and_compacted_only_when_mostly_unreferenced() {
+        let values: Vec<String> = (0..1_000)
+            .map(|i| format!("value number {i} of a thousand"))
+            .collect();
+        let views: ArrayRef = Arc::new(StringViewArray::from_iter_values(&values));
+        let short: ArrayRef = Arc::new(StringViewArray::from_iter_values(["a", "bb", "ccc"]));
+        let batch = RecordBatch::try_from_iter([("s", Arc::clone(&views))]).unwrap();
+        let schema = ViewTypes::Keep.schema(&batch.schema());
+        assert_eq!(schema.field(0).data_type(), &DataType::Utf8View);
+
+        // Whole: sent untouched.
+        let out = ViewTypes::Keep.batch(batch.clone(), &schema).unwrap();
+        assert!(Arc::ptr_eq(out.column(0), &views));
+        // Inlined values only: no data buffer, nothing to compact.
+        let inline = RecordBatch::try_from_iter([("s", short)]).unwrap();
+        let out = compact_batch(inline.clone());
+        assert!(Arc::ptr_eq(out.column(0), inline.column(0)));
+
+        // A 10-row slice references 1% of the data: compacted to what it holds.
+        let out = ViewTypes::Keep
+            .batch(batch.slice(500, 10), &schema)
+            .unwrap();
+        let strings = out.column(0).as_string_view();
+        let held: usize = strings.data_buffers().iter().map(|b| b.len()).sum();
+        let referenced: usize = values[500..510].iter().map(String::len).sum();
+        assert_eq!(held, referenced);
+        assert_eq!(
+            strings.iter().map(Option::unwrap).collect::<Vec<_>>(),
+            values[500..510]
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+        );
+        // A slice holding most of it: untouched.
+        let most = batch.slice(0, 990);
+        let out = compact_batch(most.clone());
+        assert!(Arc::ptr_eq(out.column(0), most.column(0)));
     }
 
     #[test]
