@@ -136,14 +136,16 @@ impl HiveTable {
         for batches in partitions {
             let mut partition = Vec::with_capacity(batches.len());
             for batch in batches.into_iter().filter(|b| b.num_rows() > 0) {
-                let batch = view_types.batch(batch, &schema)?;
                 let Some(messages) = &messages else {
+                    let batch = view_types.batch(batch, &schema)?;
                     bytes += batch.get_array_memory_size();
                     partition.push(batch);
                     continue;
                 };
-                // In pieces the send path sends whole, each laid out with its message.
+                // In pieces the send path sends whole, each laid out with its message
+                // (views compacted per piece: a message carries every buffer it references).
                 for piece in split(&batch, messages.max_message_size())? {
+                    let piece = view_types.batch(piece, &schema)?;
                     match lay_out(&piece)? {
                         Some(l) => {
                             bytes += l.allocated;
