@@ -4,7 +4,8 @@ For random schemas and batches (primitives, strings and binary, dates, timestamp
 decimals, lists, structs, nulls, slices through LIMIT/OFFSET and filters, results split
 into small messages), what pyarrow decodes from the zero-copy path equals what it decodes
 from arrow-flight's standard encoder path, and both equal pyarrow.dataset reading the
-same file.
+same file. With `--view-types keep` the strings travel as views (sliced and filtered
+batches compacted): both paths again decode alike, to the same values.
 """
 
 import decimal
@@ -81,6 +82,7 @@ def servers(tables, tmp_path_factory):
         # Small messages: large results are split into many.
         args = ["--data-dir", str(tables), "--send-path", path, "--max-flight-data-size", "256KiB"]
         started[path] = Server(args, tmp_path_factory.mktemp(path))
+        started[f"{path}-keep"] = Server([*args, "--view-types", "keep"], tmp_path_factory.mktemp(path))
     yield started
     for s in started.values():
         s.stop()
@@ -111,6 +113,10 @@ def test_zero_copy_equals_standard_and_the_file(servers, tables, seed):
             oracle = expected.take(pa.array([i for i in range(rows) if k[i] % 3 == 1], pa.int64()))
         assert zero.num_rows == oracle.num_rows, sql
         assert zero.to_pylist() == oracle.to_pylist(), sql
+        keep, keep_standard = plain(got["zero-copy-keep"]), plain(got["standard-keep"])
+        assert keep.schema == keep_standard.schema, sql
+        assert keep.equals(keep_standard), sql
+        assert keep.cast(zero.schema).equals(zero), sql
 
 
 def test_both_paths_send_the_same_bytes(servers):
@@ -124,6 +130,7 @@ def test_both_paths_send_the_same_bytes(servers):
             s.metrics().get("quiver_query_batches_sent_total") - batches,
         )
     assert sent["zero-copy"] == sent["standard"]
+    assert sent["zero-copy-keep"] == sent["standard-keep"]
     assert sent["zero-copy"][0] > 0
 
 
