@@ -60,8 +60,9 @@ def test_criterion_micro_benchmarks_run():
 def test_send_path_allocates_and_copies_next_to_nothing(tmp_path):
     """benches' send_copies on TPC-H lineitem: jemalloc's per-thread counters around each
     encoder. The zero-copy path must send the same bytes as the standard one while
-    allocating under 5% of them (per-message IPC headers; the 8k-row measurement in
-    docs/benchmarks.md is 1.4%) and copying under 1%; sending a pinned table (batches
+    allocating under 2% of them (per-message IPC headers, and the first 64 KiB block for
+    gathering small pieces, 0.6% of this small file; the SF1 measurement in
+    docs/benchmarks.md is 0.8%) and copying under 1%; sending a pinned table (batches
     laid out with their messages) allocates under 1% and copies only the schema message; the standard
     path allocates every body byte at least twice. Counts of bytes, not timings."""
     sys.path.insert(0, str(REPO / "benches"))
@@ -83,7 +84,7 @@ def test_send_path_allocates_and_copies_next_to_nothing(tmp_path):
     standard, zero_copy, pinned = rows["standard"], rows["zero-copy"], rows["zero-copy, pinned table"]
     assert standard[3] == zero_copy[3] == pinned[3], out.stdout  # MB sent
     assert float(standard[4]) >= 2.0, out.stdout
-    assert float(zero_copy[4]) < 0.05, out.stdout
+    assert float(zero_copy[4]) < 0.02, out.stdout
     assert float(zero_copy[5]) < 0.01, out.stdout
     assert float(pinned[4]) < 0.01, out.stdout
     assert float(pinned[5]) < 0.001, out.stdout  # the schema message only

@@ -1,7 +1,7 @@
 """The zero-copy send path (`--send-path zero-copy`, the default) against the standard one.
 
 For random schemas and batches (primitives, strings and binary, dates, timestamps,
-decimals, lists, structs, nulls, slices through LIMIT/OFFSET and filters, results split
+decimals, lists, structs, dictionaries, nulls, slices through LIMIT/OFFSET and filters, results split
 into small messages), what pyarrow decodes from the zero-copy path equals what it decodes
 from arrow-flight's standard encoder path, and both equal pyarrow.dataset reading the
 same file. With `--view-types keep` the strings travel as views (sliced and filtered
@@ -19,17 +19,21 @@ import pytest
 
 from conftest import Server
 
+DICTIONARY = pa.dictionary(pa.int32(), pa.string())
 TYPES = [
     pa.int8(), pa.int16(), pa.int32(), pa.int64(), pa.uint8(), pa.uint32(), pa.uint64(),
     pa.float32(), pa.float64(), pa.bool_(), pa.string(), pa.binary(), pa.date32(),
     pa.timestamp("us", tz="UTC"), pa.timestamp("ms"), pa.decimal128(18, 3),
     pa.list_(pa.int32()), pa.struct([("a", pa.int64()), ("b", pa.string())]),
+    DICTIONARY,
 ]
 
 
 def value(rng: random.Random, t: pa.DataType, i: int):
     if pa.types.is_boolean(t):
         return rng.random() < 0.5
+    if pa.types.is_dictionary(t):
+        return rng.choice(["api", "billing", "search", "a value longer than twelve bytes"])
     if pa.types.is_integer(t):
         bits = t.bit_width - (0 if pa.types.is_unsigned_integer(t) else 1)
         lo = 0 if pa.types.is_unsigned_integer(t) else -(2**bits)
@@ -57,6 +61,9 @@ def random_table(seed: int) -> pa.Table:
     rng = random.Random(seed)
     rows = rng.choice([0, 1, 7, 1000, 20_000, 70_000])
     types = rng.sample(TYPES, rng.randrange(2, 8))
+    if seed % 3 == 0 and DICTIONARY not in types:
+        # Dictionaries in every third schema at least, whatever the draw.
+        types.append(DICTIONARY)
     columns = {"k": pa.array(range(rows), pa.int64())}
     for n, t in enumerate(types):
         null_rate = rng.choice([0.0, 0.1, 0.9])

@@ -17,19 +17,20 @@
 //! with that error after the messages already queued. Dropping the response (client
 //! gone) drops the task handle; the task is aborted and the plan dropped.
 
+use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arrow_flight::FlightData;
-use arrow_flight::encode::FlightDataEncoderBuilder;
+use arrow_flight::encode::{DictionaryHandling, FlightDataEncoderBuilder};
 use arrow_flight::error::FlightError;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::ipc::CompressionType;
 use datafusion::arrow::ipc::root_as_message;
 use datafusion::arrow::ipc::writer::IpcWriteOptions;
-use futures::{FutureExt, Stream, StreamExt, TryStreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use std::panic::AssertUnwindSafe;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -173,22 +174,44 @@ fn encode_frames(
     encoder: FrameEncoder,
     batches: BatchStream,
 ) -> impl Stream<Item = std::result::Result<Frame, FlightError>> + Send + Unpin + 'static {
-    let frames = futures::stream::unfold(Some((encoder, batches)), |state| async move {
-        let (mut encoder, mut batches) = state?;
-        match batches.next().await {
-            Some(Ok(batch)) => {
-                let frames = encoder.encode(&batch).map_err(FlightError::Arrow);
-                Some((frames, Some((encoder, batches))))
+    /// The encoder until the batches end, and frames encoded but not yet sent (one
+    /// queue for the whole stream).
+    struct Encoding {
+        encoder: Option<FrameEncoder>,
+        batches: BatchStream,
+        frames: VecDeque<Frame>,
+    }
+    let state = Encoding {
+        encoder: Some(encoder),
+        batches,
+        frames: VecDeque::new(),
+    };
+    Box::pin(futures::stream::unfold(state, |mut state| async move {
+        loop {
+            if let Some(frame) = state.frames.pop_front() {
+                return Some((Ok(frame), state));
             }
-            Some(Err(e)) => Some((Err(e), None)),
-            None => Some((encoder.finish().map_err(FlightError::Arrow), None)),
+            let encoder = state.encoder.as_mut()?;
+            let encoded = match state.batches.next().await {
+                Some(Ok(batch)) => encoder.encode_into(&batch, &mut state.frames),
+                Some(Err(e)) => {
+                    state.encoder = None;
+                    return Some((Err(e), state));
+                }
+                None => state
+                    .encoder
+                    .take()
+                    .expect("encoding")
+                    .finish()
+                    .map(|frames| state.frames.extend(frames)),
+            };
+            if let Err(e) = encoded {
+                state.encoder = None;
+                state.frames.clear();
+                return Some((Err(FlightError::Arrow(e)), state));
+            }
         }
-    });
-    Box::pin(
-        frames
-            .map_ok(|frames| futures::stream::iter(frames.into_iter().map(Ok)))
-            .try_flatten(),
-    )
+    }))
 }
 
 /// Result batches with views expanded, errors as Flight errors.
@@ -262,8 +285,11 @@ pub(super) async fn do_get(
         };
         futures::stream::iter(pieces)
     });
+    // Dictionaries go out as dictionaries, as the FlightInfo schema and the zero-copy
+    // path have them (arrow-flight's default would hydrate them into their values).
     let encoded = FlightDataEncoderBuilder::new()
         .with_options(ipc)
+        .with_dictionary_handling(DictionaryHandling::Resend)
         .with_schema(started.schema)
         .with_max_flight_data_size(usize::MAX)
         .build(pieces);

@@ -11,15 +11,18 @@
 //!
 //! The bytes, concatenated, are exactly what tonic would send for the `FlightData`
 //! arrow-flight's `FlightDataEncoder` produces for the same batches (tested below): the
-//! wire format does not change, only who copies.
+//! wire format does not change, only who copies. (Dictionaries are the exception in
+//! form, not content: arrow-flight resends a dictionary with every batch, this encoder
+//! only when it changes, as an IPC stream does.)
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
-use arrow::array::{Array, RecordBatch};
+use arrow::array::{Array, ArrayData, RecordBatch};
 use arrow::buffer::Buffer;
-use arrow::datatypes::SchemaRef;
+use arrow::datatypes::{DataType, Fields, SchemaRef};
 use arrow::error::ArrowError;
-use arrow::ipc::writer::{IpcWriteOptions, StreamEncoder};
+use arrow::ipc::writer::{IpcWriteOptions, StreamEncoder, StreamWriter};
 use bytes::{BufMut, Bytes, BytesMut};
 
 use super::pinned::PinnedMessages;
@@ -110,55 +113,6 @@ impl Frame {
     }
 }
 
-/// Builds a [`Frame`], gathering small pieces and sharing large ones.
-#[derive(Debug, Default)]
-struct FrameBuilder {
-    frame: Frame,
-    small: BytesMut,
-}
-
-impl FrameBuilder {
-    fn with_capacity(chunks: usize, small: usize) -> Self {
-        Self {
-            frame: Frame {
-                chunks: Vec::with_capacity(chunks),
-                ..Frame::default()
-            },
-            small: BytesMut::with_capacity(small),
-        }
-    }
-
-    fn put_slice(&mut self, bytes: &[u8]) {
-        self.small.put_slice(bytes);
-    }
-
-    fn put_buffer(&mut self, buffer: Buffer) {
-        if buffer.len() < COPY_BELOW {
-            self.put_slice(buffer.as_slice());
-            return;
-        }
-        self.flush_small();
-        self.frame.len += buffer.len();
-        self.frame
-            .chunks
-            .push(Bytes::from_owner(ArrowBytes(buffer)));
-    }
-
-    fn flush_small(&mut self) {
-        if !self.small.is_empty() {
-            let small = self.small.split().freeze();
-            self.frame.len += small.len();
-            self.frame.copied += small.len();
-            self.frame.chunks.push(small);
-        }
-    }
-
-    fn finish(mut self) -> Frame {
-        self.flush_small();
-        self.frame
-    }
-}
-
 /// An Arrow buffer as the owner of a [`Bytes`]: the bytes stay where Arrow put them.
 struct ArrowBytes(Buffer);
 
@@ -169,13 +123,26 @@ impl AsRef<[u8]> for ArrowBytes {
 }
 
 /// Encodes a stream of record batches into [`Frame`]s.
+///
+/// arrow-ipc encodes; a [`FrameSink`] frames. Whole batches go through its
+/// `StreamWriter`, which writes each message into the sink in order (prefix, flatbuffer
+/// header, padding, then the body one Arrow buffer at a time, as slices of the batch's
+/// own buffers); the sink gathers the small pieces and shares the slices. Its
+/// `StreamEncoder` shares the buffers as well, but allocates a buffer list and a `Buffer`
+/// per padding for every message, 0.9% of the bytes of an 8k-row TPC-H lineitem batch
+/// (docs/benchmarks.md): it takes the pieces of split batches, whose new buffers (rebased
+/// offsets) it can hand over. Any other new buffer (a LIMIT slice's rebased offsets, a
+/// dictionary's values) is gathered, a copy.
 pub struct FrameEncoder {
-    encoder: StreamEncoder,
+    writer: StreamWriter<FrameSink>,
+    /// Encodes the pieces of a split batch (after the first) when the schema has no
+    /// dictionaries: arrow-ipc rebases a slice's string offsets into new buffers, which
+    /// `StreamEncoder` hands over and the writer would have the sink copy. It holds no stream state without dictionaries (its own schema message
+    /// is dropped at the start), so the two can take turns.
+    sliced: Option<StreamEncoder>,
     max_message_size: usize,
     /// Messages already laid out for pinned batches.
     pinned: Option<Arc<PinnedMessages>>,
-    /// Whether `encoder` has sent the schema.
-    schema_sent: bool,
 }
 
 impl std::fmt::Debug for FrameEncoder {
@@ -194,11 +161,20 @@ impl FrameEncoder {
         options: IpcWriteOptions,
         max_message_size: usize,
     ) -> Result<Self, ArrowError> {
+        let sliced = if has_dictionary(schema.fields()) {
+            None
+        } else {
+            let mut encoder = StreamEncoder::try_new_with_options(schema, options.clone())?;
+            encoder.encode(&RecordBatch::new_empty(Arc::clone(schema)))?;
+            Some(encoder)
+        };
+        // The schema message waits in the sink until the first batch (or `finish`).
+        let writer = StreamWriter::try_new_with_options(FrameSink::default(), schema, options)?;
         Ok(Self {
-            encoder: StreamEncoder::try_new_with_options(schema, options)?,
+            writer,
+            sliced,
             max_message_size: max_message_size.max(1),
             pinned: None,
-            schema_sent: false,
         })
     }
 
@@ -215,9 +191,19 @@ impl FrameEncoder {
     /// then the batch in one or more pieces.
     /// Empty batches send nothing, as with arrow-flight's encoder.
     pub fn encode(&mut self, batch: &RecordBatch) -> Result<Vec<Frame>, ArrowError> {
-        let mut frames = Vec::new();
+        let mut frames = VecDeque::new();
+        self.encode_into(batch, &mut frames)?;
+        Ok(frames.into())
+    }
+
+    /// [`Self::encode`], appending to `frames` (whose capacity a stream reuses).
+    pub fn encode_into(
+        &mut self,
+        batch: &RecordBatch,
+        frames: &mut VecDeque<Frame>,
+    ) -> Result<(), ArrowError> {
         if batch.num_rows() == 0 {
-            return Ok(frames);
+            return Ok(());
         }
         // A pinned batch was laid out in one message under the pinning limit; this
         // encoder would send it whole too when its own limit is no smaller.
@@ -227,32 +213,81 @@ impl FrameEncoder {
                     || p.max_message_size() <= self.max_message_size
             })
         }) {
-            if !self.schema_sent {
-                // The encoder writes the schema before its first batch: an empty one,
-                // whose own message is dropped.
-                let buffers = self.encoder.encode(&batch.slice(0, 0))?;
-                frame_ipc_messages(buffers, &mut frames)?;
-                frames.retain(|f| f.rows.is_none());
-                self.schema_sent = true;
+            frames.extend(self.writer.get_mut().frames.drain(..));
+            frames.push_back(frame);
+            return Ok(());
+        }
+        if fits(batch, self.max_message_size) {
+            self.write(batch, false)?;
+        } else {
+            for (i, piece) in split(batch, self.max_message_size)?.iter().enumerate() {
+                self.write(piece, i > 0)?;
             }
-            frames.push(frame);
-            return Ok(frames);
         }
-        for piece in split(batch, self.max_message_size)? {
-            let buffers = self.encoder.encode(&piece)?;
-            self.schema_sent = true;
-            frame_ipc_messages(buffers, &mut frames)?;
-        }
-        Ok(frames)
+        frames.extend(self.writer.get_mut().frames.drain(..));
+        Ok(())
+    }
+
+    /// Encodes `batch` into the sink; `sliced` when it starts inside its buffers (a
+    /// piece of a split batch after the first), so that offsets are rebased.
+    fn write(&mut self, batch: &RecordBatch, sliced: bool) -> Result<(), ArrowError> {
+        let sink = self.writer.get_mut();
+        let written = match &mut self.sliced {
+            Some(encoder) if sliced => encoder.encode(batch).and_then(|buffers| {
+                buffers.iter().for_each(|b| sink.share(b));
+                buffers.iter().try_for_each(|b| sink.take(b.as_slice()))
+            }),
+            _ => {
+                for column in batch.columns() {
+                    sink.share_array(&column.to_data());
+                }
+                self.writer.write(batch)
+            }
+        };
+        self.writer.get_mut().owners.clear();
+        written
     }
 
     /// The schema message, when no batch was encoded (an empty result); else nothing.
     /// Flight streams carry no IPC end-of-stream marker.
-    pub fn finish(self) -> Result<Vec<Frame>, ArrowError> {
-        let mut frames = Vec::new();
-        frame_ipc_messages(self.encoder.finish()?, &mut frames)?;
-        Ok(frames)
+    pub fn finish(mut self) -> Result<Vec<Frame>, ArrowError> {
+        self.writer.finish()?;
+        Ok(self.writer.into_inner()?.frames.into())
     }
+}
+
+/// Whether any field, at any depth, is dictionary encoded.
+fn has_dictionary(fields: &Fields) -> bool {
+    fields.iter().any(|f| has_dictionary_type(f.data_type()))
+}
+
+fn has_dictionary_type(data_type: &DataType) -> bool {
+    match data_type {
+        DataType::Dictionary(..) => true,
+        DataType::List(f)
+        | DataType::LargeList(f)
+        | DataType::ListView(f)
+        | DataType::LargeListView(f)
+        | DataType::FixedSizeList(f, _)
+        | DataType::Map(f, _) => has_dictionary_type(f.data_type()),
+        DataType::Struct(fields) => has_dictionary(fields),
+        DataType::Union(fields, _) => fields
+            .iter()
+            .any(|(_, f)| has_dictionary_type(f.data_type())),
+        DataType::RunEndEncoded(_, values) => has_dictionary_type(values.data_type()),
+        _ => false,
+    }
+}
+
+/// Whether `batch` goes in one message: the capacity of its buffers bounds the bytes its
+/// rows reference, and needs no `ArrayData` to sum.
+fn fits(batch: &RecordBatch, max: usize) -> bool {
+    batch
+        .columns()
+        .iter()
+        .map(|c| c.get_buffer_memory_size())
+        .sum::<usize>()
+        <= max
 }
 
 /// `batch` in row ranges of about `max` bytes each (by the bytes the rows reference,
@@ -275,75 +310,257 @@ pub fn split(batch: &RecordBatch, max: usize) -> Result<Vec<RecordBatch>, ArrowE
         .collect())
 }
 
-/// Reads the IPC stream `buffers` (as `StreamEncoder` lays them out: continuation
-/// marker and length, flatbuffer header, padding, body buffers with their padding)
-/// message by message, and frames each as a `FlightData`.
-fn frame_ipc_messages(buffers: Vec<Buffer>, frames: &mut Vec<Frame>) -> Result<(), ArrowError> {
-    let mut rope = Rope::new(buffers);
-    while !rope.is_empty() {
-        let prefix = rope.take_contiguous(8)?;
-        if prefix[..4] != [0xFF; 4] {
+/// Bytes reserved at a time for the gathered pieces of messages (prefixes, IPC headers,
+/// padding, small buffers). Chunks are split off it, and once every chunk of a block is
+/// sent the block is reused, so gathering allocates nothing per message.
+const GATHER_BLOCK: usize = 64 * 1024;
+
+/// Where [`FrameSink`] is in the IPC stream arrow-ipc writes into it.
+#[derive(Debug, Clone, Copy, Default)]
+enum Reading {
+    /// The continuation marker and header length.
+    #[default]
+    Prefix,
+    /// The IPC header (flatbuffer and padding) of this many bytes.
+    Header(usize),
+    /// This many bytes of the body still to come.
+    Body(usize),
+}
+
+/// Receives an IPC stream from arrow-ipc's `StreamWriter` and frames each message as a
+/// `FlightData`: the prefix, field headers and IPC header gathered into a chunk, body
+/// slices of the batch's own buffers shared, anything else (padding, small buffers,
+/// buffers arrow-ipc made anew, such as the rebased offsets of a sliced string column)
+/// gathered.
+#[derive(Default)]
+struct FrameSink {
+    /// The batch being written: its buffers of at least [`COPY_BELOW`] bytes, by address.
+    owners: Vec<(usize, Buffer)>,
+    reading: Reading,
+    prefix: [u8; 8],
+    prefix_len: usize,
+    /// The IPC header as it arrives, and the length of its flatbuffer.
+    header: Vec<u8>,
+    flatbuffer_len: Option<usize>,
+    /// Gathered bytes of the current run; earlier runs are split off as chunks.
+    gathered: BytesMut,
+    /// The message being framed.
+    frame: Frame,
+    /// Messages framed and not yet handed out.
+    frames: VecDeque<Frame>,
+}
+
+impl FrameSink {
+    /// Makes `buffer` available to share: body pieces inside it are sent from it.
+    fn share(&mut self, buffer: &Buffer) {
+        if buffer.len() >= COPY_BELOW {
+            self.owners.push((buffer.as_ptr() as usize, buffer.clone()));
+        }
+    }
+
+    /// [`Self::share`] for every buffer of an array and its children.
+    fn share_array(&mut self, data: &ArrayData) {
+        let nulls = data.nulls().map(|n| n.buffer());
+        for buffer in data.buffers().iter().chain(nulls) {
+            self.share(buffer);
+        }
+        for child in data.child_data() {
+            self.share_array(child);
+        }
+    }
+
+    fn take(&mut self, mut bytes: &[u8]) -> Result<(), ArrowError> {
+        while !bytes.is_empty() {
+            match self.reading {
+                Reading::Prefix => {
+                    let n = (8 - self.prefix_len).min(bytes.len());
+                    self.prefix[self.prefix_len..self.prefix_len + n].copy_from_slice(&bytes[..n]);
+                    self.prefix_len += n;
+                    bytes = &bytes[n..];
+                    if self.prefix_len == 8 {
+                        self.prefix_len = 0;
+                        self.begin_header()?;
+                    }
+                }
+                Reading::Header(len) => {
+                    // arrow-ipc writes the flatbuffer in one piece and its alignment
+                    // padding after it; arrow-flight sends the flatbuffer alone.
+                    self.flatbuffer_len.get_or_insert(bytes.len().min(len));
+                    let n = (len - self.header.len()).min(bytes.len());
+                    self.header.extend_from_slice(&bytes[..n]);
+                    bytes = &bytes[n..];
+                    if self.header.len() == len {
+                        self.begin_message()?;
+                    }
+                }
+                Reading::Body(remaining) => {
+                    let n = remaining.min(bytes.len());
+                    self.put_body(&bytes[..n]);
+                    bytes = &bytes[n..];
+                    self.reading = Reading::Body(remaining - n);
+                    if n == remaining {
+                        self.end_message();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn begin_header(&mut self) -> Result<(), ArrowError> {
+        if self.prefix[..4] != [0xFF; 4] {
             return Err(ArrowError::IpcError(
                 "IPC stream without continuation marker".into(),
             ));
         }
-        let header_len = i32::from_le_bytes(prefix[4..8].try_into().expect("4 bytes"));
-        if header_len == 0 {
-            // End of stream: Flight does not send it.
-            continue;
-        }
-        let header_len = usize::try_from(header_len)
+        let len = i32::from_le_bytes(self.prefix[4..].try_into().expect("4 bytes"));
+        let len = usize::try_from(len)
             .map_err(|_| ArrowError::IpcError("negative IPC header length".into()))?;
-        // StreamEncoder writes the flatbuffer as one buffer and its alignment padding
-        // after it; arrow-flight sends the flatbuffer without the padding.
-        let unpadded = rope.front_len().min(header_len);
-        let header = rope.take_contiguous(unpadded)?;
-        rope.take(header_len - unpadded)?;
-        let message = arrow::ipc::root_as_message(&header)
+        // A zero length marks the end of the stream, which Flight does not send.
+        if len > 0 {
+            self.header.clear();
+            self.flatbuffer_len = None;
+            self.reading = Reading::Header(len);
+        }
+        Ok(())
+    }
+
+    /// The header is complete: the message's framing, and its IPC header, gathered.
+    fn begin_message(&mut self) -> Result<(), ArrowError> {
+        let header = std::mem::take(&mut self.header);
+        let flatbuffer = &header[..self.flatbuffer_len.unwrap_or(header.len())];
+        let message = arrow::ipc::root_as_message(flatbuffer)
             .map_err(|e| ArrowError::IpcError(format!("invalid IPC header: {e}")))?;
         let body_len = usize::try_from(message.bodyLength())
             .map_err(|_| ArrowError::IpcError("negative IPC body length".into()))?;
-        let rows = message
-            .header_as_record_batch()
-            .map(|b| b.length().max(0) as u64);
-        let body = rope.take(body_len)?;
-        let mut frame = flight_data_frame(&header, body);
-        frame.rows = rows;
-        frame.payload = header.len() + body_len;
-        frames.push(frame);
-    }
-    Ok(())
-}
+        let record_batch = message.header_as_record_batch();
 
-fn flight_data_frame(header: &[u8], body: Vec<Buffer>) -> Frame {
-    let body_len: usize = body.iter().map(Buffer::len).sum();
-    let mut message_len = 0;
-    if !header.is_empty() {
-        message_len += 1 + varint_len(header.len() as u64) + header.len();
+        let mut message_len = 1 + varint_len(flatbuffer.len() as u64) + flatbuffer.len();
+        if body_len > 0 {
+            message_len += DATA_BODY_TAG.len() + varint_len(body_len as u64) + body_len;
+        }
+        self.frame = Frame {
+            chunks: Vec::with_capacity(chunk_count(record_batch, body_len)),
+            rows: record_batch.map(|b| b.length().max(0) as u64),
+            payload: flatbuffer.len() + body_len,
+            body: body_len,
+            ..Frame::default()
+        };
+        self.gather(&[0]);
+        self.gather(&(message_len as u32).to_be_bytes());
+        self.gather(&[DATA_HEADER_TAG]);
+        self.put_varint(flatbuffer.len() as u64);
+        self.frame.header = (self.gathered.len(), flatbuffer.len());
+        self.gather(flatbuffer);
+        self.header = header;
+        if body_len > 0 {
+            self.gather(&DATA_BODY_TAG);
+            self.put_varint(body_len as u64);
+            self.reading = Reading::Body(body_len);
+        } else {
+            self.end_message();
+        }
+        Ok(())
     }
-    if body_len > 0 {
-        message_len += DATA_BODY_TAG.len() + varint_len(body_len as u64) + body_len;
+
+    /// A piece of the body: shared when it is a large slice of the batch's buffers.
+    fn put_body(&mut self, bytes: &[u8]) {
+        if bytes.len() >= COPY_BELOW {
+            let at = bytes.as_ptr() as usize;
+            let owner = self
+                .owners
+                .iter()
+                .find(|(start, b)| *start <= at && at + bytes.len() <= start + b.len());
+            if let Some((start, buffer)) = owner {
+                let shared = buffer.slice_with_length(at - start, bytes.len());
+                self.flush_gathered();
+                self.frame.len += shared.len();
+                self.frame
+                    .chunks
+                    .push(Bytes::from_owner(ArrowBytes(shared)));
+                return;
+            }
+        }
+        self.gather(bytes);
     }
-    // One chunk per body buffer at most, plus the gathered header; the gathered bytes
-    // start with the prefix, the field headers and the IPC header.
-    let mut builder = FrameBuilder::with_capacity(body.len() + 1, 16 + header.len());
-    builder.put_slice(&[0]);
-    builder.put_slice(&(message_len as u32).to_be_bytes());
-    if !header.is_empty() {
-        builder.put_slice(&[DATA_HEADER_TAG]);
-        put_varint(&mut builder, header.len() as u64);
-        builder.frame.header = (builder.small.len(), header.len());
-        builder.put_slice(header);
+
+    fn gather(&mut self, bytes: &[u8]) {
+        if self.gathered.capacity() - self.gathered.len() < bytes.len() {
+            self.gathered.reserve(bytes.len().max(GATHER_BLOCK));
+        }
+        self.gathered.put_slice(bytes);
     }
-    builder.frame.body = body_len;
-    if body_len > 0 {
-        builder.put_slice(&DATA_BODY_TAG);
-        put_varint(&mut builder, body_len as u64);
-        for buffer in body {
-            builder.put_buffer(buffer);
+
+    fn put_varint(&mut self, mut v: u64) {
+        let mut bytes = [0u8; 10];
+        let mut n = 0;
+        while v >= 0x80 {
+            bytes[n] = (v as u8) | 0x80;
+            v >>= 7;
+            n += 1;
+        }
+        bytes[n] = v as u8;
+        self.gather(&bytes[..=n]);
+    }
+
+    fn flush_gathered(&mut self) {
+        if !self.gathered.is_empty() {
+            let run = self.gathered.split().freeze();
+            self.frame.len += run.len();
+            self.frame.copied += run.len();
+            self.frame.chunks.push(run);
         }
     }
-    builder.finish()
+
+    fn end_message(&mut self) {
+        self.flush_gathered();
+        self.frames.push_back(std::mem::take(&mut self.frame));
+        self.reading = Reading::Prefix;
+    }
+}
+
+impl std::io::Write for FrameSink {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.take(bytes).map_err(std::io::Error::other)?;
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The most chunks a message can have, from its buffers: one per buffer of at least
+/// [`COPY_BELOW`] bytes, and one per run of gathered bytes between them (framing and
+/// header, padding, small buffers).
+fn chunk_count(batch: Option<arrow::ipc::RecordBatch<'_>>, body_len: usize) -> usize {
+    let mut chunks = 1;
+    let Some(buffers) = batch.and_then(|b| b.buffers()) else {
+        return chunks;
+    };
+    let (mut gathering, mut end) = (true, 0);
+    for buffer in buffers {
+        let (offset, len) = (
+            buffer.offset().max(0) as usize,
+            buffer.length().max(0) as usize,
+        );
+        if offset > end && !gathering {
+            chunks += 1;
+            gathering = true;
+        }
+        if len >= COPY_BELOW {
+            chunks += 1;
+            gathering = false;
+        } else if len > 0 && !gathering {
+            chunks += 1;
+            gathering = true;
+        }
+        end = offset + len;
+    }
+    if body_len > end && !gathering {
+        chunks += 1;
+    }
+    chunks
 }
 
 fn varint_len(mut v: u64) -> usize {
@@ -353,87 +570,6 @@ fn varint_len(mut v: u64) -> usize {
         n += 1;
     }
     n
-}
-
-fn put_varint(builder: &mut FrameBuilder, mut v: u64) {
-    let mut bytes = [0u8; 10];
-    let mut n = 0;
-    while v >= 0x80 {
-        bytes[n] = (v as u8) | 0x80;
-        v >>= 7;
-        n += 1;
-    }
-    bytes[n] = v as u8;
-    builder.put_slice(&bytes[..=n]);
-}
-
-/// A sequence of buffers read front to back, taking byte ranges without copying.
-struct Rope {
-    buffers: std::collections::VecDeque<Buffer>,
-}
-
-impl Rope {
-    fn new(mut buffers: Vec<Buffer>) -> Self {
-        buffers.retain(|b| !b.is_empty());
-        // Reuses the Vec's allocation.
-        Self {
-            buffers: buffers.into(),
-        }
-    }
-
-    fn is_empty(&self) -> bool {
-        self.buffers.is_empty()
-    }
-
-    /// Length of the next buffer.
-    fn front_len(&self) -> usize {
-        self.buffers.front().map_or(0, Buffer::len)
-    }
-
-    /// The next `n` bytes as the buffers (or slices of them) that hold them.
-    fn take(&mut self, mut n: usize) -> Result<Vec<Buffer>, ArrowError> {
-        // Sized once: the buffers the range touches.
-        let mut covered = 0;
-        let touched = self
-            .buffers
-            .iter()
-            .take_while(|b| {
-                let before = covered;
-                covered += b.len();
-                before < n
-            })
-            .count();
-        let mut out = Vec::with_capacity(touched);
-        while n > 0 {
-            let Some(front) = self.buffers.pop_front() else {
-                return Err(ArrowError::IpcError(
-                    "IPC stream ended inside a message".into(),
-                ));
-            };
-            if front.len() <= n {
-                n -= front.len();
-                out.push(front);
-            } else {
-                out.push(front.slice_with_length(0, n));
-                self.buffers.push_front(front.slice(n));
-                n = 0;
-            }
-        }
-        Ok(out)
-    }
-
-    /// The next `n` bytes in one piece (copied only if they span buffers).
-    fn take_contiguous(&mut self, n: usize) -> Result<Buffer, ArrowError> {
-        let mut parts = self.take(n)?;
-        if parts.len() == 1 {
-            return Ok(parts.pop().expect("one part"));
-        }
-        let mut joined = Vec::with_capacity(n);
-        for part in &parts {
-            joined.extend_from_slice(part.as_slice());
-        }
-        Ok(Buffer::from_vec(joined))
-    }
 }
 
 #[cfg(test)]
@@ -547,6 +683,18 @@ mod tests {
     }
 
     #[test]
+    fn chunk_lists_are_sized_once() {
+        let b = batch(100_000);
+        // Whole, and split (pieces after the first sliced).
+        for max in [usize::MAX, 256 * 1024] {
+            let (_, frames) = ours(std::slice::from_ref(&b), max);
+            for frame in &frames {
+                assert_eq!(frame.chunks.len(), frame.chunks.capacity(), "{frame:?}");
+            }
+        }
+    }
+
+    #[test]
     fn empty_result_is_just_the_schema() {
         let schema = batch(1).schema();
         let encoder = FrameEncoder::try_new(&schema, IpcWriteOptions::default(), 1024).unwrap();
@@ -569,6 +717,13 @@ mod tests {
         let b = batch(50_000);
         let (wire, frames) = ours(std::slice::from_ref(&b), 64 * 1024);
         assert!(frames.len() > 5, "split into several messages");
+        // The pieces' rebased string offsets are shared too, not copied.
+        let copied: usize = frames.iter().map(Frame::copied_bytes).sum();
+        assert!(
+            copied * 50 < wire.len(),
+            "{copied} of {} bytes copied",
+            wire.len()
+        );
         let decoded = decode(&wire);
         let decoded = arrow::compute::concat_batches(&b.schema(), &decoded).unwrap();
         assert_eq!(decoded, b);
@@ -769,12 +924,11 @@ mod tests {
             u32::MAX as u64,
             u64::MAX,
         ] {
-            let mut builder = FrameBuilder::default();
-            put_varint(&mut builder, v);
-            let frame = builder.finish();
+            let mut sink = FrameSink::default();
+            sink.put_varint(v);
             let mut expected = Vec::new();
             prost::encoding::encode_varint(v, &mut expected);
-            assert_eq!(frame.chunks()[0].as_ref(), &expected[..]);
+            assert_eq!(&sink.gathered[..], &expected[..]);
             assert_eq!(varint_len(v), expected.len());
         }
     }
