@@ -60,9 +60,9 @@ def test_criterion_micro_benchmarks_run():
 def test_send_path_allocates_and_copies_next_to_nothing(tmp_path):
     """benches' send_copies on TPC-H lineitem: jemalloc's per-thread counters around each
     encoder. The zero-copy path must send the same bytes as the standard one while
-    allocating under 2% of them (per-message IPC headers, and the first 64 KiB block for
-    gathering small pieces, 0.6% of this small file; the SF1 measurement in
-    docs/benchmarks.md is 0.8%) and copying under 1%; sending a pinned table (batches
+    allocating under 2% of them (per-message IPC metadata and what a stream allocates
+    once, such as its first gathering blocks: 1.35% of this 10 MB file, 0.81% of SF1 in
+    docs/benchmarks.md) and copying under 1%; sending a pinned table (batches
     laid out with their messages) allocates under 1% and copies only the schema message; the standard
     path allocates every body byte at least twice. Counts of bytes, not timings."""
     sys.path.insert(0, str(REPO / "benches"))

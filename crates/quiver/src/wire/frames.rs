@@ -135,11 +135,8 @@ impl AsRef<[u8]> for ArrowBytes {
 /// dictionary's values) is gathered, a copy.
 pub struct FrameEncoder {
     writer: StreamWriter<FrameSink>,
-    /// Encodes the pieces of a split batch (after the first) when the schema has no
-    /// dictionaries: arrow-ipc rebases a slice's string offsets into new buffers, which
-    /// `StreamEncoder` hands over and the writer would have the sink copy. It holds no stream state without dictionaries (its own schema message
-    /// is dropped at the start), so the two can take turns.
-    sliced: Option<StreamEncoder>,
+    /// For the pieces of a split batch after the first (see [`Slices`]).
+    slices: Slices,
     max_message_size: usize,
     /// Messages already laid out for pinned batches.
     pinned: Option<Arc<PinnedMessages>>,
@@ -161,18 +158,16 @@ impl FrameEncoder {
         options: IpcWriteOptions,
         max_message_size: usize,
     ) -> Result<Self, ArrowError> {
-        let sliced = if has_dictionary(schema.fields()) {
-            None
+        let slices = if has_dictionary(schema.fields()) {
+            Slices::Writer
         } else {
-            let mut encoder = StreamEncoder::try_new_with_options(schema, options.clone())?;
-            encoder.encode(&RecordBatch::new_empty(Arc::clone(schema)))?;
-            Some(encoder)
+            Slices::Later(Arc::clone(schema), options.clone())
         };
         // The schema message waits in the sink until the first batch (or `finish`).
         let writer = StreamWriter::try_new_with_options(FrameSink::default(), schema, options)?;
         Ok(Self {
             writer,
-            sliced,
+            slices,
             max_message_size: max_message_size.max(1),
             pinned: None,
         })
@@ -231,9 +226,15 @@ impl FrameEncoder {
     /// Encodes `batch` into the sink; `sliced` when it starts inside its buffers (a
     /// piece of a split batch after the first), so that offsets are rebased.
     fn write(&mut self, batch: &RecordBatch, sliced: bool) -> Result<(), ArrowError> {
+        if sliced && let Slices::Later(schema, options) = &self.slices {
+            // Its own schema message (and an empty batch's) dropped: the writer sent it.
+            let mut encoder = StreamEncoder::try_new_with_options(schema, options.clone())?;
+            encoder.encode(&RecordBatch::new_empty(Arc::clone(schema)))?;
+            self.slices = Slices::Encoder(Box::new(encoder));
+        }
         let sink = self.writer.get_mut();
-        let written = match &mut self.sliced {
-            Some(encoder) if sliced => encoder.encode(batch).and_then(|buffers| {
+        let written = match &mut self.slices {
+            Slices::Encoder(encoder) if sliced => encoder.encode(batch).and_then(|buffers| {
                 buffers.iter().for_each(|b| sink.share(b));
                 buffers.iter().try_for_each(|b| sink.take(b.as_slice()))
             }),
@@ -254,6 +255,19 @@ impl FrameEncoder {
         self.writer.finish()?;
         Ok(self.writer.into_inner()?.frames.into())
     }
+}
+
+/// Who encodes the pieces of a split batch after the first. arrow-ipc rebases a slice's
+/// string offsets into new buffers: its `StreamEncoder` hands them over (so the sink shares
+/// them), while its `StreamWriter` writes them out (so the sink copies them). Without
+/// dictionaries an encoder holds no stream state but its schema message, so the two can
+/// take turns.
+enum Slices {
+    /// The schema has dictionaries, whose state the writer keeps: it encodes everything.
+    Writer,
+    /// A `StreamEncoder` made on the first such piece.
+    Later(SchemaRef, IpcWriteOptions),
+    Encoder(Box<StreamEncoder>),
 }
 
 /// Whether any field, at any depth, is dictionary encoded.
@@ -311,9 +325,11 @@ pub fn split(batch: &RecordBatch, max: usize) -> Result<Vec<RecordBatch>, ArrowE
 }
 
 /// Bytes reserved at a time for the gathered pieces of messages (prefixes, IPC headers,
-/// padding, small buffers). Chunks are split off it, and once every chunk of a block is
-/// sent the block is reused, so gathering allocates nothing per message.
+/// padding, small buffers), at most. Chunks are split off a block, and once every chunk of
+/// it is sent the block is reused, so gathering allocates nothing per message. Blocks
+/// start at [`FIRST_GATHER_BLOCK`] and double, so that a small result allocates little.
 const GATHER_BLOCK: usize = 64 * 1024;
+const FIRST_GATHER_BLOCK: usize = 2 * 1024;
 
 /// Where [`FrameSink`] is in the IPC stream arrow-ipc writes into it.
 #[derive(Debug, Clone, Copy, Default)]
@@ -344,6 +360,8 @@ struct FrameSink {
     flatbuffer_len: Option<usize>,
     /// Gathered bytes of the current run; earlier runs are split off as chunks.
     gathered: BytesMut,
+    /// Size of the last gathering block reserved.
+    block: usize,
     /// The message being framed.
     frame: Frame,
     /// Messages framed and not yet handed out.
@@ -486,7 +504,8 @@ impl FrameSink {
 
     fn gather(&mut self, bytes: &[u8]) {
         if self.gathered.capacity() - self.gathered.len() < bytes.len() {
-            self.gathered.reserve(bytes.len().max(GATHER_BLOCK));
+            self.block = (self.block * 2).clamp(FIRST_GATHER_BLOCK, GATHER_BLOCK);
+            self.gathered.reserve(bytes.len().max(self.block));
         }
         self.gathered.put_slice(bytes);
     }
