@@ -307,6 +307,9 @@ fn fits(batch: &RecordBatch, max: usize) -> bool {
 /// `batch` in row ranges of about `max` bytes each (by the bytes the rows reference,
 /// not the capacity of shared buffers), as arrow-flight splits them.
 pub fn split(batch: &RecordBatch, max: usize) -> Result<Vec<RecordBatch>, ArrowError> {
+    if fits(batch, max) {
+        return Ok(vec![batch.clone()]);
+    }
     let size: usize = batch
         .columns()
         .iter()
