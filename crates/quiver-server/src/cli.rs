@@ -285,6 +285,23 @@ pub struct ServeArgs {
     #[arg(long, env = "QUIVER_MEMORY_LIMIT", default_value = "50%")]
     pub memory_limit: MemoryLimit,
 
+    /// Bytes the whole process may have allocated (jemalloc's count, which includes
+    /// what the pool does not see: batches in flight, function results, connections).
+    /// Past it new queries are refused with UNAVAILABLE and the query holding the most
+    /// memory is cancelled with RESOURCE_EXHAUSTED, checked every 10 ms; `0` turns the
+    /// guard off. A size or a share of memory, like --memory-limit [default: twice
+    /// --memory-limit plus 256 MiB, at most 90% of the machine's or cgroup's memory].
+    #[arg(long, env = "QUIVER_MEMORY_HARD_LIMIT")]
+    pub memory_hard_limit: Option<MemoryLimit>,
+
+    /// Most bytes one call of a function that can make far more than it is given
+    /// (`repeat`, `lpad`, `rpad`, `range`, `generate_series`, `array_repeat`,
+    /// `replace`, `concat`, `||`, ...) may produce, estimated from its arguments before
+    /// the call, per batch of rows; more fails with RESOURCE_EXHAUSTED. A call on
+    /// constants only, folded while planning, may make a sixteenth of it.
+    #[arg(long, env = "QUIVER_MAX_FUNCTION_OUTPUT", default_value = "256MiB")]
+    pub max_function_output: ByteSize,
+
     /// How queries share the pool: `fair` splits it among spilling operators so one
     /// query cannot starve the rest; `greedy` serves whoever asks first.
     #[arg(long, env = "QUIVER_MEMORY_POOL", default_value = "fair")]
@@ -312,11 +329,49 @@ pub struct ServeArgs {
     #[arg(long, env = "QUIVER_MAX_QUEUED_QUERIES", default_value_t = 256)]
     pub max_queued_queries: usize,
 
-    /// Flight SQL prepared statements open at once (all clients together); creating one
-    /// more closes the one used least recently, whose handle then fails with
-    /// INVALID_ARGUMENT ("prepare it again").
+    /// Flight SQL prepared statements each user keeps open at once (all clients
+    /// together when authentication is off); creating one more closes that user's least
+    /// recently used one, whose handle then fails with INVALID_ARGUMENT ("prepare it
+    /// again"). Other users' statements are never closed.
     #[arg(long, env = "QUIVER_MAX_PREPARED_STATEMENTS", default_value_t = quiver::flight::DEFAULT_MAX_PREPARED_STATEMENTS as u64, value_parser = clap::value_parser!(u64).range(1..))]
     pub max_prepared_statements: u64,
+
+    /// Bytes of prepared statements (SQL text and bound values) each user keeps, closing
+    /// that user's least recently used ones beyond it; one statement larger than this
+    /// fails with INVALID_ARGUMENT.
+    #[arg(
+        long,
+        env = "QUIVER_MAX_PREPARED_STATEMENT_BYTES",
+        default_value = "64MiB"
+    )]
+    pub max_prepared_statement_bytes: ByteSize,
+
+    /// Longest SQL statement accepted, in bytes, on every path (tickets, Flight SQL
+    /// statements, prepared statements); longer ones fail with INVALID_ARGUMENT.
+    #[arg(long, env = "QUIVER_MAX_SQL_SIZE", default_value = "1MiB")]
+    pub max_sql_size: ByteSize,
+
+    /// Deepest expression nesting a statement may have; each term of a chain like
+    /// `a OR b OR ...` or `1 + 2 + ...` is one level. Deeper statements fail with
+    /// INVALID_ARGUMENT before planning (planning recurses once per level). Raise it
+    /// together with --query-stack-size.
+    #[arg(long, env = "QUIVER_MAX_SQL_DEPTH", default_value_t = quiver::query::SqlLimits::default().max_depth)]
+    pub max_sql_depth: usize,
+
+    /// Most UNION/INTERSECT/EXCEPT operations chained in one query.
+    #[arg(long, env = "QUIVER_MAX_SQL_SET_OPERATIONS", default_value_t = quiver::query::SqlLimits::default().max_set_operations)]
+    pub max_sql_set_operations: usize,
+
+    /// Most relations in one statement: SELECT blocks, CTEs, and every table, subquery
+    /// or table function in a FROM clause (each joins the plan one level deeper).
+    #[arg(long, env = "QUIVER_MAX_SQL_RELATIONS", default_value_t = quiver::query::SqlLimits::default().max_relations)]
+    pub max_sql_relations: usize,
+
+    /// Stack of each thread that plans and runs queries. Only the pages a statement
+    /// uses become resident; the default fits every statement within the --max-sql-*
+    /// limits with a wide margin.
+    #[arg(long, env = "QUIVER_QUERY_STACK_SIZE", default_value = "256MiB")]
+    pub query_stack_size: ByteSize,
 
     /// Longest a query waits in the queue before failing with UNAVAILABLE.
     #[arg(long, env = "QUIVER_QUEUE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
@@ -339,6 +394,13 @@ pub struct ServeArgs {
     /// resources freed (the client gets DEADLINE_EXCEEDED if it reads on). `0s`: never.
     #[arg(long, env = "QUIVER_STREAM_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     pub stream_idle_timeout: Duration,
+
+    /// When an empty probe task waits this long to run on the query runtime (every
+    /// query thread busy in work that does not yield), the server logs it, sets
+    /// quiver_cpu_runtime_stalled, reports NOT_SERVING to gRPC health checks and refuses
+    /// new queries with UNAVAILABLE until the runtime recovers. `0s` turns the probe off.
+    #[arg(long, env = "QUIVER_CPU_STALL_THRESHOLD", default_value = "10s", value_parser = parse_duration)]
+    pub cpu_stall_threshold: Duration,
 
     /// On SIGTERM or SIGINT, how long running streams may finish before they are
     /// cancelled (with UNAVAILABLE, so clients retry elsewhere) and the process exits.
@@ -395,6 +457,27 @@ pub struct ServeArgs {
     #[arg(long, env = "QUIVER_AUTH_FILE")]
     pub auth_file: Option<PathBuf>,
 
+    /// Password checks (argon2id, ~19 MiB and tens of milliseconds each) running at
+    /// once; one of them is kept for known users without recent failures, so a valid
+    /// login gets through a flood of bad ones [default: number of CPUs].
+    #[arg(long, env = "QUIVER_AUTH_CONCURRENCY", value_parser = clap::value_parser!(u32).range(1..))]
+    pub auth_concurrency: Option<u32>,
+
+    /// Logins waiting for a password check, per lane (known users without recent
+    /// failures; everyone else); beyond it a Handshake fails at once with UNAVAILABLE.
+    #[arg(long, env = "QUIVER_AUTH_QUEUE", default_value_t = 64)]
+    pub auth_queue: usize,
+
+    /// Failed logins for one user before its logins back off: each further failure
+    /// doubles the wait (from 0.5 s, up to --auth-backoff-max) during which that user's
+    /// logins are refused without a password check.
+    #[arg(long, env = "QUIVER_AUTH_FAILURES_BEFORE_BACKOFF", default_value_t = 5)]
+    pub auth_failures_before_backoff: u32,
+
+    /// Longest backoff of a user after failed logins.
+    #[arg(long, env = "QUIVER_AUTH_BACKOFF_MAX", default_value = "60s", value_parser = parse_duration)]
+    pub auth_backoff_max: Duration,
+
     /// Lifetime of the bearer token a Handshake returns.
     #[arg(long, env = "QUIVER_SESSION_TTL", default_value = "12h", value_parser = parse_duration)]
     pub session_ttl: Duration,
@@ -450,7 +533,7 @@ impl FromStr for MemoryLimit {
 }
 
 /// The cgroup v2 memory limit if there is one (containers), else physical memory.
-fn available_memory() -> u64 {
+pub fn available_memory() -> u64 {
     let cgroup = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
         .ok()
         .and_then(|v| v.trim().parse::<u64>().ok());

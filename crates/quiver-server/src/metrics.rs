@@ -79,6 +79,13 @@ async fn metrics(State(registry): State<Registry>) -> Response {
     }
 }
 
+/// Bytes the process has allocated now (jemalloc `stats.allocated`, after advancing
+/// its epoch), for the memory guard.
+pub fn allocated_bytes() -> Option<usize> {
+    epoch::advance().ok()?;
+    stats::allocated::read().ok()
+}
+
 /// Reads one jemalloc statistic.
 type ReadStat = fn() -> Result<usize, tikv_jemalloc_ctl::Error>;
 

@@ -8,13 +8,13 @@ use anyhow::{Context, bail};
 use arrow_flight::flight_service_server::FlightServiceServer;
 use prometheus::Registry;
 use quiver::catalog::{CatalogFile, TableDefinition, parse_table_flag, tables_in_data_dir};
-use quiver::flight::auth::Authenticator;
+use quiver::flight::auth::{Authenticator, LoginLimits};
 use quiver::flight::zero_copy::ZeroCopyDoGetLayer;
-use quiver::flight::{CompressionType, QuiverFlightService, SendOptions};
+use quiver::flight::{CompressionType, PreparedLimits, QuiverFlightService, SendOptions};
 use quiver::io::{IoOptions, MmapLimits};
 use quiver::metrics::{RpcMetrics, RpcMetricsLayer};
 use quiver::query::{
-    AdmissionOptions, MemoryOptions, PoolKind, QueryEngine, QueryLimits, QueryOptions,
+    AdmissionOptions, MemoryOptions, PoolKind, QueryEngine, QueryLimits, QueryOptions, SqlLimits,
 };
 use quiver::wire::views::ViewTypes;
 use tokio::net::TcpListener;
@@ -36,7 +36,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let server = http2_server(&args.http2)?;
     let tls = tls_reloader(&args.tls)?;
     let auth = match &args.auth_file {
-        Some(path) => Some(Arc::new(Authenticator::load(path, args.session_ttl)?)),
+        Some(path) => Some(Arc::new(Authenticator::load(
+            path,
+            args.session_ttl,
+            LoginLimits {
+                concurrency: args
+                    .auth_concurrency
+                    .map_or_else(|| LoginLimits::default().concurrency, |n| n as usize),
+                queue: args.auth_queue,
+                failures_before_backoff: args.auth_failures_before_backoff,
+                backoff_max: args.auth_backoff_max,
+            },
+        )?)),
         None => None,
     };
     let tables = table_definitions(&args)?;
@@ -88,12 +99,34 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             ViewTypesArg::Expand => ViewTypes::Expand,
             ViewTypesArg::Keep => ViewTypes::Keep,
         },
+        sql: SqlLimits {
+            max_bytes: args.max_sql_size.0,
+            max_depth: args.max_sql_depth,
+            max_set_operations: args.max_sql_set_operations,
+            max_relations: args.max_sql_relations,
+        },
+        stack_size: args.query_stack_size.0,
+        max_function_output: args.max_function_output.0,
+    };
+    let memory_hard_limit = match args.memory_hard_limit {
+        Some(limit) => limit.bytes(),
+        None => {
+            let machine = crate::cli::available_memory() as usize;
+            (options
+                .memory
+                .limit
+                .saturating_mul(2)
+                .saturating_add(256 << 20))
+            .min(machine / 10 * 9)
+        }
     };
     tracing::info!(
         memory_limit = options.memory.limit,
         pool = ?options.memory.pool,
         max_concurrent_queries = options.admission.max_concurrent,
         max_queued_queries = options.admission.max_queued,
+        memory_hard_limit,
+        max_function_output = options.max_function_output,
         "limits"
     );
     let engine = Arc::new(QueryEngine::new(tables, options).await?);
@@ -110,6 +143,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     metrics::register_process_metrics(&registry)?;
     if let Some(tls) = &tls {
         registry.register(Box::new(tls.expiry_gauge()))?;
+    }
+    if let Some(auth) = &auth {
+        auth.register_metrics(&registry)?;
     }
     let shutdown = CancellationToken::new();
     let metrics_listener = TcpListener::bind(args.metrics_listen)
@@ -157,7 +193,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             },
             ..SendOptions::default()
         },
-        usize::try_from(args.max_prepared_statements).unwrap_or(usize::MAX),
+        PreparedLimits {
+            max_statements: usize::try_from(args.max_prepared_statements).unwrap_or(usize::MAX),
+            max_bytes: args.max_prepared_statement_bytes.0,
+        },
     )?;
     if let Some(auth) = auth {
         service = service.with_auth(auth);
@@ -180,6 +219,23 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         .set_serving::<FlightServiceServer<QuiverFlightService>>()
         .await;
 
+    let _memory_guard = (memory_hard_limit > 0).then(|| {
+        let engine = Arc::clone(&engine);
+        AbortOnDropHandle::new(tokio::runtime::Handle::current().spawn(async move {
+            engine
+                .guard_memory(
+                    Arc::new(metrics::allocated_bytes),
+                    memory_hard_limit,
+                    Duration::from_millis(10),
+                )
+                .await;
+        }))
+    });
+    let _stall = stall_watch(
+        Arc::clone(&engine),
+        health.clone(),
+        args.cpu_stall_threshold,
+    );
     let signal = shutdown_on_signal(shutdown.clone(), health);
     let (incoming, _accept) = listener::incoming(
         listener,
@@ -384,6 +440,49 @@ fn refresh_loop(engine: Arc<QueryEngine>, interval: Duration) -> Option<AbortOnD
                     tracing::info!(tables = ?summary.changed, "refreshed");
                 }
             }
+        }),
+    ))
+}
+
+/// Probes the query runtime (`CpuRuntime::watch_progress`) and reports NOT_SERVING to
+/// health checks while it is stalled.
+fn stall_watch(
+    engine: Arc<QueryEngine>,
+    health: HealthReporter,
+    threshold: Duration,
+) -> Option<AbortOnDropHandle<()>> {
+    if threshold.is_zero() {
+        return None;
+    }
+    // Probing 10 times per threshold notices a stall within a tenth of it.
+    let every = (threshold / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
+    Some(AbortOnDropHandle::new(
+        tokio::runtime::Handle::current().spawn(async move {
+            let probe = engine.cpu().watch_progress(every, threshold);
+            let report = async {
+                let mut stalled = false;
+                loop {
+                    tokio::time::sleep(every).await;
+                    let now = engine.cpu().progress().stalled();
+                    if now == stalled {
+                        continue;
+                    }
+                    stalled = now;
+                    let status = if stalled {
+                        tonic_health::ServingStatus::NotServing
+                    } else {
+                        tonic_health::ServingStatus::Serving
+                    };
+                    health
+                        .set_service_status(
+                            <FlightServiceServer<QuiverFlightService> as tonic::server::NamedService>::NAME,
+                            status,
+                        )
+                        .await;
+                    health.set_service_status("", status).await;
+                }
+            };
+            tokio::join!(probe, report);
         }),
     ))
 }

@@ -84,6 +84,14 @@ pub enum Error {
         source_of_limit: String,
     },
 
+    /// The memory guard stopped the query: the process allocated more than
+    /// `--memory-hard-limit`.
+    #[error("query stopped to protect the server's memory: {reason}")]
+    MemoryExhausted {
+        /// What the guard saw, naming the flag.
+        reason: String,
+    },
+
     /// The server is shutting down. Retryable on another replica.
     #[error("the server is shutting down; retry (on another replica)")]
     ShuttingDown,
@@ -209,6 +217,7 @@ impl Error {
             Self::PermissionDenied { .. } => Code::PermissionDenied,
             Self::Overloaded { .. } | Self::ShuttingDown => Code::Unavailable,
             Self::Cancelled { .. } => Code::Aborted,
+            Self::MemoryExhausted { .. } => Code::ResourceExhausted,
             Self::DeadlineExceeded { .. } => Code::DeadlineExceeded,
             Self::Config { .. } => Code::InvalidArgument,
             Self::Schema { .. } => Code::FailedPrecondition,
@@ -236,10 +245,11 @@ impl Error {
             },
             Self::Flight(e) => match e.as_ref() {
                 arrow_flight::error::FlightError::Tonic(s) => s.code(),
+                // Only what a client sends is decoded here (DoPut parameters).
+                arrow_flight::error::FlightError::ProtocolError(_)
+                | arrow_flight::error::FlightError::DecodeError(_) => Code::InvalidArgument,
                 arrow_flight::error::FlightError::Arrow(_)
                 | arrow_flight::error::FlightError::NotYetImplemented(_)
-                | arrow_flight::error::FlightError::ProtocolError(_)
-                | arrow_flight::error::FlightError::DecodeError(_)
                 | arrow_flight::error::FlightError::ExternalError(_) => Code::Internal,
             },
             Self::Internal(_) => Code::Internal,

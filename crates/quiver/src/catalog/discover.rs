@@ -54,6 +54,10 @@ pub(crate) fn list_files(root: &Path, extension: &str) -> Result<Vec<FoundFile>>
     }
 
     // Depth-first walk with an explicit stack: partition trees can be deep, recursion is not needed.
+    // Directories are visited once each (by device and inode): a symlink back to an
+    // ancestor would otherwise make the walk endless.
+    let mut visited = std::collections::HashSet::new();
+    visited.insert(dir_id(&meta));
     let mut stack: Vec<(PathBuf, Partitions)> = vec![(root.to_path_buf(), vec![])];
     while let Some((dir, partitions)) = stack.pop() {
         let entries = match std::fs::read_dir(&dir) {
@@ -77,9 +81,18 @@ pub(crate) fn list_files(root: &Path, extension: &str) -> Result<Vec<FoundFile>>
             let meta = match std::fs::metadata(&path) {
                 Ok(meta) => meta,
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io_err(&path, e)),
+                // A symlink loop, a dangling link's permissions, ...: one bad entry must not
+                // take the table (or the server's start-up) down with it.
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "skipping an entry that cannot be read");
+                    continue;
+                }
             };
             if meta.is_dir() {
+                if !visited.insert(dir_id(&meta)) {
+                    tracing::warn!(path = %path.display(), "skipping a directory already listed (a symlink loop?)");
+                    continue;
+                }
                 let mut partitions = partitions.clone();
                 if let Some((key, value)) = name.split_once('=') {
                     partitions.push((percent_decode(key), parse_partition_value(value)));
@@ -97,6 +110,19 @@ pub(crate) fn list_files(root: &Path, extension: &str) -> Result<Vec<FoundFile>>
     }
     found.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(found)
+}
+
+/// Identifies a directory however it was reached.
+#[cfg(unix)]
+fn dir_id(meta: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (meta.dev(), meta.ino())
+}
+
+/// Without inodes, every directory is new (no loop protection).
+#[cfg(not(unix))]
+fn dir_id(_meta: &std::fs::Metadata) -> (u64, u64) {
+    (rand::random(), rand::random())
 }
 
 fn parse_partition_value(raw: &str) -> Option<String> {
@@ -251,5 +277,20 @@ mod tests {
                 kv(None, "web"),
             ]
         );
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn symlink_loops_are_skipped_not_fatal() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let part = root.join("day=2026-01-01");
+        std::fs::create_dir_all(&part).unwrap();
+        std::fs::write(part.join("part-0.parquet"), b"x").unwrap();
+        // A link back to the root, and a link to itself.
+        std::os::unix::fs::symlink(root, part.join("loop")).unwrap();
+        std::os::unix::fs::symlink(root.join("self"), root.join("self")).unwrap();
+        let found = list_files(root, ".parquet").unwrap();
+        assert_eq!(found.len(), 1, "{found:?}");
     }
 }

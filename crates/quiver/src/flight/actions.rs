@@ -27,8 +27,8 @@ pub(super) fn list() -> Vec<ActionType> {
     vec![
         action(
             REFRESH,
-            "Re-list every table's files now and publish new files and partitions. \
-             Returns JSON {\"changed\": [tables], \"failed\": [[table, reason]], \"skipped_files\": n}.",
+            "Re-list every table's files now and publish new files and partitions (admins \
+             only, with authentication on; concurrent calls share one refresh). Returns JSON {\"changed\": [tables], \"failed\": [[table, reason]], \"skipped_files\": n}.",
         ),
         action(
             LIST_QUERIES,
@@ -71,6 +71,17 @@ pub(super) async fn run(
 ) -> Result<Vec<u8>> {
     match action.r#type.as_str() {
         REFRESH => {
+            // Re-listing reads every table's directory and footers: with authentication
+            // on, an operator's action, not every user's.
+            if let Caller::User(name) = caller {
+                return Err(Error::PermissionDenied {
+                    reason: format!(
+                        "{name} may not refresh the catalog: only admin users and tokens may \
+                         (admin = true in the auth file); new files appear within \
+                         --refresh-interval anyway"
+                    ),
+                });
+            }
             let summary = engine.refresh().await;
             let body = serde_json::json!({
                 "changed": summary.changed,

@@ -12,6 +12,7 @@
 //! dummy hash, so a wrong name and a wrong password take the same time.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,7 +27,10 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tonic::metadata::MetadataMap;
 
+use super::login::{FailureReason, LoginThrottle};
 use crate::error::{Error, Result};
+
+pub use super::login::LoginLimits;
 
 /// Base64 of Basic credentials, padded or not: Go's Flight client (ADBC's Flight SQL
 /// driver) sends them without padding.
@@ -104,22 +108,31 @@ pub struct Authenticator {
     ttl: Duration,
     /// Verified against when the user name is unknown.
     dummy_hash: String,
+    /// Bounds on password checks, and the failure records.
+    throttle: LoginThrottle,
 }
+
+/// Most live sessions one user may hold; a new login beyond it ends the oldest.
+const MAX_SESSIONS_PER_USER: usize = 256;
 
 impl Authenticator {
     /// Reads an auth file; see the README for the format.
-    pub fn load(path: &Path, session_ttl: Duration) -> Result<Self> {
+    pub fn load(path: &Path, session_ttl: Duration, limits: LoginLimits) -> Result<Self> {
         let text = std::fs::read_to_string(path).map_err(|e| Error::Io {
             path: path.display().to_string(),
             source: e,
         })?;
-        Self::from_toml(&text, session_ttl).map_err(|e| Error::Config {
+        Self::from_toml(&text, session_ttl, limits).map_err(|e| Error::Config {
             message: format!("auth file {}: {e}", path.display()),
         })
     }
 
     /// Parses an auth file's contents.
-    pub fn from_toml(text: &str, session_ttl: Duration) -> Result<Self, String> {
+    pub fn from_toml(
+        text: &str,
+        session_ttl: Duration,
+        limits: LoginLimits,
+    ) -> Result<Self, String> {
         let file: AuthFile = toml::from_str(text).map_err(|e| e.to_string())?;
         let mut users = HashMap::new();
         for user in file.users {
@@ -163,11 +176,89 @@ impl Authenticator {
             sessions: Mutex::default(),
             ttl: session_ttl,
             dummy_hash: hash_password("quiver-dummy-password"),
+            throttle: LoginThrottle::new(limits),
         })
     }
 
-    /// Checks Basic credentials from a Handshake and issues a session token.
-    pub async fn handshake(self: &Arc<Self>, metadata: &MetadataMap) -> Result<(Identity, String)> {
+    /// Adds `quiver_auth_failures_total` to `registry`.
+    pub fn register_metrics(&self, registry: &prometheus::Registry) -> Result<()> {
+        registry
+            .register(Box::new(self.throttle.counter().clone()))
+            .map_err(|e| Error::Internal(format!("registering auth metrics: {e}")))
+    }
+
+    /// Checks Basic credentials from a Handshake (from `peer`) and issues a session
+    /// token. Password checks are bounded and failures back off (see `flight::login`).
+    pub async fn handshake(
+        self: &Arc<Self>,
+        metadata: &MetadataMap,
+        peer: Option<IpAddr>,
+    ) -> Result<(Identity, String)> {
+        let (user, password) = self.basic_credentials(metadata).inspect_err(|_| {
+            self.throttle.count(FailureReason::Malformed);
+        })?;
+        self.throttle.check_backoff(&user)?;
+        let known = self.users.contains_key(&user);
+        let permit = self.throttle.permit(&user, known).await?;
+        // argon2 is deliberately slow: keep it off the async workers.
+        let this = Arc::clone(self);
+        let checked_user = user.clone();
+        let verified = tokio::task::spawn_blocking(move || {
+            let (hash, admin, known) = match this.users.get(&checked_user) {
+                Some((h, admin)) => (h.as_str(), *admin, true),
+                None => (this.dummy_hash.as_str(), false, false),
+            };
+            let ok = PasswordHash::new(hash)
+                .map(|h| {
+                    Argon2::default()
+                        .verify_password(password.as_bytes(), &h)
+                        .is_ok()
+                })
+                .unwrap_or(false);
+            (ok && known).then_some(admin)
+        })
+        .await
+        .map_err(|e| Error::Internal(format!("password check failed: {e}")))?;
+        drop(permit);
+        let Some(admin) = verified else {
+            let delay = self.throttle.failed(&user, peer);
+            tokio::time::sleep(delay).await;
+            return Err(unauthenticated("wrong user name or password"));
+        };
+        self.throttle.succeeded(&user);
+
+        let mut bytes = [0u8; TOKEN_BYTES];
+        OsRng.fill_bytes(&mut bytes);
+        let token = URL_SAFE_NO_PAD.encode(bytes);
+        let identity = Identity {
+            name: user.into(),
+            admin,
+        };
+        let now = Instant::now();
+        let mut sessions = self.sessions.lock().expect("poisoned");
+        sessions.retain(|_, s| s.expires > now);
+        let mine: Vec<([u8; 32], Instant)> = sessions
+            .iter()
+            .filter(|(_, s)| s.identity.name == identity.name)
+            .map(|(d, s)| (*d, s.expires))
+            .collect();
+        if mine.len() >= MAX_SESSIONS_PER_USER {
+            if let Some((oldest, _)) = mine.iter().min_by_key(|(_, expires)| *expires) {
+                sessions.remove(oldest);
+            }
+        }
+        sessions.insert(
+            digest(&token),
+            Session {
+                identity: identity.clone(),
+                expires: now + self.ttl,
+            },
+        );
+        Ok((identity, token))
+    }
+
+    /// User name and password from `authorization: Basic ...`.
+    fn basic_credentials(&self, metadata: &MetadataMap) -> Result<(String, String)> {
         let credentials = header(metadata, "Basic ")?;
         let decoded = BASIC
             .decode(credentials)
@@ -179,49 +270,24 @@ impl Authenticator {
         let (user, password) = decoded.split_once(':').ok_or_else(|| {
             unauthenticated("the Basic credentials are not base64 of user:password")
         })?;
-        let (user, password) = (user.to_owned(), password.to_owned());
-        // argon2 is deliberately slow: keep it off the async workers.
-        let this = Arc::clone(self);
-        let verified = tokio::task::spawn_blocking(move || {
-            let (hash, admin, known) = match this.users.get(&user) {
-                Some((h, admin)) => (h.as_str(), *admin, true),
-                None => (this.dummy_hash.as_str(), false, false),
-            };
-            let ok = PasswordHash::new(hash)
-                .map(|h| {
-                    Argon2::default()
-                        .verify_password(password.as_bytes(), &h)
-                        .is_ok()
-                })
-                .unwrap_or(false);
-            (ok && known).then_some((user, admin))
-        })
-        .await
-        .map_err(|e| Error::Internal(format!("password check failed: {e}")))?;
-        let user = verified.ok_or_else(|| unauthenticated("wrong user name or password"))?;
-
-        let mut bytes = [0u8; TOKEN_BYTES];
-        OsRng.fill_bytes(&mut bytes);
-        let token = URL_SAFE_NO_PAD.encode(bytes);
-        let identity = Identity {
-            name: user.0.into(),
-            admin: user.1,
-        };
-        let now = Instant::now();
-        let mut sessions = self.sessions.lock().expect("poisoned");
-        sessions.retain(|_, s| s.expires > now);
-        sessions.insert(
-            digest(&token),
-            Session {
-                identity: identity.clone(),
-                expires: now + self.ttl,
-            },
-        );
-        Ok((identity, token))
+        Ok((user.to_owned(), password.to_owned()))
     }
 
     /// The caller of a request carrying `authorization: Bearer <token>`.
     pub fn authenticate(&self, metadata: &MetadataMap) -> Result<Identity> {
+        let result = self.bearer(metadata);
+        if let Err(e) = &result {
+            let reason = match e.to_string() {
+                m if m.contains("expired") => FailureReason::ExpiredToken,
+                m if m.contains("unknown bearer token") => FailureReason::UnknownToken,
+                _ => FailureReason::Malformed,
+            };
+            self.throttle.count(reason);
+        }
+        result
+    }
+
+    fn bearer(&self, metadata: &MetadataMap) -> Result<Identity> {
         let token = header(metadata, "Bearer ")?;
         let digest = digest(token);
         if let Some(identity) = self.tokens.get(&digest) {
@@ -316,11 +382,17 @@ mod tests {
             hash_password("s3cret"),
             hex(&Sha256::digest(b"tok-123"))
         );
-        let auth = Arc::new(Authenticator::from_toml(&file, Duration::from_millis(300)).unwrap());
+        let auth = Arc::new(
+            Authenticator::from_toml(&file, Duration::from_millis(300), LoginLimits::default())
+                .unwrap(),
+        );
         let basic =
             |u: &str, p: &str| meta(&format!("Basic {}", STANDARD.encode(format!("{u}:{p}"))));
 
-        let (who, token) = auth.handshake(&basic("alice", "s3cret")).await.unwrap();
+        let (who, token) = auth
+            .handshake(&basic("alice", "s3cret"), None)
+            .await
+            .unwrap();
         assert_eq!(&*who.name, "alice");
         assert_eq!(
             &*auth
@@ -340,7 +412,7 @@ mod tests {
             (meta("Basic !!!"), "not base64"),
             (MetadataMap::new(), "missing 'authorization'"),
         ] {
-            let err = auth.handshake(&m).await.unwrap_err();
+            let err = auth.handshake(&m, None).await.unwrap_err();
             assert_eq!(err.code(), tonic::Code::Unauthenticated);
             assert!(err.to_string().contains(needle), "{err}");
         }
@@ -368,7 +440,9 @@ mod tests {
             ),
             ("[[user]]\nname = \"a\"\n", "unknown field"),
         ] {
-            let err = Authenticator::from_toml(file, Duration::from_secs(1)).unwrap_err();
+            let err =
+                Authenticator::from_toml(file, Duration::from_secs(1), LoginLimits::default())
+                    .unwrap_err();
             assert!(err.contains(needle), "{file:?}: {err}");
         }
     }

@@ -40,7 +40,9 @@ use super::CallContext;
 use super::ticket::QueryTicket;
 use crate::error::{Error, Result};
 use crate::metrics::Outcome;
-use crate::query::{Deadline, Execution, QueryEngine, QueryRequest, RunningQuery, ScanReport};
+use crate::query::{
+    ActiveQuery, Deadline, Execution, QueryEngine, QueryRequest, RunningQuery, ScanReport,
+};
 use crate::wire::frames::{self, Frame, FrameEncoder};
 use datafusion::common::ScalarValue;
 
@@ -168,10 +170,10 @@ pub(super) async fn run_ticket_frames(
     )))
 }
 
-/// Frames for `batches`: the schema with the first batch (or alone at the end of an
-/// empty result), then each batch.
+/// Frames for `batches`: the schema at once (the client's `do_get` returns when it
+/// arrives, not when the first batch is computed), then each batch.
 fn encode_frames(
-    encoder: FrameEncoder,
+    mut encoder: FrameEncoder,
     batches: BatchStream,
 ) -> impl Stream<Item = std::result::Result<Frame, FlightError>> + Send + Unpin + 'static {
     /// The encoder until the batches end, and frames encoded but not yet sent (one
@@ -181,10 +183,12 @@ fn encode_frames(
         batches: BatchStream,
         frames: VecDeque<Frame>,
     }
+    let mut frames = VecDeque::new();
+    encoder.ready_into(&mut frames);
     let state = Encoding {
         encoder: Some(encoder),
         batches,
-        frames: VecDeque::new(),
+        frames,
     };
     Box::pin(futures::stream::unfold(state, |mut state| async move {
         loop {
@@ -310,6 +314,15 @@ fn stream_messages<M: Outgoing>(
         deadline,
     } = execution;
     let (tx, rx) = mpsc::channel::<Result<M, Status>>(options.channel_depth.max(1));
+    let watch = Watch {
+        first_batch: deadline.clone().earliest(Deadline::after(
+            tokio::time::Instant::from_std(query.started()),
+            engine.limits().first_batch_timeout,
+            "--first-batch-timeout",
+        )),
+        query: deadline.clone(),
+        active: Arc::clone(query.active()),
+    };
     let limits = Limits {
         first_batch: deadline.clone().earliest(Deadline::after(
             tokio::time::Instant::from_std(query.started()),
@@ -358,7 +371,64 @@ fn stream_messages<M: Outgoing>(
         }
     })
     .filter_map(futures::future::ready);
-    Box::pin(ReceiverStream::new(rx).chain(last))
+    let body = ReceiverStream::new(rx).chain(Box::pin(last));
+    Box::pin(watch_from_outside(body, watch))
+}
+
+/// What the network side watches while the CPU runtime runs a query.
+struct Watch {
+    first_batch: Deadline,
+    query: Deadline,
+    active: Arc<ActiveQuery>,
+}
+
+/// Ends `body` with the deadline's or the cancel's error when the task on the CPU
+/// runtime cannot: an operator that computes for minutes without yielding never lets
+/// the send loop's own checks run. Ending the stream drops the task's handle, which
+/// aborts the task at its next yield; until then the query keeps its listing, slot and
+/// memory, and it records the outcome given here.
+fn watch_from_outside<M: Outgoing>(
+    body: impl Stream<Item = Result<M, Status>> + Send + Unpin + 'static,
+    watch: Watch,
+) -> impl Stream<Item = Result<M, Status>> + Send + 'static {
+    struct State<B> {
+        body: B,
+        watch: Watch,
+        sent_first_batch: bool,
+        done: bool,
+    }
+    let state = State {
+        body,
+        watch,
+        sent_first_batch: false,
+        done: false,
+    };
+    futures::stream::unfold(state, |mut state| async move {
+        if state.done {
+            return None;
+        }
+        let (deadline, stage) = if state.sent_first_batch {
+            (&state.watch.query, "the query")
+        } else {
+            (&state.watch.first_batch, "the first batch")
+        };
+        let cancel = state.watch.active.cancelled().clone();
+        let stopped = tokio::select! {
+            biased;
+            item = state.body.next() => {
+                let item = item?;
+                if matches!(&item, Ok(m) if m.rows().is_some()) {
+                    state.sent_first_batch = true;
+                }
+                return Some((item, state));
+            }
+            () = cancel.cancelled() => state.watch.active.cancel_error(),
+            () = deadline.expired() => deadline.error(stage),
+        };
+        state.watch.active.set_outcome(Outcome::of(&stopped));
+        state.done = true;
+        Some((Err(Status::from(stopped)), state))
+    })
 }
 
 /// The limits a stream runs under.

@@ -1,6 +1,7 @@
 //! `GetFlightInfo`, `GetSchema` and `ListFlights`: describing results without running them.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use arrow_flight::flight_descriptor::DescriptorType;
 use arrow_flight::{
@@ -49,20 +50,27 @@ pub(super) async fn flight_info(
     engine: &Arc<QueryEngine>,
     descriptor: FlightDescriptor,
     ticket: QueryTicket,
+    client_timeout: Option<Duration>,
 ) -> Result<FlightInfo> {
-    let schema = engine
-        .view_types()
-        .schema(&engine.schema(ticket.sql.clone(), vec![]).await?);
+    let schema = engine.view_types().schema(
+        &engine
+            .schema(ticket.sql.clone(), vec![], client_timeout)
+            .await?,
+    );
     // The ticket names the query it will start, so CancelFlightInfo can reach it.
     let ticket = ticket.with_query_id(new_query_id());
     info_for(descriptor, &schema, ticket, None)
 }
 
 /// The IPC-encoded schema of `sql`.
-pub(super) async fn schema(engine: &Arc<QueryEngine>, sql: String) -> Result<SchemaResult> {
+pub(super) async fn schema(
+    engine: &Arc<QueryEngine>,
+    sql: String,
+    client_timeout: Option<Duration>,
+) -> Result<SchemaResult> {
     let schema = engine
         .view_types()
-        .schema(&engine.schema(sql, vec![]).await?);
+        .schema(&engine.schema(sql, vec![], client_timeout).await?);
     Ok(SchemaAsIpc::new(&schema, &IpcWriteOptions::default()).try_into()?)
 }
 

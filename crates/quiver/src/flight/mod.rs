@@ -11,12 +11,14 @@ mod actions;
 pub mod auth;
 mod do_get;
 mod flight_info;
+mod login;
 mod sql;
 pub mod ticket;
 pub mod zero_copy;
 
 pub use datafusion::arrow::ipc::CompressionType;
 pub use do_get::SendOptions;
+pub use sql::PreparedLimits;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -60,15 +62,15 @@ pub(crate) struct CallContext {
 }
 
 impl QuiverFlightService {
-    /// A service over `engine`, open to every client, keeping at most `max_prepared`
-    /// Flight SQL prepared statements open.
-    pub fn new(engine: Arc<QueryEngine>, send: SendOptions, max_prepared: usize) -> Result<Self> {
+    /// A service over `engine`, open to every client, keeping each user's Flight SQL
+    /// prepared statements within `prepared`.
+    pub fn new(
+        engine: Arc<QueryEngine>,
+        send: SendOptions,
+        prepared: PreparedLimits,
+    ) -> Result<Self> {
         Ok(Self {
-            flight_sql: Arc::new(sql::FlightSql::new(
-                Arc::clone(&engine),
-                send,
-                max_prepared,
-            )?),
+            flight_sql: Arc::new(sql::FlightSql::new(Arc::clone(&engine), send, prepared)?),
             engine,
             send,
             auth: None,
@@ -190,7 +192,13 @@ impl FlightService for QuiverFlightService {
             // No authentication configured: nothing to exchange.
             return Ok(Response::new(Box::pin(futures::stream::empty())));
         };
-        let (identity, token) = auth.handshake(request.metadata()).await?;
+        let peer = request
+            .extensions()
+            .get::<PeerInfo>()
+            .and_then(|p| p.remote_addr)
+            .or_else(|| request.remote_addr())
+            .map(|a| a.ip());
+        let (identity, token) = auth.handshake(request.metadata(), peer).await?;
         tracing::Span::current().record("user", &*identity.name);
         tracing::info!("session started");
         // pyarrow reads the token from this header; other clients from the payload.
@@ -224,12 +232,18 @@ impl FlightService for QuiverFlightService {
         &self,
         mut request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        self.context(&mut request)?;
+        let context = self.context(&mut request)?;
         let command = flight_info::descriptor_command(&self.engine, request.get_ref())?;
         let Some(ticket) = query_ticket(command) else {
             return FlightService::get_flight_info(&*self.flight_sql, request).await;
         };
-        let info = flight_info::flight_info(&self.engine, request.into_inner(), ticket).await?;
+        let info = flight_info::flight_info(
+            &self.engine,
+            request.into_inner(),
+            ticket,
+            context.client_timeout,
+        )
+        .await?;
         Ok(Response::new(info))
     }
 
@@ -254,7 +268,7 @@ impl FlightService for QuiverFlightService {
         &self,
         mut request: Request<FlightDescriptor>,
     ) -> Result<Response<SchemaResult>, Status> {
-        self.context(&mut request)?;
+        let context = self.context(&mut request)?;
         let command = flight_info::descriptor_command(&self.engine, request.get_ref())?;
         let Some(ticket) = query_ticket(command) else {
             // Flight SQL has no GetSchema of its own: the FlightInfo's schema is it.
@@ -264,7 +278,7 @@ impl FlightService for QuiverFlightService {
             }));
         };
         Ok(Response::new(
-            flight_info::schema(&self.engine, ticket.sql).await?,
+            flight_info::schema(&self.engine, ticket.sql, context.client_timeout).await?,
         ))
     }
 

@@ -86,16 +86,16 @@ impl std::fmt::Debug for FlightSql {
 }
 
 impl FlightSql {
-    /// Serves `engine` with at most `max_prepared` prepared statements open at once.
+    /// Serves `engine`, keeping each user's prepared statements within `prepared`.
     pub(super) fn new(
         engine: Arc<QueryEngine>,
         send: SendOptions,
-        max_prepared: usize,
+        prepared: PreparedLimits,
     ) -> Result<Self> {
         Ok(Self {
             engine,
             send,
-            statements: PreparedStatements::new(max_prepared),
+            statements: PreparedStatements::new(prepared),
             sql_info: sql_info()?,
             type_info: type_info()?,
         })
@@ -297,7 +297,14 @@ impl FlightSqlService for FlightSql {
         if query.transaction_id.is_some() {
             return Err(no_transactions());
         }
-        let schema = self.engine.schema(query.query.clone(), vec![]).await?;
+        let schema = self
+            .engine
+            .schema(
+                query.query.clone(),
+                vec![],
+                context(&request).client_timeout,
+            )
+            .await?;
         // The ticket names the query it will start, so CancelFlightInfo can reach it.
         let ticket = TicketStatementQuery {
             statement_handle: QueryTicket::new(query.query)
@@ -341,7 +348,10 @@ impl FlightSqlService for FlightSql {
         if query.transaction_id.is_some() {
             return Err(no_transactions());
         }
-        let prepared = self.engine.prepare(query.query.clone()).await?;
+        let prepared = self
+            .engine
+            .prepare(query.query.clone(), context(&request).client_timeout)
+            .await?;
         let parameter_schema = Schema::new(
             prepared
                 .params
@@ -364,7 +374,7 @@ impl FlightSqlService for FlightSql {
             params: prepared.params,
             bound: None,
             last_used: Instant::now(),
-        });
+        })?;
         Ok(ActionCreatePreparedStatementResult {
             prepared_statement_handle: handle,
             dataset_schema: schema_bytes(&dataset_schema)?,
@@ -384,19 +394,24 @@ impl FlightSqlService for FlightSql {
         let data = request
             .into_inner()
             .map_err(|s| FlightError::Tonic(Box::new(s)));
-        let batches: Vec<RecordBatch> = FlightRecordBatchStream::new_from_flight_data(data)
-            .try_collect()
-            .await
-            .map_err(Error::from)?;
-        let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
-        if rows > 1 {
-            return Err(Error::invalid(format!(
-                "{rows} rows of parameters were bound; a query runs with one row \
-                 (execute it once per row)"
-            ))
-            .into());
+        // Read batch by batch, keeping only the one row a query runs with: a client
+        // that streams more is stopped at the first extra row, not buffered.
+        let mut batches = FlightRecordBatchStream::new_from_flight_data(data);
+        let mut row: Option<RecordBatch> = None;
+        while let Some(batch) = batches.try_next().await.map_err(bind_error)? {
+            let rows = batch.num_rows() + row.as_ref().map_or(0, RecordBatch::num_rows);
+            if rows > 1 {
+                return Err(Error::invalid(
+                    "more than one row of parameters was bound; a query runs with one row \
+                     (execute it once per row)",
+                )
+                .into());
+            }
+            if batch.num_rows() == 1 {
+                row = Some(batch);
+            }
         }
-        let values = match batches.iter().find(|b| b.num_rows() > 0) {
+        let values = match row {
             None => None,
             Some(batch) => {
                 let values = batch
@@ -426,7 +441,10 @@ impl FlightSqlService for FlightSql {
             .statements
             .get(&query.prepared_statement_handle, &context(&request))?;
         let params = statement.values()?;
-        let schema = self.engine.schema(statement.sql, params).await?;
+        let schema = self
+            .engine
+            .schema(statement.sql, params, context(&request).client_timeout)
+            .await?;
         Self::info(
             &self.engine.view_types().schema(&schema),
             query.as_any().encode_to_vec(),
@@ -751,6 +769,17 @@ impl FlightSqlService for FlightSql {
     async fn register_sql_info(&self, _id: i32, _result: &SqlInfo) {}
 }
 
+/// A parameter stream that does not decode is the client's error, not ours.
+fn bind_error(e: FlightError) -> Status {
+    match e {
+        FlightError::Tonic(status) => *status,
+        other => Error::invalid(format!(
+            "the bound parameters are not an Arrow IPC stream of one row: {other}"
+        ))
+        .into(),
+    }
+}
+
 fn display_type(message: &Any) -> &str {
     if message.type_url.is_empty() {
         "a descriptor without a Flight SQL command"
@@ -785,20 +814,54 @@ impl PreparedStatement {
             ))),
         }
     }
+
+    /// Bytes the statement keeps: its text, parameter types and bound values.
+    fn size(&self) -> usize {
+        size_of::<Self>()
+            + self.sql.len()
+            + self.params.len() * size_of::<Option<DataType>>()
+            + self
+                .bound
+                .as_ref()
+                .map_or(0, |values| values.iter().map(ScalarValue::size).sum())
+    }
 }
 
-/// Open prepared statements by handle. When full, creating one closes the statement
-/// used least recently (clients that never close theirs cannot exhaust the server).
+/// What one user may keep open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PreparedLimits {
+    /// Statements per user (`--max-prepared-statements`).
+    pub max_statements: usize,
+    /// Bytes of statements and bound values per user (`--max-prepared-statement-bytes`).
+    pub max_bytes: usize,
+}
+
+impl Default for PreparedLimits {
+    fn default() -> Self {
+        Self {
+            max_statements: super::DEFAULT_MAX_PREPARED_STATEMENTS,
+            max_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// Open prepared statements by handle. Each user has a budget of statements and bytes;
+/// when creating or binding would pass it, the user's own least recently used statements
+/// are closed (clients that never close theirs cannot exhaust the server, and cannot
+/// close anyone else's).
 #[derive(Debug)]
 struct PreparedStatements {
-    max: usize,
+    limits: PreparedLimits,
     map: Mutex<HashMap<Bytes, PreparedStatement>>,
 }
 
 impl PreparedStatements {
-    fn new(max: usize) -> Self {
+    fn new(limits: PreparedLimits) -> Self {
         Self {
-            max: max.max(1),
+            limits: PreparedLimits {
+                max_statements: limits.max_statements.max(1),
+                max_bytes: limits.max_bytes,
+            },
             map: Mutex::default(),
         }
     }
@@ -807,22 +870,57 @@ impl PreparedStatements {
         self.map.lock().expect("poisoned").len()
     }
 
-    fn insert(&self, statement: PreparedStatement) -> Bytes {
+    fn insert(&self, statement: PreparedStatement) -> Result<Bytes> {
         let handle = Bytes::from(format!("ps-{}{}", new_query_id(), new_query_id()));
+        let user = statement.user.clone();
         let mut map = self.map.lock().expect("poisoned");
-        while map.len() >= self.max {
-            let Some(oldest) = map
-                .iter()
-                .min_by_key(|(_, s)| s.last_used)
-                .map(|(h, _)| h.clone())
-            else {
+        self.check_alone(&statement)?;
+        map.insert(handle.clone(), statement);
+        self.evict(&mut map, &user, &handle);
+        Ok(handle)
+    }
+
+    /// A statement larger than the whole budget is refused outright.
+    fn check_alone(&self, statement: &PreparedStatement) -> Result<()> {
+        if statement.size() > self.limits.max_bytes {
+            return Err(Error::invalid(format!(
+                "the prepared statement and its bound values take {} bytes, over the {} \
+                 bytes each user may keep (--max-prepared-statement-bytes)",
+                statement.size(),
+                self.limits.max_bytes
+            )));
+        }
+        Ok(())
+    }
+
+    /// Closes `user`'s least recently used statements, other than `keep`, until the user
+    /// is within budget.
+    fn evict(
+        &self,
+        map: &mut HashMap<Bytes, PreparedStatement>,
+        user: &Option<Arc<str>>,
+        keep: &Bytes,
+    ) {
+        loop {
+            let (count, bytes, oldest) = map.iter().filter(|(_, s)| &s.user == user).fold(
+                (0, 0, None),
+                |(count, bytes, oldest), (h, s)| {
+                    let older = match oldest {
+                        Some((_, t)) if t <= s.last_used => oldest,
+                        _ if h == keep => oldest,
+                        _ => Some((h, s.last_used)),
+                    };
+                    (count + 1, bytes + s.size(), older)
+                },
+            );
+            let over = count > self.limits.max_statements || bytes > self.limits.max_bytes;
+            let Some((oldest, _)) = oldest.filter(|_| over) else {
                 break;
             };
+            let oldest = oldest.clone();
             tracing::debug!("closing the least recently used prepared statement");
             map.remove(&oldest);
         }
-        map.insert(handle.clone(), statement);
-        handle
     }
 
     /// The statement, if `context`'s caller created it.
@@ -839,7 +937,14 @@ impl PreparedStatements {
         context: &CallContext,
         values: Option<Vec<ScalarValue>>,
     ) -> Result<()> {
-        self.with(handle, context, |s| s.bound = values)
+        let mut map = self.map.lock().expect("poisoned");
+        let statement = Self::owned(&mut map, handle, context)?;
+        let mut bound = statement.clone();
+        bound.bound = values;
+        self.check_alone(&bound)?;
+        *statement = bound;
+        self.evict(&mut map, &user_of(context), handle);
+        Ok(())
     }
 
     fn remove(&self, handle: &Bytes, context: &CallContext) -> Result<()> {
@@ -867,12 +972,14 @@ impl PreparedStatements {
     ) -> Result<&'a mut PreparedStatement> {
         match map.get_mut(handle) {
             Some(statement) if statement.user == user_of(context) => Ok(statement),
-            _ => Err(Error::invalid(format!(
-                "no open prepared statement has the handle {:?}: it was closed, replaced \
-                 after --max-prepared-statements newer ones, or belongs to another user; \
-                 prepare it again",
-                String::from_utf8_lossy(handle)
-            ))),
+            _ => {
+                let shown: String = String::from_utf8_lossy(handle).chars().take(64).collect();
+                Err(Error::invalid(format!(
+                    "no open prepared statement has the handle {shown:?}: it was closed, \
+                     replaced after newer ones filled your --max-prepared-statements or \
+                     --max-prepared-statement-bytes, or belongs to another user; prepare it again"
+                )))
+            }
         }
     }
 }
@@ -1043,7 +1150,10 @@ mod tests {
 
     #[test]
     fn prepared_statements_evict_the_least_recently_used() {
-        let statements = PreparedStatements::new(2);
+        let statements = PreparedStatements::new(PreparedLimits {
+            max_statements: 2,
+            max_bytes: 1 << 20,
+        });
         let statement = || PreparedStatement {
             sql: "SELECT 1".into(),
             user: None,
@@ -1052,10 +1162,10 @@ mod tests {
             last_used: Instant::now(),
         };
         let anyone = CallContext::default();
-        let a = statements.insert(statement());
-        let b = statements.insert(statement());
+        let a = statements.insert(statement()).unwrap();
+        let b = statements.insert(statement()).unwrap();
         statements.get(&a, &anyone).unwrap();
-        let c = statements.insert(statement());
+        let c = statements.insert(statement()).unwrap();
         assert!(statements.get(&a, &anyone).is_ok());
         assert!(
             statements.get(&b, &anyone).is_err(),
@@ -1073,5 +1183,60 @@ mod tests {
         assert!(statements.get(&a, &bob).is_err());
         statements.remove(&a, &anyone).unwrap();
         assert!(statements.get(&a, &anyone).is_err());
+    }
+
+    #[test]
+    fn budgets_are_per_user_and_in_bytes() {
+        let statements = PreparedStatements::new(PreparedLimits {
+            max_statements: 2,
+            max_bytes: 4096,
+        });
+        let as_user = |name: &str| CallContext {
+            identity: Some(super::super::auth::Identity {
+                name: name.into(),
+                admin: false,
+            }),
+            client_timeout: None,
+        };
+        let statement = |user: &str, sql_len: usize| PreparedStatement {
+            sql: "x".repeat(sql_len),
+            user: Some(user.into()),
+            params: vec![],
+            bound: None,
+            last_used: Instant::now(),
+        };
+        let (alice, bob) = (as_user("alice"), as_user("bob"));
+        let a1 = statements.insert(statement("alice", 10)).unwrap();
+        let a2 = statements.insert(statement("alice", 10)).unwrap();
+        // Bob's statements never close Alice's.
+        for _ in 0..5 {
+            statements.insert(statement("bob", 10)).unwrap();
+        }
+        assert!(statements.get(&a1, &alice).is_ok());
+        assert!(statements.get(&a2, &alice).is_ok());
+        assert_eq!(statements.len(), 4);
+        // Bytes: a big statement pushes out the user's older ones, and one over the
+        // whole budget is refused.
+        let big = statements.insert(statement("alice", 3000)).unwrap();
+        assert!(statements.get(&a1, &alice).is_err());
+        assert!(statements.get(&big, &alice).is_ok());
+        let err = statements.insert(statement("alice", 5000)).unwrap_err();
+        assert!(
+            err.to_string().contains("--max-prepared-statement-bytes"),
+            "{err}"
+        );
+        // Binding a large value counts too.
+        let b = statements.insert(statement("bob", 10)).unwrap();
+        let err = statements
+            .bind(
+                &b,
+                &bob,
+                Some(vec![ScalarValue::from("v".repeat(5000).as_str())]),
+            )
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("--max-prepared-statement-bytes"),
+            "{err}"
+        );
     }
 }

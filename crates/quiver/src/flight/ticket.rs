@@ -38,9 +38,6 @@ pub const QUERY_TICKET_TYPE_URL: &str = "type.googleapis.com/quiver.v1.QueryTick
 /// The current [`QueryTicket::version`].
 pub const QUERY_TICKET_VERSION: u32 = 1;
 
-/// Longest SQL text accepted, in bytes.
-pub const MAX_SQL_BYTES: usize = 1024 * 1024;
-
 impl QueryTicket {
     /// A current-version ticket for `sql`.
     pub fn new(sql: impl Into<String>) -> Self {
@@ -102,6 +99,9 @@ impl QueryTicket {
             )));
         }
         check_sql(&ticket.sql)?;
+        if let Some(id) = &ticket.query_id {
+            crate::query::check_query_id(id)?;
+        }
         ticket.result_compression()?;
         Ok(ticket)
     }
@@ -126,7 +126,7 @@ impl Command {
             Command::Query(ticket) => ticket.query_id.clone(),
             Command::FlightSql(any) => {
                 let statement = any.unpack::<TicketStatementQuery>().ok()??;
-                QueryTicket::decode(statement.statement_handle)
+                QueryTicket::decode_checked(&statement.statement_handle)
                     .ok()?
                     .query_id
             }
@@ -174,13 +174,9 @@ fn looks_like_type_url(url: &str) -> bool {
     word(name, &[]) && word(prefix, &['/', '-', ':'])
 }
 
+/// Only blank text is refused here; the engine applies `--max-sql-size` and the other
+/// statement limits on every path (`query::limits`).
 fn check_sql(text: &str) -> Result<()> {
-    if text.len() > MAX_SQL_BYTES {
-        return Err(Error::invalid(format!(
-            "the SQL text is {} bytes; the limit is {MAX_SQL_BYTES}",
-            text.len()
-        )));
-    }
     if text.trim().is_empty() {
         return Err(Error::invalid("the SQL text is blank: send a query"));
     }

@@ -15,7 +15,7 @@ use prometheus::{Gauge, IntCounter, IntGauge};
 use crate::catalog::Catalog;
 use crate::error::Result;
 use crate::io::MmapStats;
-use crate::query::{MeteredPool, ScanSummary};
+use crate::query::{HeapGuard, MeteredPool, Progress, ScanSummary};
 
 /// What the collector reads.
 #[derive(Debug)]
@@ -25,6 +25,8 @@ pub(crate) struct EngineSources {
     pub scan_totals: Arc<Mutex<ScanSummary>>,
     pub mmap: Option<Arc<MmapStats>>,
     pub catalog: Arc<Catalog>,
+    pub cpu: Arc<Progress>,
+    pub heap: Arc<HeapGuard>,
 }
 
 /// Reads a gauge's current value from the sources.
@@ -87,6 +89,28 @@ impl EngineCollector {
                 "Bytes of memory-mapped files kept in the mapping cache.",
                 |s| mmap(s, |m| &m.cached_bytes) as i64,
             )?,
+            gauge(
+                "quiver_cpu_runtime_stalled",
+                "1 while every query thread is busy without yielding (an empty probe task \
+                 waited past the threshold); new queries are refused meanwhile.",
+                |s| i64::from(s.cpu.stalled()),
+            )?,
+            gauge(
+                "quiver_cpu_runtime_probe_wait_microseconds",
+                "How long the last probe task waited to run on the query runtime.",
+                |s| i64::try_from(s.cpu.probe_wait().as_micros()).unwrap_or(i64::MAX),
+            )?,
+            gauge(
+                "quiver_memory_hard_limit_bytes",
+                "Allocated bytes above which new queries are refused and the largest is \
+                 cancelled (--memory-hard-limit); 0 when off.",
+                |s| i64::try_from(s.heap.limit()).unwrap_or(i64::MAX),
+            )?,
+            gauge(
+                "quiver_memory_hard_limit_exceeded",
+                "1 while allocated bytes are over --memory-hard-limit.",
+                |s| i64::from(s.heap.over()),
+            )?,
             gauge("quiver_catalog_tables", "Tables served.", |s| {
                 s.catalog.table_names().len() as i64
             })?,
@@ -117,6 +141,12 @@ impl EngineCollector {
             )?,
         ];
         let counters = vec![
+            counter(
+                "quiver_memory_guard_cancelled_total",
+                "Queries the memory guard cancelled because the process was over \
+                 --memory-hard-limit.",
+                |s| s.heap.cancelled(),
+            )?,
             counter(
                 "quiver_memory_pool_allocated_bytes_total",
                 "Bytes granted by every grow of a memory pool reservation.",

@@ -10,6 +10,7 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::{Error, Result};
+use crate::metrics::Outcome;
 
 /// Longest SQL text `list-queries` shows, in characters.
 const LISTED_SQL_CHARS: usize = 1000;
@@ -17,6 +18,25 @@ const LISTED_SQL_CHARS: usize = 1000;
 /// Ids of queries cancelled before they started (a `CancelFlightInfo` for a ticket not
 /// yet redeemed), remembered so that the ticket fails when it arrives.
 const CANCELLED_EARLY_CAPACITY: usize = 4096;
+
+/// Longest query id accepted from a client, in bytes. Ours are 16 hex digits.
+pub const MAX_QUERY_ID_BYTES: usize = 64;
+
+/// Checks a query id a client sent (in a ticket, `cancel-query`, `CancelFlightInfo`):
+/// ids are kept and listed, so they are short and plain.
+pub fn check_query_id(id: &str) -> Result<()> {
+    let plain = id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if id.is_empty() || id.len() > MAX_QUERY_ID_BYTES || !plain {
+        return Err(Error::invalid(format!(
+            "a query id is 1 to {MAX_QUERY_ID_BYTES} letters, digits, '-' or '_' (got {} bytes); \
+             use the id from list-queries or the ticket GetFlightInfo returned",
+            id.len()
+        )));
+    }
+    Ok(())
+}
 
 /// Where a query is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -43,6 +63,9 @@ pub struct ActiveQuery {
     memory: Arc<AtomicUsize>,
     cancel: CancellationToken,
     cause: Mutex<Option<Cause>>,
+    /// How the query ended, when decided outside the task that runs it (a deadline
+    /// watched from the network runtime): the client saw this, so it is counted.
+    outcome: Mutex<Option<Outcome>>,
 }
 
 /// Why a query was cancelled.
@@ -52,6 +75,8 @@ enum Cause {
     Request(String),
     /// The shutdown grace period ended.
     Shutdown,
+    /// The memory guard stopped it, with what it saw.
+    Memory(String),
 }
 
 impl ActiveQuery {
@@ -67,6 +92,7 @@ impl ActiveQuery {
             memory: Arc::default(),
             cancel: CancellationToken::new(),
             cause: Mutex::new(None),
+            outcome: Mutex::new(None),
         }
     }
 
@@ -85,6 +111,7 @@ impl ActiveQuery {
     pub fn cancel_error(&self) -> Error {
         match self.cause.lock().expect("poisoned").clone() {
             Some(Cause::Shutdown) => Error::ShuttingDown,
+            Some(Cause::Memory(reason)) => Error::MemoryExhausted { reason },
             Some(Cause::Request(reason)) => Error::Cancelled { reason },
             None => Error::Cancelled {
                 reason: "cancelled".into(),
@@ -96,6 +123,20 @@ impl ActiveQuery {
     fn cancel_with(&self, cause: Cause) {
         self.cause.lock().expect("poisoned").get_or_insert(cause);
         self.cancel.cancel();
+    }
+
+    /// Records how the query ended for the client, from outside the task running it;
+    /// the first call wins.
+    pub fn set_outcome(&self, outcome: Outcome) {
+        self.outcome
+            .lock()
+            .expect("poisoned")
+            .get_or_insert(outcome);
+    }
+
+    /// The outcome [`Self::set_outcome`] recorded.
+    pub(super) fn outcome(&self) -> Option<Outcome> {
+        *self.outcome.lock().expect("poisoned")
     }
 
     pub(super) fn set_state(&self, state: QueryState) {
@@ -182,11 +223,21 @@ impl Caller<'_> {
     }
 }
 
+/// A ticket cancelled before it was redeemed, and who cancelled it: it is void only
+/// for its own user (or for anyone, when an admin or an unauthenticated server
+/// cancelled it).
+#[derive(Debug)]
+struct EarlyCancel {
+    id: String,
+    /// `None`: whoever redeems it.
+    user: Option<String>,
+}
+
 /// Every query waiting or running.
 #[derive(Debug, Default)]
 pub struct ActiveQueries {
     queries: Mutex<HashMap<String, Arc<ActiveQuery>>>,
-    cancelled_early: Mutex<VecDeque<String>>,
+    cancelled_early: Mutex<VecDeque<EarlyCancel>>,
     shutting_down: AtomicBool,
 }
 
@@ -200,7 +251,9 @@ impl ActiveQueries {
         // One lock: the guard of an `if let` scrutinee lives through its block.
         let voided = {
             let mut early = self.cancelled_early.lock().expect("poisoned");
-            let pos = early.iter().position(|id| id == &query.id);
+            let pos = early
+                .iter()
+                .position(|c| c.id == query.id && (c.user.is_none() || c.user == query.user));
             pos.and_then(|pos| early.remove(pos)).is_some()
         };
         if voided {
@@ -243,6 +296,7 @@ impl ActiveQueries {
     }
 
     fn cancel_via(&self, id: &str, caller: Caller<'_>, via: &str) -> Result<()> {
+        check_query_id(id)?;
         let query = self.queries.lock().expect("poisoned").get(id).cloned();
         let Some(query) = query else {
             return Err(Error::invalid(format!(
@@ -271,12 +325,33 @@ impl ActiveQueries {
             self.cancel_via(id, caller, "CancelFlightInfo")?;
             return Ok(true);
         }
+        check_query_id(id)?;
+        let user = match caller {
+            Caller::Anyone | Caller::Admin(_) => None,
+            Caller::User(name) => Some(name.to_string()),
+        };
         let mut early = self.cancelled_early.lock().expect("poisoned");
         if early.len() == CANCELLED_EARLY_CAPACITY {
             early.pop_front();
         }
-        early.push_back(id.to_string());
+        early.push_back(EarlyCancel {
+            id: id.to_string(),
+            user,
+        });
         Ok(false)
+    }
+
+    /// Cancels the query holding the most pool memory (the newest, when none holds any:
+    /// allocations outside the pool are not attributed to queries, and a sudden spike
+    /// most likely comes from what started last) with RESOURCE_EXHAUSTED. Returns its id.
+    pub fn cancel_largest(&self, reason: &str) -> Option<String> {
+        let queries = self.queries.lock().expect("poisoned");
+        let largest = queries
+            .values()
+            .filter(|q| !q.cancel.is_cancelled())
+            .max_by_key(|q| (q.memory.load(Ordering::Relaxed), q.started))?;
+        largest.cancel_with(Cause::Memory(reason.to_string()));
+        Some(largest.id.clone())
     }
 
     /// Refuses new queries and cancels every query; they end with UNAVAILABLE.
@@ -343,6 +418,18 @@ mod tests {
         let err = queries.insert(&query("t", None)).unwrap_err();
         assert_eq!(err.code(), tonic::Code::Aborted);
         // The mark is used up: the same id may run later.
+        queries.insert(&query("t", None)).unwrap();
+        queries.remove("t");
+        // A user's early cancel voids only their own ticket.
+        assert!(!queries.cancel_ticket("u", Caller::User("mallory")).unwrap());
+        queries.insert(&query("u", Some("alice"))).unwrap();
+        queries.remove("u");
+        assert!(!queries.cancel_ticket("u", Caller::User("alice")).unwrap());
+        assert!(queries.insert(&query("u", Some("alice"))).is_err());
+        // Ids are bounded.
+        let long = "a".repeat(MAX_QUERY_ID_BYTES + 1);
+        assert!(queries.cancel_ticket(&long, Caller::Anyone).is_err());
+        assert!(queries.cancel_ticket("a b", Caller::Anyone).is_err());
         queries.insert(&query("t", None)).unwrap();
         // Not twice at once.
         let err = queries.insert(&query("t", None)).unwrap_err();

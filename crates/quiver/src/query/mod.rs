@@ -7,23 +7,33 @@
 
 mod active;
 mod admission;
+mod caps;
+mod coop;
 mod deadline;
 mod guard;
+mod heap_guard;
+mod limits;
 mod memory;
 mod params;
 mod running;
 mod runtime;
 mod scan;
 
-pub use active::{ActiveQueries, ActiveQuery, Caller, QuerySnapshot, QueryState};
+pub use active::{
+    ActiveQueries, ActiveQuery, Caller, MAX_QUERY_ID_BYTES, QuerySnapshot, QueryState,
+    check_query_id,
+};
 pub use admission::{AdmissionOptions, Slot};
 pub use deadline::Deadline;
+pub use heap_guard::{AllocatedBytes, HeapGuard};
+pub use limits::{DEFAULT_STACK_SIZE, SqlLimits};
 pub use memory::MeteredPool;
 pub(crate) use params::cast_params;
 pub use running::RunningQuery;
-pub use runtime::CpuRuntime;
+pub use runtime::{CpuRuntime, Progress};
 pub use scan::{PartitionPruning, ScanReport, ScanSummary};
 
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -70,6 +80,13 @@ pub struct QueryOptions {
     pub max_message_size: usize,
     /// How string and binary views are sent (`--view-types`).
     pub view_types: ViewTypes,
+    /// Bounds on the statements clients send.
+    pub sql: SqlLimits,
+    /// Stack of each thread that plans or runs queries (`--query-stack-size`).
+    pub stack_size: usize,
+    /// Most bytes one call of a function that can amplify its input (`repeat`, `lpad`,
+    /// `range`, `||`, ...) may produce (`--max-function-output`).
+    pub max_function_output: usize,
 }
 
 /// Time limits on a query; zero turns a limit off.
@@ -206,9 +223,15 @@ impl Default for QueryOptions {
             limits: QueryLimits::default(),
             max_message_size: 2 * 1024 * 1024,
             view_types: ViewTypes::default(),
+            sql: SqlLimits::default(),
+            stack_size: DEFAULT_STACK_SIZE,
+            max_function_output: DEFAULT_MAX_FUNCTION_OUTPUT,
         }
     }
 }
+
+/// Default of `--max-function-output`.
+pub const DEFAULT_MAX_FUNCTION_OUTPUT: usize = 256 * 1024 * 1024;
 
 /// Plans and runs read-only SQL over the catalog.
 pub struct QueryEngine {
@@ -225,6 +248,10 @@ pub struct QueryEngine {
     admission: Admission,
     active: Arc<ActiveQueries>,
     limits: QueryLimits,
+    sql_limits: SqlLimits,
+    heap: Arc<HeapGuard>,
+    /// When the last refresh started, and what it found (see [`Self::refresh`]).
+    last_refresh: tokio::sync::Mutex<Option<(std::time::Instant, RefreshSummary)>>,
 }
 
 /// A started query: its result stream, the report of what it scanned, its entry in the
@@ -264,12 +291,14 @@ impl QueryEngine {
             .with_disk_manager_builder(disk_manager(&options.memory))
             .build_arc()?;
         runtime.register_object_store(ObjectStoreUrl::local_filesystem().as_ref(), io.store());
-        let state = SessionStateBuilder::new()
+        let mut state = SessionStateBuilder::new()
             .with_config(config)
             .with_runtime_env(runtime)
             .with_default_features()
+            .with_physical_optimizer_rule(Arc::new(coop::YieldAboveAmplifiers))
             .build();
-        let cpu = CpuRuntime::new(options.cpu_threads)?;
+        caps::install(&mut state, options.max_function_output)?;
+        let cpu = CpuRuntime::new(options.cpu_threads, options.stack_size)?;
         // Footers are read on the CPU runtime like all file bytes (see `io::mmap`).
         let catalog = {
             let state = state.clone();
@@ -296,6 +325,9 @@ impl QueryEngine {
             admission: Admission::new(options.admission),
             active: Arc::default(),
             limits: options.limits,
+            sql_limits: options.sql,
+            heap: Arc::default(),
+            last_refresh: tokio::sync::Mutex::default(),
         })
     }
 
@@ -310,13 +342,32 @@ impl QueryEngine {
             scan_totals: Arc::clone(&self.scan_totals),
             mmap: self.io.mmap_stats(),
             catalog: Arc::clone(&self.catalog),
+            cpu: Arc::clone(self.cpu.progress()),
+            heap: Arc::clone(&self.heap),
         })?;
         registry.register(Box::new(collector))?;
         Ok(())
     }
 
     /// Re-lists every table now, on the CPU runtime (footer reads touch file bytes).
+    /// Single flight: refreshes run one at a time, and calls that arrive while one runs
+    /// share the next one (which starts after they arrived, so it sees every file
+    /// published before them): however many call at once, at most two run in a row.
     pub async fn refresh(&self) -> RefreshSummary {
+        let arrived = std::time::Instant::now();
+        let mut last = self.last_refresh.lock().await;
+        if let Some((started, summary)) = &*last
+            && *started >= arrived
+        {
+            return summary.clone();
+        }
+        let started = std::time::Instant::now();
+        let summary = self.refresh_now().await;
+        *last = Some((started, summary.clone()));
+        summary
+    }
+
+    async fn refresh_now(&self) -> RefreshSummary {
         let catalog = Arc::clone(&self.catalog);
         match self
             .cpu
@@ -433,10 +484,13 @@ impl QueryEngine {
         params: Vec<ScalarValue>,
         pruning: Arc<PartitionPruning>,
     ) -> Result<DataFrame> {
+        self.sql_limits.check_text(sql)?;
         let mut state = self.base.state();
         state.config_mut().set_extension(pruning);
         let dialect = state.config().options().sql_parser.dialect;
         let mut statement = state.sql_to_statement(sql, &dialect)?;
+        // First: everything after it walks the statement recursively.
+        self.sql_limits.check_statement(&statement)?;
         guard::check_statement(&statement)?;
         guard::check_tables(&state, &self.catalog, &statement)?;
         params::number_placeholders(&mut statement)?;
@@ -451,33 +505,76 @@ impl QueryEngine {
         Ok(DataFrame::new(state, plan))
     }
 
-    /// The schema `sql` produces with `params` bound, from its plan.
+    /// The schema `sql` produces with `params` bound, from its plan. Planned like a
+    /// query: within a slot and `--planning-timeout` (or the client's deadline).
     pub async fn schema(
         self: &Arc<Self>,
         sql: String,
         params: Vec<ScalarValue>,
+        client_timeout: Option<Duration>,
     ) -> Result<SchemaRef> {
-        let engine = Arc::clone(self);
-        self.cpu
-            .run(async move {
-                let df = engine.plan_with(&sql, params, Arc::default()).await?;
-                Ok(Arc::clone(df.schema().inner()))
-            })
-            .await
+        self.plan_admitted(client_timeout, move |engine| async move {
+            let df = engine.plan_with(&sql, params, Arc::default()).await?;
+            Ok(Arc::clone(df.schema().inner()))
+        })
+        .await
     }
 
     /// Plans `sql` once to learn its result schema and parameter types, as a prepared
-    /// statement needs them before any value is bound.
-    pub async fn prepare(self: &Arc<Self>, sql: String) -> Result<Prepared> {
+    /// statement needs them before any value is bound. Admitted like [`Self::schema`].
+    pub async fn prepare(
+        self: &Arc<Self>,
+        sql: String,
+        client_timeout: Option<Duration>,
+    ) -> Result<Prepared> {
+        self.plan_admitted(client_timeout, move |engine| async move {
+            let df = engine.plan(&sql).await?;
+            let params = params::parameter_types(df.logical_plan().get_parameter_types()?)?;
+            Ok(Prepared {
+                schema: Arc::clone(df.schema().inner()),
+                params,
+            })
+        })
+        .await
+    }
+
+    /// Runs `plan` on the CPU runtime once admitted, within the planning deadline. The
+    /// deadline is kept here, on the caller's runtime, so it fires even when planning
+    /// never yields; the slot goes with the planning task and is freed only once that
+    /// task has really stopped.
+    async fn plan_admitted<T, F, Fut>(
+        self: &Arc<Self>,
+        client_timeout: Option<Duration>,
+        plan: F,
+    ) -> Result<T>
+    where
+        F: FnOnce(Arc<Self>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T>> + Send + 'static,
+        T: Send + 'static,
+    {
+        let arrived = tokio::time::Instant::now();
+        let mut deadline =
+            Deadline::after(arrived, self.limits.planning_timeout, "--planning-timeout");
+        if let Some(client) = client_timeout {
+            deadline = deadline.earliest(Deadline::after(
+                arrived,
+                client,
+                "the client's grpc-timeout",
+            ));
+        }
+        self.check_progress()?;
+        let never = tokio_util::sync::CancellationToken::new();
+        let admit = self.admission.admit(&never, &self.metrics.queued, || {});
+        let slot = deadline.run("waiting for a query slot", admit).await?;
         let engine = Arc::clone(self);
-        self.cpu
-            .run(async move {
-                let df = engine.plan(&sql).await?;
-                let params = params::parameter_types(df.logical_plan().get_parameter_types()?)?;
-                Ok(Prepared {
-                    schema: Arc::clone(df.schema().inner()),
-                    params,
-                })
+        let task = self.cpu.spawn(async move {
+            let _slot = slot;
+            plan(engine).await
+        });
+        deadline
+            .run("planning", async move {
+                task.await
+                    .map_err(|e| Error::Internal(format!("planning task failed: {e}")))?
             })
             .await
     }
@@ -503,6 +600,7 @@ impl QueryEngine {
             deadline =
                 deadline.earliest(Deadline::after(arrived, limit, "the ticket's timeout_ms"));
         }
+        self.check_progress()?;
         let id = request.id.unwrap_or_else(new_query_id);
         let active = Arc::new(ActiveQuery::new(id, request.user, &request.sql));
         let mut query = RunningQuery::start(
@@ -510,11 +608,53 @@ impl QueryEngine {
             Arc::clone(&active),
             Arc::clone(&self.active),
         )?;
-        match self
-            .start(request.sql, request.params, &mut query, &deadline)
-            .await
-        {
-            Ok((stream, report)) => {
+        let cancel = active.cancelled().clone();
+
+        // Admission, on this runtime: waiting needs no CPU.
+        let admit = self.admission.admit(&cancel, &self.metrics.queued, || {
+            active.set_state(QueryState::Queued)
+        });
+        let admitted = tokio::select! {
+            slot = deadline.run("waiting for a query slot", admit) => slot,
+            () = cancel.cancelled() => Err(active.cancel_error()),
+        };
+        match admitted {
+            Ok(slot) => query.admitted(slot),
+            Err(e) => {
+                query.finish(self.outcome_of(&active, &e));
+                return Err(e);
+            }
+        }
+        active.set_state(QueryState::Planning);
+
+        // Planning, on the CPU runtime. The task owns the query (its listing and slot)
+        // until it hands back the execution, so neither is released while planning
+        // still runs; the deadline and cancellation are watched from here, so they fire
+        // even if planning never yields, and the abort takes effect at its next yield.
+        let planning = deadline.clone().earliest(Deadline::after(
+            tokio::time::Instant::now(),
+            self.limits.planning_timeout,
+            "--planning-timeout",
+        ));
+        let engine = Arc::clone(self);
+        let (sql, params) = (request.sql, request.params);
+        let task = self.cpu.spawn(async move {
+            match engine.start(sql, params, &query).await {
+                Ok((stream, report)) => Ok((stream, report, query)),
+                Err(e) => {
+                    query.finish(engine.outcome_of(query.active(), &e));
+                    Err(e)
+                }
+            }
+        });
+        let planned = tokio::select! {
+            planned = planning.run("planning", async move {
+                task.await.map_err(|e| Error::Internal(format!("planning task failed: {e}")))?
+            }) => planned,
+            () = cancel.cancelled() => Err(active.cancel_error()),
+        };
+        match planned {
+            Ok((stream, report, query)) => {
                 query.planned();
                 active.set_state(QueryState::Running);
                 Ok(Execution {
@@ -525,70 +665,79 @@ impl QueryEngine {
                 })
             }
             Err(e) => {
-                let outcome = if active.cancelled().is_cancelled() {
-                    Outcome::Cancelled
-                } else {
-                    Outcome::of(&e)
-                };
-                query.finish(outcome);
+                // The task may still be unwinding: it records this outcome when it drops.
+                active.set_outcome(self.outcome_of(&active, &e));
                 Err(e)
             }
         }
     }
 
-    /// Admission, then planning, each cut short by cancellation or its deadline.
+    /// Runs the process memory guard (`query::heap_guard`) until dropped: `allocated`
+    /// reads the allocator's allocated bytes, checked every `every` against `limit`.
+    pub async fn guard_memory(&self, allocated: AllocatedBytes, limit: usize, every: Duration) {
+        self.heap.watch(allocated, limit, every, &self.active).await;
+    }
+
+    /// The memory guard's state.
+    pub fn heap_guard(&self) -> &Arc<HeapGuard> {
+        &self.heap
+    }
+
+    /// Refuses new work while the CPU runtime makes no progress (it would only queue
+    /// behind work that does not yield) or the process is over its memory hard limit.
+    fn check_progress(&self) -> Result<()> {
+        self.heap.check()?;
+        let progress = self.cpu.progress();
+        if progress.stalled() {
+            return Err(Error::Overloaded {
+                reason: format!(
+                    "every query thread has been busy without yielding for {} \
+                     (quiver_cpu_runtime_stalled)",
+                    humantime::format_duration(Duration::from_secs(
+                        progress.probe_wait().as_secs()
+                    ))
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// How a query that failed with `e` ended.
+    fn outcome_of(&self, active: &ActiveQuery, e: &Error) -> Outcome {
+        if active.cancelled().is_cancelled() {
+            Outcome::Cancelled
+        } else {
+            Outcome::of(e)
+        }
+    }
+
+    /// Plans and starts `sql`; runs on the CPU runtime.
     async fn start(
         self: &Arc<Self>,
         sql: String,
         params: Vec<ScalarValue>,
-        query: &mut RunningQuery,
-        deadline: &Deadline,
+        query: &RunningQuery,
     ) -> Result<(SendableRecordBatchStream, ScanReport)> {
-        let active = Arc::clone(query.active());
-        let cancel = active.cancelled().clone();
-        let admit = self.admission.admit(&cancel, &self.metrics.queued, || {
-            active.set_state(QueryState::Queued)
+        let memory = Arc::clone(query.active().memory());
+        let pruning = Arc::new(PartitionPruning::default());
+        let df = self.plan_with(&sql, params, Arc::clone(&pruning)).await?;
+        let task = df.task_ctx();
+        // The query's own view of the shared pool counts what it holds.
+        let runtime = task.runtime_env();
+        let runtime = Arc::new(RuntimeEnv {
+            memory_pool: Arc::new(QueryPool::new(Arc::clone(&runtime.memory_pool), memory)),
+            disk_manager: Arc::clone(&runtime.disk_manager),
+            cache_manager: Arc::clone(&runtime.cache_manager),
+            object_store_registry: Arc::clone(&runtime.object_store_registry),
         });
-        let slot = deadline.run("waiting for a query slot", admit).await?;
-        query.admitted(slot);
-        active.set_state(QueryState::Planning);
-
-        let planning = deadline.clone().earliest(Deadline::after(
-            tokio::time::Instant::now(),
-            self.limits.planning_timeout,
-            "--planning-timeout",
-        ));
-        let engine = Arc::clone(self);
-        let memory = Arc::clone(active.memory());
-        let plan = self.cpu.run(async move {
-            let pruning = Arc::new(PartitionPruning::default());
-            let df = engine.plan_with(&sql, params, Arc::clone(&pruning)).await?;
-            let task = df.task_ctx();
-            // The query's own view of the shared pool counts what it holds.
-            let runtime = task.runtime_env();
-            let runtime = Arc::new(RuntimeEnv {
-                memory_pool: Arc::new(QueryPool::new(Arc::clone(&runtime.memory_pool), memory)),
-                disk_manager: Arc::clone(&runtime.disk_manager),
-                cache_manager: Arc::clone(&runtime.cache_manager),
-                object_store_registry: Arc::clone(&runtime.object_store_registry),
-            });
-            let task = Arc::new(task.with_runtime(runtime));
-            let plan: Arc<dyn ExecutionPlan> = df.create_physical_plan().await?;
-            for table in pruning.tables() {
-                engine
-                    .metrics
-                    .table_scans
-                    .with_label_values(&[&table])
-                    .inc();
-            }
-            let stream = execute_stream(Arc::clone(&plan), task)?;
-            let report = ScanReport::new(plan, pruning, Arc::clone(&engine.scan_totals), &sql);
-            Ok((stream, report))
-        });
-        tokio::select! {
-            started = planning.run("planning", plan) => started,
-            () = cancel.cancelled() => Err(active.cancel_error()),
+        let task = Arc::new(task.with_runtime(runtime));
+        let plan: Arc<dyn ExecutionPlan> = df.create_physical_plan().await?;
+        for table in pruning.tables() {
+            self.metrics.table_scans.with_label_values(&[&table]).inc();
         }
+        let stream = execute_stream(Arc::clone(&plan), task)?;
+        let report = ScanReport::new(plan, pruning, Arc::clone(&self.scan_totals), &sql);
+        Ok((stream, report))
     }
 }
 

@@ -92,10 +92,15 @@ fn placeholder(expr: &Expr) -> Option<(&str, &datafusion::sql::sqlparser::tokeni
 
 /// The parameter types of a plan, `$1` first; `None` where DataFusion could not infer
 /// one (the value is then used as sent).
+///
+/// A statement with n distinct placeholders may number them up to `$n`: the list is
+/// sized by what the statement holds, never by the number a client wrote (`$3000000`
+/// alone would otherwise allocate three million entries).
 pub(crate) fn parameter_types(
     types: HashMap<String, Option<DataType>>,
 ) -> Result<Vec<Option<DataType>>> {
-    let mut numbered = Vec::with_capacity(types.len());
+    let count = types.len();
+    let mut numbered = Vec::with_capacity(count);
     for (name, data_type) in types {
         let n: usize = name
             .strip_prefix('$')
@@ -103,18 +108,33 @@ pub(crate) fn parameter_types(
             .filter(|n| *n >= 1)
             .ok_or_else(|| {
                 Error::invalid(format!(
-                    "placeholder '{name}' is not positional: use ? or $1, $2, ..."
+                    "placeholder '{}' is not positional: use ? or $1, $2, ...",
+                    shorten(&name)
                 ))
             })?;
+        if n > count {
+            return Err(Error::invalid(format!(
+                "placeholder '{}' is numbered beyond the statement's {count} distinct \
+                 placeholder(s): number them $1 to ${count}",
+                shorten(&name)
+            )));
+        }
         numbered.push((n, data_type));
     }
-    numbered.sort_by_key(|(n, _)| *n);
-    let count = numbered.last().map_or(0, |(n, _)| *n);
     let mut out = vec![None; count];
     for (n, data_type) in numbered {
         out[n - 1] = data_type;
     }
     Ok(out)
+}
+
+/// A client's placeholder name, cut for a message.
+fn shorten(name: &str) -> String {
+    const MAX: usize = 40;
+    match name.char_indices().nth(MAX) {
+        Some((end, _)) => format!("{}...", &name[..end]),
+        None => name.to_string(),
+    }
 }
 
 /// Casts bound values to the parameter types (ADBC sends Python ints as int64 and
@@ -200,5 +220,21 @@ mod tests {
         .unwrap_err();
         assert!(e.to_string().contains("parameter $2"), "{e}");
         assert!(parameter_types(HashMap::from([("$name".to_string(), None)])).is_err());
+        // Numbers past what the statement holds are refused, not allocated.
+        for name in [
+            "$100000000000000",
+            "$3000000",
+            "$2",
+            "$99999999999999999999999",
+        ] {
+            let e = parameter_types(HashMap::from([(name.to_string(), None)])).unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{name}: {e}");
+        }
+        let types = parameter_types(HashMap::from([
+            ("$1".to_string(), None),
+            ("$2".to_string(), None),
+        ]))
+        .unwrap();
+        assert_eq!(types.len(), 2);
     }
 }

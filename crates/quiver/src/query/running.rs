@@ -102,7 +102,12 @@ impl RunningQuery {
 
 impl Drop for RunningQuery {
     fn drop(&mut self) {
-        let outcome = self.outcome.unwrap_or(Outcome::Cancelled);
+        // What the client was told, when that was decided outside this query's task.
+        let outcome = self
+            .active
+            .outcome()
+            .or(self.outcome)
+            .unwrap_or(Outcome::Cancelled);
         self.metrics
             .duration
             .observe(self.started.elapsed().as_secs_f64());

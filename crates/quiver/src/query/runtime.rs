@@ -6,6 +6,9 @@
 //! cross to the network runtime through a bounded channel, which is also the backpressure.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio::runtime::{Builder, Handle, Runtime};
 use tokio_util::task::AbortOnDropHandle;
@@ -17,13 +20,46 @@ use crate::error::{Error, Result};
 pub struct CpuRuntime {
     runtime: Option<Runtime>,
     handle: Handle,
+    progress: Arc<Progress>,
+}
+
+/// Whether the CPU runtime is making progress, as [`CpuRuntime::watch_progress`] sees it.
+#[derive(Debug, Default)]
+pub struct Progress {
+    stalled: AtomicBool,
+    /// How long the last probe waited to run, in microseconds (the one still waiting,
+    /// if it has waited longer).
+    probe_wait_micros: AtomicU64,
+    /// Threads the runtime has.
+    threads: usize,
+}
+
+impl Progress {
+    /// Whether an empty task has waited longer than the threshold to run: every thread
+    /// is busy in work that does not yield.
+    pub fn stalled(&self) -> bool {
+        self.stalled.load(Ordering::Relaxed)
+    }
+
+    /// How long the last probe waited to be run.
+    pub fn probe_wait(&self) -> Duration {
+        Duration::from_micros(self.probe_wait_micros.load(Ordering::Relaxed))
+    }
+
+    fn record_wait(&self, waited: Duration) {
+        let micros = u64::try_from(waited.as_micros()).unwrap_or(u64::MAX);
+        self.probe_wait_micros.store(micros, Ordering::Relaxed);
+    }
 }
 
 impl CpuRuntime {
-    /// Starts a runtime with `threads` worker threads named `quiver-cpu`.
-    pub fn new(threads: usize) -> Result<Self> {
+    /// Starts a runtime with `threads` worker threads named `quiver-cpu`, each (and each
+    /// of its blocking threads) with a stack of `stack_size` bytes: planning and running
+    /// a statement recurse as deep as its expressions nest (see `query::limits`).
+    pub fn new(threads: usize, stack_size: usize) -> Result<Self> {
         let runtime = Builder::new_multi_thread()
             .worker_threads(threads.max(1))
+            .thread_stack_size(stack_size)
             .thread_name("quiver-cpu")
             .enable_time()
             .build()
@@ -32,7 +68,51 @@ impl CpuRuntime {
         Ok(Self {
             runtime: Some(runtime),
             handle,
+            progress: Arc::new(Progress {
+                threads: threads.max(1),
+                ..Progress::default()
+            }),
         })
+    }
+
+    /// Whether the runtime is making progress.
+    pub fn progress(&self) -> &Arc<Progress> {
+        &self.progress
+    }
+
+    /// Probes the runtime every `every`, from the caller's runtime: an empty task that
+    /// waits longer than `threshold` to run means every thread is stuck in work that does
+    /// not yield. That is logged and shown ([`Progress::stalled`], the
+    /// `quiver_cpu_runtime_stalled` metric, health NOT_SERVING in the server), and new
+    /// queries are refused with UNAVAILABLE until a probe runs again. Runs until dropped.
+    pub async fn watch_progress(&self, every: Duration, threshold: Duration) {
+        let progress = &self.progress;
+        loop {
+            let sent = Instant::now();
+            let mut probe = AbortOnDropHandle::new(self.handle.spawn(async {}));
+            loop {
+                tokio::select! {
+                    _ = &mut probe => break,
+                    () = tokio::time::sleep(every) => {
+                        let waited = sent.elapsed();
+                        progress.record_wait(waited);
+                        if waited >= threshold && !progress.stalled.swap(true, Ordering::Relaxed) {
+                            tracing::error!(
+                                waited = ?waited,
+                                threads = progress.threads,
+                                "the query runtime is stalled: every CPU thread has been busy \
+                                 without yielding; new queries are refused until it recovers"
+                            );
+                        }
+                    }
+                }
+            }
+            progress.record_wait(sent.elapsed());
+            if progress.stalled.swap(false, Ordering::Relaxed) {
+                tracing::warn!("the query runtime is making progress again");
+            }
+            tokio::time::sleep(every).await;
+        }
     }
 
     /// Runs `future` on the CPU runtime. The task is aborted when the returned handle is

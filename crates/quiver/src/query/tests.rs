@@ -129,3 +129,92 @@ async fn a_cancelled_query_returns_its_memory() {
     assert!(first > 0);
     assert_eq!(wait_idle(&engine).await, 0, "cancel leaks nothing");
 }
+
+/// `n` copies of `term` joined by `op`.
+fn chain(term: &str, op: &str, n: usize) -> String {
+    vec![term; n].join(op)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn statements_at_the_default_limits_plan_and_run_on_the_default_stack() {
+    let engine = engine(64 << 20, PoolKind::Fair, false).await;
+    let depth = SqlLimits::default().max_depth;
+    // `1 + 1 + ...` of n terms nests n levels: the deepest allowed, planned and run
+    // (planning constant-folds it, execution of a column chain recurses too).
+    let sql = format!("SELECT {}::BIGINT", chain("1", " + ", depth));
+    assert_eq!(run(&engine, &sql).await.unwrap(), (1, depth as i64));
+    let sql = format!(
+        "SELECT sum({}) FROM generate_series(1, 3)",
+        chain("value", " + ", depth - 1)
+    );
+    assert_eq!(
+        run(&engine, &sql).await.unwrap(),
+        (1, 6 * (depth as i64 - 1))
+    );
+    let sql = format!(
+        "SELECT count(*) FROM generate_series(1, 2000) WHERE {}",
+        (0..depth - 2)
+            .map(|i| format!("value = {i}"))
+            .collect::<Vec<_>>()
+            .join(" OR ")
+    );
+    assert_eq!(run(&engine, &sql).await.unwrap(), (1, depth as i64 - 3));
+    let sql = chain(
+        "SELECT 1::BIGINT",
+        " UNION ALL ",
+        SqlLimits::default().max_set_operations + 1,
+    );
+    let (rows, _) = run(&engine, &sql).await.unwrap();
+    assert_eq!(rows, SqlLimits::default().max_set_operations + 1);
+    // One more level is refused before planning, naming the flag.
+    let sql = format!("SELECT {}", chain("1", " + ", depth + 1));
+    let err = run(&engine, &sql).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.to_string().contains("--max-sql-depth"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_deepest_text_within_the_size_limit_is_refused_without_overflowing() {
+    let engine = engine(64 << 20, PoolKind::Fair, false).await;
+    // Half a million terms: the parser builds a tree that deep; it is measured without
+    // recursing past the limit and dropped on the query runtime's stack.
+    let max = SqlLimits::default().max_bytes;
+    let sql = format!("SELECT {}", chain("1", "+", (max - 8) / 2));
+    assert!(sql.len() <= max);
+    let err = run(&engine, &sql).await.unwrap_err();
+    assert!(err.to_string().contains("--max-sql-depth"), "{err}");
+    let sql = format!("SELECT {}", chain("1", "+", max / 2 + 1));
+    let err = run(&engine, &sql).await.unwrap_err();
+    assert!(err.to_string().contains("--max-sql-size"), "{err}");
+    for sql in [
+        chain("SELECT 1", " UNION ALL ", 20_000),
+        format!("SELECT 1 WHERE {}", chain("true", " AND ", 200_000)),
+        format!("SELECT {}", chain("'a'", " || ", 200_000)),
+    ] {
+        let err = run(&engine, &sql).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err}");
+    }
+    assert_eq!(run(&engine, "SELECT 7::BIGINT").await.unwrap(), (1, 7));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn function_outputs_are_capped_before_they_are_allocated() {
+    let engine = engine(64 << 20, PoolKind::Fair, false).await;
+    for sql in [
+        "SELECT length(repeat('x', 800000000))::BIGINT",
+        "SELECT cardinality(range(1, 1000000000))::BIGINT",
+        "SELECT length(lpad('x', 2000000000))::BIGINT",
+        "SELECT length(repeat('x', 10000000) || repeat('y', 10000000))::BIGINT",
+        "SELECT max(length(repeat('x', 40000) || value::varchar))::BIGINT FROM generate_series(1, 100000)",
+    ] {
+        let err = run(&engine, sql).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{sql}: {err}");
+        assert!(err.to_string().contains("--max-function-output"), "{err}");
+    }
+    assert_eq!(
+        run(&engine, "SELECT length(repeat('ab', 1000) || 'c')::BIGINT")
+            .await
+            .unwrap(),
+        (1, 2001)
+    );
+}

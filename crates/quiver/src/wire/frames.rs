@@ -249,6 +249,13 @@ impl FrameEncoder {
         written
     }
 
+    /// Moves the messages ready now to `frames`: after [`Self::try_new`], the schema
+    /// message, so it can be sent before the first batch is computed (a client's
+    /// `do_get` returns once it has the schema).
+    pub fn ready_into(&mut self, frames: &mut VecDeque<Frame>) {
+        frames.extend(self.writer.get_mut().frames.drain(..));
+    }
+
     /// The schema message, when no batch was encoded (an empty result); else nothing.
     /// Flight streams carry no IPC end-of-stream marker.
     pub fn finish(mut self) -> Result<Vec<Frame>, ArrowError> {

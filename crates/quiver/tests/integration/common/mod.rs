@@ -167,7 +167,7 @@ impl Fixture {
             QuiverFlightService::new(
                 Arc::clone(&engine),
                 SendOptions::default(),
-                quiver::flight::DEFAULT_MAX_PREPARED_STATEMENTS,
+                quiver::flight::PreparedLimits::default(),
             )
             .unwrap(),
         );
