@@ -298,7 +298,7 @@ pub struct ServeArgs {
     /// (`repeat`, `lpad`, `rpad`, `range`, `generate_series`, `array_repeat`,
     /// `replace`, `concat`, `||`, ...) may produce, estimated from its arguments before
     /// the call, per batch of rows; more fails with RESOURCE_EXHAUSTED. A call on
-    /// constants only, folded while planning, may make a sixteenth of it.
+    /// constants only, folded while planning, may make 1/256 of it (1 MiB by default).
     #[arg(long, env = "QUIVER_MAX_FUNCTION_OUTPUT", default_value = "256MiB")]
     pub max_function_output: ByteSize,
 

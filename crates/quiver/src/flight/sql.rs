@@ -473,7 +473,7 @@ impl FlightSqlService for FlightSql {
         request: Request<Action>,
     ) -> Result<(), Status> {
         self.statements
-            .remove(&query.prepared_statement_handle, &context(&request))?;
+            .remove(&query.prepared_statement_handle, &context(&request));
         Ok(())
     }
 
@@ -947,11 +947,14 @@ impl PreparedStatements {
         Ok(())
     }
 
-    fn remove(&self, handle: &Bytes, context: &CallContext) -> Result<()> {
+    /// Closes the statement. Closing one already closed (or evicted, or unknown) is not
+    /// an error: clients close their statements when they are done, whatever happened
+    /// to them meanwhile. Another user's statement is left alone, silently.
+    fn remove(&self, handle: &Bytes, context: &CallContext) {
         let mut map = self.map.lock().expect("poisoned");
-        Self::owned(&mut map, handle, context)?;
-        map.remove(handle);
-        Ok(())
+        if Self::owned(&mut map, handle, context).is_ok() {
+            map.remove(handle);
+        }
     }
 
     fn with<T>(
@@ -1181,7 +1184,11 @@ mod tests {
             client_timeout: None,
         };
         assert!(statements.get(&a, &bob).is_err());
-        statements.remove(&a, &anyone).unwrap();
+        // Another user's close does nothing; the owner's closes it, twice is fine.
+        statements.remove(&a, &bob);
+        assert!(statements.get(&a, &anyone).is_ok());
+        statements.remove(&a, &anyone);
+        statements.remove(&a, &anyone);
         assert!(statements.get(&a, &anyone).is_err());
     }
 

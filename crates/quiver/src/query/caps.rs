@@ -10,8 +10,8 @@
 //! rewritten to a capped function of the same meaning and name.
 //!
 //! A call whose arguments are all constants is folded while planning, and DataFusion
-//! then names expressions after the folded value (and copies those names through every
-//! optimizer pass): a constant may be at most a sixteenth of the cap (16 MiB by default).
+//! then prints the folded value wherever it prints the plan: a constant may be at most
+//! 1/256 of the cap (1 MiB by default, the size of the largest SQL text).
 //!
 //! The caps bound one call per batch. What many calls hold together is bounded by the
 //! memory guard (`query::guard` of jemalloc's allocated bytes), which refuses new work
@@ -19,10 +19,10 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, Int64Array, RecordBatch};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, Int64Array, LargeStringBuilder};
 use datafusion::arrow::compute::cast;
 use datafusion::arrow::compute::kernels::length::length;
-use datafusion::arrow::datatypes::{DataType, Field, FieldRef, Int32Type, Int64Type, Schema};
+use datafusion::arrow::datatypes::{DataType, FieldRef, Int32Type, Int64Type};
 use datafusion::common::config::ConfigOptions;
 use datafusion::common::tree_node::Transformed;
 use datafusion::common::{DFSchema, ExprSchema, Result, ScalarValue};
@@ -39,8 +39,6 @@ use datafusion::logical_expr::{
     ReturnFieldArgs, ScalarFunctionArgs, ScalarUDF, ScalarUDFImpl, Signature, StructFieldMapping,
     Volatility,
 };
-use datafusion::physical_expr::PhysicalExpr;
-use datafusion::physical_expr::expressions::{BinaryExpr as PhysicalBinary, Column};
 
 /// How a function's output size follows from its arguments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -107,12 +105,12 @@ struct Capped {
     max_bytes: usize,
 }
 
-/// What a call may produce: `max_bytes`, or a sixteenth of it for a constant.
+/// What a call may produce: `max_bytes`, or 1/256 of it for a constant.
 fn cap_for(args: &[ColumnarValue], max_bytes: usize) -> (usize, &'static str) {
     if args.iter().all(|a| matches!(a, ColumnarValue::Scalar(_))) {
         (
-            max_bytes / 16,
-            "a constant may have (a sixteenth of --max-function-output)",
+            max_bytes / 256,
+            "a constant may have (1/256 of --max-function-output)",
         )
     } else {
         (
@@ -195,8 +193,41 @@ impl ScalarUDFImpl for Capped {
         self.inner.aliases()
     }
 
+    /// Some functions fold literal arguments in `simplify` rather than in a call
+    /// (`concat` joins adjacent literals): the same caps hold for what they fold.
     fn simplify(&self, args: Vec<Expr>, info: &SimplifyContext) -> Result<ExprSimplifyResult> {
-        self.inner.inner().simplify(args, info)
+        let cap = (
+            self.max_bytes / 256,
+            "a constant may have (1/256 of --max-function-output)",
+        );
+        let name = format!("{}()", self.inner.name());
+        if matches!(
+            self.estimate,
+            Some(Estimate::Sum | Estimate::SumWithSeparator)
+        ) {
+            let literals: usize = args
+                .iter()
+                .map(|a| match a {
+                    Expr::Literal(v, _) => scalar_size(v).max(0) as usize,
+                    _ => 0,
+                })
+                .sum();
+            if literals > cap.0 {
+                return Err(too_large(
+                    &name,
+                    "would fold its literals into",
+                    literals,
+                    cap,
+                ));
+            }
+        }
+        let simplified = self.inner.inner().simplify(args, info)?;
+        if let ExprSimplifyResult::Simplified(Expr::Literal(v, _)) = &simplified
+            && v.size() > cap.0
+        {
+            return Err(too_large(&name, "folded into", v.size(), cap));
+        }
+        Ok(simplified)
     }
 
     fn preimage(
@@ -475,10 +506,23 @@ fn estimate_bytes(estimate: Estimate, args: &[ColumnarValue], rows: usize) -> Re
     Ok(total)
 }
 
-/// Rewrites `a || b` on strings to [`StringConcat`], which is capped.
+/// Rewrites a chain `a || b || c ...` on strings into one call of [`StringConcat`],
+/// which is capped. One call for the whole chain, not one per `||`: DataFusion names a
+/// function call after its arguments' names, so a nested chain of n calls would cost
+/// O(n²) to name and O(n³) to type, where the flat call costs O(n).
 #[derive(Debug)]
 struct CapStringConcat {
     concat: Arc<ScalarUDF>,
+}
+
+impl CapStringConcat {
+    /// The arguments of `e` if it is already a [`StringConcat`] call.
+    fn flattened(&self, e: Expr) -> std::result::Result<Vec<Expr>, Expr> {
+        match e {
+            Expr::ScalarFunction(f) if f.func.name() == self.concat.name() => Ok(f.args),
+            other => Err(other),
+        }
+    }
 }
 
 impl FunctionRewrite for CapStringConcat {
@@ -500,10 +544,11 @@ impl FunctionRewrite for CapStringConcat {
         else {
             return Ok(Transformed::no(expr));
         };
-        let string = |e: &Expr| {
-            e.get_type(schema).is_ok_and(|t| {
+        let string = |e: &Expr| match e {
+            Expr::ScalarFunction(f) if f.func.name() == self.concat.name() => true,
+            e => e.get_type(schema).is_ok_and(|t| {
                 matches!(t, DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View)
-            })
+            }),
         };
         if !(string(&left) && string(&right)) {
             return Ok(Transformed::no(Expr::BinaryExpr(BinaryExpr {
@@ -512,14 +557,19 @@ impl FunctionRewrite for CapStringConcat {
                 right,
             })));
         }
+        let mut args = self.flattened(*left).unwrap_or_else(|e| vec![e]);
+        match self.flattened(*right) {
+            Ok(more) => args.extend(more),
+            Err(e) => args.push(e),
+        }
         Ok(Transformed::yes(Expr::ScalarFunction(
-            ScalarFunction::new_udf(Arc::clone(&self.concat), vec![*left, *right]),
+            ScalarFunction::new_udf(Arc::clone(&self.concat), args),
         )))
     }
 }
 
-/// `a || b` on strings, capped: evaluated by DataFusion's own `||`, so results are the
-/// same, and named `a || b`, so column names are too.
+/// `a || b || ...` on strings, capped: NULL if any part is NULL, as `||` is, and named
+/// `a || b || ...`, so column names are unchanged.
 #[derive(Debug, PartialEq, Eq, Hash)]
 struct StringConcat {
     signature: Signature,
@@ -535,21 +585,47 @@ impl StringConcat {
     }
 }
 
+/// One argument of [`StringConcat`], row by row; a scalar is never broadcast.
+enum Part {
+    Scalar(Option<String>),
+    Array(ArrayRef),
+}
+
+impl Part {
+    fn new(value: &ColumnarValue) -> Result<Self> {
+        Ok(match value {
+            ColumnarValue::Scalar(s) => match s.cast_to(&DataType::LargeUtf8)? {
+                ScalarValue::LargeUtf8(v) => Part::Scalar(v),
+                other => Part::Scalar(Some(other.to_string())),
+            },
+            ColumnarValue::Array(a) => Part::Array(cast(a, &DataType::LargeUtf8)?),
+        })
+    }
+
+    fn at(&self, row: usize) -> Option<&str> {
+        match self {
+            Part::Scalar(v) => v.as_deref(),
+            Part::Array(a) => {
+                let a = a.as_string::<i64>();
+                a.is_valid(row).then(|| a.value(row))
+            }
+        }
+    }
+}
+
 impl ScalarUDFImpl for StringConcat {
     fn name(&self) -> &str {
         "quiver_string_concat"
     }
 
     fn display_name(&self, args: &[Expr]) -> Result<String> {
-        Ok(format!("{} || {}", args[0], args[1]))
+        let parts: Vec<String> = args.iter().map(ToString::to_string).collect();
+        Ok(parts.join(" || "))
     }
 
     fn schema_name(&self, args: &[Expr]) -> Result<String> {
-        Ok(format!(
-            "{} || {}",
-            args[0].schema_name(),
-            args[1].schema_name()
-        ))
+        let parts: Vec<String> = args.iter().map(|a| a.schema_name().to_string()).collect();
+        Ok(parts.join(" || "))
     }
 
     fn signature(&self) -> &Signature {
@@ -583,34 +659,39 @@ impl ScalarUDFImpl for StringConcat {
             .iter()
             .all(|a| matches!(a, ColumnarValue::Scalar(_)));
         let rows = if scalar { 1 } else { args.number_rows };
-        let columns = args
+        let parts = args
             .args
             .iter()
-            .map(|a| a.to_array(rows))
+            .map(Part::new)
             .collect::<Result<Vec<_>>>()?;
-        let data_type = columns[0].data_type().clone();
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("l", data_type.clone(), true),
-            Field::new("r", data_type, true),
-        ]));
-        let batch = RecordBatch::try_new(schema, columns)?;
-        let concat = PhysicalBinary::new(
-            Arc::new(Column::new("l", 0)),
-            Operator::StringConcat,
-            Arc::new(Column::new("r", 1)),
-        );
-        let output = concat.evaluate(&batch)?;
-        let out_bytes = output_bytes(&output);
-        if out_bytes > cap.0 {
-            return Err(too_large("||", "produced", out_bytes, cap));
+        let mut out = LargeStringBuilder::with_capacity(rows, usize::try_from(bytes).unwrap_or(0));
+        let mut value = String::new();
+        for row in 0..rows {
+            value.clear();
+            let mut null = false;
+            for part in &parts {
+                match part.at(row) {
+                    Some(s) => value.push_str(s),
+                    None => {
+                        null = true;
+                        break;
+                    }
+                }
+            }
+            if null {
+                out.append_null();
+            } else {
+                out.append_value(&value);
+            }
         }
+        let array: ArrayRef = Arc::new(out.finish());
+        let array = cast(&array, args.return_field.data_type())?;
         if scalar {
-            let array = output.to_array(1)?;
             return Ok(ColumnarValue::Scalar(ScalarValue::try_from_array(
                 &array, 0,
             )?));
         }
-        Ok(output)
+        Ok(ColumnarValue::Array(array))
     }
 }
 

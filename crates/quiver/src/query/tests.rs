@@ -204,7 +204,8 @@ async fn function_outputs_are_capped_before_they_are_allocated() {
         "SELECT length(repeat('x', 800000000))::BIGINT",
         "SELECT cardinality(range(1, 1000000000))::BIGINT",
         "SELECT length(lpad('x', 2000000000))::BIGINT",
-        "SELECT length(repeat('x', 10000000) || repeat('y', 10000000))::BIGINT",
+        "SELECT length(repeat('x', 1000000) || repeat('y', 1000000))::BIGINT",
+        "SELECT length(concat(repeat('x', 1000000), repeat('y', 1000000)))::BIGINT",
         "SELECT max(length(repeat('x', 40000) || value::varchar))::BIGINT FROM generate_series(1, 100000)",
     ] {
         let err = run(&engine, sql).await.unwrap_err();
@@ -217,4 +218,23 @@ async fn function_outputs_are_capped_before_they_are_allocated() {
             .unwrap(),
         (1, 2001)
     );
+    // A chain of `||` at the depth limit is one capped call: it plans quickly.
+    let sql = format!(
+        "SELECT length({})::BIGINT",
+        chain("'ab'", " || ", SqlLimits::default().max_depth - 2)
+    );
+    let started = Instant::now();
+    assert_eq!(
+        run(&engine, &sql).await.unwrap(),
+        (1, 2 * (SqlLimits::default().max_depth as i64 - 2))
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    // NULL anywhere makes NULL, as `||` does.
+    let sql =
+        "SELECT count(*) FROM (SELECT 'a' || CAST(NULL AS VARCHAR) || 'b' AS s) WHERE s IS NULL";
+    assert_eq!(run(&engine, sql).await.unwrap(), (1, 1));
 }
