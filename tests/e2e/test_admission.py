@@ -191,7 +191,12 @@ def test_list_and_cancel_queries_with_do_action(dataset, tmp_path):
     try:
         reader = server.client.do_get(flight.Ticket(LONG_SORT.encode()))
         reader.read_chunk()
-        queries = list_queries(server.client)
+        # The send loop counts a batch just after handing it to the network: under load the
+        # client can read it first.
+        queries = wait_for(
+            lambda: (qs := list_queries(server.client)) and qs[0]["rows_sent"] > 0 and qs,
+            what="the first batch to be counted",
+        )
         assert len(queries) == 1
         q = queries[0]
         assert isinstance(q["id"], str) and q["id"]

@@ -242,10 +242,10 @@ impl Authenticator {
             .filter(|(_, s)| s.identity.name == identity.name)
             .map(|(d, s)| (*d, s.expires))
             .collect();
-        if mine.len() >= MAX_SESSIONS_PER_USER {
-            if let Some((oldest, _)) = mine.iter().min_by_key(|(_, expires)| *expires) {
-                sessions.remove(oldest);
-            }
+        if mine.len() >= MAX_SESSIONS_PER_USER
+            && let Some((oldest, _)) = mine.iter().min_by_key(|(_, expires)| *expires)
+        {
+            sessions.remove(oldest);
         }
         sessions.insert(
             digest(&token),
