@@ -275,20 +275,15 @@ impl Authenticator {
 
     /// The caller of a request carrying `authorization: Bearer <token>`.
     pub fn authenticate(&self, metadata: &MetadataMap) -> Result<Identity> {
-        let result = self.bearer(metadata);
-        if let Err(e) = &result {
-            let reason = match e.to_string() {
-                m if m.contains("expired") => FailureReason::ExpiredToken,
-                m if m.contains("unknown bearer token") => FailureReason::UnknownToken,
-                _ => FailureReason::Malformed,
-            };
+        self.bearer(metadata).map_err(|(reason, e)| {
             self.throttle.count(reason);
-        }
-        result
+            e
+        })
     }
 
-    fn bearer(&self, metadata: &MetadataMap) -> Result<Identity> {
-        let token = header(metadata, "Bearer ")?;
+    /// The caller, or why not (for `quiver_auth_failures_total`) and the error.
+    fn bearer(&self, metadata: &MetadataMap) -> Result<Identity, (FailureReason, Error)> {
+        let token = header(metadata, "Bearer ").map_err(|e| (FailureReason::Malformed, e))?;
         let digest = digest(token);
         if let Some(identity) = self.tokens.get(&digest) {
             return Ok(identity.clone());
@@ -298,11 +293,15 @@ impl Authenticator {
             Some(s) if s.expires > Instant::now() => Ok(s.identity.clone()),
             Some(_) => {
                 sessions.remove(&digest);
-                Err(unauthenticated(
-                    "the session token expired; call Handshake again",
+                Err((
+                    FailureReason::ExpiredToken,
+                    unauthenticated("the session token expired; call Handshake again"),
                 ))
             }
-            None => Err(unauthenticated("unknown bearer token")),
+            None => Err((
+                FailureReason::UnknownToken,
+                unauthenticated("unknown bearer token"),
+            )),
         }
     }
 }

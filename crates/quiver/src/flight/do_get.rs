@@ -314,21 +314,18 @@ fn stream_messages<M: Outgoing>(
         deadline,
     } = execution;
     let (tx, rx) = mpsc::channel::<Result<M, Status>>(options.channel_depth.max(1));
+    let first_batch = deadline.clone().earliest(Deadline::after(
+        tokio::time::Instant::from_std(query.started()),
+        engine.limits().first_batch_timeout,
+        "--first-batch-timeout",
+    ));
     let watch = Watch {
-        first_batch: deadline.clone().earliest(Deadline::after(
-            tokio::time::Instant::from_std(query.started()),
-            engine.limits().first_batch_timeout,
-            "--first-batch-timeout",
-        )),
+        first_batch: first_batch.clone(),
         query: deadline.clone(),
         active: Arc::clone(query.active()),
     };
     let limits = Limits {
-        first_batch: deadline.clone().earliest(Deadline::after(
-            tokio::time::Instant::from_std(query.started()),
-            engine.limits().first_batch_timeout,
-            "--first-batch-timeout",
-        )),
+        first_batch,
         query: deadline,
         idle: engine.limits().stream_idle_timeout,
     };

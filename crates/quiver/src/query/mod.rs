@@ -562,7 +562,7 @@ impl QueryEngine {
                 "the client's grpc-timeout",
             ));
         }
-        self.check_progress()?;
+        self.check_capacity()?;
         let never = tokio_util::sync::CancellationToken::new();
         let admit = self.admission.admit(&never, &self.metrics.queued, || {});
         let slot = deadline.run("waiting for a query slot", admit).await?;
@@ -600,7 +600,7 @@ impl QueryEngine {
             deadline =
                 deadline.earliest(Deadline::after(arrived, limit, "the ticket's timeout_ms"));
         }
-        self.check_progress()?;
+        self.check_capacity()?;
         let id = request.id.unwrap_or_else(new_query_id);
         let active = Arc::new(ActiveQuery::new(id, request.user, &request.sql));
         let mut query = RunningQuery::start(
@@ -685,7 +685,7 @@ impl QueryEngine {
 
     /// Refuses new work while the CPU runtime makes no progress (it would only queue
     /// behind work that does not yield) or the process is over its memory hard limit.
-    fn check_progress(&self) -> Result<()> {
+    fn check_capacity(&self) -> Result<()> {
         self.heap.check()?;
         let progress = self.cpu.progress();
         if progress.stalled() {
