@@ -50,5 +50,25 @@ cargo build --release --workspace --all-targets
 echo "== Rust tests"
 cargo nextest run --release --workspace --no-fail-fast
 
+# A bounded libFuzzer run of each target from its seeds and dictionary. These binaries are
+# built with the workspace (no coverage instrumentation: that would rebuild DataFusion),
+# so libFuzzer mutates blindly here; `cargo fuzz run` gives the guided run (fuzz/README.md).
+# A crash fails CI and leaves its input in $fuzz_out.
+echo "== fuzz targets (${QUIVER_FUZZ_SECONDS:=10}s each)"
+fuzz_out="$(mktemp -d)"
+for target in fuzz_ticket fuzz_flight_sql fuzz_sql fuzz_auth fuzz_do_put; do
+  case "$target" in
+    fuzz_sql) dict=fuzz/dicts/sql.dict ;;
+    *) dict=fuzz/dicts/flight_sql.dict ;;
+  esac
+  mkdir -p "$fuzz_out/$target"
+  cp fuzz/corpus/"$target"/* "$fuzz_out/$target/"
+  "$target_dir/release/$target" "$fuzz_out/$target" -dict="$dict" \
+    -max_total_time="$QUIVER_FUZZ_SECONDS" -timeout=20 -rss_limit_mb=4096 -max_len=65536 \
+    -artifact_prefix="$fuzz_out/$target-" -print_final_stats=1 2>"$fuzz_out/$target.log" \
+    || { echo "!! $target failed (input and log in $fuzz_out):"; tail -40 "$fuzz_out/$target.log"; exit 1; }
+  grep -h "stat::number_of_executed_units" "$fuzz_out/$target.log" | sed "s/^/   $target /"
+done
+
 echo "== end-to-end tests"
 QUIVER_BIN="$target_dir/release/quiver" .venv/bin/python -m pytest -q tests/e2e "$@"

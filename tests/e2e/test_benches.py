@@ -88,3 +88,15 @@ def test_send_path_allocates_and_copies_next_to_nothing(tmp_path):
     assert float(zero_copy[5]) < 0.01, out.stdout
     assert float(pinned[4]) < 0.01, out.stdout
     assert float(pinned[5]) < 0.001, out.stdout  # the schema message only
+
+
+def test_soak_smoke_crashes_nothing_and_leaks_nothing(tmp_path):
+    """benches/soak.py --smoke: rounds of checked queries, kills, cancels, deadlines,
+    replaced files, bursts past the queue and bad logins; it fails (exit 1) on a wrong
+    answer, an unexpected error, a pool that does not drain or growing fds/RSS."""
+    out = run_bench("soak.py", tmp_path)
+    assert "FAIL" not in out, out
+    assert "| 5 x 4s |" in out, out
+    events = next(line for line in out.splitlines() if line.startswith("events: "))
+    for event in ["killed mid-stream", "cancelled", "timed out", "replaced and refreshed", "burst ran", "bad login"]:
+        assert event in events, out

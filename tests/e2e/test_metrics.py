@@ -64,7 +64,7 @@ FAMILIES = [
     "quiver_catalog_partitions",
     "quiver_catalog_last_refresh_timestamp_seconds",
     "quiver_cpu_runtime_stalled",
-    "quiver_cpu_runtime_probe_wait_microseconds",
+    "quiver_cpu_runtime_probe_wait_seconds",
     "quiver_memory_hard_limit_bytes",
     "quiver_memory_hard_limit_exceeded",
     "quiver_memory_guard_cancelled_total",

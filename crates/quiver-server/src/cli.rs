@@ -395,6 +395,12 @@ pub struct ServeArgs {
     #[arg(long, env = "QUIVER_STREAM_IDLE_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     pub stream_idle_timeout: Duration,
 
+    /// While a query computes without producing rows for this long, an empty record
+    /// batch is sent, so proxies and load balancers with idle timeouts (60s is common)
+    /// keep the stream open; clients read it as a batch of zero rows. `0s`: never.
+    #[arg(long, env = "QUIVER_STREAM_KEEPALIVE", default_value = "20s", value_parser = parse_duration)]
+    pub stream_keepalive: Duration,
+
     /// When an empty probe task waits this long to run on the query runtime (every
     /// query thread busy in work that does not yield), the server logs it, sets
     /// quiver_cpu_runtime_stalled, reports NOT_SERVING to gRPC health checks and refuses
@@ -456,6 +462,13 @@ pub struct ServeArgs {
     /// accepts every client, and warns when listening beyond loopback.
     #[arg(long, env = "QUIVER_AUTH_FILE")]
     pub auth_file: Option<PathBuf>,
+
+    /// Audit log: one JSON line per query and per authentication decision (who, from
+    /// where, which SQL cut at 4 KiB, which tables, outcome, rows, bytes, duration, peak
+    /// memory), appended to PATH, or `-` for stderr. Reopened on SIGHUP (logrotate).
+    /// Never holds passwords or tokens.
+    #[arg(long, env = "QUIVER_AUDIT_LOG", value_name = "PATH|-")]
+    pub audit_log: Option<String>,
 
     /// Password checks (argon2id, ~19 MiB and tens of milliseconds each) running at
     /// once; one of them is kept for known users without recent failures, so a valid

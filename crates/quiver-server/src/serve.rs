@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use arrow_flight::flight_service_server::FlightServiceServer;
 use prometheus::Registry;
+use quiver::audit::AuditLog;
 use quiver::catalog::{CatalogFile, TableDefinition, parse_table_flag, tables_in_data_dir};
 use quiver::flight::auth::{Authenticator, LoginLimits};
 use quiver::flight::zero_copy::ZeroCopyDoGetLayer;
@@ -107,7 +108,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         },
         stack_size: args.query_stack_size.0,
         max_function_output: args.max_function_output.0,
+        audit: args
+            .audit_log
+            .as_deref()
+            .map(|spec| AuditLog::open(spec).map(Arc::new))
+            .transpose()
+            .context("--audit-log")?,
     };
+    let _audit_reopen = options.audit.clone().map(audit_reopen_loop);
     let memory_hard_limit = match args.memory_hard_limit {
         Some(limit) => limit.bytes(),
         None => {
@@ -191,6 +199,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 IpcCompression::Zstd => Some(CompressionType::ZSTD),
                 IpcCompression::Lz4 => Some(CompressionType::LZ4_FRAME),
             },
+            keepalive: args.stream_keepalive,
             ..SendOptions::default()
         },
         PreparedLimits {
@@ -442,6 +451,25 @@ fn refresh_loop(engine: Arc<QueryEngine>, interval: Duration) -> Option<AbortOnD
             }
         }),
     ))
+}
+
+/// Reopens the audit log on SIGHUP, after logrotate moved it away.
+fn audit_reopen_loop(log: Arc<AuditLog>) -> AbortOnDropHandle<()> {
+    AbortOnDropHandle::new(tokio::runtime::Handle::current().spawn(async move {
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGHUP; the audit log will not be reopened");
+                return;
+            }
+        };
+        while hup.recv().await.is_some() {
+            match log.reopen() {
+                Ok(()) => tracing::info!("SIGHUP: audit log reopened"),
+                Err(e) => tracing::warn!(error = %e, "SIGHUP: reopening the audit log failed; writing on to the old file"),
+            }
+        }
+    }))
 }
 
 /// Probes the query runtime (`CpuRuntime::watch_progress`) and reports NOT_SERVING to

@@ -22,6 +22,7 @@
 
 #![warn(missing_docs)]
 
+pub mod audit;
 pub mod catalog;
 pub mod demo;
 pub mod error;

@@ -150,6 +150,14 @@ impl Catalog {
             .collect()
     }
 
+    /// Each table's name and root (its directory, or its one file).
+    pub fn roots(&self) -> Vec<(String, std::path::PathBuf)> {
+        self.definitions
+            .iter()
+            .map(|d| (d.name.clone(), d.path.clone()))
+            .collect()
+    }
+
     /// The current snapshot of a table.
     pub fn get(&self, name: &str) -> Option<Arc<HiveTable>> {
         self.tables.read().expect("poisoned").get(name).cloned()

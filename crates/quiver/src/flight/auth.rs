@@ -29,6 +29,7 @@ use tonic::metadata::MetadataMap;
 
 use super::login::{FailureReason, LoginThrottle};
 use crate::error::{Error, Result};
+use crate::query::TableAccess;
 
 pub use super::login::LoginLimits;
 
@@ -59,6 +60,8 @@ pub struct Identity {
     pub name: Arc<str>,
     /// May list and cancel every user's queries (`admin = true` in the auth file).
     pub admin: bool,
+    /// The tables this caller may read (`tables = [...]` in the auth file).
+    pub tables: Arc<TableAccess>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -78,6 +81,8 @@ struct UserEntry {
     password: String,
     #[serde(default)]
     admin: bool,
+    /// Glob patterns of the tables the user may read; absent: all.
+    tables: Option<Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -88,6 +93,8 @@ struct TokenEntry {
     sha256: String,
     #[serde(default)]
     admin: bool,
+    /// Glob patterns of the tables the token may read; absent: all.
+    tables: Option<Vec<String>>,
 }
 
 #[derive(Debug)]
@@ -99,8 +106,8 @@ struct Session {
 /// Checks credentials and issues session tokens.
 #[derive(Debug)]
 pub struct Authenticator {
-    /// User name to PHC string (validated at load) and admin flag.
-    users: HashMap<String, (String, bool)>,
+    /// User name to PHC string (validated at load) and who the user is once verified.
+    users: HashMap<String, (String, Identity)>,
     /// Token digest to token name.
     tokens: HashMap<[u8; 32], Identity>,
     /// Session token digest to session.
@@ -144,8 +151,16 @@ impl Authenticator {
                     user.name, hash.algorithm
                 ));
             }
+            let identity = Identity {
+                name: user.name.as_str().into(),
+                admin: user.admin,
+                tables: Arc::new(
+                    TableAccess::from_patterns(user.tables.as_deref())
+                        .map_err(|e| format!("user '{}': {e}", user.name))?,
+                ),
+            };
             if users
-                .insert(user.name.clone(), (user.password, user.admin))
+                .insert(user.name.clone(), (user.password, identity))
                 .is_some()
             {
                 return Err(format!("user '{}' is listed twice", user.name));
@@ -159,11 +174,14 @@ impl Authenticator {
                     token.name
                 )
             })?;
+            let tables = TableAccess::from_patterns(token.tables.as_deref())
+                .map_err(|e| format!("token '{}': {e}", token.name))?;
             tokens.insert(
                 digest,
                 Identity {
                     name: token.name.into(),
                     admin: token.admin,
+                    tables: Arc::new(tables),
                 },
             );
         }
@@ -204,9 +222,9 @@ impl Authenticator {
         let this = Arc::clone(self);
         let checked_user = user.clone();
         let verified = tokio::task::spawn_blocking(move || {
-            let (hash, admin, known) = match this.users.get(&checked_user) {
-                Some((h, admin)) => (h.as_str(), *admin, true),
-                None => (this.dummy_hash.as_str(), false, false),
+            let (hash, identity) = match this.users.get(&checked_user) {
+                Some((h, identity)) => (h.as_str(), Some(identity.clone())),
+                None => (this.dummy_hash.as_str(), None),
             };
             let ok = PasswordHash::new(hash)
                 .map(|h| {
@@ -215,12 +233,12 @@ impl Authenticator {
                         .is_ok()
                 })
                 .unwrap_or(false);
-            (ok && known).then_some(admin)
+            identity.filter(|_| ok)
         })
         .await
         .map_err(|e| Error::Internal(format!("password check failed: {e}")))?;
         drop(permit);
-        let Some(admin) = verified else {
+        let Some(identity) = verified else {
             let delay = self.throttle.failed(&user, peer);
             tokio::time::sleep(delay).await;
             return Err(unauthenticated("wrong user name or password"));
@@ -230,10 +248,6 @@ impl Authenticator {
         let mut bytes = [0u8; TOKEN_BYTES];
         OsRng.fill_bytes(&mut bytes);
         let token = URL_SAFE_NO_PAD.encode(bytes);
-        let identity = Identity {
-            name: user.into(),
-            admin,
-        };
         let now = Instant::now();
         let mut sessions = self.sessions.lock().expect("poisoned");
         sessions.retain(|_, s| s.expires > now);
@@ -304,6 +318,14 @@ impl Authenticator {
             )),
         }
     }
+}
+
+/// The user name a Handshake's Basic credentials claim, for the audit log (never the
+/// password); `None` when they cannot be read.
+pub fn claimed_user(metadata: &MetadataMap) -> Option<String> {
+    let credentials = header(metadata, "Basic ").ok()?;
+    let decoded = String::from_utf8(BASIC.decode(credentials).ok()?).ok()?;
+    decoded.split_once(':').map(|(user, _)| user.to_owned())
 }
 
 /// An argon2id PHC string for `password`, with a random salt and the crate's default

@@ -26,10 +26,11 @@ use arrow_flight::FlightData;
 use arrow_flight::encode::{DictionaryHandling, FlightDataEncoderBuilder};
 use arrow_flight::error::FlightError;
 use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::DataType;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::ipc::CompressionType;
 use datafusion::arrow::ipc::root_as_message;
-use datafusion::arrow::ipc::writer::IpcWriteOptions;
+use datafusion::arrow::ipc::writer::{DictionaryTracker, IpcDataGenerator, IpcWriteOptions};
 use futures::{FutureExt, Stream, StreamExt};
 use std::panic::AssertUnwindSafe;
 use tokio::sync::mpsc;
@@ -53,7 +54,7 @@ pub(super) type FlightDataStream = MessageStream<FlightData>;
 pub type MessageStream<M> = Pin<Box<dyn Stream<Item = Result<M, Status>> + Send>>;
 
 /// A message on its way to the client, in either encoding.
-pub trait Outgoing: Send + 'static {
+pub trait Outgoing: Send + Sync + 'static {
     /// Rows of a record batch message; `None` for schema and dictionary messages.
     fn rows(&self) -> Option<u64>;
     /// Bytes of the Flight payload: IPC header, body and application metadata.
@@ -82,6 +83,9 @@ impl Outgoing for Frame {
     }
 }
 
+/// Default of `--stream-keepalive`: well inside the 60 s idle timeout common in proxies.
+pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(20);
+
 /// Knobs for the send path.
 #[derive(Debug, Clone, Copy)]
 pub struct SendOptions {
@@ -91,6 +95,9 @@ pub struct SendOptions {
     pub channel_depth: usize,
     /// IPC body compression (zstd or LZ4 frame), which pyarrow decodes transparently.
     pub compression: Option<CompressionType>,
+    /// After this long without a batch, an empty one is sent to keep the stream from
+    /// looking idle to proxies; zero: never.
+    pub keepalive: Duration,
 }
 
 impl Default for SendOptions {
@@ -102,6 +109,7 @@ impl Default for SendOptions {
             // and bound the memory a slow client can pin to a few messages per stream.
             channel_depth: 2,
             compression: None,
+            keepalive: DEFAULT_KEEPALIVE,
         }
     }
 }
@@ -135,6 +143,8 @@ fn ticket_request(
         sql: ticket.sql,
         id: ticket.query_id,
         user: caller.identity.as_ref().map(|i| i.name.to_string()),
+        access: caller.tables(),
+        origin: caller.origin.clone(),
         client_timeout: caller.client_timeout,
         params,
     };
@@ -155,6 +165,8 @@ pub(super) async fn run_ticket_frames(
     }
     tracing::debug!(sql = %request.sql, "query (zero-copy send path)");
     let started = start(engine, request).await?;
+    let keepalive = empty_batch(&started.schema, &IpcWriteOptions::default())?
+        .map(|message| Frame::from_flight_data(&message));
     let encoder = FrameEncoder::try_new(
         &started.schema,
         IpcWriteOptions::default(),
@@ -167,6 +179,7 @@ pub(super) async fn run_ticket_frames(
         started.execution,
         encoded,
         options,
+        keepalive,
     )))
 }
 
@@ -268,6 +281,27 @@ async fn start(engine: &Arc<QueryEngine>, request: QueryRequest) -> Result<Start
     })
 }
 
+/// The keep-alive message: a record batch of no rows, which clients read as an empty
+/// batch (arrow-flight's encoder drops empty batches, so it is encoded here). `None`
+/// when the result has dictionary columns: their batches need the dictionaries sent
+/// with the rows, and an empty one would replace them.
+fn empty_batch(schema: &SchemaRef, options: &IpcWriteOptions) -> Result<Option<FlightData>> {
+    let dictionaries = schema
+        .flattened_fields()
+        .iter()
+        .any(|f| matches!(f.data_type(), DataType::Dictionary(..)));
+    if dictionaries {
+        return Ok(None);
+    }
+    let (_, batch) = IpcDataGenerator::default().encode(
+        &RecordBatch::new_empty(Arc::clone(schema)),
+        &mut DictionaryTracker::new(false),
+        options,
+        &mut Default::default(),
+    )?;
+    Ok(Some(batch.into()))
+}
+
 /// Admits, plans and runs a query; planning errors are returned, execution errors
 /// arrive in-band.
 pub(super) async fn do_get(
@@ -277,6 +311,7 @@ pub(super) async fn do_get(
 ) -> Result<FlightDataStream> {
     let started = start(engine, request).await?;
     let ipc = IpcWriteOptions::default().try_with_compression(options.compression)?;
+    let keepalive = empty_batch(&started.schema, &ipc)?;
     // Split here, by the bytes the rows reference: arrow-flight splits by the capacity of
     // the buffers, which for a pinned table's batches (slices of one allocation, see
     // `wire::pinned`) is the whole allocation per column, and would cut each batch
@@ -297,16 +332,24 @@ pub(super) async fn do_get(
         .with_schema(started.schema)
         .with_max_flight_data_size(usize::MAX)
         .build(pieces);
-    Ok(stream_messages(engine, started.execution, encoded, options))
+    Ok(stream_messages(
+        engine,
+        started.execution,
+        encoded,
+        options,
+        keepalive,
+    ))
 }
 
 /// Runs the send loop on the CPU runtime, handing `encoded` messages to the returned
-/// stream through a bounded channel.
-fn stream_messages<M: Outgoing>(
+/// stream through a bounded channel, and `keepalive` whenever `options.keepalive` passes
+/// without one.
+fn stream_messages<M: Outgoing + Clone>(
     engine: &Arc<QueryEngine>,
     execution: Running,
     encoded: impl Stream<Item = std::result::Result<M, FlightError>> + Send + Unpin + 'static,
     options: SendOptions,
+    keepalive: Option<M>,
 ) -> MessageStream<M> {
     let Running {
         report,
@@ -328,6 +371,9 @@ fn stream_messages<M: Outgoing>(
         first_batch,
         query: deadline,
         idle: engine.limits().stream_idle_timeout,
+        keepalive: keepalive
+            .filter(|_| !options.keepalive.is_zero())
+            .map(|m| (options.keepalive, m)),
     };
     let task = engine.cpu().spawn(async move {
         // `report` is dropped with the task however it ends, so the scan summary is
@@ -350,6 +396,7 @@ fn stream_messages<M: Outgoing>(
                 None
             }
             Err((outcome, status)) => {
+                query.active().set_code(status.code());
                 query.finish(outcome);
                 Some(status)
             }
@@ -414,7 +461,7 @@ fn watch_from_outside<M: Outgoing>(
             biased;
             item = state.body.next() => {
                 let item = item?;
-                if matches!(&item, Ok(m) if m.rows().is_some()) {
+                if matches!(&item, Ok(m) if m.rows().is_some_and(|rows| rows > 0)) {
                     state.sent_first_batch = true;
                 }
                 return Some((item, state));
@@ -423,19 +470,22 @@ fn watch_from_outside<M: Outgoing>(
             () = deadline.expired() => deadline.error(stage),
         };
         state.watch.active.set_outcome(Outcome::of(&stopped));
+        state.watch.active.set_code(stopped.code());
         state.done = true;
         Some((Err(Status::from(stopped)), state))
     })
 }
 
 /// The limits a stream runs under.
-struct Limits {
+struct Limits<M> {
     /// Until the first record batch is sent.
     first_batch: Deadline,
     /// The whole query.
     query: Deadline,
     /// Longest wait for the client to take the next message.
     idle: Duration,
+    /// How long the query may compute without a message, and the message sent then.
+    keepalive: Option<(Duration, M)>,
 }
 
 /// How a query's stream ended early: its outcome and the status the client gets.
@@ -443,11 +493,11 @@ type Stop = (Outcome, Status);
 
 /// Moves encoded messages to the network until the result ends, the query fails, is
 /// cancelled, runs out of time, or the client goes away or stops reading.
-async fn send<M: Outgoing>(
+async fn send<M: Outgoing + Clone>(
     mut encoded: impl Stream<Item = std::result::Result<M, FlightError>> + Unpin,
     tx: &mpsc::Sender<Result<M, Status>>,
     query: &mut RunningQuery,
-    limits: &Limits,
+    limits: &Limits<M>,
 ) -> Result<(), Stop> {
     let active = Arc::clone(query.active());
     let cancel = active.cancelled().clone();
@@ -460,11 +510,20 @@ async fn send<M: Outgoing>(
         } else {
             (&limits.first_batch, "the first batch")
         };
+        // Quiet for too long (computing an aggregate, a sort): keep the stream alive.
+        // `next()` is cancel-safe: dropping it loses nothing.
+        let quiet = async {
+            match &limits.keepalive {
+                Some((every, _)) => tokio::time::sleep(*every).await,
+                None => std::future::pending::<()>().await,
+            }
+        };
         let next = tokio::select! {
             biased;
             () = cancel.cancelled() => return Err(cancelled()),
             () = deadline.expired() => return Err(stop(deadline.error(stage))),
             next = encoded.next() => next,
+            () = quiet => limits.keepalive.as_ref().map(|(_, m)| Ok(m.clone())),
         };
         let data = match next {
             None => return Ok(()),

@@ -1,7 +1,6 @@
 //! `GetFlightInfo`, `GetSchema` and `ListFlights`: describing results without running them.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use arrow_flight::flight_descriptor::DescriptorType;
 use arrow_flight::{
@@ -11,24 +10,27 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::ipc::writer::IpcWriteOptions;
 use datafusion::catalog::TableProvider;
 
+use super::CallContext;
 use super::ticket::{self, Command, QueryTicket};
 use crate::error::{Error, Result};
-use crate::query::{QueryEngine, new_query_id};
+use crate::query::{QueryEngine, TableAccess, new_query_id};
 
 /// What a descriptor stands for: a CMD holds SQL, a Quiver ticket or a Flight SQL
 /// command; a PATH `[table]` means every row of that table.
 pub(super) fn descriptor_command(
     engine: &QueryEngine,
     descriptor: &FlightDescriptor,
+    access: &TableAccess,
 ) -> Result<Command> {
     match DescriptorType::try_from(descriptor.r#type) {
         Ok(DescriptorType::Cmd) => ticket::decode(&descriptor.cmd),
         Ok(DescriptorType::Path) => match descriptor.path.as_slice() {
             [table] => {
-                if engine.catalog().get(table).is_none() {
+                // A table the caller may not read is missing for them.
+                if engine.catalog().get(table).is_none() || !access.allows(table) {
                     return Err(Error::TableNotFound {
                         name: table.clone(),
-                        available: engine.catalog().table_names(),
+                        available: access.visible(engine.catalog().table_names()),
                     });
                 }
                 Ok(Command::Sql(ticket::select_all(table)))
@@ -50,11 +52,16 @@ pub(super) async fn flight_info(
     engine: &Arc<QueryEngine>,
     descriptor: FlightDescriptor,
     ticket: QueryTicket,
-    client_timeout: Option<Duration>,
+    caller: &CallContext,
 ) -> Result<FlightInfo> {
     let schema = engine.view_types().schema(
         &engine
-            .schema(ticket.sql.clone(), vec![], client_timeout)
+            .schema(
+                ticket.sql.clone(),
+                vec![],
+                caller.tables(),
+                caller.client_timeout,
+            )
             .await?,
     );
     // The ticket names the query it will start, so CancelFlightInfo can reach it.
@@ -66,19 +73,22 @@ pub(super) async fn flight_info(
 pub(super) async fn schema(
     engine: &Arc<QueryEngine>,
     sql: String,
-    client_timeout: Option<Duration>,
+    caller: &CallContext,
 ) -> Result<SchemaResult> {
-    let schema = engine
-        .view_types()
-        .schema(&engine.schema(sql, vec![], client_timeout).await?);
+    let schema = engine.view_types().schema(
+        &engine
+            .schema(sql, vec![], caller.tables(), caller.client_timeout)
+            .await?,
+    );
     Ok(SchemaAsIpc::new(&schema, &IpcWriteOptions::default()).try_into()?)
 }
 
-/// One `FlightInfo` per table, with row count and size from Parquet footers.
-pub(super) fn list_flights(engine: &QueryEngine) -> Result<Vec<FlightInfo>> {
+/// One `FlightInfo` per table the caller may read, with row count and size from
+/// Parquet footers.
+pub(super) fn list_flights(engine: &QueryEngine, access: &TableAccess) -> Result<Vec<FlightInfo>> {
     let catalog = engine.catalog();
-    catalog
-        .table_names()
+    access
+        .visible(catalog.table_names())
         .into_iter()
         .filter_map(|name| catalog.get(&name).map(|t| (name, t)))
         .map(|(name, table)| {

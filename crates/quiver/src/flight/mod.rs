@@ -18,7 +18,7 @@ pub mod zero_copy;
 
 pub use datafusion::arrow::ipc::CompressionType;
 pub use do_get::SendOptions;
-pub use sql::PreparedLimits;
+pub use sql::{PreparedLimits, bound_parameters};
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -32,8 +32,9 @@ use arrow_flight::{
 use futures::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::audit::{AuthRecord, Origin};
 use crate::error::{Error, Result};
-use crate::query::{Caller, QueryEngine};
+use crate::query::{Caller, QueryEngine, TableAccess};
 use auth::{Authenticator, Identity, PeerInfo};
 use ticket::{Command, QueryTicket};
 
@@ -59,6 +60,17 @@ pub(crate) struct CallContext {
     pub(crate) identity: Option<Identity>,
     /// The client's `grpc-timeout`.
     pub(crate) client_timeout: Option<Duration>,
+    /// The RPC and where it came from, for the audit log.
+    pub(crate) origin: Origin,
+}
+
+impl CallContext {
+    /// The tables the caller may read: all of them when authentication is off.
+    pub(crate) fn tables(&self) -> Arc<TableAccess> {
+        self.identity
+            .as_ref()
+            .map_or_else(Arc::default, |i| Arc::clone(&i.tables))
+    }
 }
 
 impl QuiverFlightService {
@@ -83,8 +95,13 @@ impl QuiverFlightService {
         self
     }
 
-    /// The caller, or `None` when authentication is off. Runs first in every RPC.
-    fn authorize<T>(&self, request: &Request<T>) -> Result<Option<Identity>, Status> {
+    /// The caller, or `None` when authentication is off. Runs first in every RPC; a
+    /// caller turned away is written to the audit log.
+    fn authorize<T>(
+        &self,
+        request: &Request<T>,
+        rpc: &'static str,
+    ) -> Result<Option<Identity>, Status> {
         if let Some(subject) = request
             .extensions()
             .get::<PeerInfo>()
@@ -95,16 +112,31 @@ impl QuiverFlightService {
         let Some(auth) = &self.auth else {
             return Ok(None);
         };
-        let identity = auth.authenticate(request.metadata())?;
+        let identity = auth.authenticate(request.metadata()).inspect_err(|e| {
+            if let Some(log) = self.engine.audit() {
+                log.auth(&AuthRecord {
+                    origin: &origin(request, rpc),
+                    user: None,
+                    success: false,
+                    reason: &e.to_string(),
+                    code: e.code(),
+                });
+            }
+        })?;
         tracing::Span::current().record("user", &*identity.name);
         Ok(Some(identity))
     }
 
     /// Authenticates the call and records who it is in the request, for Flight SQL.
-    fn context<T>(&self, request: &mut Request<T>) -> Result<CallContext, Status> {
+    fn context<T>(
+        &self,
+        request: &mut Request<T>,
+        rpc: &'static str,
+    ) -> Result<CallContext, Status> {
         let context = CallContext {
-            identity: self.authorize(request)?,
+            identity: self.authorize(request, rpc)?,
             client_timeout: client_timeout(request.metadata()),
+            origin: origin(request, rpc),
         };
         request.extensions_mut().insert(context.clone());
         Ok(context)
@@ -119,11 +151,23 @@ impl QuiverFlightService {
         &self,
         mut request: Request<Ticket>,
     ) -> Result<Option<do_get::MessageStream<crate::wire::frames::Frame>>, Status> {
-        let context = self.context(&mut request)?;
+        let context = self.context(&mut request, "DoGet")?;
         let Some(ticket) = query_ticket(ticket::decode(&request.get_ref().ticket)?) else {
             return Ok(None);
         };
         Ok(do_get::run_ticket_frames(&self.engine, ticket, &context, self.send).await?)
+    }
+}
+
+/// The RPC and where `request` came from.
+fn origin<T>(request: &Request<T>, rpc: &'static str) -> Origin {
+    let peer = request.extensions().get::<PeerInfo>();
+    Origin {
+        rpc,
+        peer: peer
+            .and_then(|p| p.remote_addr)
+            .or_else(|| request.remote_addr()),
+        client_subject: peer.and_then(|p| p.client_subject.clone()),
     }
 }
 
@@ -198,7 +242,22 @@ impl FlightService for QuiverFlightService {
             .and_then(|p| p.remote_addr)
             .or_else(|| request.remote_addr())
             .map(|a| a.ip());
-        let (identity, token) = auth.handshake(request.metadata(), peer).await?;
+        let handshake = auth.handshake(request.metadata(), peer).await;
+        if let Some(log) = self.engine.audit() {
+            let claimed = auth::claimed_user(request.metadata());
+            let (reason, code) = match &handshake {
+                Ok(_) => ("password".to_string(), tonic::Code::Ok),
+                Err(e) => (e.to_string(), e.code()),
+            };
+            log.auth(&AuthRecord {
+                origin: &origin(&request, "Handshake"),
+                user: claimed.as_deref(),
+                success: handshake.is_ok(),
+                reason: &reason,
+                code,
+            });
+        }
+        let (identity, token) = handshake?;
         tracing::Span::current().record("user", &*identity.name);
         tracing::info!("session started");
         // pyarrow reads the token from this header; other clients from the payload.
@@ -218,10 +277,10 @@ impl FlightService for QuiverFlightService {
     #[tracing::instrument(skip_all, name = "ListFlights", fields(user, client))]
     async fn list_flights(
         &self,
-        request: Request<Criteria>,
+        mut request: Request<Criteria>,
     ) -> Result<Response<Self::ListFlightsStream>, Status> {
-        self.authorize(&request)?;
-        let infos = flight_info::list_flights(&self.engine)?;
+        let context = self.context(&mut request, "ListFlights")?;
+        let infos = flight_info::list_flights(&self.engine, &context.tables())?;
         Ok(Response::new(Box::pin(futures::stream::iter(
             infos.into_iter().map(Ok),
         ))))
@@ -232,18 +291,14 @@ impl FlightService for QuiverFlightService {
         &self,
         mut request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let context = self.context(&mut request)?;
-        let command = flight_info::descriptor_command(&self.engine, request.get_ref())?;
+        let context = self.context(&mut request, "GetFlightInfo")?;
+        let command =
+            flight_info::descriptor_command(&self.engine, request.get_ref(), &context.tables())?;
         let Some(ticket) = query_ticket(command) else {
             return FlightService::get_flight_info(&*self.flight_sql, request).await;
         };
-        let info = flight_info::flight_info(
-            &self.engine,
-            request.into_inner(),
-            ticket,
-            context.client_timeout,
-        )
-        .await?;
+        let info =
+            flight_info::flight_info(&self.engine, request.into_inner(), ticket, &context).await?;
         Ok(Response::new(info))
     }
 
@@ -268,8 +323,9 @@ impl FlightService for QuiverFlightService {
         &self,
         mut request: Request<FlightDescriptor>,
     ) -> Result<Response<SchemaResult>, Status> {
-        let context = self.context(&mut request)?;
-        let command = flight_info::descriptor_command(&self.engine, request.get_ref())?;
+        let context = self.context(&mut request, "GetSchema")?;
+        let command =
+            flight_info::descriptor_command(&self.engine, request.get_ref(), &context.tables())?;
         let Some(ticket) = query_ticket(command) else {
             // Flight SQL has no GetSchema of its own: the FlightInfo's schema is it.
             let info = FlightService::get_flight_info(&*self.flight_sql, request).await?;
@@ -278,7 +334,7 @@ impl FlightService for QuiverFlightService {
             }));
         };
         Ok(Response::new(
-            flight_info::schema(&self.engine, ticket.sql, context.client_timeout).await?,
+            flight_info::schema(&self.engine, ticket.sql, &context).await?,
         ))
     }
 
@@ -287,7 +343,7 @@ impl FlightService for QuiverFlightService {
         &self,
         mut request: Request<Ticket>,
     ) -> Result<Response<Self::DoGetStream>, Status> {
-        let context = self.context(&mut request)?;
+        let context = self.context(&mut request, "DoGet")?;
         let Some(ticket) = query_ticket(ticket::decode(&request.get_ref().ticket)?) else {
             return FlightService::do_get(&*self.flight_sql, request).await;
         };
@@ -302,7 +358,7 @@ impl FlightService for QuiverFlightService {
         &self,
         mut request: Request<Streaming<FlightData>>,
     ) -> Result<Response<Self::DoPutStream>, Status> {
-        self.context(&mut request)?;
+        self.context(&mut request, "DoPut")?;
         FlightService::do_put(&*self.flight_sql, request).await
     }
 
@@ -310,7 +366,7 @@ impl FlightService for QuiverFlightService {
         &self,
         request: Request<Streaming<FlightData>>,
     ) -> Result<Response<Self::DoExchangeStream>, Status> {
-        self.authorize(&request)?;
+        self.authorize(&request, "DoExchange")?;
         unsupported("DoExchange")
     }
 
@@ -319,7 +375,7 @@ impl FlightService for QuiverFlightService {
         &self,
         mut request: Request<Action>,
     ) -> Result<Response<Self::DoActionStream>, Status> {
-        let CallContext { identity, .. } = self.context(&mut request)?;
+        let CallContext { identity, .. } = self.context(&mut request, "DoAction")?;
         if !actions::is_ours(&request.get_ref().r#type) {
             return FlightService::do_action(&*self.flight_sql, request).await;
         }
@@ -335,7 +391,7 @@ impl FlightService for QuiverFlightService {
         &self,
         request: Request<Empty>,
     ) -> Result<Response<Self::ListActionsStream>, Status> {
-        self.authorize(&request)?;
+        self.authorize(&request, "ListActions")?;
         Ok(Response::new(Box::pin(futures::stream::iter(
             actions::list().into_iter().map(Ok),
         ))))

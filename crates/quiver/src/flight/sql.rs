@@ -63,7 +63,7 @@ use super::do_get::{self, SendOptions};
 use super::ticket::QueryTicket;
 use super::{CallContext, actions, caller};
 use crate::error::{Error, Result};
-use crate::query::{QueryEngine, new_query_id};
+use crate::query::{QueryEngine, TableAccess, new_query_id};
 use crate::wire::views;
 
 type DoGetStream = Pin<Box<dyn Stream<Item = Result<FlightData, Status>> + Send + 'static>>;
@@ -123,13 +123,19 @@ impl FlightSql {
         request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
         let ticket = command.as_any().encode_to_vec();
-        let batch = self.metadata(command.into()).await?;
+        let batch = self
+            .metadata(command.into(), &context(&request).tables())
+            .await?;
         Self::info(&batch.schema(), ticket, request.into_inner())
     }
 
     /// A metadata command's result, as one batch.
-    async fn metadata_stream(&self, command: Metadata) -> Result<Response<DoGetStream>, Status> {
-        let batch = self.metadata(command).await?;
+    async fn metadata_stream<T>(
+        &self,
+        command: Metadata,
+        request: &Request<T>,
+    ) -> Result<Response<DoGetStream>, Status> {
+        let batch = self.metadata(command, &context(request).tables()).await?;
         let stream = FlightDataEncoderBuilder::new()
             .with_schema(batch.schema())
             .build(futures::stream::once(async move { Ok(batch) }))
@@ -137,12 +143,18 @@ impl FlightSql {
         Ok(Response::new(Box::pin(stream)))
     }
 
-    /// Answers a metadata command from the engine's catalog.
-    async fn metadata(&self, command: Metadata) -> Result<RecordBatch> {
+    /// Answers a metadata command from the engine's catalog, as far as the caller may
+    /// see it (`access`).
+    async fn metadata(&self, command: Metadata, access: &TableAccess) -> Result<RecordBatch> {
         let batch = match command {
             Metadata::Catalogs(c) => {
                 let mut builder = c.into_builder();
-                let mut catalogs: Vec<_> = self.schemas().await?.into_iter().map(|p| p.0).collect();
+                let mut catalogs: Vec<_> = self
+                    .schemas(access)
+                    .await?
+                    .into_iter()
+                    .map(|p| p.0)
+                    .collect();
                 catalogs.dedup();
                 for catalog in catalogs {
                     builder.append(catalog);
@@ -151,14 +163,14 @@ impl FlightSql {
             }
             Metadata::DbSchemas(c) => {
                 let mut builder = c.into_builder();
-                for (catalog, schema) in self.schemas().await? {
+                for (catalog, schema) in self.schemas(access).await? {
                     builder.append(catalog, schema);
                 }
                 builder.build()
             }
             Metadata::Tables(c) => {
                 let mut builder = c.into_builder();
-                for table in self.engine.list_tables().await? {
+                for table in self.engine.list_tables(access).await? {
                     builder.append(
                         &table.catalog,
                         &table.schema,
@@ -185,10 +197,10 @@ impl FlightSql {
     }
 
     /// Distinct (catalog, schema) pairs, sorted.
-    async fn schemas(&self) -> Result<Vec<(String, String)>> {
+    async fn schemas(&self, access: &TableAccess) -> Result<Vec<(String, String)>> {
         let mut pairs: Vec<_> = self
             .engine
-            .list_tables()
+            .list_tables(access)
             .await?
             .into_iter()
             .map(|t| (t.catalog, t.schema))
@@ -302,6 +314,7 @@ impl FlightSqlService for FlightSql {
             .schema(
                 query.query.clone(),
                 vec![],
+                context(&request).tables(),
                 context(&request).client_timeout,
             )
             .await?;
@@ -350,7 +363,11 @@ impl FlightSqlService for FlightSql {
         }
         let prepared = self
             .engine
-            .prepare(query.query.clone(), context(&request).client_timeout)
+            .prepare(
+                query.query.clone(),
+                context(&request).tables(),
+                context(&request).client_timeout,
+            )
             .await?;
         let parameter_schema = Schema::new(
             prepared
@@ -391,40 +408,7 @@ impl FlightSqlService for FlightSql {
         let statement = self
             .statements
             .get(&query.prepared_statement_handle, &context)?;
-        let data = request
-            .into_inner()
-            .map_err(|s| FlightError::Tonic(Box::new(s)));
-        // Read batch by batch, keeping only the one row a query runs with: a client
-        // that streams more is stopped at the first extra row, not buffered.
-        let mut batches = FlightRecordBatchStream::new_from_flight_data(data);
-        let mut row: Option<RecordBatch> = None;
-        while let Some(batch) = batches.try_next().await.map_err(bind_error)? {
-            let rows = batch.num_rows() + row.as_ref().map_or(0, RecordBatch::num_rows);
-            if rows > 1 {
-                return Err(Error::invalid(
-                    "more than one row of parameters was bound; a query runs with one row \
-                     (execute it once per row)",
-                )
-                .into());
-            }
-            if batch.num_rows() == 1 {
-                row = Some(batch);
-            }
-        }
-        let values = match row {
-            None => None,
-            Some(batch) => {
-                let values = batch
-                    .columns()
-                    .iter()
-                    .map(|column| ScalarValue::try_from_array(column, 0))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(Error::from)?;
-                // Cast now: a value that cannot take its parameter's type fails at bind
-                // time, not at the first execution.
-                Some(crate::query::cast_params(values, &statement.params)?)
-            }
-        };
+        let values = bound_parameters(request.into_inner(), &statement.params).await?;
         self.statements
             .bind(&query.prepared_statement_handle, &context, values)?;
         Ok(DoPutPreparedStatementResult {
@@ -441,9 +425,15 @@ impl FlightSqlService for FlightSql {
             .statements
             .get(&query.prepared_statement_handle, &context(&request))?;
         let params = statement.values()?;
+        let caller = context(&request);
         let schema = self
             .engine
-            .schema(statement.sql, params, context(&request).client_timeout)
+            .schema(
+                statement.sql,
+                params,
+                caller.tables(),
+                caller.client_timeout,
+            )
             .await?;
         Self::info(
             &self.engine.view_types().schema(&schema),
@@ -498,9 +488,9 @@ impl FlightSqlService for FlightSql {
     async fn do_get_catalogs(
         &self,
         query: CommandGetCatalogs,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
-        self.metadata_stream(query.into()).await
+        self.metadata_stream(query.into(), &request).await
     }
 
     async fn get_flight_info_schemas(
@@ -514,9 +504,9 @@ impl FlightSqlService for FlightSql {
     async fn do_get_schemas(
         &self,
         query: CommandGetDbSchemas,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
-        self.metadata_stream(query.into()).await
+        self.metadata_stream(query.into(), &request).await
     }
 
     async fn get_flight_info_tables(
@@ -530,9 +520,9 @@ impl FlightSqlService for FlightSql {
     async fn do_get_tables(
         &self,
         query: CommandGetTables,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
-        self.metadata_stream(query.into()).await
+        self.metadata_stream(query.into(), &request).await
     }
 
     async fn get_flight_info_table_types(
@@ -546,9 +536,9 @@ impl FlightSqlService for FlightSql {
     async fn do_get_table_types(
         &self,
         query: CommandGetTableTypes,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
-        self.metadata_stream(query.into()).await
+        self.metadata_stream(query.into(), &request).await
     }
 
     async fn get_flight_info_sql_info(
@@ -562,9 +552,9 @@ impl FlightSqlService for FlightSql {
     async fn do_get_sql_info(
         &self,
         query: CommandGetSqlInfo,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
-        self.metadata_stream(query.into()).await
+        self.metadata_stream(query.into(), &request).await
     }
 
     async fn get_flight_info_xdbc_type_info(
@@ -578,9 +568,9 @@ impl FlightSqlService for FlightSql {
     async fn do_get_xdbc_type_info(
         &self,
         query: CommandGetXdbcTypeInfo,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
-        self.metadata_stream(query.into()).await
+        self.metadata_stream(query.into(), &request).await
     }
 
     async fn get_flight_info_primary_keys(
@@ -594,9 +584,9 @@ impl FlightSqlService for FlightSql {
     async fn do_get_primary_keys(
         &self,
         query: CommandGetPrimaryKeys,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
-        self.metadata_stream(query.into()).await
+        self.metadata_stream(query.into(), &request).await
     }
 
     async fn get_flight_info_exported_keys(
@@ -610,9 +600,9 @@ impl FlightSqlService for FlightSql {
     async fn do_get_exported_keys(
         &self,
         query: CommandGetExportedKeys,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
-        self.metadata_stream(query.into()).await
+        self.metadata_stream(query.into(), &request).await
     }
 
     async fn get_flight_info_imported_keys(
@@ -626,9 +616,9 @@ impl FlightSqlService for FlightSql {
     async fn do_get_imported_keys(
         &self,
         query: CommandGetImportedKeys,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
-        self.metadata_stream(query.into()).await
+        self.metadata_stream(query.into(), &request).await
     }
 
     async fn get_flight_info_cross_reference(
@@ -642,9 +632,9 @@ impl FlightSqlService for FlightSql {
     async fn do_get_cross_reference(
         &self,
         query: CommandGetCrossReference,
-        _request: Request<Ticket>,
+        request: Request<Ticket>,
     ) -> Result<Response<DoGetStream>, Status> {
-        self.metadata_stream(query.into()).await
+        self.metadata_stream(query.into(), &request).await
     }
 
     // Everything else: refused with a reason.
@@ -770,6 +760,62 @@ impl FlightSqlService for FlightSql {
 }
 
 /// A parameter stream that does not decode is the client's error, not ours.
+/// The one row of parameter values a `DoPut` binds, cast to `types` (`None`: no row).
+/// Read batch by batch: a client that streams more than one row is stopped at the first
+/// extra row, not buffered. Decodes client bytes, so it is fuzzed (`fuzz/`): arrow-ipc
+/// can panic on some malformed messages (fuzz/corpus/fuzz_do_put/crash-boolean-length),
+/// and a panic here is the client's error, not the server's.
+pub async fn bound_parameters(
+    data: impl Stream<Item = Result<FlightData, Status>> + Send + 'static,
+    types: &[Option<DataType>],
+) -> Result<Option<Vec<ScalarValue>>, Status> {
+    use futures::FutureExt;
+    std::panic::AssertUnwindSafe(decode_parameters(data, types))
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_panic| {
+            Err(Error::invalid(
+                "the bound parameters are not a valid Arrow IPC stream (the decoder rejected \
+                 a malformed message)",
+            )
+            .into())
+        })
+}
+
+async fn decode_parameters(
+    data: impl Stream<Item = Result<FlightData, Status>> + Send + 'static,
+    types: &[Option<DataType>],
+) -> Result<Option<Vec<ScalarValue>>, Status> {
+    let data = data.map_err(|s| FlightError::Tonic(Box::new(s)));
+    let mut batches = FlightRecordBatchStream::new_from_flight_data(data);
+    let mut row: Option<RecordBatch> = None;
+    while let Some(batch) = batches.try_next().await.map_err(bind_error)? {
+        let rows = batch.num_rows() + row.as_ref().map_or(0, RecordBatch::num_rows);
+        if rows > 1 {
+            return Err(Error::invalid(
+                "more than one row of parameters was bound; a query runs with one row \
+                 (execute it once per row)",
+            )
+            .into());
+        }
+        if batch.num_rows() == 1 {
+            row = Some(batch);
+        }
+    }
+    let Some(batch) = row else {
+        return Ok(None);
+    };
+    let values = batch
+        .columns()
+        .iter()
+        .map(|column| ScalarValue::try_from_array(column, 0))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(Error::from)?;
+    // Cast now: a value that cannot take its parameter's type fails at bind time, not
+    // at the first execution.
+    Ok(Some(crate::query::cast_params(values, types)?))
+}
+
 fn bind_error(e: FlightError) -> Status {
     match e {
         FlightError::Tonic(status) => *status,
@@ -1180,8 +1226,9 @@ mod tests {
             identity: Some(super::super::auth::Identity {
                 name: "bob".into(),
                 admin: false,
+                tables: Default::default(),
             }),
-            client_timeout: None,
+            ..CallContext::default()
         };
         assert!(statements.get(&a, &bob).is_err());
         // Another user's close does nothing; the owner's closes it, twice is fine.
@@ -1202,8 +1249,9 @@ mod tests {
             identity: Some(super::super::auth::Identity {
                 name: name.into(),
                 admin: false,
+                tables: Default::default(),
             }),
-            client_timeout: None,
+            ..CallContext::default()
         };
         let statement = |user: &str, sql_len: usize| PreparedStatement {
             sql: "x".repeat(sql_len),

@@ -43,6 +43,7 @@ pub(crate) struct EngineCollector {
     gauges: Vec<(IntGauge, ReadGauge)>,
     counters: Vec<(IntCounter, ReadCounter)>,
     last_refresh: Gauge,
+    probe_wait: Gauge,
 }
 
 impl EngineCollector {
@@ -94,11 +95,6 @@ impl EngineCollector {
                 "1 while every query thread is busy without yielding (an empty probe task \
                  waited past the threshold); new queries are refused meanwhile.",
                 |s| i64::from(s.cpu.stalled()),
-            )?,
-            gauge(
-                "quiver_cpu_runtime_probe_wait_microseconds",
-                "How long the last probe task waited to run on the query runtime.",
-                |s| i64::try_from(s.cpu.probe_wait().as_micros()).unwrap_or(i64::MAX),
             )?,
             gauge(
                 "quiver_memory_hard_limit_bytes",
@@ -230,12 +226,17 @@ impl EngineCollector {
             "quiver_catalog_last_refresh_timestamp_seconds",
             "When the tables were last listed (Unix time).",
         )?;
+        let probe_wait = Gauge::new(
+            "quiver_cpu_runtime_probe_wait_seconds",
+            "How long the last probe task waited to run on the query runtime.",
+        )?;
         let collector = Self {
             sources,
             scrape: Mutex::new(()),
             gauges,
             counters,
             last_refresh,
+            probe_wait,
         };
         collector.update();
         Ok(collector)
@@ -257,6 +258,7 @@ impl EngineCollector {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
         self.last_refresh.set(refreshed.as_secs_f64());
+        self.probe_wait.set(s.cpu.probe_wait().as_secs_f64());
     }
 }
 
@@ -291,6 +293,7 @@ impl Collector for EngineCollector {
             descs.extend(counter.desc());
         }
         descs.extend(self.last_refresh.desc());
+        descs.extend(self.probe_wait.desc());
         descs
     }
 
@@ -304,6 +307,7 @@ impl Collector for EngineCollector {
             families.extend(counter.collect());
         }
         families.extend(self.last_refresh.collect());
+        families.extend(self.probe_wait.collect());
         families
     }
 }

@@ -59,8 +59,15 @@ pub struct ActiveQuery {
     started: SystemTime,
     state: AtomicU8,
     rows_sent: AtomicU64,
+    bytes_sent: AtomicU64,
     /// Bytes this query holds in the memory pool (kept by its `QueryPool`).
     memory: Arc<AtomicUsize>,
+    /// The most it held at once.
+    memory_peak: Arc<AtomicUsize>,
+    /// The tables its plan reads, once planned.
+    tables: Mutex<Vec<String>>,
+    /// The gRPC code of the error it ended with; the first recorded wins.
+    code: Mutex<Option<tonic::Code>>,
     cancel: CancellationToken,
     cause: Mutex<Option<Cause>>,
     /// How the query ended, when decided outside the task that runs it (a deadline
@@ -89,7 +96,11 @@ impl ActiveQuery {
             started: SystemTime::now(),
             state: AtomicU8::new(QueryState::Planning as u8),
             rows_sent: AtomicU64::new(0),
+            bytes_sent: AtomicU64::new(0),
             memory: Arc::default(),
+            memory_peak: Arc::default(),
+            tables: Mutex::default(),
+            code: Mutex::default(),
             cancel: CancellationToken::new(),
             cause: Mutex::new(None),
             outcome: Mutex::new(None),
@@ -99,6 +110,11 @@ impl ActiveQuery {
     /// The query's id, as `list-queries` shows it.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// Who runs it, when authentication is on.
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_deref()
     }
 
     /// Fires when the query is cancelled.
@@ -155,9 +171,46 @@ impl ActiveQuery {
         self.rows_sent.fetch_add(rows, Ordering::Relaxed);
     }
 
-    /// The counter the query's memory pool keeps.
-    pub(super) fn memory(&self) -> &Arc<AtomicUsize> {
-        &self.memory
+    pub(super) fn add_bytes_sent(&self, bytes: u64) {
+        self.bytes_sent.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Rows and bytes sent so far.
+    pub(super) fn sent(&self) -> (u64, u64) {
+        (
+            self.rows_sent.load(Ordering::Relaxed),
+            self.bytes_sent.load(Ordering::Relaxed),
+        )
+    }
+
+    /// The counters the query's memory pool keeps: bytes held now, and the most at once.
+    pub(super) fn memory(&self) -> (&Arc<AtomicUsize>, &Arc<AtomicUsize>) {
+        (&self.memory, &self.memory_peak)
+    }
+
+    /// The most bytes the query held in the memory pool at once.
+    pub(super) fn memory_peak(&self) -> usize {
+        self.memory_peak.load(Ordering::Relaxed)
+    }
+
+    /// Records the tables the plan reads.
+    pub(super) fn set_tables(&self, tables: Vec<String>) {
+        *self.tables.lock().expect("poisoned") = tables;
+    }
+
+    /// The tables the plan reads (empty until planned).
+    pub(super) fn tables(&self) -> Vec<String> {
+        self.tables.lock().expect("poisoned").clone()
+    }
+
+    /// Records the gRPC code of the error the query ends with; the first call wins.
+    pub fn set_code(&self, code: tonic::Code) {
+        self.code.lock().expect("poisoned").get_or_insert(code);
+    }
+
+    /// The code [`Self::set_code`] recorded.
+    pub(super) fn code(&self) -> Option<tonic::Code> {
+        *self.code.lock().expect("poisoned")
     }
 
     fn snapshot(&self) -> QuerySnapshot {

@@ -13,6 +13,7 @@ use datafusion::prelude::SQLOptions;
 use datafusion::sql::parser::Statement as DfStatement;
 use datafusion::sql::sqlparser::ast::Statement;
 
+use super::TableAccess;
 use crate::catalog::Catalog;
 use crate::error::{Error, Result};
 
@@ -65,6 +66,7 @@ fn not_read_only(what: &str) -> Error {
 pub(crate) fn check_tables(
     state: &SessionState,
     catalog: &Catalog,
+    access: &TableAccess,
     statement: &DfStatement,
 ) -> Result<()> {
     for table in state.resolve_table_references(statement)? {
@@ -90,10 +92,11 @@ pub(crate) fn check_tables(
         if system || table_function {
             continue;
         }
-        if !ours || catalog.get(name).is_none() {
+        // A table the caller may not read is missing for them, in the same words.
+        if !ours || catalog.get(name).is_none() || !access.allows(name) {
             return Err(Error::TableNotFound {
                 name: table.to_string(),
-                available: catalog.table_names(),
+                available: access.visible(catalog.table_names()),
             });
         }
     }

@@ -132,11 +132,25 @@ impl MemoryPool for MeteredPool {
 pub(super) struct QueryPool {
     shared: Arc<dyn MemoryPool>,
     reserved: Arc<AtomicUsize>,
+    peak: Arc<AtomicUsize>,
 }
 
 impl QueryPool {
-    pub(super) fn new(shared: Arc<dyn MemoryPool>, reserved: Arc<AtomicUsize>) -> Self {
-        Self { shared, reserved }
+    pub(super) fn new(
+        shared: Arc<dyn MemoryPool>,
+        reserved: Arc<AtomicUsize>,
+        peak: Arc<AtomicUsize>,
+    ) -> Self {
+        Self {
+            shared,
+            reserved,
+            peak,
+        }
+    }
+
+    fn grown(&self, additional: usize) {
+        let now = self.reserved.fetch_add(additional, Ordering::Relaxed) + additional;
+        self.peak.fetch_max(now, Ordering::Relaxed);
     }
 }
 
@@ -161,7 +175,7 @@ impl MemoryPool for QueryPool {
 
     fn grow(&self, reservation: &MemoryReservation, additional: usize) {
         self.shared.grow(reservation, additional);
-        self.reserved.fetch_add(additional, Ordering::Relaxed);
+        self.grown(additional);
     }
 
     fn shrink(&self, reservation: &MemoryReservation, shrink: usize) {
@@ -171,7 +185,7 @@ impl MemoryPool for QueryPool {
 
     fn try_grow(&self, reservation: &MemoryReservation, additional: usize) -> DfResult<()> {
         self.shared.try_grow(reservation, additional)?;
-        self.reserved.fetch_add(additional, Ordering::Relaxed);
+        self.grown(additional);
         Ok(())
     }
 
@@ -231,14 +245,19 @@ mod tests {
     fn a_query_pool_counts_its_own_share_of_the_shared_pool() {
         let shared = pool(PoolKind::Fair, 1000);
         let mine = Arc::new(AtomicUsize::new(0));
-        let query: Arc<dyn MemoryPool> =
-            Arc::new(QueryPool::new(Arc::clone(&shared), Arc::clone(&mine)));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let query: Arc<dyn MemoryPool> = Arc::new(QueryPool::new(
+            Arc::clone(&shared),
+            Arc::clone(&mine),
+            Arc::clone(&peak),
+        ));
         let other = MemoryConsumer::new("other").register(&shared);
         other.grow(100);
         let r = MemoryConsumer::new("sort").register(&query);
         r.grow(300);
         r.shrink(50);
         assert_eq!(mine.load(Ordering::Relaxed), 250);
+        assert_eq!(peak.load(Ordering::Relaxed), 300);
         assert_eq!(shared.reserved(), 350);
         drop(r);
         assert_eq!(mine.load(Ordering::Relaxed), 0);

@@ -5,11 +5,13 @@
 //! later, the same memory pool), the catalog and the CPU runtime. Each request gets its
 //! own `SessionState` cloned from the base one, so nothing a query does leaks into another.
 
+mod access;
 mod active;
 mod admission;
 mod caps;
 mod coop;
 mod deadline;
+mod explain;
 mod guard;
 mod heap_guard;
 mod limits;
@@ -19,6 +21,7 @@ mod running;
 mod runtime;
 mod scan;
 
+pub use access::TableAccess;
 pub use active::{
     ActiveQueries, ActiveQuery, Caller, MAX_QUERY_ID_BYTES, QuerySnapshot, QueryState,
     check_query_id,
@@ -29,6 +32,7 @@ pub use heap_guard::{AllocatedBytes, HeapGuard};
 pub use limits::{DEFAULT_STACK_SIZE, SqlLimits};
 pub use memory::MeteredPool;
 pub(crate) use params::cast_params;
+use running::QueryAudit;
 pub use running::RunningQuery;
 pub use runtime::{CpuRuntime, Progress};
 pub use scan::{PartitionPruning, ScanReport, ScanSummary};
@@ -47,9 +51,11 @@ use datafusion::execution::memory_pool::MemoryPool;
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::{ExecutionPlan, execute_stream};
 use datafusion::prelude::{SessionConfig, SessionContext};
 
+use crate::audit::{AuditLog, Origin};
 use crate::catalog::{Catalog, RefreshSummary, TableDefinition};
 use crate::error::{Error, Result};
 use crate::io::{Io, IoOptions, MmapStats};
@@ -87,6 +93,8 @@ pub struct QueryOptions {
     /// Most bytes one call of a function that can amplify its input (`repeat`, `lpad`,
     /// `range`, `||`, ...) may produce (`--max-function-output`).
     pub max_function_output: usize,
+    /// Where each query's audit line goes (`--audit-log`); `None`: nowhere.
+    pub audit: Option<Arc<AuditLog>>,
 }
 
 /// Time limits on a query; zero turns a limit off.
@@ -123,6 +131,10 @@ pub struct QueryRequest {
     pub id: Option<String>,
     /// The authenticated user, if authentication is on.
     pub user: Option<String>,
+    /// The tables that user may read.
+    pub access: Arc<TableAccess>,
+    /// Where the request came from, for the audit log.
+    pub origin: Origin,
     /// The client's own deadline (`grpc-timeout`).
     pub client_timeout: Option<Duration>,
     /// A time limit the ticket carries (`QueryTicket.timeout_ms`).
@@ -226,6 +238,7 @@ impl Default for QueryOptions {
             sql: SqlLimits::default(),
             stack_size: DEFAULT_STACK_SIZE,
             max_function_output: DEFAULT_MAX_FUNCTION_OUTPUT,
+            audit: None,
         }
     }
 }
@@ -250,6 +263,7 @@ pub struct QueryEngine {
     limits: QueryLimits,
     sql_limits: SqlLimits,
     heap: Arc<HeapGuard>,
+    audit: Option<Arc<AuditLog>>,
     /// When the last refresh started, and what it found (see [`Self::refresh`]).
     last_refresh: tokio::sync::Mutex<Option<(std::time::Instant, RefreshSummary)>>,
 }
@@ -327,6 +341,7 @@ impl QueryEngine {
             limits: options.limits,
             sql_limits: options.sql,
             heap: Arc::default(),
+            audit: options.audit,
             last_refresh: tokio::sync::Mutex::default(),
         })
     }
@@ -432,8 +447,9 @@ impl QueryEngine {
         &self.catalog
     }
 
-    /// Every table and view a query can name, in catalog, schema, name order.
-    pub async fn list_tables(&self) -> Result<Vec<TableListing>> {
+    /// Every table and view a caller with `access` can name, in catalog, schema, name
+    /// order.
+    pub async fn list_tables(&self, access: &TableAccess) -> Result<Vec<TableListing>> {
         let mut tables = vec![];
         for catalog_name in self.base.catalog_names() {
             let Some(catalog) = self.base.catalog(&catalog_name) else {
@@ -443,7 +459,7 @@ impl QueryEngine {
                 let Some(schema) = catalog.schema(&schema_name) else {
                     continue;
                 };
-                for name in schema.table_names() {
+                for name in access.visible(schema.table_names()) {
                     let Some(table) = schema.table(&name).await? else {
                         continue;
                     };
@@ -473,29 +489,34 @@ impl QueryEngine {
 
     /// Parses, checks and plans `sql` without running it.
     pub async fn plan(&self, sql: &str) -> Result<DataFrame> {
-        self.plan_with(sql, vec![], Arc::default()).await
+        self.plan_with(sql, vec![], &TableAccess::All, Arc::default())
+            .await
     }
 
-    /// [`Self::plan`] with `params` bound (cast to the placeholders' types), table scans
-    /// reporting partition pruning to `pruning`.
+    /// [`Self::plan`] with `params` bound (cast to the placeholders' types), over the
+    /// tables `access` lets the caller see, table scans reporting partition pruning to
+    /// `pruning`.
     async fn plan_with(
         &self,
         sql: &str,
         params: Vec<ScalarValue>,
+        access: &TableAccess,
         pruning: Arc<PartitionPruning>,
     ) -> Result<DataFrame> {
         self.sql_limits.check_text(sql)?;
         let mut state = self.base.state();
+        access.restrict(&mut state)?;
         state.config_mut().set_extension(pruning);
         let dialect = state.config().options().sql_parser.dialect;
         let mut statement = state.sql_to_statement(sql, &dialect)?;
         // First: everything after it walks the statement recursively.
         self.sql_limits.check_statement(&statement)?;
         guard::check_statement(&statement)?;
-        guard::check_tables(&state, &self.catalog, &statement)?;
+        guard::check_tables(&state, &self.catalog, access, &statement)?;
         params::number_placeholders(&mut statement)?;
         let plan = state.statement_to_plan(statement).await?;
         guard::check_plan(&plan)?;
+        access.check_plan(&plan, &self.catalog)?;
         let plan = if params.is_empty() {
             plan
         } else {
@@ -511,10 +532,13 @@ impl QueryEngine {
         self: &Arc<Self>,
         sql: String,
         params: Vec<ScalarValue>,
+        access: Arc<TableAccess>,
         client_timeout: Option<Duration>,
     ) -> Result<SchemaRef> {
         self.plan_admitted(client_timeout, move |engine| async move {
-            let df = engine.plan_with(&sql, params, Arc::default()).await?;
+            let df = engine
+                .plan_with(&sql, params, &access, Arc::default())
+                .await?;
             Ok(Arc::clone(df.schema().inner()))
         })
         .await
@@ -525,10 +549,13 @@ impl QueryEngine {
     pub async fn prepare(
         self: &Arc<Self>,
         sql: String,
+        access: Arc<TableAccess>,
         client_timeout: Option<Duration>,
     ) -> Result<Prepared> {
         self.plan_admitted(client_timeout, move |engine| async move {
-            let df = engine.plan(&sql).await?;
+            let df = engine
+                .plan_with(&sql, vec![], &access, Arc::default())
+                .await?;
             let params = params::parameter_types(df.logical_plan().get_parameter_types()?)?;
             Ok(Prepared {
                 schema: Arc::clone(df.schema().inner()),
@@ -602,11 +629,16 @@ impl QueryEngine {
         }
         self.check_capacity()?;
         let id = request.id.unwrap_or_else(new_query_id);
+        let audit = self
+            .audit
+            .as_ref()
+            .map(|log| QueryAudit::new(Arc::clone(log), request.origin, &request.sql));
         let active = Arc::new(ActiveQuery::new(id, request.user, &request.sql));
         let mut query = RunningQuery::start(
             self.metrics.clone(),
             Arc::clone(&active),
             Arc::clone(&self.active),
+            audit,
         )?;
         let cancel = active.cancelled().clone();
 
@@ -637,9 +669,9 @@ impl QueryEngine {
             "--planning-timeout",
         ));
         let engine = Arc::clone(self);
-        let (sql, params) = (request.sql, request.params);
+        let (sql, params, access) = (request.sql, request.params, request.access);
         let task = self.cpu.spawn(async move {
-            match engine.start(sql, params, &query).await {
+            match engine.start(sql, params, &access, &query).await {
                 Ok((stream, report)) => Ok((stream, report, query)),
                 Err(e) => {
                     query.finish(engine.outcome_of(query.active(), &e));
@@ -702,13 +734,20 @@ impl QueryEngine {
         Ok(())
     }
 
-    /// How a query that failed with `e` ended.
+    /// How a query that failed with `e` ended (also recorded as its error code).
     fn outcome_of(&self, active: &ActiveQuery, e: &Error) -> Outcome {
         if active.cancelled().is_cancelled() {
+            active.set_code(active.cancel_error().code());
             Outcome::Cancelled
         } else {
+            active.set_code(e.code());
             Outcome::of(e)
         }
+    }
+
+    /// The audit log, if one is kept.
+    pub fn audit(&self) -> Option<&Arc<AuditLog>> {
+        self.audit.as_ref()
     }
 
     /// Plans and starts `sql`; runs on the CPU runtime.
@@ -716,26 +755,44 @@ impl QueryEngine {
         self: &Arc<Self>,
         sql: String,
         params: Vec<ScalarValue>,
+        access: &TableAccess,
         query: &RunningQuery,
     ) -> Result<(SendableRecordBatchStream, ScanReport)> {
-        let memory = Arc::clone(query.active().memory());
+        let (reserved, peak) = query.active().memory();
+        let (reserved, peak) = (Arc::clone(reserved), Arc::clone(peak));
         let pruning = Arc::new(PartitionPruning::default());
-        let df = self.plan_with(&sql, params, Arc::clone(&pruning)).await?;
+        let df = self
+            .plan_with(&sql, params, access, Arc::clone(&pruning))
+            .await?;
+        query
+            .active()
+            .set_tables(access::tables_read(df.logical_plan()));
         let task = df.task_ctx();
         // The query's own view of the shared pool counts what it holds.
         let runtime = task.runtime_env();
         let runtime = Arc::new(RuntimeEnv {
-            memory_pool: Arc::new(QueryPool::new(Arc::clone(&runtime.memory_pool), memory)),
+            memory_pool: Arc::new(QueryPool::new(
+                Arc::clone(&runtime.memory_pool),
+                reserved,
+                peak,
+            )),
             disk_manager: Arc::clone(&runtime.disk_manager),
             cache_manager: Arc::clone(&runtime.cache_manager),
             object_store_registry: Arc::clone(&runtime.object_store_registry),
         });
         let task = Arc::new(task.with_runtime(runtime));
+        let explains = matches!(
+            df.logical_plan(),
+            LogicalPlan::Explain(_) | LogicalPlan::Analyze(_)
+        );
         let plan: Arc<dyn ExecutionPlan> = df.create_physical_plan().await?;
         for table in pruning.tables() {
             self.metrics.table_scans.with_label_values(&[&table]).inc();
         }
-        let stream = execute_stream(Arc::clone(&plan), task)?;
+        let mut stream = execute_stream(Arc::clone(&plan), task)?;
+        if explains {
+            stream = explain::RelativePaths::new(self.catalog.roots()).wrap(stream);
+        }
         let report = ScanReport::new(plan, pruning, Arc::clone(&self.scan_totals), &sql);
         Ok((stream, report))
     }

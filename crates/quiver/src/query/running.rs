@@ -6,8 +6,35 @@ use std::time::Instant;
 
 use super::active::{ActiveQueries, ActiveQuery};
 use super::admission::Slot;
+use crate::audit::{AuditLog, MAX_SQL_BYTES, Origin, QueryRecord};
 use crate::error::Result;
 use crate::metrics::{Outcome, QueryMetrics};
+
+/// What the audit line of a query needs beyond its listing.
+#[derive(Debug)]
+pub(super) struct QueryAudit {
+    log: Arc<AuditLog>,
+    origin: Origin,
+    /// The statement up to the audit log's limit (and one character more, so the log
+    /// sees it was cut).
+    sql: String,
+    sql_bytes: usize,
+}
+
+impl QueryAudit {
+    pub(super) fn new(log: Arc<AuditLog>, origin: Origin, sql: &str) -> Self {
+        let mut end = sql.len().min(MAX_SQL_BYTES + 1);
+        while !sql.is_char_boundary(end) {
+            end += 1;
+        }
+        Self {
+            log,
+            origin,
+            sql: sql[..end].to_string(),
+            sql_bytes: sql.len(),
+        }
+    }
+}
 
 /// A query that is queued, planning or streaming. While it lives it is listed by
 /// `list-queries` and counts in `quiver_queries_active` (once admitted); when dropped it
@@ -23,6 +50,7 @@ pub struct RunningQuery {
     started: Instant,
     sent_first_batch: bool,
     outcome: Option<Outcome>,
+    audit: Option<QueryAudit>,
 }
 
 impl RunningQuery {
@@ -31,6 +59,7 @@ impl RunningQuery {
         metrics: QueryMetrics,
         active: Arc<ActiveQuery>,
         queries: Arc<ActiveQueries>,
+        audit: Option<QueryAudit>,
     ) -> Result<Self> {
         if let Err(e) = queries.insert(&active) {
             metrics
@@ -47,6 +76,7 @@ impl RunningQuery {
             started: Instant::now(),
             sent_first_batch: false,
             outcome: None,
+            audit,
         })
     }
 
@@ -79,10 +109,14 @@ impl RunningQuery {
     }
 
     /// Records one Flight message handed to the network: `rows` is `Some` for a record
-    /// batch message (schema and dictionary messages carry no rows).
+    /// batch message (schema and dictionary messages carry no rows). Empty batches
+    /// (keep-alives) count as bytes only: the first batch is the first with rows.
     pub fn sent(&mut self, rows: Option<u64>, bytes: u64) {
         self.metrics.bytes_sent.inc_by(bytes);
-        let Some(rows) = rows else { return };
+        self.active.add_bytes_sent(bytes);
+        let Some(rows) = rows.filter(|&rows| rows > 0) else {
+            return;
+        };
         if !self.sent_first_batch {
             self.sent_first_batch = true;
             self.metrics
@@ -108,9 +142,34 @@ impl Drop for RunningQuery {
             .outcome()
             .or(self.outcome)
             .unwrap_or(Outcome::Cancelled);
-        self.metrics
-            .duration
-            .observe(self.started.elapsed().as_secs_f64());
+        let duration = self.started.elapsed();
+        self.metrics.duration.observe(duration.as_secs_f64());
+        if let Some(audit) = &self.audit {
+            let (rows, bytes) = self.active.sent();
+            let code = match outcome {
+                Outcome::Success => tonic::Code::Ok,
+                _ => self.active.code().unwrap_or(match outcome {
+                    Outcome::Cancelled => tonic::Code::Cancelled,
+                    Outcome::Timeout => tonic::Code::DeadlineExceeded,
+                    Outcome::Rejected => tonic::Code::Unavailable,
+                    _ => tonic::Code::Unknown,
+                }),
+            };
+            audit.log.query(&QueryRecord {
+                origin: &audit.origin,
+                user: self.active.user(),
+                query_id: self.active.id(),
+                sql: &audit.sql,
+                sql_bytes: audit.sql_bytes,
+                tables: &self.active.tables(),
+                outcome: outcome.as_str(),
+                code,
+                rows,
+                bytes,
+                duration,
+                peak_memory: self.active.memory_peak(),
+            });
+        }
         self.metrics
             .queries
             .with_label_values(&[outcome.as_str()])

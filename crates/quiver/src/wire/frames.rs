@@ -102,6 +102,33 @@ impl Frame {
         self.body
     }
 
+    /// A record batch message arrow-flight encoded, framed for the wire (one chunk, a
+    /// copy: for small messages such as keep-alives, not for results).
+    pub fn from_flight_data(message: &arrow_flight::FlightData) -> Frame {
+        use prost::Message;
+        let body = message.encode_to_vec();
+        let mut bytes = BytesMut::with_capacity(5 + body.len());
+        bytes.put_u8(0);
+        bytes.put_u32(u32::try_from(body.len()).unwrap_or(u32::MAX));
+        bytes.put_slice(&body);
+        let header_len = message.data_header.len();
+        // prost writes field 1 (the descriptor, absent here), then 2 (the header).
+        let header_start = 5 + 1 + varint_len(header_len as u64);
+        let rows = arrow::ipc::root_as_message(&message.data_header)
+            .ok()
+            .and_then(|m| m.header_as_record_batch())
+            .map(|b| b.length().max(0) as u64);
+        Frame {
+            len: bytes.len(),
+            copied: bytes.len(),
+            chunks: vec![bytes.freeze()],
+            rows,
+            payload: header_len + message.data_body.len() + message.app_metadata.len(),
+            header: (header_start, header_len),
+            body: message.data_body.len(),
+        }
+    }
+
     /// This message as one chunk of `bytes`, which must hold exactly its bytes.
     pub(crate) fn sharing(&self, bytes: Buffer) -> Frame {
         debug_assert_eq!(bytes.len(), self.len);
@@ -956,6 +983,30 @@ mod tests {
         );
         assert_eq!(frames.len(), 2);
         assert_eq!(wire, ours(&[without], usize::MAX).0);
+    }
+
+    #[test]
+    fn flight_data_frames_round_trip() {
+        use prost::Message;
+        let message = arrow_flight::FlightData {
+            data_header: vec![1, 2, 3].into(),
+            data_body: vec![4; 300].into(),
+            ..Default::default()
+        };
+        let frame = Frame::from_flight_data(&message);
+        let bytes: Vec<u8> = frame.chunks().concat();
+        assert_eq!(bytes.len(), frame.len());
+        assert_eq!(bytes[0], 0);
+        let len = u32::from_be_bytes(bytes[1..5].try_into().unwrap()) as usize;
+        assert_eq!(len + 5, bytes.len());
+        assert_eq!(
+            arrow_flight::FlightData::decode(&bytes[5..]).unwrap(),
+            message
+        );
+        let (start, header_len) = frame.header_range();
+        assert_eq!(&bytes[start..start + header_len], &[1, 2, 3]);
+        assert_eq!(frame.body_len(), 300);
+        assert_eq!(frame.rows(), None, "not a record batch header");
     }
 
     #[test]
