@@ -27,8 +27,17 @@ use quiver::query::{QueryEngine, QueryOptions, TableAccess};
 use sha2::{Digest, Sha256};
 use tonic::metadata::{MetadataMap, MetadataValue};
 
+/// Panics the server catches (and answers as the client's error) are not crashes:
+/// libFuzzer's hook aborts on every panic, caught or not, so the standard hook is put
+/// back; a panic that escapes a target still aborts (libfuzzer-sys checks each call).
+fn panics_as_in_the_server() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| drop(std::panic::take_hook()));
+}
+
 /// A DoGet ticket or a CMD descriptor's bytes.
 pub fn ticket(data: &[u8]) {
+    panics_as_in_the_server();
     if let Ok(command) = ticket::decode(data) {
         inspect(&command);
     }
@@ -78,6 +87,7 @@ pub const FLIGHT_SQL_TYPES: &[&str] = &[
 /// A Flight SQL message: the first byte picks the type, the rest is its protobuf body
 /// (so the fuzzer reaches each message's decoder, not only `Any`'s).
 pub fn flight_sql(data: &[u8]) {
+    panics_as_in_the_server();
     let Some((&pick, body)) = data.split_first() else {
         return;
     };
@@ -118,6 +128,7 @@ fn engine() -> &'static (tokio::runtime::Runtime, Arc<QueryEngine>) {
 /// SQL text, through everything a planning RPC does (size, depth and read-only checks,
 /// table resolution, planning on the query runtime with its stack) without running it.
 pub fn sql(data: &[u8]) {
+    panics_as_in_the_server();
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
@@ -155,6 +166,7 @@ fn authenticator() -> &'static Authenticator {
 /// Verifying a password (argon2) is left out: it runs on a known-good library, and it
 /// is slow by design.
 pub fn auth(data: &[u8]) {
+    panics_as_in_the_server();
     let Ok(value) = MetadataValue::try_from(data) else {
         return;
     };
@@ -200,6 +212,7 @@ fn split<'a>(data: &'a [u8], separator: &[u8]) -> Vec<&'a [u8]> {
 /// DoPut parameter binding: an Arrow IPC stream in `FlightData`, one row of values cast
 /// to the statement's parameter types.
 pub fn do_put(data: &[u8]) {
+    panics_as_in_the_server();
     let messages = flight_data_messages(data);
     let stream = futures::stream::iter(messages.into_iter().map(Ok));
     let _ = futures::executor::block_on(quiver::flight::bound_parameters(stream, PARAMETER_TYPES));

@@ -96,7 +96,7 @@ def test_soak_smoke_crashes_nothing_and_leaks_nothing(tmp_path):
     answer, an unexpected error, a pool that does not drain or growing fds/RSS."""
     out = run_bench("soak.py", tmp_path)
     assert "FAIL" not in out, out
-    assert "| 5 x 4s |" in out, out
+    assert "| 5 x 3s |" in out, out
     events = next(line for line in out.splitlines() if line.startswith("events: "))
     for event in ["killed mid-stream", "cancelled", "timed out", "replaced and refreshed", "burst ran", "bad login"]:
         assert event in events, out

@@ -627,7 +627,6 @@ impl QueryEngine {
             deadline =
                 deadline.earliest(Deadline::after(arrived, limit, "the ticket's timeout_ms"));
         }
-        self.check_capacity()?;
         let id = request.id.unwrap_or_else(new_query_id);
         let audit = self
             .audit
@@ -640,6 +639,11 @@ impl QueryEngine {
             Arc::clone(&self.active),
             audit,
         )?;
+        // Listed first, so that a refusal is counted and audited like any other end.
+        if let Err(e) = self.check_capacity() {
+            query.finish(self.outcome_of(&active, &e));
+            return Err(e);
+        }
         let cancel = active.cancelled().clone();
 
         // Admission, on this runtime: waiting needs no CPU.
