@@ -52,7 +52,7 @@ pub struct QueryRecord<'a> {
     pub user: Option<&'a str>,
     /// The query id.
     pub query_id: &'a str,
-    /// The statement (cut here to [`MAX_SQL_BYTES`] if longer).
+    /// The statement, at most [`MAX_SQL_BYTES`] of it (longer statements are cut).
     pub sql: &'a str,
     /// Bytes of the whole statement.
     pub sql_bytes: usize,
@@ -131,13 +131,13 @@ impl AuditLog {
 
     /// Writes a query's line.
     pub fn query(&self, record: &QueryRecord<'_>) {
-        let (sql, truncated) = cut(record.sql, MAX_SQL_BYTES);
+        let (sql, _) = cut(record.sql, MAX_SQL_BYTES);
         self.write(&QueryLine {
             header: Header::new("query", record.origin, record.user),
             query_id: record.query_id,
             sql,
             sql_bytes: record.sql_bytes,
-            sql_truncated: truncated || record.sql_bytes > sql.len(),
+            sql_truncated: record.sql_bytes > sql.len(),
             tables: record.tables,
             outcome: record.outcome,
             code: code_name(record.code),
@@ -196,7 +196,7 @@ fn open_append(path: &PathBuf) -> Result<File> {
 }
 
 /// `text` cut to at most `max` bytes at a character boundary, and whether it was cut.
-fn cut(text: &str, max: usize) -> (&str, bool) {
+pub(crate) fn cut(text: &str, max: usize) -> (&str, bool) {
     if text.len() <= max {
         return (text, false);
     }

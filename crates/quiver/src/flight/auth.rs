@@ -212,7 +212,7 @@ impl Authenticator {
         metadata: &MetadataMap,
         peer: Option<IpAddr>,
     ) -> Result<(Identity, String)> {
-        let (user, password) = self.basic_credentials(metadata).inspect_err(|_| {
+        let (user, password) = basic_credentials(metadata).inspect_err(|_| {
             self.throttle.count(FailureReason::Malformed);
         })?;
         self.throttle.check_backoff(&user)?;
@@ -271,22 +271,6 @@ impl Authenticator {
         Ok((identity, token))
     }
 
-    /// User name and password from `authorization: Basic ...`.
-    fn basic_credentials(&self, metadata: &MetadataMap) -> Result<(String, String)> {
-        let credentials = header(metadata, "Basic ")?;
-        let decoded = BASIC
-            .decode(credentials)
-            .ok()
-            .and_then(|b| String::from_utf8(b).ok())
-            .ok_or_else(|| {
-                unauthenticated("the Basic credentials are not base64 of user:password")
-            })?;
-        let (user, password) = decoded.split_once(':').ok_or_else(|| {
-            unauthenticated("the Basic credentials are not base64 of user:password")
-        })?;
-        Ok((user.to_owned(), password.to_owned()))
-    }
-
     /// The caller of a request carrying `authorization: Bearer <token>`.
     pub fn authenticate(&self, metadata: &MetadataMap) -> Result<Identity> {
         self.bearer(metadata).map_err(|(reason, e)| {
@@ -323,9 +307,21 @@ impl Authenticator {
 /// The user name a Handshake's Basic credentials claim, for the audit log (never the
 /// password); `None` when they cannot be read.
 pub fn claimed_user(metadata: &MetadataMap) -> Option<String> {
-    let credentials = header(metadata, "Basic ").ok()?;
-    let decoded = String::from_utf8(BASIC.decode(credentials).ok()?).ok()?;
-    decoded.split_once(':').map(|(user, _)| user.to_owned())
+    basic_credentials(metadata).ok().map(|(user, _)| user)
+}
+
+/// User name and password from `authorization: Basic ...`.
+fn basic_credentials(metadata: &MetadataMap) -> Result<(String, String)> {
+    let credentials = header(metadata, "Basic ")?;
+    let decoded = BASIC
+        .decode(credentials)
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
+        .ok_or_else(|| unauthenticated("the Basic credentials are not base64 of user:password"))?;
+    let (user, password) = decoded
+        .split_once(':')
+        .ok_or_else(|| unauthenticated("the Basic credentials are not base64 of user:password"))?;
+    Ok((user.to_owned(), password.to_owned()))
 }
 
 /// An argon2id PHC string for `password`, with a random salt and the crate's default

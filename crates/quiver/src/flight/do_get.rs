@@ -165,7 +165,7 @@ pub(super) async fn run_ticket_frames(
     }
     tracing::debug!(sql = %request.sql, "query (zero-copy send path)");
     let started = start(engine, request).await?;
-    let keepalive = empty_batch(&started.schema, &IpcWriteOptions::default())?
+    let keepalive = empty_batch(&started.schema, &IpcWriteOptions::default(), options)?
         .map(|message| Frame::from_flight_data(&message));
     let encoder = FrameEncoder::try_new(
         &started.schema,
@@ -283,9 +283,16 @@ async fn start(engine: &Arc<QueryEngine>, request: QueryRequest) -> Result<Start
 
 /// The keep-alive message: a record batch of no rows, which clients read as an empty
 /// batch (arrow-flight's encoder drops empty batches, so it is encoded here). `None`
-/// when the result has dictionary columns: their batches need the dictionaries sent
-/// with the rows, and an empty one would replace them.
-fn empty_batch(schema: &SchemaRef, options: &IpcWriteOptions) -> Result<Option<FlightData>> {
+/// when keep-alives are off, or the result has dictionary columns: their batches need
+/// the dictionaries sent with the rows, and an empty one would replace them.
+fn empty_batch(
+    schema: &SchemaRef,
+    ipc: &IpcWriteOptions,
+    options: SendOptions,
+) -> Result<Option<FlightData>> {
+    if options.keepalive.is_zero() {
+        return Ok(None);
+    }
     let dictionaries = schema
         .flattened_fields()
         .iter()
@@ -296,7 +303,7 @@ fn empty_batch(schema: &SchemaRef, options: &IpcWriteOptions) -> Result<Option<F
     let (_, batch) = IpcDataGenerator::default().encode(
         &RecordBatch::new_empty(Arc::clone(schema)),
         &mut DictionaryTracker::new(false),
-        options,
+        ipc,
         &mut Default::default(),
     )?;
     Ok(Some(batch.into()))
@@ -311,7 +318,7 @@ pub(super) async fn do_get(
 ) -> Result<FlightDataStream> {
     let started = start(engine, request).await?;
     let ipc = IpcWriteOptions::default().try_with_compression(options.compression)?;
-    let keepalive = empty_batch(&started.schema, &ipc)?;
+    let keepalive = empty_batch(&started.schema, &ipc, options)?;
     // Split here, by the bytes the rows reference: arrow-flight splits by the capacity of
     // the buffers, which for a pinned table's batches (slices of one allocation, see
     // `wire::pinned`) is the whole allocation per column, and would cut each batch
@@ -371,9 +378,7 @@ fn stream_messages<M: Outgoing + Clone>(
         first_batch,
         query: deadline,
         idle: engine.limits().stream_idle_timeout,
-        keepalive: keepalive
-            .filter(|_| !options.keepalive.is_zero())
-            .map(|m| (options.keepalive, m)),
+        keepalive: keepalive.map(|m| (options.keepalive, m)),
     };
     let task = engine.cpu().spawn(async move {
         // `report` is dropped with the task however it ends, so the scan summary is

@@ -768,9 +768,11 @@ impl QueryEngine {
         let df = self
             .plan_with(&sql, params, access, Arc::clone(&pruning))
             .await?;
-        query
-            .active()
-            .set_tables(access::tables_read(df.logical_plan()));
+        if self.audit.is_some() {
+            query
+                .active()
+                .set_tables(access::tables_read(df.logical_plan()));
+        }
         let task = df.task_ctx();
         // The query's own view of the shared pool counts what it holds.
         let runtime = task.runtime_env();

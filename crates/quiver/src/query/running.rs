@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use super::active::{ActiveQueries, ActiveQuery};
 use super::admission::Slot;
-use crate::audit::{AuditLog, MAX_SQL_BYTES, Origin, QueryRecord};
+use crate::audit::{AuditLog, MAX_SQL_BYTES, Origin, QueryRecord, cut};
 use crate::error::Result;
 use crate::metrics::{Outcome, QueryMetrics};
 
@@ -15,22 +15,17 @@ use crate::metrics::{Outcome, QueryMetrics};
 pub(super) struct QueryAudit {
     log: Arc<AuditLog>,
     origin: Origin,
-    /// The statement up to the audit log's limit (and one character more, so the log
-    /// sees it was cut).
+    /// The statement up to the audit log's limit.
     sql: String,
     sql_bytes: usize,
 }
 
 impl QueryAudit {
     pub(super) fn new(log: Arc<AuditLog>, origin: Origin, sql: &str) -> Self {
-        let mut end = sql.len().min(MAX_SQL_BYTES + 1);
-        while !sql.is_char_boundary(end) {
-            end += 1;
-        }
         Self {
             log,
             origin,
-            sql: sql[..end].to_string(),
+            sql: cut(sql, MAX_SQL_BYTES).0.to_string(),
             sql_bytes: sql.len(),
         }
     }
