@@ -14,6 +14,7 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use quiver::flight::auth::PeerInfo;
+use quiver::query::spawn;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -180,13 +181,7 @@ pub fn incoming(
     shutdown: CancellationToken,
 ) -> (ReceiverStream<io::Result<Conn>>, AbortOnDropHandle<()>) {
     let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE);
-    let task = AbortOnDropHandle::new(tokio::runtime::Handle::current().spawn(accept_loop(
-        listener,
-        tls,
-        handshake_timeout,
-        shutdown,
-        tx,
-    )));
+    let task = spawn(accept_loop(listener, tls, handshake_timeout, shutdown, tx));
     (ReceiverStream::new(rx), task)
 }
 

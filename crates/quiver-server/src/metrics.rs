@@ -5,7 +5,7 @@
 //! library: jemalloc (the global allocator, see `main.rs`) and the standard `process_*`
 //! metrics.
 
-use std::sync::Mutex;
+use parking_lot::Mutex;
 
 use anyhow::Context;
 use axum::extract::State;
@@ -15,6 +15,7 @@ use axum::routing::get;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use quiver::query::spawn;
 use tikv_jemalloc_ctl::{epoch, stats};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -61,11 +62,11 @@ pub fn serve(
             }),
         )
         .with_state(registry);
-    AbortOnDropHandle::new(tokio::runtime::Handle::current().spawn(async move {
+    spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "the metrics endpoint failed");
         }
-    }))
+    })
 }
 
 async fn metrics(State(registry): State<Registry>) -> Response {
@@ -150,7 +151,7 @@ impl Collector for JemallocCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let _one_at_a_time = self.scrape.lock().expect("poisoned");
+        let _one_at_a_time = self.scrape.lock();
         // The statistics are a snapshot taken at the last epoch advance.
         if let Err(e) = epoch::advance() {
             tracing::warn!(error = %e, "cannot refresh jemalloc statistics");

@@ -14,6 +14,7 @@ use quiver::flight::zero_copy::ZeroCopyDoGetLayer;
 use quiver::flight::{CompressionType, PreparedLimits, QuiverFlightService, SendOptions};
 use quiver::io::{IoOptions, MmapLimits};
 use quiver::metrics::{RpcMetrics, RpcMetricsLayer};
+use quiver::query::spawn;
 use quiver::query::{
     AdmissionOptions, MemoryOptions, PoolKind, QueryEngine, QueryLimits, QueryOptions, SqlLimits,
 };
@@ -230,7 +231,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let _memory_guard = (memory_hard_limit > 0).then(|| {
         let engine = Arc::clone(&engine);
-        AbortOnDropHandle::new(tokio::runtime::Handle::current().spawn(async move {
+        spawn(async move {
             engine
                 .guard_memory(
                     Arc::new(metrics::allocated_bytes),
@@ -238,7 +239,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                     Duration::from_millis(10),
                 )
                 .await;
-        }))
+        })
     });
     let _stall = stall_watch(
         Arc::clone(&engine),
@@ -351,7 +352,7 @@ fn tls_reloader(args: &TlsArgs) -> anyhow::Result<Option<Arc<TlsReloader>>> {
 /// `interval`). Polling rather than inotify: Kubernetes updates secret volumes by
 /// swapping a symlink, which file watches on the files themselves miss.
 fn tls_reload_loop(tls: Arc<TlsReloader>, interval: Duration) -> AbortOnDropHandle<()> {
-    AbortOnDropHandle::new(tokio::runtime::Handle::current().spawn(async move {
+    spawn(async move {
         let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
             Ok(s) => Some(s),
             Err(e) => {
@@ -386,7 +387,7 @@ fn tls_reload_loop(tls: Arc<TlsReloader>, interval: Duration) -> AbortOnDropHand
                 }
             }
         }
-    }))
+    })
 }
 
 /// Collects tables from --table, --data-dir, --catalog and --demo (all combine).
@@ -437,25 +438,23 @@ fn refresh_loop(engine: Arc<QueryEngine>, interval: Duration) -> Option<AbortOnD
     if interval.is_zero() {
         return None;
     }
-    Some(AbortOnDropHandle::new(
-        tokio::runtime::Handle::current().spawn(async move {
-            let mut ticker = tokio::time::interval(interval);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            ticker.tick().await; // the first tick is immediate; tables were just loaded
-            loop {
-                ticker.tick().await;
-                let summary = engine.refresh().await;
-                if !summary.changed.is_empty() {
-                    tracing::info!(tables = ?summary.changed, "refreshed");
-                }
+    Some(spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        ticker.tick().await; // the first tick is immediate; tables were just loaded
+        loop {
+            ticker.tick().await;
+            let summary = engine.refresh().await;
+            if !summary.changed.is_empty() {
+                tracing::info!(tables = ?summary.changed, "refreshed");
             }
-        }),
-    ))
+        }
+    }))
 }
 
 /// Reopens the audit log on SIGHUP, after logrotate moved it away.
 fn audit_reopen_loop(log: Arc<AuditLog>) -> AbortOnDropHandle<()> {
-    AbortOnDropHandle::new(tokio::runtime::Handle::current().spawn(async move {
+    spawn(async move {
         let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
             Ok(s) => s,
             Err(e) => {
@@ -466,10 +465,12 @@ fn audit_reopen_loop(log: Arc<AuditLog>) -> AbortOnDropHandle<()> {
         while hup.recv().await.is_some() {
             match log.reopen() {
                 Ok(()) => tracing::info!("SIGHUP: audit log reopened"),
-                Err(e) => tracing::warn!(error = %e, "SIGHUP: reopening the audit log failed; writing on to the old file"),
+                Err(e) => {
+                    tracing::warn!(error = %e, "SIGHUP: reopening the audit log failed; writing on to the old file")
+                }
             }
         }
-    }))
+    })
 }
 
 /// Probes the query runtime (`CpuRuntime::watch_progress`) and reports NOT_SERVING to
@@ -484,41 +485,39 @@ fn stall_watch(
     }
     // Probing 10 times per threshold notices a stall within a tenth of it.
     let every = (threshold / 10).clamp(Duration::from_millis(50), Duration::from_secs(1));
-    Some(AbortOnDropHandle::new(
-        tokio::runtime::Handle::current().spawn(async move {
-            let probe = engine.cpu().watch_progress(every, threshold);
-            let report = async {
-                let mut stalled = false;
-                loop {
-                    tokio::time::sleep(every).await;
-                    let now = engine.cpu().progress().stalled();
-                    if now == stalled {
-                        continue;
-                    }
-                    stalled = now;
-                    let status = if stalled {
-                        tonic_health::ServingStatus::NotServing
-                    } else {
-                        tonic_health::ServingStatus::Serving
-                    };
-                    health
+    Some(spawn(async move {
+        let probe = engine.cpu().watch_progress(every, threshold);
+        let report = async {
+            let mut stalled = false;
+            loop {
+                tokio::time::sleep(every).await;
+                let now = engine.cpu().progress().stalled();
+                if now == stalled {
+                    continue;
+                }
+                stalled = now;
+                let status = if stalled {
+                    tonic_health::ServingStatus::NotServing
+                } else {
+                    tonic_health::ServingStatus::Serving
+                };
+                health
                         .set_service_status(
                             <FlightServiceServer<QuiverFlightService> as tonic::server::NamedService>::NAME,
                             status,
                         )
                         .await;
-                    health.set_service_status("", status).await;
-                }
-            };
-            tokio::join!(probe, report);
-        }),
-    ))
+                health.set_service_status("", status).await;
+            }
+        };
+        tokio::join!(probe, report);
+    }))
 }
 
 /// On SIGINT or SIGTERM: reports NOT_SERVING to health checks, then cancels `token`,
 /// which stops accepting and drains in-flight calls. Aborted when dropped.
 fn shutdown_on_signal(token: CancellationToken, health: HealthReporter) -> AbortOnDropHandle<()> {
-    AbortOnDropHandle::new(tokio::runtime::Handle::current().spawn(async move {
+    spawn(async move {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         let term = async {
@@ -543,7 +542,7 @@ fn shutdown_on_signal(token: CancellationToken, health: HealthReporter) -> Abort
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
         token.cancel();
-    }))
+    })
 }
 
 fn write_atomically(path: &Path, contents: &str) -> anyhow::Result<()> {

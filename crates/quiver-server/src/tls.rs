@@ -6,8 +6,9 @@
 //! whole on reload. Every config shares one session cache and one ticketer, so a client
 //! resumes its session across a reload.
 
+use parking_lot::{Mutex, RwLock};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use anyhow::Context;
@@ -114,7 +115,7 @@ impl TlsReloader {
 
     /// An acceptor for one handshake with the current config.
     pub fn acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(Arc::clone(&self.current.read().expect("poisoned")))
+        TlsAcceptor::from(Arc::clone(&self.current.read()))
     }
 
     /// Rebuilds the config from the files. A file that fails to load keeps the old
@@ -128,16 +129,16 @@ impl TlsReloader {
             &self.sessions,
         ) {
             Ok((config, not_after)) => {
-                *self.current.write().expect("poisoned") = config;
+                *self.current.write() = config;
                 self.expiry.set(not_after);
-                *self.loaded_from.lock().expect("poisoned") = stamps;
+                *self.loaded_from.lock() = stamps;
                 tracing::info!(cert = %self.settings.cert.display(), "TLS material reloaded");
                 true
             }
             Err(e) => {
                 // Remember the stamps anyway: the bad files are reported once, not on
                 // every poll, and a fix (a new write) is picked up.
-                *self.loaded_from.lock().expect("poisoned") = stamps;
+                *self.loaded_from.lock() = stamps;
                 tracing::error!(
                     error = format!("{e:#}"),
                     "TLS reload failed; keeping the previous certificate"
@@ -150,7 +151,7 @@ impl TlsReloader {
     /// Reloads if any of the files changed since the last load.
     pub fn reload_if_changed(&self) -> bool {
         let now = stamps(&self.settings);
-        if *self.loaded_from.lock().expect("poisoned") == now {
+        if *self.loaded_from.lock() == now {
             return false;
         }
         self.reload()

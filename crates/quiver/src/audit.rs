@@ -18,11 +18,12 @@
 //! with one `write` call; a write that fails is reported in the server log and the
 //! request goes on.
 
+use parking_lot::Mutex;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
@@ -124,7 +125,7 @@ impl AuditLog {
     pub fn reopen(&self) -> Result<()> {
         if let Target::File(path) = &self.target {
             let file = open_append(path)?;
-            *self.file.lock().unwrap_or_else(|p| p.into_inner()) = Some(file);
+            *self.file.lock() = Some(file);
         }
         Ok(())
     }
@@ -171,7 +172,7 @@ impl AuditLog {
         let written = match &self.target {
             Target::Stderr => std::io::stderr().lock().write_all(&text),
             Target::File(_) => {
-                let mut file = self.file.lock().unwrap_or_else(|p| p.into_inner());
+                let mut file = self.file.lock();
                 match file.as_mut() {
                     Some(f) => f.write_all(&text),
                     None => Ok(()),

@@ -16,11 +16,12 @@ pub use config::{
 pub use discover::{HIVE_NULL_PARTITION, PartitionType};
 pub use table::HiveTable;
 
+use parking_lot::{Mutex, RwLock};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 use async_trait::async_trait;
@@ -112,7 +113,7 @@ impl Catalog {
         for def in &catalog.definitions {
             catalog.refresh_table(def, true).await?;
         }
-        *catalog.refreshed_at.lock().expect("poisoned") = SystemTime::now();
+        *catalog.refreshed_at.lock() = SystemTime::now();
         Ok(catalog)
     }
 
@@ -131,23 +132,18 @@ impl Catalog {
                 }
             }
         }
-        *self.refreshed_at.lock().expect("poisoned") = SystemTime::now();
+        *self.refreshed_at.lock() = SystemTime::now();
         summary
     }
 
     /// When the last load or refresh of every table finished.
     pub fn refreshed_at(&self) -> SystemTime {
-        *self.refreshed_at.lock().expect("poisoned")
+        *self.refreshed_at.lock()
     }
 
     /// Registered table names, sorted.
     pub fn table_names(&self) -> Vec<String> {
-        self.tables
-            .read()
-            .expect("poisoned")
-            .keys()
-            .cloned()
-            .collect()
+        self.tables.read().keys().cloned().collect()
     }
 
     /// Each table's name and root (its directory, or its one file).
@@ -160,7 +156,7 @@ impl Catalog {
 
     /// The current snapshot of a table.
     pub fn get(&self, name: &str) -> Option<Arc<HiveTable>> {
-        self.tables.read().expect("poisoned").get(name).cloned()
+        self.tables.read().get(name).cloned()
     }
 
     /// Files skipped since start-up because they were corrupt or did not fit the table.
@@ -181,13 +177,7 @@ impl Catalog {
             .map(|f| (f.path.clone(), f.size, f.modified))
             .collect();
 
-        let previous = self
-            .seen
-            .lock()
-            .expect("poisoned")
-            .get(&def.name)
-            .cloned()
-            .unwrap_or_default();
+        let previous = self.seen.lock().get(&def.name).cloned().unwrap_or_default();
         if previous.signature == signature && self.get(&def.name).is_some() {
             return Ok(false);
         }
@@ -269,12 +259,8 @@ impl Catalog {
         );
         self.tables
             .write()
-            .expect("poisoned")
             .insert(def.name.clone(), Arc::new(table));
-        self.seen
-            .lock()
-            .expect("poisoned")
-            .insert(def.name.clone(), next);
+        self.seen.lock().insert(def.name.clone(), next);
         Ok(true)
     }
 
@@ -520,7 +506,7 @@ impl SchemaProvider for Catalog {
     }
 
     fn table_exist(&self, name: &str) -> bool {
-        self.tables.read().expect("poisoned").contains_key(name)
+        self.tables.read().contains_key(name)
     }
 }
 

@@ -11,10 +11,11 @@
 //! memory dump hands out working credentials. An unknown user name is verified against a
 //! dummy hash, so a wrong name and a wrong password take the same time.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use argon2::Argon2;
@@ -249,7 +250,7 @@ impl Authenticator {
         OsRng.fill_bytes(&mut bytes);
         let token = URL_SAFE_NO_PAD.encode(bytes);
         let now = Instant::now();
-        let mut sessions = self.sessions.lock().expect("poisoned");
+        let mut sessions = self.sessions.lock();
         sessions.retain(|_, s| s.expires > now);
         let mine: Vec<([u8; 32], Instant)> = sessions
             .iter()
@@ -286,7 +287,7 @@ impl Authenticator {
         if let Some(identity) = self.tokens.get(&digest) {
             return Ok(identity.clone());
         }
-        let mut sessions = self.sessions.lock().expect("poisoned");
+        let mut sessions = self.sessions.lock();
         match sessions.get(&digest) {
             Some(s) if s.expires > Instant::now() => Ok(s.identity.clone()),
             Some(_) => {

@@ -25,9 +25,9 @@
 //! wait longer than logins for known ones: a timing difference only an attacker who is
 //! already flooding can see.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -184,7 +184,7 @@ impl LoginThrottle {
     /// Refuses a login for `user` while it backs off.
     pub(crate) fn check_backoff(&self, user: &str) -> Result<()> {
         let now = Instant::now();
-        let failures = self.failures.lock().expect("poisoned");
+        let failures = self.failures.lock();
         let Some(f) = failures.get(&Key::User(user.to_string())) else {
             return Ok(());
         };
@@ -207,7 +207,6 @@ impl LoginThrottle {
     fn has_failures(&self, user: &str) -> bool {
         self.failures
             .lock()
-            .expect("poisoned")
             .contains_key(&Key::User(user.to_string()))
     }
 
@@ -249,7 +248,7 @@ impl LoginThrottle {
     pub(crate) fn failed(&self, user: &str, peer: Option<IpAddr>) -> Duration {
         self.count(FailureReason::BadCredentials);
         let now = Instant::now();
-        let mut failures = self.failures.lock().expect("poisoned");
+        let mut failures = self.failures.lock();
         if failures.len() >= MAX_TRACKED {
             failures.retain(|_, f| now.duration_since(f.last) < FORGET_AFTER);
             if failures.len() >= MAX_TRACKED {
@@ -284,10 +283,7 @@ impl LoginThrottle {
 
     /// Clears `user`'s failures after a successful login.
     pub(crate) fn succeeded(&self, user: &str) {
-        self.failures
-            .lock()
-            .expect("poisoned")
-            .remove(&Key::User(user.to_string()));
+        self.failures.lock().remove(&Key::User(user.to_string()));
     }
 
     fn backoff(&self, count: u32) -> Duration {

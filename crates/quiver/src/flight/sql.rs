@@ -20,9 +20,10 @@
 //! `TicketStatementQuery.statement_handle`, so `CancelFlightInfo` reaches it like a plain
 //! ticket. Queries share admission control, deadlines and metrics with plain tickets.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use arrow_flight::decode::FlightRecordBatchStream;
@@ -913,13 +914,13 @@ impl PreparedStatements {
     }
 
     fn len(&self) -> usize {
-        self.map.lock().expect("poisoned").len()
+        self.map.lock().len()
     }
 
     fn insert(&self, statement: PreparedStatement) -> Result<Bytes> {
         let handle = Bytes::from(format!("ps-{}{}", new_query_id(), new_query_id()));
         let user = statement.user.clone();
-        let mut map = self.map.lock().expect("poisoned");
+        let mut map = self.map.lock();
         self.check_alone(&statement)?;
         map.insert(handle.clone(), statement);
         self.evict(&mut map, &user, &handle);
@@ -983,7 +984,7 @@ impl PreparedStatements {
         context: &CallContext,
         values: Option<Vec<ScalarValue>>,
     ) -> Result<()> {
-        let mut map = self.map.lock().expect("poisoned");
+        let mut map = self.map.lock();
         let statement = Self::owned(&mut map, handle, context)?;
         let mut bound = statement.clone();
         bound.bound = values;
@@ -997,7 +998,7 @@ impl PreparedStatements {
     /// an error: clients close their statements when they are done, whatever happened
     /// to them meanwhile. Another user's statement is left alone, silently.
     fn remove(&self, handle: &Bytes, context: &CallContext) {
-        let mut map = self.map.lock().expect("poisoned");
+        let mut map = self.map.lock();
         if Self::owned(&mut map, handle, context).is_ok() {
             map.remove(handle);
         }
@@ -1009,7 +1010,7 @@ impl PreparedStatements {
         context: &CallContext,
         f: impl FnOnce(&mut PreparedStatement) -> T,
     ) -> Result<T> {
-        let mut map = self.map.lock().expect("poisoned");
+        let mut map = self.map.lock();
         Ok(f(Self::owned(&mut map, handle, context)?))
     }
 

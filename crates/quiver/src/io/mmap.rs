@@ -24,14 +24,15 @@
 //! larger reads we also `madvise(MADV_WILLNEED)` the range, which starts the kernel's
 //! read-ahead for the whole range at once instead of one fault-around window at a time.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
 use std::fmt::{self, Debug, Display};
 use std::fs::{File, Metadata};
 use std::ops::Range;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path as FsPath, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -367,7 +368,7 @@ impl MmapStore {
         let identity = FileIdentity::of(&metadata);
         check_listed(path, &identity, listed)?;
         {
-            let mut cache = self.cache.lock().expect("poisoned");
+            let mut cache = self.cache.lock();
             cache.clock += 1;
             let clock = cache.clock;
             if let Some(entry) = cache.entries.get_mut(path)
@@ -438,7 +439,7 @@ impl MmapStore {
         if size > self.limits.max_bytes || self.limits.max_files == 0 {
             return;
         }
-        let mut cache = self.cache.lock().expect("poisoned");
+        let mut cache = self.cache.lock();
         cache.clock += 1;
         let clock = cache.clock;
         if let Some(old) = cache.entries.insert(

@@ -2,8 +2,9 @@
 //! scan totals, memory maps and the catalog. Reading them when Prometheus asks costs
 //! queries nothing and can never disagree with the engine's own numbers.
 
+use parking_lot::Mutex;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::UNIX_EPOCH;
 
 use datafusion::execution::disk_manager::DiskManager;
@@ -243,7 +244,7 @@ impl EngineCollector {
     }
 
     fn update(&self) {
-        let _one_at_a_time = self.scrape.lock().expect("poisoned");
+        let _one_at_a_time = self.scrape.lock();
         let s = &self.sources;
         for (gauge, read) in &self.gauges {
             gauge.set(read(s));
@@ -263,7 +264,7 @@ impl EngineCollector {
 }
 
 fn totals(s: &EngineSources) -> ScanSummary {
-    *s.scan_totals.lock().expect("poisoned")
+    *s.scan_totals.lock()
 }
 
 /// A figure of the mapping layer; 0 when files are read with `pread`.

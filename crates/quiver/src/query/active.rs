@@ -1,9 +1,10 @@
 //! The queries waiting or running now: what `list-queries` shows and what
 //! `cancel-query`, `CancelFlightInfo` and shutdown cancel.
 
+use parking_lot::Mutex;
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use serde::Serialize;
@@ -125,7 +126,7 @@ impl ActiveQuery {
     /// The error the query ends with once cancelled: ABORTED, or UNAVAILABLE
     /// (retryable elsewhere) when the server shut down.
     pub fn cancel_error(&self) -> Error {
-        match self.cause.lock().expect("poisoned").clone() {
+        match self.cause.lock().clone() {
             Some(Cause::Shutdown) => Error::ShuttingDown,
             Some(Cause::Memory(reason)) => Error::MemoryExhausted { reason },
             Some(Cause::Request(reason)) => Error::Cancelled { reason },
@@ -137,22 +138,19 @@ impl ActiveQuery {
 
     /// Cancels the query; the first cause is kept.
     fn cancel_with(&self, cause: Cause) {
-        self.cause.lock().expect("poisoned").get_or_insert(cause);
+        self.cause.lock().get_or_insert(cause);
         self.cancel.cancel();
     }
 
     /// Records how the query ended for the client, from outside the task running it;
     /// the first call wins.
     pub fn set_outcome(&self, outcome: Outcome) {
-        self.outcome
-            .lock()
-            .expect("poisoned")
-            .get_or_insert(outcome);
+        self.outcome.lock().get_or_insert(outcome);
     }
 
     /// The outcome [`Self::set_outcome`] recorded.
     pub(super) fn outcome(&self) -> Option<Outcome> {
-        *self.outcome.lock().expect("poisoned")
+        *self.outcome.lock()
     }
 
     pub(super) fn set_state(&self, state: QueryState) {
@@ -195,22 +193,22 @@ impl ActiveQuery {
 
     /// Records the tables the plan reads.
     pub(super) fn set_tables(&self, tables: Vec<String>) {
-        *self.tables.lock().expect("poisoned") = tables;
+        *self.tables.lock() = tables;
     }
 
     /// The tables the plan reads (empty until planned).
     pub(super) fn tables(&self) -> Vec<String> {
-        self.tables.lock().expect("poisoned").clone()
+        self.tables.lock().clone()
     }
 
     /// Records the gRPC code of the error the query ends with; the first call wins.
     pub fn set_code(&self, code: tonic::Code) {
-        self.code.lock().expect("poisoned").get_or_insert(code);
+        self.code.lock().get_or_insert(code);
     }
 
     /// The code [`Self::set_code`] recorded.
     pub(super) fn code(&self) -> Option<tonic::Code> {
-        *self.code.lock().expect("poisoned")
+        *self.code.lock()
     }
 
     fn snapshot(&self) -> QuerySnapshot {
@@ -303,7 +301,7 @@ impl ActiveQueries {
         }
         // One lock: the guard of an `if let` scrutinee lives through its block.
         let voided = {
-            let mut early = self.cancelled_early.lock().expect("poisoned");
+            let mut early = self.cancelled_early.lock();
             let pos = early
                 .iter()
                 .position(|c| c.id == query.id && (c.user.is_none() || c.user == query.user));
@@ -314,7 +312,7 @@ impl ActiveQueries {
                 reason: "CancelFlightInfo cancelled this ticket before it was redeemed".into(),
             });
         }
-        let mut queries = self.queries.lock().expect("poisoned");
+        let mut queries = self.queries.lock();
         if queries.contains_key(&query.id) {
             return Err(Error::invalid(format!(
                 "query {} is already running: a ticket from GetFlightInfo can be redeemed once at a time",
@@ -326,7 +324,7 @@ impl ActiveQueries {
     }
 
     pub(super) fn remove(&self, id: &str) {
-        self.queries.lock().expect("poisoned").remove(id);
+        self.queries.lock().remove(id);
     }
 
     /// The queries `caller` may see, oldest first.
@@ -334,7 +332,6 @@ impl ActiveQueries {
         let mut list: Vec<_> = self
             .queries
             .lock()
-            .expect("poisoned")
             .values()
             .filter(|q| caller.may_see(q))
             .map(|q| q.snapshot())
@@ -350,7 +347,7 @@ impl ActiveQueries {
 
     fn cancel_via(&self, id: &str, caller: Caller<'_>, via: &str) -> Result<()> {
         check_query_id(id)?;
-        let query = self.queries.lock().expect("poisoned").get(id).cloned();
+        let query = self.queries.lock().get(id).cloned();
         let Some(query) = query else {
             return Err(Error::invalid(format!(
                 "no query with id '{id}' is running (DoAction \"list-queries\" lists them)"
@@ -373,7 +370,7 @@ impl ActiveQueries {
     /// Cancels the query a `GetFlightInfo` ticket starts: now if it runs, or when its
     /// ticket arrives. Returns whether it was running.
     pub fn cancel_ticket(&self, id: &str, caller: Caller<'_>) -> Result<bool> {
-        let running = self.queries.lock().expect("poisoned").contains_key(id);
+        let running = self.queries.lock().contains_key(id);
         if running {
             self.cancel_via(id, caller, "CancelFlightInfo")?;
             return Ok(true);
@@ -383,7 +380,7 @@ impl ActiveQueries {
             Caller::Anyone | Caller::Admin(_) => None,
             Caller::User(name) => Some(name.to_string()),
         };
-        let mut early = self.cancelled_early.lock().expect("poisoned");
+        let mut early = self.cancelled_early.lock();
         if early.len() == CANCELLED_EARLY_CAPACITY {
             early.pop_front();
         }
@@ -398,7 +395,7 @@ impl ActiveQueries {
     /// allocations outside the pool are not attributed to queries, and a sudden spike
     /// most likely comes from what started last) with RESOURCE_EXHAUSTED. Returns its id.
     pub fn cancel_largest(&self, reason: &str) -> Option<String> {
-        let queries = self.queries.lock().expect("poisoned");
+        let queries = self.queries.lock();
         let largest = queries
             .values()
             .filter(|q| !q.cancel.is_cancelled())
@@ -410,14 +407,14 @@ impl ActiveQueries {
     /// Refuses new queries and cancels every query; they end with UNAVAILABLE.
     pub fn shut_down(&self) {
         self.shutting_down.store(true, Ordering::Release);
-        for query in self.queries.lock().expect("poisoned").values() {
+        for query in self.queries.lock().values() {
             query.cancel_with(Cause::Shutdown);
         }
     }
 
     /// Queries waiting or running.
     pub fn len(&self) -> usize {
-        self.queries.lock().expect("poisoned").len()
+        self.queries.lock().len()
     }
 
     /// Whether no query is waiting or running.

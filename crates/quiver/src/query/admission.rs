@@ -144,8 +144,7 @@ mod tests {
         // The second waits in the queue...
         let waiter = {
             let (a, gauge, cancel) = (Arc::clone(&a), gauge.clone(), cancel.clone());
-            tokio::runtime::Handle::current()
-                .spawn(async move { a.admit(&cancel, &gauge, || {}).await.map(|_| ()) })
+            crate::query::spawn(async move { a.admit(&cancel, &gauge, || {}).await.map(|_| ()) })
         };
         while gauge.get() != 1 {
             tokio::task::yield_now().await;

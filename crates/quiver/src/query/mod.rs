@@ -34,11 +34,12 @@ pub use memory::MeteredPool;
 pub(crate) use params::cast_params;
 use running::QueryAudit;
 pub use running::RunningQuery;
-pub use runtime::{CpuRuntime, Progress};
+pub use runtime::{CpuRuntime, Progress, spawn};
 pub use scan::{PartitionPruning, ScanReport, ScanSummary};
 
+use parking_lot::Mutex;
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
@@ -409,7 +410,7 @@ impl QueryEngine {
 
     /// Scan figures summed over every query so far.
     pub fn scan_totals(&self) -> ScanSummary {
-        *self.scan_totals.lock().expect("poisoned")
+        *self.scan_totals.lock()
     }
 
     /// Counters of the mapping cache, when reading through memory maps.

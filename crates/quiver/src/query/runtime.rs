@@ -89,7 +89,7 @@ impl CpuRuntime {
         let progress = &self.progress;
         loop {
             let sent = Instant::now();
-            let mut probe = AbortOnDropHandle::new(self.handle.spawn(async {}));
+            let mut probe = self.spawn(async {});
             loop {
                 tokio::select! {
                     _ = &mut probe => break,
@@ -122,7 +122,7 @@ impl CpuRuntime {
         F: Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        AbortOnDropHandle::new(self.handle.spawn(future))
+        spawn_on(&self.handle, future)
     }
 
     /// Runs `future` on the CPU runtime and waits for its output.
@@ -144,4 +144,25 @@ impl Drop for CpuRuntime {
             runtime.shutdown_background();
         }
     }
+}
+
+/// Runs `future` on the runtime the caller is on, owned by the returned handle: the task
+/// is aborted when the handle is dropped, so no task outlives what started it. With
+/// [`CpuRuntime::spawn`], the only way tasks are started (`clippy.toml` forbids the
+/// others).
+pub fn spawn<F>(future: F) -> AbortOnDropHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    spawn_on(&tokio::runtime::Handle::current(), future)
+}
+
+#[allow(clippy::disallowed_methods)] // the one place a task is spawned
+fn spawn_on<F>(handle: &tokio::runtime::Handle, future: F) -> AbortOnDropHandle<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    AbortOnDropHandle::new(handle.spawn(future))
 }

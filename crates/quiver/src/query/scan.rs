@@ -5,8 +5,9 @@
 //! after it (file and row-group statistics, bloom filters, page index, row filters,
 //! bytes read) is counted by DataFusion's Parquet scan in the plan's metrics.
 
+use parking_lot::Mutex;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::metrics::MetricValue;
@@ -27,15 +28,12 @@ impl PartitionPruning {
         self.files_total.fetch_add(total as u64, Ordering::Relaxed);
         self.files_pruned
             .fetch_add(total.saturating_sub(kept) as u64, Ordering::Relaxed);
-        self.tables
-            .lock()
-            .expect("poisoned")
-            .push(table.to_string());
+        self.tables.lock().push(table.to_string());
     }
 
     /// The tables scanned so far.
     pub fn tables(&self) -> Vec<String> {
-        self.tables.lock().expect("poisoned").clone()
+        self.tables.lock().clone()
     }
 }
 
@@ -211,7 +209,7 @@ impl ScanReport {
 impl Drop for ScanReport {
     fn drop(&mut self) {
         let summary = self.summary();
-        self.totals.lock().expect("poisoned").add(&summary);
+        self.totals.lock().add(&summary);
         tracing::debug!(
             sql = %self.sql,
             summary = %serde_json::to_string(&summary).unwrap_or_default(),

@@ -11,8 +11,9 @@
 //! columns (`SELECT *`, any filter that keeps whole batches), the encoder sends the
 //! message as one shared chunk and encodes nothing.
 
+use parking_lot::RwLock;
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use arrow::array::{ArrayRef, RecordBatch};
 use arrow::buffer::{Buffer, MutableBuffer};
@@ -120,7 +121,7 @@ impl PinnedMessages {
 
     /// Remembers each batch's message until the returned guard is dropped.
     pub fn register(self: &Arc<Self>, laid_out: Vec<(RecordBatch, Frame)>) -> Registration {
-        let mut map = self.by_column.write().expect("poisoned");
+        let mut map = self.by_column.write();
         let keys = laid_out
             .into_iter()
             .filter_map(|(batch, frame)| {
@@ -140,7 +141,7 @@ impl PinnedMessages {
     /// the very array laid out (so the same rows, types and buffers).
     pub fn find(&self, batch: &RecordBatch) -> Option<Frame> {
         let key = key(batch)?;
-        let map = self.by_column.read().expect("poisoned");
+        let map = self.by_column.read();
         let entry = map.get(&key)?;
         let same = entry.columns.len() == batch.num_columns()
             && entry
@@ -153,7 +154,7 @@ impl PinnedMessages {
 
     /// Messages remembered.
     pub fn len(&self) -> usize {
-        self.by_column.read().expect("poisoned").len()
+        self.by_column.read().len()
     }
 
     /// Whether none are.
@@ -171,7 +172,7 @@ pub struct Registration {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        let mut map = self.messages.by_column.write().expect("poisoned");
+        let mut map = self.messages.by_column.write();
         for key in &self.keys {
             map.remove(key);
         }

@@ -25,7 +25,7 @@ pub struct Fixture {
     pub channel: Channel,
     pub engine: Arc<QueryEngine>,
     shutdown: CancellationToken,
-    server: tokio::task::JoinHandle<()>,
+    server: tokio_util::task::AbortOnDropHandle<()>,
     _refresh: Option<tokio_util::task::AbortOnDropHandle<()>>,
 }
 
@@ -172,7 +172,7 @@ impl Fixture {
             .unwrap(),
         );
         let token = shutdown.clone();
-        let server = tokio::task::spawn(async move {
+        let server = quiver::query::spawn(async move {
             tonic::transport::Server::builder()
                 .add_service(service)
                 .serve_with_incoming_shutdown(
@@ -184,12 +184,12 @@ impl Fixture {
         });
         let refresh = refresh.map(|every| {
             let engine = Arc::clone(&engine);
-            tokio_util::task::AbortOnDropHandle::new(tokio::task::spawn(async move {
+            quiver::query::spawn(async move {
                 loop {
                     tokio::time::sleep(every).await;
                     engine.refresh().await;
                 }
-            }))
+            })
         });
         let channel = Channel::from_shared(format!("http://{addr}"))
             .unwrap()
