@@ -6,11 +6,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.flight as flight
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from quiver_process import QuiverProcess  # noqa: E402
 
 
 def generate_tpch(scale: float, cache: Path) -> Path:
@@ -67,54 +69,26 @@ class ArrowServer:
         self.proc.wait(timeout=30)
 
 
-class Quiver:
-    """`quiver serve` on 127.0.0.1:0 with `args`, and a pyarrow Flight client."""
+class Quiver(QuiverProcess):
+    """`quiver serve` on 127.0.0.1:0 with `args`, and a pyarrow Flight client, started by
+    the launcher the tests use (tests/quiver_process.py)."""
 
     def __init__(self, binary: str, workdir: Path, args: list[str], threads: int | None = None):
-        workdir.mkdir(parents=True, exist_ok=True)
-        addr_file, metrics_file = workdir / "addr", workdir / "metrics-addr"
-        for f in (addr_file, metrics_file):
-            f.unlink(missing_ok=True)
-        self.log = open(workdir / "quiver.log", "w+")
         threads_args = ["--cpu-threads", str(threads)] if threads else []
-        self.proc = subprocess.Popen(
-            [binary, "serve", "--listen", "127.0.0.1:0", "--listen-addr-file", str(addr_file),
-             "--metrics-listen", "127.0.0.1:0", "--metrics-addr-file", str(metrics_file), *threads_args, *args],
-            stdout=self.log, stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 600
-        while not addr_file.exists():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.log.seek(0)
-                raise RuntimeError(f"quiver did not start:\n{self.log.read()}")
-            time.sleep(0.05)
-        self.addr = addr_file.read_text().strip()
-        self.metrics_addr = metrics_file.read_text().strip()
-        self.client = flight.connect(f"grpc://{self.addr}")
+        super().__init__([*threads_args, *args], workdir, binary=binary)
 
     def run(self, sql: str) -> pa.Table:
-        return self.client.do_get(flight.Ticket(sql.encode())).read_all()
+        return self.query(sql)
 
     def metric(self, name: str) -> float:
         """An unlabelled sample from /metrics."""
-        with urllib.request.urlopen(f"http://{self.metrics_addr}/metrics", timeout=10) as r:
-            for line in r.read().decode().splitlines():
-                if line.startswith(name + " "):
-                    return float(line.split()[1])
+        for line in self.scrape_text().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
         raise KeyError(name)
 
-    def peak_rss(self) -> int:
-        """The server's peak resident set (VmHWM), in bytes."""
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-        raise KeyError("VmHWM")
-
     def close(self):
-        self.client.close()
-        self.proc.terminate()
-        self.proc.wait(timeout=60)
-        self.log.close()
+        self.stop(timeout=60)
 
 
 def plain(table: pa.Table) -> pa.Table:

@@ -10,7 +10,7 @@ medians, and ratios against the plaintext/default-window baseline measured in th
 
 import argparse
 import statistics
-import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,20 +18,12 @@ from pathlib import Path
 import pyarrow.flight as flight
 import trustme
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from quiver_process import QuiverProcess  # noqa: E402
 
-def start(quiver: str, args: list[str], tmp: Path) -> tuple[subprocess.Popen, str]:
-    addr_file = tmp / f"addr-{len(list(tmp.iterdir()))}"
-    proc = subprocess.Popen(
-        [quiver, "serve", "--demo", "--listen", "127.0.0.1:0", "--listen-addr-file", str(addr_file), *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 600
-    while not addr_file.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError("quiver did not start")
-        time.sleep(0.05)
-    return proc, addr_file.read_text().strip()
+
+def start(quiver: str, args: list[str], tmp: Path) -> QuiverProcess:
+    return QuiverProcess(["--demo", *args], tmp / f"server-{len(list(tmp.iterdir()))}", connect=False, binary=quiver)
 
 
 def full_scan(client: flight.FlightClient) -> int:
@@ -68,8 +60,8 @@ def main() -> None:
     }
     servers, clients = {}, {}
     for name, args in configs.items():
-        proc, addr = start(a.quiver, args, tmp)
-        servers[name] = proc
+        server = start(a.quiver, args, tmp)
+        servers[name], addr = server, server.addr
         if "TLS" in name:
             port = addr.rsplit(":", 1)[1]
             clients[name] = flight.connect(f"grpc+tls://localhost:{port}", tls_root_certs=ca.cert_pem.bytes())
@@ -91,9 +83,8 @@ def main() -> None:
                 small_queries(clients[name])
                 small[name].append(time.perf_counter() - t)
     finally:
-        for proc in servers.values():
-            proc.terminate()
-            proc.wait()
+        for server in servers.values():
+            server.stop(timeout=60)
 
     base = "plaintext, default windows"
     print(f"rows: {a.rows}, Arrow bytes per scan: {nbytes / 1e6:.0f} MB, runs: {a.runs}\n")

@@ -34,6 +34,11 @@ echo "== cargo fmt"
 cargo fmt --all -- --check
 cargo fmt --manifest-path proto/codegen/Cargo.toml -- --check
 
+# `cargo build` and `--all-targets` must resolve the same features, or DataFusion is
+# compiled twice (scripts/check-features.sh says why).
+echo "== one set of compiled dependencies"
+./scripts/check-features.sh
+
 # The Rust code for proto/quiver is generated and checked in: it must match the .proto files.
 echo "== generated protobuf code is current"
 cargo run --quiet --locked --manifest-path proto/codegen/Cargo.toml \

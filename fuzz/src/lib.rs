@@ -18,12 +18,12 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arrow_flight::FlightData;
-use arrow_flight::sql::{Any, Command as FlightSqlCommand};
+use arrow_flight::sql::Any;
 use datafusion::arrow::datatypes::DataType;
 use prost::Message;
 use quiver::flight::auth::{Authenticator, LoginLimits, claimed_user};
 use quiver::flight::ticket::{self, Command};
-use quiver::query::{QueryEngine, QueryOptions, TableAccess};
+use quiver::query::{Caller, QueryEngine, QueryOptions};
 use sha2::{Digest, Sha256};
 use tonic::metadata::{MetadataMap, MetadataValue};
 
@@ -51,8 +51,9 @@ fn inspect(command: &Command) {
             let _ = t.timeout();
             let _ = t.result_compression();
         }
-        Command::FlightSql(any) => {
-            let _ = FlightSqlCommand::try_from(any.clone());
+        Command::FlightSql(command) => {
+            // Unpacked already by `decode`; statement tickets by `query_id` above.
+            let _ = command.type_url();
         }
         Command::Sql(_) => {}
     }
@@ -133,12 +134,11 @@ pub fn sql(data: &[u8]) {
         return;
     };
     let (runtime, engine) = engine();
-    let planned = runtime.block_on(engine.schema(
-        text.to_string(),
-        vec![],
-        Arc::new(TableAccess::All),
-        Some(Duration::from_secs(10)),
-    ));
+    let caller = Caller {
+        client_timeout: Some(Duration::from_secs(10)),
+        ..Caller::default()
+    };
+    let planned = runtime.block_on(engine.schema(text.to_string(), vec![], &caller));
     drop(planned);
 }
 

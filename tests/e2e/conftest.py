@@ -8,10 +8,8 @@ import datetime as dt
 import decimal
 import os
 import random
-import subprocess
+import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,7 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from quiver_process import REPO, QuiverProcess, quiver_binary  # noqa: E402,F401
+
 DAYS = [dt.date(2026, 1, 1) + dt.timedelta(days=i) for i in range(4)]
 SERVICES = ["api", "auth", "web"]
 
@@ -42,13 +42,6 @@ REQUESTS_SCHEMA = pa.schema(
 # Later partitions add a column: the table's schema evolves.
 EVOLVED_SCHEMA = REQUESTS_SCHEMA.append(pa.field("retries", pa.int32()))
 PARTITION_SCHEMA = pa.schema([("day", pa.date32()), ("service", pa.string())])
-
-
-def quiver_binary() -> Path:
-    if "QUIVER_BIN" in os.environ:
-        return Path(os.environ["QUIVER_BIN"])
-    target = Path(os.environ.get("CARGO_TARGET_DIR", REPO / "target"))
-    return target / "release" / "quiver"
 
 
 def write_atomically(table: pa.Table, path: Path, **kwargs) -> None:
@@ -120,65 +113,14 @@ def requests_dataset(root: Path) -> ds.Dataset:
     return ds.dataset(root / "requests", format="parquet", partitioning=partitioning, schema=schema)
 
 
-class Server:
+class Server(QuiverProcess):
+    """The real binary, started by the shared launcher (tests/quiver_process.py)."""
+
     def __init__(self, args, tmp: Path, connect: bool = True):
-        self.addr_file = tmp / "addr"
-        self.metrics_addr_file = tmp / "metrics-addr"
-        self.log = open(tmp / "server.log", "w+")
-        # Every server gets its own metrics port: tests never share (or fight over) 9464.
-        metrics = ["--metrics-listen", "127.0.0.1:0", "--metrics-addr-file", str(self.metrics_addr_file)]
-        self.proc = subprocess.Popen(
-            [str(quiver_binary()), "serve", "--listen", "127.0.0.1:0", "--listen-addr-file", str(self.addr_file), *metrics, *args],
-            stdout=self.log,
-            stderr=subprocess.STDOUT,
-        )
-        deadline = time.monotonic() + 60
-        while not self.addr_file.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"quiver exited with {self.proc.returncode}:\n{self.logs()}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"quiver did not start:\n{self.logs()}")
-            time.sleep(0.05)
-        self.addr = self.addr_file.read_text().strip()
-        self.port = int(self.addr.rsplit(":", 1)[1])
-        # Written before the Flight address file.
-        self.metrics_addr = self.metrics_addr_file.read_text().strip()
-        self.client = flight.connect(f"grpc://{self.addr}") if connect else None
-
-    def logs(self) -> str:
-        self.log.flush()
-        self.log.seek(0)
-        return self.log.read()
-
-    def http_get(self, path: str) -> tuple[int, str]:
-        """Status and body of GET `path` on the metrics endpoint."""
-        try:
-            with urllib.request.urlopen(f"http://{self.metrics_addr}{path}", timeout=10) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
-
-    def scrape_text(self) -> str:
-        status, text = self.http_get("/metrics")
-        assert status == 200, text
-        return text
+        super().__init__(args, tmp, connect=connect, start_timeout=60)
 
     def metrics(self) -> "Metrics":
         return Metrics(self.scrape_text())
-
-    def query(self, sql: str) -> pa.Table:
-        return self.client.do_get(flight.Ticket(sql.encode())).read_all()
-
-    def stop(self):
-        if self.client is not None:
-            self.client.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise
-        self.log.close()
 
 
 class Metrics:

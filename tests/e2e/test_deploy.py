@@ -8,10 +8,12 @@
 """
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import tomllib
+from pathlib import Path
 
 import pytest
 import yaml
@@ -231,8 +233,30 @@ def test_compose_mounts_files_that_exist():
 def test_dockerfile_builds_like_the_readme_and_runs_unprivileged():
     dockerfile = (DEPLOY / "docker" / "Dockerfile").read_text()
     readme = (REPO / "README.md").read_text()
-    assert "cargo build --release --locked" in dockerfile and "cargo build --release --locked" in readme
+    install = (REPO / "scripts" / "install.sh").read_text()
+    assert "./scripts/install.sh /out" in dockerfile and "./scripts/install.sh" in readme
+    assert "COPY --from=build /out/bin/quiver /usr/local/bin/quiver" in dockerfile
+    assert "cargo build --release --locked" in install
     assert re.search(r"^USER (?!root)", dockerfile, re.M)
     assert "HEALTHCHECK" in dockerfile and 'CMD ["quiver", "health"]' in dockerfile
     assert re.search(r"^FROM .* AS build$", dockerfile, re.M), "multi-stage"
     assert "VOLUME" in dockerfile
+
+
+def sections(path: Path) -> set[str]:
+    out = subprocess.run(["readelf", "-S", "-W", str(path)], check=True, capture_output=True, text=True).stdout
+    return set(re.findall(r"\]\s+(\.\S+)", out))
+
+
+@pytest.mark.skipif(shutil.which("objcopy") is None or shutil.which("readelf") is None, reason="binutils missing")
+def test_install_ships_the_binary_without_debug_info(tmp_path):
+    built = quiver_binary()
+    env = {**os.environ, "QUIVER_SKIP_BUILD": "1", "CARGO_TARGET_DIR": str(built.parent.parent)}
+    subprocess.run([str(REPO / "scripts" / "install.sh"), str(tmp_path)], check=True, env=env, capture_output=True)
+    shipped, debug = tmp_path / "bin" / "quiver", tmp_path / "lib" / "debug" / "quiver.debug"
+    assert not {s for s in sections(shipped) if s.startswith(".debug_")}, sections(shipped)
+    assert ".gnu_debuglink" in sections(shipped)
+    assert ".debug_line" in sections(debug), "the line tables are kept beside it"
+    assert shipped.stat().st_size < built.stat().st_size / 2
+    version = subprocess.run([str(shipped), "--version"], check=True, capture_output=True, text=True).stdout
+    assert version.startswith("quiver "), version

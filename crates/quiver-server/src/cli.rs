@@ -438,8 +438,9 @@ pub struct ServeArgs {
 
     /// How query results are written to the socket: `zero-copy` hands the Arrow buffers
     /// themselves to HTTP/2 (vectored writes, no copy of batch bodies); `standard` is
-    /// arrow-flight's encoder and tonic's codec (two copies per byte), kept for
-    /// comparison. Compressed results always take the standard path.
+    /// arrow-flight's encoder and prost into one buffer per message, as tonic's codec
+    /// does (two copies per byte), kept for comparison. Compressed results always take
+    /// the standard path. Every ticket, plain or Flight SQL, is sent the same way.
     #[arg(long, env = "QUIVER_SEND_PATH", default_value = "zero-copy")]
     pub send_path: SendPath,
 
@@ -589,7 +590,7 @@ pub enum ViewTypesArg {
 pub enum SendPath {
     /// Arrow buffers to the socket without copies.
     ZeroCopy,
-    /// arrow-flight's encoder and tonic's codec.
+    /// arrow-flight's encoder and prost, as tonic's codec would.
     Standard,
 }
 

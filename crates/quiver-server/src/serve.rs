@@ -5,15 +5,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use arrow_flight::flight_service_server::FlightServiceServer;
 use prometheus::Registry;
 use quiver::audit::AuditLog;
 use quiver::catalog::{CatalogFile, TableDefinition, parse_table_flag, tables_in_data_dir};
 use quiver::flight::auth::{Authenticator, LoginLimits};
-use quiver::flight::zero_copy::ZeroCopyDoGetLayer;
-use quiver::flight::{CompressionType, PreparedLimits, QuiverFlightService, SendOptions};
+use quiver::flight::{
+    CompressionType, MessageLimits, PreparedLimits, QuiverFlightService, SendOptions,
+};
 use quiver::io::{IoOptions, MmapLimits};
-use quiver::metrics::{RpcMetrics, RpcMetricsLayer};
+use quiver::metrics::RpcMetrics;
 use quiver::query::spawn;
 use quiver::query::{
     AdmissionOptions, MemoryOptions, PoolKind, QueryEngine, QueryLimits, QueryOptions, SqlLimits,
@@ -201,6 +201,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 IpcCompression::Lz4 => Some(CompressionType::LZ4_FRAME),
             },
             keepalive: args.stream_keepalive,
+            path: match args.send_path {
+                SendPath::ZeroCopy => quiver::flight::SendPath::ZeroCopy,
+                SendPath::Standard => quiver::flight::SendPath::Standard,
+            },
             ..SendOptions::default()
         },
         PreparedLimits {
@@ -211,23 +215,16 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(auth) = auth {
         service = service.with_auth(auth);
     }
-    let service = Arc::new(service);
-    let flight = FlightServiceServer::from_arc(Arc::clone(&service))
-        .max_decoding_message_size(args.max_decoding_message_size.0)
-        .max_encoding_message_size(args.max_encoding_message_size.0);
-    // Query results skip tonic's codec; every other call reaches the routes below.
-    let zero_copy = ZeroCopyDoGetLayer::new(
-        service,
-        args.max_decoding_message_size.0,
-        args.max_encoding_message_size.0,
+    let (router, health) = quiver::flight::stack(
+        server,
+        Arc::new(service),
+        rpc_metrics,
+        MessageLimits {
+            max_decoding_message_size: args.max_decoding_message_size.0,
+            max_encoding_message_size: args.max_encoding_message_size.0,
+        },
     )
-    .enabled(args.send_path == SendPath::ZeroCopy);
-
-    // gRPC health, outside authentication: probes and load balancers send no credentials.
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<FlightServiceServer<QuiverFlightService>>()
-        .await;
+    .await;
 
     let _memory_guard = (memory_hard_limit > 0).then(|| {
         let engine = Arc::clone(&engine);
@@ -253,12 +250,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         args.tls.tls_handshake_timeout,
         shutdown.clone(),
     );
-    let serve = server
-        .layer(RpcMetricsLayer::new(rpc_metrics))
-        .layer(zero_copy)
-        .add_service(health_service)
-        .add_service(flight)
-        .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+    let serve = router.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     tokio::select! {
         served = serve => served.context("the Flight server failed")?,
         () = drain(&engine, &shutdown, args.shutdown_grace) => {
@@ -502,11 +494,13 @@ fn stall_watch(
                     tonic_health::ServingStatus::Serving
                 };
                 health
-                        .set_service_status(
-                            <FlightServiceServer<QuiverFlightService> as tonic::server::NamedService>::NAME,
-                            status,
-                        )
-                        .await;
+                    .set_service_status(
+                        <arrow_flight::flight_service_server::FlightServiceServer<
+                            QuiverFlightService,
+                        > as tonic::server::NamedService>::NAME,
+                        status,
+                    )
+                    .await;
                 health.set_service_status("", status).await;
             }
         };
@@ -536,7 +530,7 @@ fn shutdown_on_signal(token: CancellationToken, health: HealthReporter) -> Abort
         }
         tracing::info!("shutting down: finishing in-flight requests");
         health
-            .set_not_serving::<FlightServiceServer<QuiverFlightService>>()
+            .set_not_serving::<arrow_flight::flight_service_server::FlightServiceServer<QuiverFlightService>>()
             .await;
         health
             .set_service_status("", tonic_health::ServingStatus::NotServing)

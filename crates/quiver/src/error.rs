@@ -96,12 +96,25 @@ pub enum Error {
     #[error("the server is shutting down; retry (on another replica)")]
     ShuttingDown,
 
-    /// The feature exists in the protocol but is not served (yet).
-    #[error("{what} is not supported")]
+    /// The feature exists in the protocol but is not served.
+    #[error("{what} is not supported: {hint}")]
     Unsupported {
-        /// The RPC, command or action.
+        /// The RPC, command, action or form of request.
         what: String,
+        /// What to do instead.
+        hint: String,
     },
+
+    /// A gRPC message over a size limit.
+    #[error("{message}")]
+    MessageTooLarge {
+        /// What was too large, by how much, and which flag sets the limit.
+        message: String,
+    },
+
+    /// The client went away (reset its stream or closed the connection) before the end.
+    #[error("the client went away")]
+    ClientGone,
 
     /// A table definition (CLI flag or catalog file) is wrong.
     #[error("invalid table definition: {message}")]
@@ -140,6 +153,15 @@ pub enum Error {
         path: String,
         /// What differs.
         reason: String,
+    },
+
+    /// A table path that is not a regular file (a directory, socket, FIFO or device).
+    #[error("{path} is a {kind}, not a regular file")]
+    NotAFile {
+        /// The path.
+        path: String,
+        /// What it is instead.
+        kind: &'static str,
     },
 
     /// A table file could not be opened or read.
@@ -213,6 +235,8 @@ impl Error {
             Self::InvalidRequest { .. } | Self::NotReadOnly { .. } => Code::InvalidArgument,
             Self::TableNotFound { .. } => Code::NotFound,
             Self::Unsupported { .. } => Code::Unimplemented,
+            Self::MessageTooLarge { .. } => Code::OutOfRange,
+            Self::ClientGone => Code::Cancelled,
             Self::Unauthenticated { .. } => Code::Unauthenticated,
             Self::PermissionDenied { .. } => Code::PermissionDenied,
             Self::Overloaded { .. } | Self::ShuttingDown => Code::Unavailable,
@@ -223,19 +247,17 @@ impl Error {
             Self::Schema { .. } => Code::FailedPrecondition,
             Self::Io { .. } => Code::Unavailable,
             Self::FileChanged { .. } => Code::Unavailable,
+            // Only the operator can fix it.
+            Self::NotAFile { .. } => Code::FailedPrecondition,
             Self::FileRead { source, .. } => match source.as_ref() {
                 // Vanished since it was listed: the next refresh drops it.
                 object_store::Error::NotFound { .. } => Code::Unavailable,
                 // Only the operator can fix these.
                 object_store::Error::PermissionDenied { .. } => Code::FailedPrecondition,
-                object_store::Error::Generic { source, .. }
-                    if matches!(
-                        source.downcast_ref::<crate::io::MmapError>(),
-                        Some(crate::io::MmapError::NotRegular { .. })
-                    ) =>
-                {
-                    Code::FailedPrecondition
-                }
+                // Ours, carried through the object store interface (`io`).
+                object_store::Error::Generic { source, .. } => source
+                    .downcast_ref::<Error>()
+                    .map_or(Code::Unavailable, Error::code),
                 _ => Code::Unavailable,
             },
             Self::DataFusion(e) => match ours_in(e.as_ref()) {
@@ -256,10 +278,58 @@ impl Error {
         }
     }
 
+    /// How a query that failed with this error ended, for `quiver_queries_total{outcome}`.
+    /// Decided here, beside [`Self::code`], so that one place classifies every error.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Self::Overloaded { .. } | Self::ShuttingDown => Outcome::Rejected,
+            Self::Cancelled { .. } | Self::ClientGone => Outcome::Cancelled,
+            Self::DeadlineExceeded { .. } => Outcome::Timeout,
+            _ => Outcome::Error,
+        }
+    }
+
     /// Whether the server, rather than the client or the data, is at fault:
     /// those are logged at `error`, the rest at `debug`.
     pub fn is_server_fault(&self) -> bool {
         matches!(self.code(), Code::Internal | Code::Unknown)
+    }
+}
+
+/// How a query ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Every batch was sent.
+    Success,
+    /// Planning or execution failed (bad SQL, a missing file, memory exhausted, ...).
+    Error,
+    /// The client went away or cancelled before the end.
+    Cancelled,
+    /// Refused by admission control before it started.
+    Rejected,
+    /// A deadline expired.
+    Timeout,
+}
+
+impl Outcome {
+    /// Every outcome, for initialising label values.
+    pub const ALL: [Outcome; 5] = [
+        Outcome::Success,
+        Outcome::Error,
+        Outcome::Cancelled,
+        Outcome::Rejected,
+        Outcome::Timeout,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Success => "success",
+            Outcome::Error => "error",
+            Outcome::Cancelled => "cancelled",
+            Outcome::Rejected => "rejected",
+            Outcome::Timeout => "timeout",
+        }
     }
 }
 
@@ -269,7 +339,7 @@ fn file_read_message(path: &str, source: &object_store::Error) -> String {
         object_store::Error::Generic { source, .. }
         | object_store::Error::NotFound { source, .. }
         | object_store::Error::PermissionDenied { source, .. } => {
-            if let Some(ours) = source.downcast_ref::<crate::io::MmapError>() {
+            if let Some(ours) = source.downcast_ref::<Error>() {
                 // Already names the file.
                 return ours.to_string();
             }
@@ -323,8 +393,9 @@ fn datafusion_code(e: &DataFusionError) -> Code {
             | datafusion::arrow::error::ArrowError::IpcError(_) => Code::DataLoss,
             _ => Code::Internal,
         },
-        // Errors raised by expressions while running (e.g. a failed cast of a value).
-        DataFusionError::Execution(_) => Code::InvalidArgument,
+        // DataFusion's catch-all for failures while running: not the client's fault by
+        // default (errors from bad input arrive as Arrow, plan or SQL errors, or ours).
+        DataFusionError::Execution(_) => Code::Internal,
         DataFusionError::ExecutionJoin(_) => Code::Internal,
         DataFusionError::External(ext) => match ext.downcast_ref::<Error>() {
             Some(ours) => ours.code(),

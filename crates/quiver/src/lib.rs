@@ -4,21 +4,21 @@
 //!  client (pyarrow.flight, ADBC, JDBC)
 //!     │ gRPC / HTTP/2
 //!     ▼
-//!  flight::QuiverFlightService ── ticket::decode ──▶ SQL text | Quiver ticket | Flight SQL
-//!     │ DoGet / GetFlightInfo / GetSchema / ListFlights / DoAction
+//!  flight::stack: RpcMetricsLayer ─▶ route::DoGetRoute (every DoGet) ─▶ tonic's routes
+//!     │ QuiverFlightService: caller() ─▶ ticket::decode ─▶ do_get::serve | the other RPCs
 //!     ▼
-//!  query::QueryEngine ── read-only guard ── plan (CPU runtime) ── execute_stream()
-//!     │                                                              │
+//!  query::QueryEngine ── limits, read-only guard, the caller's tables ── plan (CPU runtime)
+//!     │                                                              │ execute_stream()
 //!     ▼                                                              ▼
-//!  catalog::Catalog ── HiveTable snapshots ──▶ DataFusion Parquet scan (pruning, pushdown)
+//!  catalog::Catalog ── HiveTable snapshots ──▶ DataFusion Parquet scan (io: memory maps)
 //!                                                                    │
-//!  response stream ◀── bounded channel ◀── FlightDataEncoder ◀── expand views
+//!  response body ◀── bounded channel ◀── wire::frames (zero-copy) or arrow-flight + prost
 //! ```
 //!
 //! The library holds everything but process glue: the `quiver` binary
-//! (`crates/quiver-server`) parses flags, binds sockets and wires these pieces together.
-//! Dependencies point one way: `flight -> query -> catalog`, all of them on `wire` (the
-//! shape batches take on their way to the network).
+//! (`crates/quiver-server`) parses flags, binds sockets and serves [`flight::stack`].
+//! Dependencies point one way: `flight -> query -> catalog -> {io, wire}`, and all of them
+//! on `metrics`, `audit` and `error` (docs/architecture.md).
 
 #![warn(missing_docs)]
 

@@ -8,12 +8,14 @@
 
 mod config;
 mod discover;
+mod pruning;
 mod table;
 
 pub use config::{
     CatalogFile, DEFAULT_EXTENSION, TableDefinition, parse_table_flag, tables_in_data_dir,
 };
 pub use discover::{HIVE_NULL_PARTITION, PartitionType};
+pub use pruning::PartitionPruning;
 pub use table::HiveTable;
 
 use parking_lot::{Mutex, RwLock};

@@ -36,8 +36,8 @@ use datafusion::execution::session_state::SessionState;
 use datafusion::physical_plan::collect_partitioned;
 use datafusion_datasource::memory::MemorySourceConfig;
 
+use super::PartitionPruning;
 use crate::io::{Io, IoMode, IoOptions};
-use crate::query::PartitionPruning;
 use crate::wire::frames::split;
 use crate::wire::pinned::{PinnedMessages, Registration, lay_out};
 use crate::wire::views::ViewTypes;

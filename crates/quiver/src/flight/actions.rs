@@ -64,16 +64,12 @@ pub(super) fn list() -> Vec<ActionType> {
 }
 
 /// Runs `action` for `caller`; the result is one body.
-pub(super) async fn run(
-    engine: &QueryEngine,
-    action: &Action,
-    caller: Caller<'_>,
-) -> Result<Vec<u8>> {
+pub(super) async fn run(engine: &QueryEngine, action: &Action, caller: &Caller) -> Result<Vec<u8>> {
     match action.r#type.as_str() {
         REFRESH => {
             // Re-listing reads every table's directory and footers: with authentication
             // on, an operator's action, not every user's.
-            if let Caller::User(name) = caller {
+            if let (Some(name), false) = (caller.user(), caller.admin) {
                 return Err(Error::PermissionDenied {
                     reason: format!(
                         "{name} may not refresh the catalog: only admin users and tokens may \
@@ -132,7 +128,7 @@ pub(super) fn is_ours(action: &str) -> bool {
 pub(super) fn cancel_flight_info(
     engine: &QueryEngine,
     info: &FlightInfo,
-    caller: Caller<'_>,
+    caller: &Caller,
 ) -> Result<CancelStatus> {
     let mut status = CancelStatus::NotCancellable;
     for endpoint in &info.endpoint {

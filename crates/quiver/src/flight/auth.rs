@@ -3,7 +3,7 @@
 //! ```text
 //!  Handshake  authorization: Basic b64(user:password) ──▶ argon2id verify
 //!             ◀── authorization: Bearer <session token>  (random, --session-ttl)
-//!  any call   authorization: Bearer <session or static token> ──▶ Identity
+//!  any call   authorization: Bearer <session or static token> ──▶ query::Caller
 //! ```
 //!
 //! Only SHA-256 digests of tokens are kept (the file holds digests of static tokens; the
@@ -30,7 +30,7 @@ use tonic::metadata::MetadataMap;
 
 use super::login::{FailureReason, LoginThrottle};
 use crate::error::{Error, Result};
-use crate::query::TableAccess;
+use crate::query::{Caller, TableAccess};
 
 pub use super::login::LoginLimits;
 
@@ -52,17 +52,6 @@ pub struct PeerInfo {
     pub remote_addr: Option<std::net::SocketAddr>,
     /// Subject of the verified client certificate (mutual TLS), e.g. `CN=alice`.
     pub client_subject: Option<Arc<str>>,
-}
-
-/// The authenticated caller.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Identity {
-    /// User or token name from the auth file.
-    pub name: Arc<str>,
-    /// May list and cancel every user's queries (`admin = true` in the auth file).
-    pub admin: bool,
-    /// The tables this caller may read (`tables = [...]` in the auth file).
-    pub tables: Arc<TableAccess>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -100,7 +89,7 @@ struct TokenEntry {
 
 #[derive(Debug)]
 struct Session {
-    identity: Identity,
+    identity: Caller,
     expires: Instant,
 }
 
@@ -108,9 +97,9 @@ struct Session {
 #[derive(Debug)]
 pub struct Authenticator {
     /// User name to PHC string (validated at load) and who the user is once verified.
-    users: HashMap<String, (String, Identity)>,
+    users: HashMap<String, (String, Caller)>,
     /// Token digest to token name.
-    tokens: HashMap<[u8; 32], Identity>,
+    tokens: HashMap<[u8; 32], Caller>,
     /// Session token digest to session.
     sessions: Mutex<HashMap<[u8; 32], Session>>,
     ttl: Duration,
@@ -152,13 +141,14 @@ impl Authenticator {
                     user.name, hash.algorithm
                 ));
             }
-            let identity = Identity {
-                name: user.name.as_str().into(),
+            let identity = Caller {
+                user: Some(user.name.as_str().into()),
                 admin: user.admin,
                 tables: Arc::new(
                     TableAccess::from_patterns(user.tables.as_deref())
                         .map_err(|e| format!("user '{}': {e}", user.name))?,
                 ),
+                ..Caller::default()
             };
             if users
                 .insert(user.name.clone(), (user.password, identity))
@@ -179,10 +169,11 @@ impl Authenticator {
                 .map_err(|e| format!("token '{}': {e}", token.name))?;
             tokens.insert(
                 digest,
-                Identity {
-                    name: token.name.into(),
+                Caller {
+                    user: Some(token.name.into()),
                     admin: token.admin,
                     tables: Arc::new(tables),
+                    ..Caller::default()
                 },
             );
         }
@@ -212,7 +203,7 @@ impl Authenticator {
         self: &Arc<Self>,
         metadata: &MetadataMap,
         peer: Option<IpAddr>,
-    ) -> Result<(Identity, String)> {
+    ) -> Result<(Caller, String)> {
         let (user, password) = basic_credentials(metadata).inspect_err(|_| {
             self.throttle.count(FailureReason::Malformed);
         })?;
@@ -254,7 +245,7 @@ impl Authenticator {
         sessions.retain(|_, s| s.expires > now);
         let mine: Vec<([u8; 32], Instant)> = sessions
             .iter()
-            .filter(|(_, s)| s.identity.name == identity.name)
+            .filter(|(_, s)| s.identity.user == identity.user)
             .map(|(d, s)| (*d, s.expires))
             .collect();
         if mine.len() >= MAX_SESSIONS_PER_USER
@@ -273,7 +264,7 @@ impl Authenticator {
     }
 
     /// The caller of a request carrying `authorization: Bearer <token>`.
-    pub fn authenticate(&self, metadata: &MetadataMap) -> Result<Identity> {
+    pub fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller> {
         self.bearer(metadata).map_err(|(reason, e)| {
             self.throttle.count(reason);
             e
@@ -281,7 +272,7 @@ impl Authenticator {
     }
 
     /// The caller, or why not (for `quiver_auth_failures_total`) and the error.
-    fn bearer(&self, metadata: &MetadataMap) -> Result<Identity, (FailureReason, Error)> {
+    fn bearer(&self, metadata: &MetadataMap) -> Result<Caller, (FailureReason, Error)> {
         let token = header(metadata, "Bearer ").map_err(|e| (FailureReason::Malformed, e))?;
         let digest = digest(token);
         if let Some(identity) = self.tokens.get(&digest) {
@@ -411,17 +402,16 @@ mod tests {
             .handshake(&basic("alice", "s3cret"), None)
             .await
             .unwrap();
-        assert_eq!(&*who.name, "alice");
+        assert_eq!(who.user(), Some("alice"));
         assert_eq!(
-            &*auth
-                .authenticate(&meta(&format!("Bearer {token}")))
+            auth.authenticate(&meta(&format!("Bearer {token}")))
                 .unwrap()
-                .name,
-            "alice"
+                .user(),
+            Some("alice")
         );
         assert_eq!(
-            &*auth.authenticate(&meta("bearer tok-123")).unwrap().name,
-            "ci"
+            auth.authenticate(&meta("bearer tok-123")).unwrap().user(),
+            Some("ci")
         );
 
         for (m, needle) in [

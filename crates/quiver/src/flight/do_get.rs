@@ -1,21 +1,30 @@
-//! `DoGet`: run SQL and stream the result.
+//! `DoGet`: the one place that decides how a ticket is served, then runs its query and
+//! streams the result.
 //!
 //! ```text
+//!  serve(command, caller)
+//!    SQL text | QueryTicket | Flight SQL TicketStatementQuery ──▶ run(ticket, no parameters)
+//!    Flight SQL CommandPreparedStatementQuery ─────────────────▶ run(its SQL, bound values)
+//!    Flight SQL metadata command (GetTables, ...) ─────────────▶ one batch from the catalog
+//!
 //!  network runtime                      CPU runtime
 //!  ───────────────                      ───────────
-//!  do_get(ticket) ── execute(request) ─▶ admit (slot or queue), plan, execute_stream()
+//!  run ── engine.execute(request) ─────▶ admit (slot or queue), plan, execute_stream()
 //!                                       │ poll batches (Parquet decode, filters, ...)
-//!                                       │ expand views
-//!                                       │ FlightDataEncoder (schema first, split to size)
+//!                                       │ views as --view-types says
+//!                                       │ encode: FrameEncoder (zero-copy, the default) or
+//!                                       │   arrow-flight + prost (--send-path standard, compression)
 //!  response stream ◀── bounded channel ─┘ tx.send().await  (backpressure)
 //!        then the task's error, if it stopped early
 //! ```
 //!
-//! The send task stops at the first of: the end of the result, an error, a cancel
-//! (`cancel-query`, `CancelFlightInfo`, shutdown), the query or first-batch deadline, or
-//! a client that takes no message for `--stream-idle-timeout`. It then ends the stream
-//! with that error after the messages already queued. Dropping the response (client
-//! gone) drops the task handle; the task is aborted and the plan dropped.
+//! Both encoders produce [`Frame`]s (a gRPC message as a chain of `Bytes`), which
+//! `route::DoGetRoute` writes to the HTTP/2 stream. The send task stops at the first of:
+//! the end of the result, an error, a cancel (`cancel-query`, `CancelFlightInfo`,
+//! shutdown), the query or first-batch deadline, or a client that takes no message for
+//! `--stream-idle-timeout`. It then ends the stream with that error after the messages
+//! already queued. Dropping the response (client gone) drops the task handle; the task is
+//! aborted and the plan dropped.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -25,6 +34,7 @@ use std::time::Duration;
 use arrow_flight::FlightData;
 use arrow_flight::encode::{DictionaryHandling, FlightDataEncoderBuilder};
 use arrow_flight::error::FlightError;
+use arrow_flight::sql;
 use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::DataType;
 use datafusion::arrow::datatypes::SchemaRef;
@@ -37,18 +47,15 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use super::CallContext;
-use super::ticket::QueryTicket;
+use super::sql::FlightSql;
+use super::ticket::{Command, QueryTicket};
 use crate::error::{Error, Result};
 use crate::metrics::Outcome;
 use crate::query::{
-    ActiveQuery, Deadline, Execution, QueryEngine, QueryRequest, RunningQuery, ScanReport,
+    ActiveQuery, Caller, Deadline, Execution, QueryEngine, QueryRequest, RunningQuery, ScanReport,
 };
 use crate::wire::frames::{self, Frame, FrameEncoder};
 use datafusion::common::ScalarValue;
-
-/// The response stream of `DoGet`.
-pub(super) type FlightDataStream = MessageStream<FlightData>;
 
 /// A stream of encoded messages for the client, ending with the query's error if any.
 pub type MessageStream<M> = Pin<Box<dyn Stream<Item = Result<M, Status>> + Send>>;
@@ -86,9 +93,22 @@ impl Outgoing for Frame {
 /// Default of `--stream-keepalive`: well inside the 60 s idle timeout common in proxies.
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(20);
 
+/// Which encoder sends query results (`--send-path`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SendPath {
+    /// Each message a chain of the batch's own buffers (`wire::frames`).
+    #[default]
+    ZeroCopy,
+    /// arrow-flight's encoder, then prost into one buffer per message, as tonic's codec
+    /// does: for comparison.
+    Standard,
+}
+
 /// Knobs for the send path.
 #[derive(Debug, Clone, Copy)]
 pub struct SendOptions {
+    /// Which encoder; compressed results always take the standard one.
+    pub path: SendPath,
     /// Target size of one `FlightData` message; larger batches are split.
     pub max_flight_data_size: usize,
     /// Encoded messages buffered between the CPU runtime and the network.
@@ -103,6 +123,7 @@ pub struct SendOptions {
 impl Default for SendOptions {
     fn default() -> Self {
         Self {
+            path: SendPath::ZeroCopy,
             // arrow-flight's default: well under gRPC's 4 MiB default message limit.
             max_flight_data_size: 2 * 1024 * 1024,
             // Two messages in flight keep the socket busy while the next batch is computed,
@@ -114,27 +135,41 @@ impl Default for SendOptions {
     }
 }
 
-/// Runs a ticket's query with `params` bound, on behalf of `user`: the ticket's
+/// Serves a `DoGet` for `caller`: every kind of ticket comes here, decoded once.
+pub(super) async fn serve(
+    engine: &Arc<QueryEngine>,
+    flight_sql: &FlightSql,
+    command: Command,
+    caller: Caller,
+    options: SendOptions,
+) -> Result<MessageStream<Frame>, Status> {
+    let (ticket, params) = match command {
+        Command::Sql(sql) => (QueryTicket::new(sql), vec![]),
+        Command::Query(ticket) => (ticket, vec![]),
+        Command::FlightSql(sql::Command::TicketStatementQuery(statement)) => (
+            QueryTicket::decode_checked(&statement.statement_handle)?,
+            vec![],
+        ),
+        Command::FlightSql(sql::Command::CommandPreparedStatementQuery(prepared)) => {
+            flight_sql.prepared_query(&prepared.prepared_statement_handle, &caller)?
+        }
+        Command::FlightSql(command) => {
+            let batch = flight_sql.metadata(command, &caller.tables).await?;
+            return Ok(one_batch(batch, options)?);
+        }
+    };
+    Ok(run(engine, ticket, params, caller, options).await?)
+}
+
+/// Runs a ticket's query with `params` bound, on behalf of `caller`: the ticket's
 /// timeout and compression apply on top of the server's.
-pub(super) async fn run_ticket(
+async fn run(
     engine: &Arc<QueryEngine>,
     ticket: QueryTicket,
     params: Vec<ScalarValue>,
-    caller: &CallContext,
-    options: SendOptions,
-) -> Result<FlightDataStream> {
-    let (request, options) = ticket_request(ticket, params, caller, options)?;
-    tracing::debug!(sql = %request.sql, "query");
-    do_get(engine, request, options).await
-}
-
-/// The query a ticket asks for, and the send options with the ticket's compression.
-fn ticket_request(
-    ticket: QueryTicket,
-    params: Vec<ScalarValue>,
-    caller: &CallContext,
+    caller: Caller,
     mut options: SendOptions,
-) -> Result<(QueryRequest, SendOptions)> {
+) -> Result<MessageStream<Frame>> {
     if let Some(compression) = ticket.result_compression()? {
         options.compression = compression;
     }
@@ -142,29 +177,48 @@ fn ticket_request(
         ticket_timeout: ticket.timeout(),
         sql: ticket.sql,
         id: ticket.query_id,
-        user: caller.identity.as_ref().map(|i| i.name.to_string()),
-        access: caller.tables(),
-        origin: caller.origin.clone(),
-        client_timeout: caller.client_timeout,
+        caller,
         params,
     };
-    Ok((request, options))
+    // Compression makes new buffers: nothing is left to share.
+    let zero_copy = options.path == SendPath::ZeroCopy && options.compression.is_none();
+    tracing::debug!(sql = %request.sql, zero_copy, "query");
+    let started = start(engine, request).await?;
+    if zero_copy {
+        zero_copy_stream(engine, started, options)
+    } else {
+        standard_stream(engine, started, options)
+    }
 }
 
-/// [`run_ticket`] on the zero-copy send path: `None` when the result is to be
-/// compressed (compression makes new buffers; the standard path serves it).
-pub(super) async fn run_ticket_frames(
-    engine: &Arc<QueryEngine>,
-    ticket: QueryTicket,
-    caller: &CallContext,
-    options: SendOptions,
-) -> Result<Option<MessageStream<Frame>>> {
-    let (request, options) = ticket_request(ticket, vec![], caller, options)?;
-    if options.compression.is_some() {
-        return Ok(None);
+/// A result that is one batch already computed (Flight SQL metadata), as frames.
+fn one_batch(batch: RecordBatch, options: SendOptions) -> Result<MessageStream<Frame>> {
+    let encoder = FrameEncoder::try_new(
+        &batch.schema(),
+        IpcWriteOptions::default(),
+        options.max_flight_data_size,
+    )?;
+    let batches: BatchStream = Box::pin(futures::stream::iter([Ok(batch)]));
+    Ok(Box::pin(
+        encode_frames(encoder, batches).map(|frame| frame.map_err(flight_status)),
+    ))
+}
+
+/// The status a Flight error stands for.
+fn flight_status(e: FlightError) -> Status {
+    match e {
+        FlightError::Tonic(status) => *status,
+        other => Status::from(Error::from(other)),
     }
-    tracing::debug!(sql = %request.sql, "query (zero-copy send path)");
-    let started = start(engine, request).await?;
+}
+
+/// The zero-copy send path: each message a chain of the batch's own buffers
+/// (`wire::frames`), pinned tables' batches sent as the messages they were laid out as.
+fn zero_copy_stream(
+    engine: &Arc<QueryEngine>,
+    started: Started,
+    options: SendOptions,
+) -> Result<MessageStream<Frame>> {
     let keepalive = empty_batch(&started.schema, &IpcWriteOptions::default(), options)?
         .map(|message| Frame::from_flight_data(&message));
     let encoder = FrameEncoder::try_new(
@@ -172,15 +226,15 @@ pub(super) async fn run_ticket_frames(
         IpcWriteOptions::default(),
         options.max_flight_data_size,
     )?
-    .with_pinned_messages(Arc::clone(engine.pinned_messages()));
+    .with_pinned_messages(Arc::clone(engine.pinned_messages()) as _);
     let encoded = encode_frames(encoder, started.batches);
-    Ok(Some(stream_messages(
+    Ok(stream_messages(
         engine,
         started.execution,
         encoded,
         options,
         keepalive,
-    )))
+    ))
 }
 
 /// Frames for `batches`: the schema at once (the client's `do_get` returns when it
@@ -309,14 +363,13 @@ fn empty_batch(
     Ok(Some(batch.into()))
 }
 
-/// Admits, plans and runs a query; planning errors are returned, execution errors
-/// arrive in-band.
-pub(super) async fn do_get(
+/// The standard send path: arrow-flight's encoder, each message then encoded by prost
+/// into one buffer as tonic's codec does (`--send-path standard`, and compressed results).
+fn standard_stream(
     engine: &Arc<QueryEngine>,
-    request: QueryRequest,
+    started: Started,
     options: SendOptions,
-) -> Result<FlightDataStream> {
-    let started = start(engine, request).await?;
+) -> Result<MessageStream<Frame>> {
     let ipc = IpcWriteOptions::default().try_with_compression(options.compression)?;
     let keepalive = empty_batch(&started.schema, &ipc, options)?;
     // Split here, by the bytes the rows reference: arrow-flight splits by the capacity of
@@ -338,7 +391,9 @@ pub(super) async fn do_get(
         .with_dictionary_handling(DictionaryHandling::Resend)
         .with_schema(started.schema)
         .with_max_flight_data_size(usize::MAX)
-        .build(pieces);
+        .build(pieces)
+        .map(|message| message.map(|m| Frame::from_flight_data(&m)));
+    let keepalive = keepalive.map(|message| Frame::from_flight_data(&message));
     Ok(stream_messages(
         engine,
         started.execution,
@@ -474,7 +529,7 @@ fn watch_from_outside<M: Outgoing>(
             () = cancel.cancelled() => state.watch.active.cancel_error(),
             () = deadline.expired() => deadline.error(stage),
         };
-        state.watch.active.set_outcome(Outcome::of(&stopped));
+        state.watch.active.set_outcome(stopped.outcome());
         state.watch.active.set_code(stopped.code());
         state.done = true;
         Some((Err(Status::from(stopped)), state))
@@ -506,7 +561,7 @@ async fn send<M: Outgoing + Clone>(
 ) -> Result<(), Stop> {
     let active = Arc::clone(query.active());
     let cancel = active.cancelled().clone();
-    let stop = |e: Error| (Outcome::of(&e), Status::from(e));
+    let stop = |e: Error| (e.outcome(), Status::from(e));
     // Cancelled, whoever asked (a client, an operator, shutdown).
     let cancelled = || (Outcome::Cancelled, Status::from(active.cancel_error()));
     loop {
@@ -557,7 +612,7 @@ async fn send<M: Outgoing + Clone>(
             sent = tx.send(Ok(data)) => {
                 if sent.is_err() {
                     tracing::debug!("client went away; stopping the query");
-                    return Err((Outcome::Cancelled, Status::cancelled("the client went away")));
+                    return Err((Outcome::Cancelled, Status::from(Error::ClientGone)));
                 }
             }
         }

@@ -10,10 +10,9 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::ipc::writer::IpcWriteOptions;
 use datafusion::catalog::TableProvider;
 
-use super::CallContext;
 use super::ticket::{self, Command, QueryTicket};
 use crate::error::{Error, Result};
-use crate::query::{QueryEngine, TableAccess, new_query_id};
+use crate::query::{Caller, QueryEngine, TableAccess, new_query_id};
 
 /// What a descriptor stands for: a CMD holds SQL, a Quiver ticket or a Flight SQL
 /// command; a PATH `[table]` means every row of that table.
@@ -52,18 +51,11 @@ pub(super) async fn flight_info(
     engine: &Arc<QueryEngine>,
     descriptor: FlightDescriptor,
     ticket: QueryTicket,
-    caller: &CallContext,
+    caller: &Caller,
 ) -> Result<FlightInfo> {
-    let schema = engine.view_types().schema(
-        &engine
-            .schema(
-                ticket.sql.clone(),
-                vec![],
-                caller.tables(),
-                caller.client_timeout,
-            )
-            .await?,
-    );
+    let schema = engine
+        .view_types()
+        .schema(&engine.schema(ticket.sql.clone(), vec![], caller).await?);
     // The ticket names the query it will start, so CancelFlightInfo can reach it.
     let ticket = ticket.with_query_id(new_query_id());
     info_for(descriptor, &schema, ticket, None)
@@ -73,13 +65,11 @@ pub(super) async fn flight_info(
 pub(super) async fn schema(
     engine: &Arc<QueryEngine>,
     sql: String,
-    caller: &CallContext,
+    caller: &Caller,
 ) -> Result<SchemaResult> {
-    let schema = engine.view_types().schema(
-        &engine
-            .schema(sql, vec![], caller.tables(), caller.client_timeout)
-            .await?,
-    );
+    let schema = engine
+        .view_types()
+        .schema(&engine.schema(sql, vec![], caller).await?);
     Ok(SchemaAsIpc::new(&schema, &IpcWriteOptions::default()).try_into()?)
 }
 

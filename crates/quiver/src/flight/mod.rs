@@ -1,24 +1,33 @@
 //! The Arrow Flight service: one dispatcher for every ticket and descriptor.
 //!
-//! arrow-flight's `FlightSqlService` cannot be the service itself (its `DoGet` rejects
-//! any ticket that is not a protobuf `Any`, so plain SQL tickets would never arrive), so
-//! this hand-written [`FlightService`] authenticates every call, decodes each ticket or
-//! command once ([`ticket::decode`]) and routes it: plain SQL text and Quiver tickets to
-//! the modules here, Flight SQL messages (and actions, and `DoPut`) to [`sql::FlightSql`].
-//! Each RPC lives in its own module; the trait impl below only routes.
+//! ```text
+//!  HTTP/2 request ── RpcMetricsLayer ── route::DoGetRoute ─┬─ DoGet ──▶ QuiverFlightService::do_get_frames
+//!                                                          │            caller ─▶ ticket::decode ─▶ do_get::serve
+//!                                                          └─ every other RPC ──▶ tonic ──▶ the FlightService impl below
+//! ```
+//!
+//! [`stack`] builds that whole stack; the server and the integration tests both serve it.
+//! Every RPC starts the same way: authenticate the call into a [`Caller`] (the one value
+//! that says who is calling), then decode its ticket or command once ([`ticket::decode`]).
+//! `DoGet` is served in one place, [`do_get::serve`], for plain SQL, Quiver tickets and
+//! Flight SQL tickets alike. For the other RPCs, arrow-flight's `FlightSqlService`
+//! ([`sql::FlightSql`]) serves Flight SQL commands, actions and `DoPut`; it finds the
+//! caller this dispatcher put in the request, and refuses a request without one.
 
 mod actions;
 pub mod auth;
 mod do_get;
 mod flight_info;
 mod login;
+pub mod route;
 mod sql;
+mod stack;
 pub mod ticket;
-pub mod zero_copy;
 
 pub use datafusion::arrow::ipc::CompressionType;
-pub use do_get::SendOptions;
+pub use do_get::{SendOptions, SendPath};
 pub use sql::{PreparedLimits, bound_parameters};
+pub use stack::{FlightRouter, MessageLimits, stack};
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -34,8 +43,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::audit::{AuthRecord, Origin};
 use crate::error::{Error, Result};
-use crate::query::{Caller, QueryEngine, TableAccess};
-use auth::{Authenticator, Identity, PeerInfo};
+use crate::query::{Caller, QueryEngine};
+use crate::wire::frames::Frame;
+use auth::{Authenticator, PeerInfo};
+use do_get::MessageStream;
 use ticket::{Command, QueryTicket};
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -52,27 +63,6 @@ pub struct QuiverFlightService {
     flight_sql: Arc<sql::FlightSql>,
 }
 
-/// Who is calling and their deadline: put in each request's extensions by the
-/// dispatcher, for the Flight SQL service.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct CallContext {
-    /// The authenticated caller; `None` when authentication is off.
-    pub(crate) identity: Option<Identity>,
-    /// The client's `grpc-timeout`.
-    pub(crate) client_timeout: Option<Duration>,
-    /// The RPC and where it came from, for the audit log.
-    pub(crate) origin: Origin,
-}
-
-impl CallContext {
-    /// The tables the caller may read: all of them when authentication is off.
-    pub(crate) fn tables(&self) -> Arc<TableAccess> {
-        self.identity
-            .as_ref()
-            .map_or_else(Arc::default, |i| Arc::clone(&i.tables))
-    }
-}
-
 impl QuiverFlightService {
     /// A service over `engine`, open to every client, keeping each user's Flight SQL
     /// prepared statements within `prepared`.
@@ -82,7 +72,7 @@ impl QuiverFlightService {
         prepared: PreparedLimits,
     ) -> Result<Self> {
         Ok(Self {
-            flight_sql: Arc::new(sql::FlightSql::new(Arc::clone(&engine), send, prepared)?),
+            flight_sql: Arc::new(sql::FlightSql::new(Arc::clone(&engine), prepared)?),
             engine,
             send,
             auth: None,
@@ -95,13 +85,9 @@ impl QuiverFlightService {
         self
     }
 
-    /// The caller, or `None` when authentication is off. Runs first in every RPC; a
-    /// caller turned away is written to the audit log.
-    fn authorize<T>(
-        &self,
-        request: &Request<T>,
-        rpc: &'static str,
-    ) -> Result<Option<Identity>, Status> {
+    /// Who is calling: runs first in every RPC. With authentication off, everyone is the
+    /// same anonymous caller; a caller turned away is written to the audit log.
+    fn caller<T>(&self, request: &Request<T>, rpc: &'static str) -> Result<Caller, Status> {
         if let Some(subject) = request
             .extensions()
             .get::<PeerInfo>()
@@ -109,53 +95,46 @@ impl QuiverFlightService {
         {
             tracing::Span::current().record("client", subject);
         }
-        let Some(auth) = &self.auth else {
-            return Ok(None);
+        let origin = origin(request, rpc);
+        let mut caller = match &self.auth {
+            None => Caller::default(),
+            Some(auth) => auth.authenticate(request.metadata()).inspect_err(|e| {
+                if let Some(log) = self.engine.audit() {
+                    log.auth(&AuthRecord {
+                        origin: &origin,
+                        user: None,
+                        success: false,
+                        reason: &e.to_string(),
+                        code: e.code(),
+                    });
+                }
+            })?,
         };
-        let identity = auth.authenticate(request.metadata()).inspect_err(|e| {
-            if let Some(log) = self.engine.audit() {
-                log.auth(&AuthRecord {
-                    origin: &origin(request, rpc),
-                    user: None,
-                    success: false,
-                    reason: &e.to_string(),
-                    code: e.code(),
-                });
-            }
-        })?;
-        tracing::Span::current().record("user", &*identity.name);
-        Ok(Some(identity))
+        if let Some(user) = caller.user() {
+            tracing::Span::current().record("user", user);
+        }
+        caller.origin = origin;
+        caller.client_timeout = client_timeout(request.metadata());
+        Ok(caller)
     }
 
-    /// Authenticates the call and records who it is in the request, for Flight SQL.
-    fn context<T>(
-        &self,
-        request: &mut Request<T>,
-        rpc: &'static str,
-    ) -> Result<CallContext, Status> {
-        let context = CallContext {
-            identity: self.authorize(request, rpc)?,
-            client_timeout: client_timeout(request.metadata()),
-            origin: origin(request, rpc),
-        };
-        request.extensions_mut().insert(context.clone());
-        Ok(context)
+    /// [`Self::caller`], also put in the request for the Flight SQL service.
+    fn caller_in<T>(&self, request: &mut Request<T>, rpc: &'static str) -> Result<Caller, Status> {
+        let caller = self.caller(request, rpc)?;
+        request.extensions_mut().insert(caller.clone());
+        Ok(caller)
     }
-}
 
-impl QuiverFlightService {
-    /// `DoGet` on the zero-copy send path ([`zero_copy`]): `Ok(None)` when the ticket is
-    /// not a query that path serves, for tonic's route to answer.
+    /// `DoGet`, whatever the ticket: the one entry, which [`route::DoGetRoute`] calls
+    /// with the `Ticket` it read from the HTTP/2 request.
     #[tracing::instrument(skip_all, name = "DoGet", fields(user, client))]
     pub async fn do_get_frames(
         &self,
-        mut request: Request<Ticket>,
-    ) -> Result<Option<do_get::MessageStream<crate::wire::frames::Frame>>, Status> {
-        let context = self.context(&mut request, "DoGet")?;
-        let Some(ticket) = query_ticket(ticket::decode(&request.get_ref().ticket)?) else {
-            return Ok(None);
-        };
-        Ok(do_get::run_ticket_frames(&self.engine, ticket, &context, self.send).await?)
+        request: Request<Ticket>,
+    ) -> Result<MessageStream<Frame>, Status> {
+        let caller = self.caller(&request, "DoGet")?;
+        let command = ticket::decode(&request.get_ref().ticket)?;
+        do_get::serve(&self.engine, &self.flight_sql, command, caller, self.send).await
     }
 }
 
@@ -177,15 +156,6 @@ fn query_ticket(command: Command) -> Option<QueryTicket> {
         Command::Sql(sql) => Some(QueryTicket::new(sql)),
         Command::Query(ticket) => Some(ticket),
         Command::FlightSql(_) => None,
-    }
-}
-
-/// Who is asking, for listing and cancelling queries.
-fn caller(identity: &Option<Identity>) -> Caller<'_> {
-    match identity {
-        None => Caller::Anyone,
-        Some(id) if id.admin => Caller::Admin(&id.name),
-        Some(id) => Caller::User(&id.name),
     }
 }
 
@@ -213,6 +183,7 @@ fn unsupported<T>(what: &str) -> Result<T, Status> {
     // DoExchange only.
     Err(Error::Unsupported {
         what: what.to_string(),
+        hint: "run queries with DoGet".into(),
     }
     .into())
 }
@@ -258,12 +229,14 @@ impl FlightService for QuiverFlightService {
             });
         }
         let (identity, token) = handshake?;
-        tracing::Span::current().record("user", &*identity.name);
+        if let Some(user) = identity.user() {
+            tracing::Span::current().record("user", user);
+        }
         tracing::info!("session started");
         // pyarrow reads the token from this header; other clients from the payload.
         let bearer = format!("Bearer {token}")
             .parse()
-            .map_err(|_| Status::internal("session token is not a valid header"))?;
+            .map_err(|_| Error::Internal("the session token is not a valid header".into()))?;
         let reply = HandshakeResponse {
             protocol_version: 0,
             payload: token.into(),
@@ -277,10 +250,10 @@ impl FlightService for QuiverFlightService {
     #[tracing::instrument(skip_all, name = "ListFlights", fields(user, client))]
     async fn list_flights(
         &self,
-        mut request: Request<Criteria>,
+        request: Request<Criteria>,
     ) -> Result<Response<Self::ListFlightsStream>, Status> {
-        let context = self.context(&mut request, "ListFlights")?;
-        let infos = flight_info::list_flights(&self.engine, &context.tables())?;
+        let caller = self.caller(&request, "ListFlights")?;
+        let infos = flight_info::list_flights(&self.engine, &caller.tables)?;
         Ok(Response::new(Box::pin(futures::stream::iter(
             infos.into_iter().map(Ok),
         ))))
@@ -291,14 +264,14 @@ impl FlightService for QuiverFlightService {
         &self,
         mut request: Request<FlightDescriptor>,
     ) -> Result<Response<FlightInfo>, Status> {
-        let context = self.context(&mut request, "GetFlightInfo")?;
+        let caller = self.caller_in(&mut request, "GetFlightInfo")?;
         let command =
-            flight_info::descriptor_command(&self.engine, request.get_ref(), &context.tables())?;
+            flight_info::descriptor_command(&self.engine, request.get_ref(), &caller.tables)?;
         let Some(ticket) = query_ticket(command) else {
             return FlightService::get_flight_info(&*self.flight_sql, request).await;
         };
         let info =
-            flight_info::flight_info(&self.engine, request.into_inner(), ticket, &context).await?;
+            flight_info::flight_info(&self.engine, request.into_inner(), ticket, &caller).await?;
         Ok(Response::new(info))
     }
 
@@ -323,9 +296,9 @@ impl FlightService for QuiverFlightService {
         &self,
         mut request: Request<FlightDescriptor>,
     ) -> Result<Response<SchemaResult>, Status> {
-        let context = self.context(&mut request, "GetSchema")?;
+        let caller = self.caller_in(&mut request, "GetSchema")?;
         let command =
-            flight_info::descriptor_command(&self.engine, request.get_ref(), &context.tables())?;
+            flight_info::descriptor_command(&self.engine, request.get_ref(), &caller.tables)?;
         let Some(ticket) = query_ticket(command) else {
             // Flight SQL has no GetSchema of its own: the FlightInfo's schema is it.
             let info = FlightService::get_flight_info(&*self.flight_sql, request).await?;
@@ -334,21 +307,20 @@ impl FlightService for QuiverFlightService {
             }));
         };
         Ok(Response::new(
-            flight_info::schema(&self.engine, ticket.sql, &context).await?,
+            flight_info::schema(&self.engine, ticket.sql, &caller).await?,
         ))
     }
 
-    #[tracing::instrument(skip_all, name = "DoGet", fields(user, client))]
+    /// Never reached: [`route::DoGetRoute`], in front of tonic in the [`stack`], serves
+    /// every `DoGet` ([`Self::do_get_frames`]). A server built without it fails closed.
     async fn do_get(
         &self,
-        mut request: Request<Ticket>,
+        _request: Request<Ticket>,
     ) -> Result<Response<Self::DoGetStream>, Status> {
-        let context = self.context(&mut request, "DoGet")?;
-        let Some(ticket) = query_ticket(ticket::decode(&request.get_ref().ticket)?) else {
-            return FlightService::do_get(&*self.flight_sql, request).await;
-        };
-        let stream = do_get::run_ticket(&self.engine, ticket, vec![], &context, self.send).await?;
-        Ok(Response::new(stream))
+        Err(Error::Internal(
+            "DoGet reached tonic's route: serve the service through flight::stack".into(),
+        )
+        .into())
     }
 
     /// Only Flight SQL uses `DoPut` here (binding prepared statement parameters); it
@@ -358,7 +330,7 @@ impl FlightService for QuiverFlightService {
         &self,
         mut request: Request<Streaming<FlightData>>,
     ) -> Result<Response<Self::DoPutStream>, Status> {
-        self.context(&mut request, "DoPut")?;
+        self.caller_in(&mut request, "DoPut")?;
         FlightService::do_put(&*self.flight_sql, request).await
     }
 
@@ -366,7 +338,7 @@ impl FlightService for QuiverFlightService {
         &self,
         request: Request<Streaming<FlightData>>,
     ) -> Result<Response<Self::DoExchangeStream>, Status> {
-        self.authorize(&request, "DoExchange")?;
+        self.caller(&request, "DoExchange")?;
         unsupported("DoExchange")
     }
 
@@ -375,12 +347,12 @@ impl FlightService for QuiverFlightService {
         &self,
         mut request: Request<Action>,
     ) -> Result<Response<Self::DoActionStream>, Status> {
-        let CallContext { identity, .. } = self.context(&mut request, "DoAction")?;
+        let caller = self.caller_in(&mut request, "DoAction")?;
         if !actions::is_ours(&request.get_ref().r#type) {
             return FlightService::do_action(&*self.flight_sql, request).await;
         }
         let action = request.into_inner();
-        let body = actions::run(&self.engine, &action, caller(&identity)).await?;
+        let body = actions::run(&self.engine, &action, &caller).await?;
         let result = arrow_flight::Result { body: body.into() };
         Ok(Response::new(Box::pin(futures::stream::once(async {
             Ok(result)
@@ -391,7 +363,7 @@ impl FlightService for QuiverFlightService {
         &self,
         request: Request<Empty>,
     ) -> Result<Response<Self::ListActionsStream>, Status> {
-        self.authorize(&request, "ListActions")?;
+        self.caller(&request, "ListActions")?;
         Ok(Response::new(Box::pin(futures::stream::iter(
             actions::list().into_iter().map(Ok),
         ))))

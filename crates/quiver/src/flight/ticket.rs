@@ -14,7 +14,7 @@
 
 use std::time::Duration;
 
-use arrow_flight::sql::{Any, TicketStatementQuery};
+use arrow_flight::sql::{self, Any};
 use bytes::Bytes;
 use datafusion::arrow::ipc::CompressionType;
 use prost::Message;
@@ -114,8 +114,8 @@ pub enum Command {
     Sql(String),
     /// A Quiver ticket, checked.
     Query(QueryTicket),
-    /// A Flight SQL message, still packed.
-    FlightSql(Any),
+    /// A Flight SQL message, unpacked (`Unknown` for a type this arrow-flight lacks).
+    FlightSql(sql::Command),
 }
 
 impl Command {
@@ -124,12 +124,12 @@ impl Command {
     pub fn query_id(&self) -> Option<String> {
         match self {
             Command::Query(ticket) => ticket.query_id.clone(),
-            Command::FlightSql(any) => {
-                let statement = any.unpack::<TicketStatementQuery>().ok()??;
+            Command::FlightSql(sql::Command::TicketStatementQuery(statement)) => {
                 QueryTicket::decode_checked(&statement.statement_handle)
                     .ok()?
                     .query_id
             }
+            Command::FlightSql(_) => None,
             Command::Sql(_) => None,
         }
     }
@@ -144,7 +144,11 @@ pub fn decode(bytes: &[u8]) -> Result<Command> {
     }
     if let Ok(any) = Any::decode(bytes) {
         if any.type_url.starts_with(FLIGHT_SQL_TYPE_URL_PREFIX) {
-            return Ok(Command::FlightSql(any));
+            let type_url = any.type_url.clone();
+            let command = sql::Command::try_from(any).map_err(|e| {
+                Error::invalid(format!("malformed Flight SQL message {type_url}: {e}"))
+            })?;
+            return Ok(Command::FlightSql(command));
         }
         if any.type_url == QUERY_TICKET_TYPE_URL {
             return Ok(Command::Query(QueryTicket::decode_checked(&any.value)?));

@@ -163,26 +163,63 @@ impl MmapError {
     }
 }
 
+/// How a mapping failure reaches DataFusion and the Parquet reader: as an object store
+/// error whose source is the I/O error itself for a missing or unreadable file (the path
+/// is in the object store error), or Quiver's own [`crate::Error`], which `crate::error`
+/// finds again in the source chain to give it its status code and message.
 impl From<MmapError> for object_store::Error {
     fn from(e: MmapError) -> Self {
-        let (kind, path) = match &e {
-            MmapError::Io { path, source } => (Some(source.kind()), path.display().to_string()),
-            MmapError::NotRegular { path, .. }
-            | MmapError::OutOfRange { path, .. }
-            | MmapError::Changed { path, .. } => (None, path.display().to_string()),
-        };
-        match kind {
-            Some(std::io::ErrorKind::NotFound) => Self::NotFound {
-                path,
-                source: Box::new(e),
-            },
-            Some(std::io::ErrorKind::PermissionDenied) => Self::PermissionDenied {
-                path,
-                source: Box::new(e),
-            },
-            _ => Self::Generic {
+        match e {
+            MmapError::Io { path, source } if source.kind() == std::io::ErrorKind::NotFound => {
+                Self::NotFound {
+                    path: path.display().to_string(),
+                    source: Box::new(source),
+                }
+            }
+            MmapError::Io { path, source }
+                if source.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                Self::PermissionDenied {
+                    path: path.display().to_string(),
+                    source: Box::new(source),
+                }
+            }
+            other => Self::Generic {
                 store: "local",
-                source: Box::new(e),
+                source: Box::new(crate::Error::from(other)),
+            },
+        }
+    }
+}
+
+/// A file that is not what the catalog listed, or not a file: the client's query meets
+/// the operator's data, so these keep codes of their own (see `crate::error`).
+impl From<MmapError> for crate::Error {
+    fn from(e: MmapError) -> Self {
+        match e {
+            MmapError::NotRegular { path, kind } => crate::Error::NotAFile {
+                path: path.display().to_string(),
+                kind,
+            },
+            MmapError::Changed { path, reason } => crate::Error::FileChanged {
+                path: path.display().to_string(),
+                reason,
+            },
+            MmapError::OutOfRange {
+                path,
+                start,
+                end,
+                size,
+            } => crate::Error::FileChanged {
+                path: path.display().to_string(),
+                reason: format!(
+                    "bytes {start}..{end} requested but the file has {size} bytes: it was \
+                     truncated or replaced while in use"
+                ),
+            },
+            MmapError::Io { path, source } => crate::Error::Io {
+                path: path.display().to_string(),
+                source,
             },
         }
     }

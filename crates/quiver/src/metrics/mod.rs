@@ -8,8 +8,10 @@
 //!                                streams the client abandoned
 //!  QueryMetrics (this file)      every query: outcome, planning, first batch, duration,
 //!                                rows / batches / bytes sent, table scans
-//!  EngineCollector (engine.rs)   read at scrape time: memory pool, spill, scan totals,
-//!                                memory maps, catalog
+//!  query::collector              read at scrape time: memory pool, spill, scan totals,
+//!                                memory maps, catalog (it reads the engine's own figures,
+//!                                so it lives with the engine; this module depends on
+//!                                nothing but `error`)
 //! ```
 //!
 //! Label values come from bounded sets only (RPC method, gRPC code, outcome, table
@@ -17,10 +19,8 @@
 //! every label value known at start-up is initialised then, so that every family is in
 //! the first scrape.
 
-mod engine;
 mod rpc;
 
-pub(crate) use engine::{EngineCollector, EngineSources};
 pub use rpc::{RpcMetrics, RpcMetricsLayer, RpcMetricsService};
 
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
@@ -33,52 +33,7 @@ pub const LATENCY_BUCKETS: &[f64] = &[
     120.0, 300.0, 600.0,
 ];
 
-/// How a query ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// Every batch was sent.
-    Success,
-    /// Planning or execution failed (bad SQL, a missing file, memory exhausted, ...).
-    Error,
-    /// The client went away or cancelled before the end.
-    Cancelled,
-    /// Refused by admission control before it started.
-    Rejected,
-    /// A deadline expired.
-    Timeout,
-}
-
-impl Outcome {
-    /// Every outcome, for initialising label values.
-    pub const ALL: [Outcome; 5] = [
-        Outcome::Success,
-        Outcome::Error,
-        Outcome::Cancelled,
-        Outcome::Rejected,
-        Outcome::Timeout,
-    ];
-
-    /// The outcome of a query that failed with `error`.
-    pub fn of(error: &Error) -> Self {
-        match error {
-            Error::Overloaded { .. } | Error::ShuttingDown => Outcome::Rejected,
-            Error::Cancelled { .. } => Outcome::Cancelled,
-            Error::DeadlineExceeded { .. } => Outcome::Timeout,
-            _ => Outcome::Error,
-        }
-    }
-
-    /// The label value.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Success => "success",
-            Outcome::Error => "error",
-            Outcome::Cancelled => "cancelled",
-            Outcome::Rejected => "rejected",
-            Outcome::Timeout => "timeout",
-        }
-    }
-}
+pub use crate::error::Outcome;
 
 /// Query counters and histograms, updated as queries run.
 ///

@@ -10,6 +10,7 @@ use std::time::SystemTime;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use super::caller::Caller;
 use crate::error::{Error, Result};
 use crate::metrics::Outcome;
 
@@ -247,33 +248,6 @@ pub struct QuerySnapshot {
     pub sql: String,
 }
 
-/// Who asks to see or cancel queries.
-#[derive(Debug, Clone, Copy)]
-pub enum Caller<'a> {
-    /// Authentication is off: everyone sees and cancels everything.
-    Anyone,
-    /// An authenticated user: sees and cancels their own queries only.
-    User(&'a str),
-    /// An authenticated administrator: sees and cancels every query.
-    Admin(&'a str),
-}
-
-impl Caller<'_> {
-    fn may_see(&self, query: &ActiveQuery) -> bool {
-        match self {
-            Caller::Anyone | Caller::Admin(_) => true,
-            Caller::User(name) => query.user.as_deref() == Some(*name),
-        }
-    }
-
-    fn name(&self) -> &str {
-        match self {
-            Caller::Anyone => "a client",
-            Caller::User(name) | Caller::Admin(name) => name,
-        }
-    }
-}
-
 /// A ticket cancelled before it was redeemed, and who cancelled it: it is void only
 /// for its own user (or for anyone, when an admin or an unauthenticated server
 /// cancelled it).
@@ -328,7 +302,7 @@ impl ActiveQueries {
     }
 
     /// The queries `caller` may see, oldest first.
-    pub fn list(&self, caller: Caller<'_>) -> Vec<QuerySnapshot> {
+    pub fn list(&self, caller: &Caller) -> Vec<QuerySnapshot> {
         let mut list: Vec<_> = self
             .queries
             .lock()
@@ -341,11 +315,11 @@ impl ActiveQueries {
     }
 
     /// Cancels query `id` on behalf of `caller` (`cancel-query`).
-    pub fn cancel(&self, id: &str, caller: Caller<'_>) -> Result<()> {
+    pub fn cancel(&self, id: &str, caller: &Caller) -> Result<()> {
         self.cancel_via(id, caller, "cancel-query")
     }
 
-    fn cancel_via(&self, id: &str, caller: Caller<'_>, via: &str) -> Result<()> {
+    fn cancel_via(&self, id: &str, caller: &Caller, via: &str) -> Result<()> {
         check_query_id(id)?;
         let query = self.queries.lock().get(id).cloned();
         let Some(query) = query else {
@@ -369,17 +343,14 @@ impl ActiveQueries {
 
     /// Cancels the query a `GetFlightInfo` ticket starts: now if it runs, or when its
     /// ticket arrives. Returns whether it was running.
-    pub fn cancel_ticket(&self, id: &str, caller: Caller<'_>) -> Result<bool> {
+    pub fn cancel_ticket(&self, id: &str, caller: &Caller) -> Result<bool> {
         let running = self.queries.lock().contains_key(id);
         if running {
             self.cancel_via(id, caller, "CancelFlightInfo")?;
             return Ok(true);
         }
         check_query_id(id)?;
-        let user = match caller {
-            Caller::Anyone | Caller::Admin(_) => None,
-            Caller::User(name) => Some(name.to_string()),
-        };
+        let user = caller.cancels_for();
         let mut early = self.cancelled_early.lock();
         if early.len() == CANCELLED_EARLY_CAPACITY {
             early.pop_front();
@@ -427,6 +398,14 @@ impl ActiveQueries {
 mod tests {
     use super::*;
 
+    fn user(name: &str, admin: bool) -> Caller {
+        Caller {
+            user: Some(name.into()),
+            admin,
+            ..Caller::default()
+        }
+    }
+
     fn query(id: &str, user: Option<&str>) -> Arc<ActiveQuery> {
         Arc::new(ActiveQuery::new(
             id.into(),
@@ -441,45 +420,45 @@ mod tests {
         let (a, b) = (query("a", Some("alice")), query("b", Some("bob")));
         queries.insert(&a).unwrap();
         queries.insert(&b).unwrap();
-        let ids = |c| {
+        let ids = |c: &Caller| {
             queries
                 .list(c)
                 .into_iter()
                 .map(|q| q.id)
                 .collect::<Vec<_>>()
         };
-        assert_eq!(ids(Caller::User("alice")), ["a"]);
-        assert_eq!(ids(Caller::Admin("ops")).len(), 2);
-        assert_eq!(ids(Caller::Anyone).len(), 2);
-        let err = queries.cancel("b", Caller::User("alice")).unwrap_err();
+        assert_eq!(ids(&user("alice", false)), ["a"]);
+        assert_eq!(ids(&user("ops", true)).len(), 2);
+        assert_eq!(ids(&Caller::default()).len(), 2);
+        let err = queries.cancel("b", &user("alice", false)).unwrap_err();
         assert_eq!(err.code(), tonic::Code::PermissionDenied);
         assert!(!b.cancelled().is_cancelled());
-        queries.cancel("b", Caller::Admin("ops")).unwrap();
+        queries.cancel("b", &user("ops", true)).unwrap();
         assert!(b.cancelled().is_cancelled());
         assert!(b.cancel_error().to_string().contains("cancelled by ops"));
-        let err = queries.cancel("zzz", Caller::Anyone).unwrap_err();
+        let err = queries.cancel("zzz", &Caller::default()).unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
     }
 
     #[test]
     fn a_ticket_cancelled_before_it_arrives_fails_once_it_does() {
         let queries = ActiveQueries::default();
-        assert!(!queries.cancel_ticket("t", Caller::Anyone).unwrap());
+        assert!(!queries.cancel_ticket("t", &Caller::default()).unwrap());
         let err = queries.insert(&query("t", None)).unwrap_err();
         assert_eq!(err.code(), tonic::Code::Aborted);
         // The mark is used up: the same id may run later.
         queries.insert(&query("t", None)).unwrap();
         queries.remove("t");
         // A user's early cancel voids only their own ticket.
-        assert!(!queries.cancel_ticket("u", Caller::User("mallory")).unwrap());
+        assert!(!queries.cancel_ticket("u", &user("mallory", false)).unwrap());
         queries.insert(&query("u", Some("alice"))).unwrap();
         queries.remove("u");
-        assert!(!queries.cancel_ticket("u", Caller::User("alice")).unwrap());
+        assert!(!queries.cancel_ticket("u", &user("alice", false)).unwrap());
         assert!(queries.insert(&query("u", Some("alice"))).is_err());
         // Ids are bounded.
         let long = "a".repeat(MAX_QUERY_ID_BYTES + 1);
-        assert!(queries.cancel_ticket(&long, Caller::Anyone).is_err());
-        assert!(queries.cancel_ticket("a b", Caller::Anyone).is_err());
+        assert!(queries.cancel_ticket(&long, &Caller::default()).is_err());
+        assert!(queries.cancel_ticket("a b", &Caller::default()).is_err());
         queries.insert(&query("t", None)).unwrap();
         // Not twice at once.
         let err = queries.insert(&query("t", None)).unwrap_err();

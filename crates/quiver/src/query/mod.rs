@@ -8,7 +8,9 @@
 mod access;
 mod active;
 mod admission;
+mod caller;
 mod caps;
+mod collector;
 mod coop;
 mod deadline;
 mod explain;
@@ -16,33 +18,39 @@ mod guard;
 mod heap_guard;
 mod limits;
 mod memory;
+mod options;
 mod params;
+mod request;
 mod running;
 mod runtime;
 mod scan;
 
 pub use access::TableAccess;
 pub use active::{
-    ActiveQueries, ActiveQuery, Caller, MAX_QUERY_ID_BYTES, QuerySnapshot, QueryState,
-    check_query_id,
+    ActiveQueries, ActiveQuery, MAX_QUERY_ID_BYTES, QuerySnapshot, QueryState, check_query_id,
 };
 pub use admission::{AdmissionOptions, Slot};
+pub use caller::Caller;
 pub use deadline::Deadline;
 pub use heap_guard::{AllocatedBytes, HeapGuard};
 pub use limits::{DEFAULT_STACK_SIZE, SqlLimits};
 pub use memory::MeteredPool;
+pub use options::{
+    DEFAULT_MAX_FUNCTION_OUTPUT, MemoryOptions, PoolKind, QueryLimits, QueryOptions,
+};
 pub(crate) use params::cast_params;
+pub use request::{Prepared, QueryRequest, TableListing, new_query_id};
 use running::QueryAudit;
 pub use running::RunningQuery;
 pub use runtime::{CpuRuntime, Progress, spawn};
-pub use scan::{PartitionPruning, ScanReport, ScanSummary};
+pub use scan::{ScanReport, ScanSummary};
 
 use parking_lot::Mutex;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::ScalarValue;
 use datafusion::dataframe::DataFrame;
 use datafusion::execution::SendableRecordBatchStream;
@@ -56,196 +64,17 @@ use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::{ExecutionPlan, execute_stream};
 use datafusion::prelude::{SessionConfig, SessionContext};
 
-use crate::audit::{AuditLog, Origin};
+use crate::audit::AuditLog;
+use crate::catalog::PartitionPruning;
 use crate::catalog::{Catalog, RefreshSummary, TableDefinition};
 use crate::error::{Error, Result};
-use crate::io::{Io, IoOptions, MmapStats};
-use crate::metrics::{EngineCollector, Outcome, QueryMetrics};
+use crate::io::{Io, MmapStats};
+use crate::metrics::{Outcome, QueryMetrics};
 use crate::wire::pinned::PinnedMessages;
 use crate::wire::views::ViewTypes;
 use admission::Admission;
+use collector::{EngineCollector, EngineSources};
 use memory::QueryPool;
-
-/// How the engine is set up.
-#[derive(Debug, Clone)]
-pub struct QueryOptions {
-    /// Worker threads of the CPU runtime, and DataFusion's target partitions.
-    pub cpu_threads: usize,
-    /// `key=value` DataFusion settings applied after Quiver's defaults.
-    pub datafusion_config: Vec<(String, String)>,
-    /// How table files are read.
-    pub io: IoOptions,
-    /// The memory pool all queries share.
-    pub memory: MemoryOptions,
-    /// How many queries run and wait at once.
-    pub admission: AdmissionOptions,
-    /// Time limits.
-    pub limits: QueryLimits,
-    /// Largest record batch message the send path writes (`--max-flight-data-size`):
-    /// pinned tables are held in batches no larger, each sent as the message laid out
-    /// with it.
-    pub max_message_size: usize,
-    /// How string and binary views are sent (`--view-types`).
-    pub view_types: ViewTypes,
-    /// Bounds on the statements clients send.
-    pub sql: SqlLimits,
-    /// Stack of each thread that plans or runs queries (`--query-stack-size`).
-    pub stack_size: usize,
-    /// Most bytes one call of a function that can amplify its input (`repeat`, `lpad`,
-    /// `range`, `||`, ...) may produce (`--max-function-output`).
-    pub max_function_output: usize,
-    /// Where each query's audit line goes (`--audit-log`); `None`: nowhere.
-    pub audit: Option<Arc<AuditLog>>,
-}
-
-/// Time limits on a query; zero turns a limit off.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct QueryLimits {
-    /// The whole query, from arrival to the last message, unless the client's
-    /// `grpc-timeout` is shorter.
-    pub query_timeout: Duration,
-    /// Parsing and planning.
-    pub planning_timeout: Duration,
-    /// From arrival to the first record batch sent.
-    pub first_batch_timeout: Duration,
-    /// Longest a stream may wait for its client to read the next message.
-    pub stream_idle_timeout: Duration,
-}
-
-impl Default for QueryLimits {
-    fn default() -> Self {
-        Self {
-            query_timeout: Duration::from_secs(3600),
-            planning_timeout: Duration::from_secs(30),
-            first_batch_timeout: Duration::from_secs(600),
-            stream_idle_timeout: Duration::from_secs(300),
-        }
-    }
-}
-
-/// A query to run, and on whose behalf.
-#[derive(Debug, Clone, Default)]
-pub struct QueryRequest {
-    /// The statement.
-    pub sql: String,
-    /// The id from a `GetFlightInfo` ticket; a new one is made when `None`.
-    pub id: Option<String>,
-    /// The authenticated user, if authentication is on.
-    pub user: Option<String>,
-    /// The tables that user may read.
-    pub access: Arc<TableAccess>,
-    /// Where the request came from, for the audit log.
-    pub origin: Origin,
-    /// The client's own deadline (`grpc-timeout`).
-    pub client_timeout: Option<Duration>,
-    /// A time limit the ticket carries (`QueryTicket.timeout_ms`).
-    pub ticket_timeout: Option<Duration>,
-    /// Values for the placeholders (`?` or `$1..$n`), cast to the types the statement
-    /// needs; empty when it has none.
-    pub params: Vec<ScalarValue>,
-}
-
-/// A table or view clients can query, for metadata calls.
-#[derive(Debug, Clone)]
-pub struct TableListing {
-    /// Catalog name (`datafusion`).
-    pub catalog: String,
-    /// Schema name (`public` for Quiver's tables).
-    pub schema: String,
-    /// Table name.
-    pub name: String,
-    /// `TABLE` or `VIEW`, as Flight SQL and JDBC name them.
-    pub table_type: &'static str,
-    /// Its columns.
-    pub arrow_schema: SchemaRef,
-}
-
-/// What a prepared statement returns and takes.
-#[derive(Debug, Clone)]
-pub struct Prepared {
-    /// The result schema.
-    pub schema: SchemaRef,
-    /// The parameter types, `$1` first; `None` where the statement does not say.
-    pub params: Vec<Option<DataType>>,
-}
-
-impl From<String> for QueryRequest {
-    fn from(sql: String) -> Self {
-        Self {
-            sql,
-            ..Self::default()
-        }
-    }
-}
-
-impl From<&str> for QueryRequest {
-    fn from(sql: &str) -> Self {
-        sql.to_string().into()
-    }
-}
-
-/// A fresh query id: 64 random bits, hex. Not guessable, so one user cannot cancel
-/// another's query by counting (and with authentication on, only its user may).
-pub fn new_query_id() -> String {
-    format!("{:016x}", rand::random::<u64>())
-}
-
-/// Which memory pool policy queries share.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum PoolKind {
-    /// Spillable operators (sorts, aggregations, joins) share the pool fairly, so one
-    /// query cannot starve the others; they spill when over their share.
-    #[default]
-    Fair,
-    /// First come, first served: a query may take the whole pool.
-    Greedy,
-}
-
-/// The bounded memory every query draws from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MemoryOptions {
-    /// Bytes all running queries may reserve together.
-    pub limit: usize,
-    /// Pool policy.
-    pub pool: PoolKind,
-    /// Where spill files go (the OS temporary directory when `None`).
-    pub spill_dir: Option<std::path::PathBuf>,
-    /// Most bytes of spill files at once; a query that needs more fails.
-    pub max_spill_bytes: u64,
-}
-
-impl Default for MemoryOptions {
-    fn default() -> Self {
-        Self {
-            limit: usize::MAX,
-            pool: PoolKind::default(),
-            spill_dir: None,
-            max_spill_bytes: 100 << 30,
-        }
-    }
-}
-
-impl Default for QueryOptions {
-    fn default() -> Self {
-        Self {
-            cpu_threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
-            datafusion_config: vec![],
-            io: IoOptions::default(),
-            memory: MemoryOptions::default(),
-            admission: AdmissionOptions::default(),
-            limits: QueryLimits::default(),
-            max_message_size: 2 * 1024 * 1024,
-            view_types: ViewTypes::default(),
-            sql: SqlLimits::default(),
-            stack_size: DEFAULT_STACK_SIZE,
-            max_function_output: DEFAULT_MAX_FUNCTION_OUTPUT,
-            audit: None,
-        }
-    }
-}
-
-/// Default of `--max-function-output`.
-pub const DEFAULT_MAX_FUNCTION_OUTPUT: usize = 256 * 1024 * 1024;
 
 /// Plans and runs read-only SQL over the catalog.
 pub struct QueryEngine {
@@ -352,7 +181,7 @@ impl QueryEngine {
     /// scrape time.
     pub fn register_metrics(&self, registry: &prometheus::Registry) -> Result<()> {
         self.metrics.register(registry)?;
-        let collector = EngineCollector::new(crate::metrics::EngineSources {
+        let collector = EngineCollector::new(EngineSources {
             pool: Arc::clone(&self.pool),
             disk: Arc::clone(&self.base.runtime_env().disk_manager),
             scan_totals: Arc::clone(&self.scan_totals),
@@ -533,10 +362,10 @@ impl QueryEngine {
         self: &Arc<Self>,
         sql: String,
         params: Vec<ScalarValue>,
-        access: Arc<TableAccess>,
-        client_timeout: Option<Duration>,
+        caller: &Caller,
     ) -> Result<SchemaRef> {
-        self.plan_admitted(client_timeout, move |engine| async move {
+        let access = Arc::clone(&caller.tables);
+        self.plan_admitted(caller.client_timeout, move |engine| async move {
             let df = engine
                 .plan_with(&sql, params, &access, Arc::default())
                 .await?;
@@ -547,13 +376,9 @@ impl QueryEngine {
 
     /// Plans `sql` once to learn its result schema and parameter types, as a prepared
     /// statement needs them before any value is bound. Admitted like [`Self::schema`].
-    pub async fn prepare(
-        self: &Arc<Self>,
-        sql: String,
-        access: Arc<TableAccess>,
-        client_timeout: Option<Duration>,
-    ) -> Result<Prepared> {
-        self.plan_admitted(client_timeout, move |engine| async move {
+    pub async fn prepare(self: &Arc<Self>, sql: String, caller: &Caller) -> Result<Prepared> {
+        let access = Arc::clone(&caller.tables);
+        self.plan_admitted(caller.client_timeout, move |engine| async move {
             let df = engine
                 .plan_with(&sql, vec![], &access, Arc::default())
                 .await?;
@@ -617,7 +442,7 @@ impl QueryEngine {
         let request = request.into();
         let arrived = tokio::time::Instant::now();
         let mut deadline = Deadline::after(arrived, self.limits.query_timeout, "--query-timeout");
-        if let Some(client) = request.client_timeout {
+        if let Some(client) = request.caller.client_timeout {
             deadline = deadline.earliest(Deadline::after(
                 arrived,
                 client,
@@ -629,11 +454,11 @@ impl QueryEngine {
                 deadline.earliest(Deadline::after(arrived, limit, "the ticket's timeout_ms"));
         }
         let id = request.id.unwrap_or_else(new_query_id);
-        let audit = self
-            .audit
-            .as_ref()
-            .map(|log| QueryAudit::new(Arc::clone(log), request.origin, &request.sql));
-        let active = Arc::new(ActiveQuery::new(id, request.user, &request.sql));
+        let audit = self.audit.as_ref().map(|log| {
+            QueryAudit::new(Arc::clone(log), request.caller.origin.clone(), &request.sql)
+        });
+        let user = request.caller.user().map(str::to_string);
+        let active = Arc::new(ActiveQuery::new(id, user, &request.sql));
         let mut query = RunningQuery::start(
             self.metrics.clone(),
             Arc::clone(&active),
@@ -674,7 +499,7 @@ impl QueryEngine {
             "--planning-timeout",
         ));
         let engine = Arc::clone(self);
-        let (sql, params, access) = (request.sql, request.params, request.access);
+        let (sql, params, access) = (request.sql, request.params, request.caller.tables);
         let task = self.cpu.spawn(async move {
             match engine.start(sql, params, &access, &query).await {
                 Ok((stream, report)) => Ok((stream, report, query)),
@@ -746,7 +571,7 @@ impl QueryEngine {
             Outcome::Cancelled
         } else {
             active.set_code(e.code());
-            Outcome::of(e)
+            e.outcome()
         }
     }
 

@@ -59,7 +59,7 @@ impl RunningQuery {
         if let Err(e) = queries.insert(&active) {
             metrics
                 .queries
-                .with_label_values(&[Outcome::of(&e).as_str()])
+                .with_label_values(&[e.outcome().as_str()])
                 .inc();
             return Err(e);
         }

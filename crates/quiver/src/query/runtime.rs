@@ -32,6 +32,8 @@ pub struct Progress {
     probe_wait_micros: AtomicU64,
     /// Threads the runtime has.
     threads: usize,
+    /// The runtime, for its task count (`None` in tests of the probe alone).
+    handle: Option<Handle>,
 }
 
 impl Progress {
@@ -44,6 +46,14 @@ impl Progress {
     /// How long the last probe waited to be run.
     pub fn probe_wait(&self) -> Duration {
         Duration::from_micros(self.probe_wait_micros.load(Ordering::Relaxed))
+    }
+
+    /// Tasks on the runtime not yet finished: queries planning or running, and the
+    /// progress probe while it waits. 0 when the server is idle.
+    pub fn alive_tasks(&self) -> usize {
+        self.handle
+            .as_ref()
+            .map_or(0, |h| h.metrics().num_alive_tasks())
     }
 
     fn record_wait(&self, waited: Duration) {
@@ -67,9 +77,10 @@ impl CpuRuntime {
         let handle = runtime.handle().clone();
         Ok(Self {
             runtime: Some(runtime),
-            handle,
+            handle: handle.clone(),
             progress: Arc::new(Progress {
                 threads: threads.max(1),
+                handle: Some(handle.clone()),
                 ..Progress::default()
             }),
         })

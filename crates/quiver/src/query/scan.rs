@@ -1,41 +1,19 @@
 //! What a query read and what pushdown let it skip, from the metrics of its executed plan.
 //!
 //! Partition pruning happens in our table provider, before DataFusion sees any file;
-//! it reports into a per-query [`PartitionPruning`] extension of the session. Everything
+//! it reports into a per-query [`PartitionPruning`] extension of the session (defined
+//! in the catalog, which fills it). Everything
 //! after it (file and row-group statistics, bloom filters, page index, row filters,
 //! bytes read) is counted by DataFusion's Parquet scan in the plan's metrics.
 
 use parking_lot::Mutex;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use datafusion::physical_plan::ExecutionPlan;
+
+use crate::catalog::PartitionPruning;
 use datafusion::physical_plan::metrics::MetricValue;
 use serde::Serialize;
-
-/// Partition pruning counts of one query, filled in by table scans.
-#[derive(Debug, Default)]
-pub struct PartitionPruning {
-    files_total: AtomicU64,
-    files_pruned: AtomicU64,
-    /// The table of every scan planned, in order (a self-join scans a table twice).
-    tables: Mutex<Vec<String>>,
-}
-
-impl PartitionPruning {
-    /// Records a scan of `table` that kept `kept` of `total` files.
-    pub fn record(&self, table: &str, total: usize, kept: usize) {
-        self.files_total.fetch_add(total as u64, Ordering::Relaxed);
-        self.files_pruned
-            .fetch_add(total.saturating_sub(kept) as u64, Ordering::Relaxed);
-        self.tables.lock().push(table.to_string());
-    }
-
-    /// The tables scanned so far.
-    pub fn tables(&self) -> Vec<String> {
-        self.tables.lock().clone()
-    }
-}
 
 /// Scan figures of one query, or summed over many.
 ///
@@ -82,8 +60,8 @@ impl ScanSummary {
     /// Reads the figures from an executed `plan` and its query's partition pruning.
     pub fn collect(plan: &dyn ExecutionPlan, pruning: &PartitionPruning) -> Self {
         let mut summary = Self {
-            files_total: pruning.files_total.load(Ordering::Relaxed),
-            files_pruned_partition: pruning.files_pruned.load(Ordering::Relaxed),
+            files_total: pruning.files().0,
+            files_pruned_partition: pruning.files().1,
             ..Self::default()
         };
         let mut pruned_limit = 0;

@@ -21,7 +21,7 @@ use arrow::error::ArrowError;
 use arrow::ipc::reader::RecordBatchDecoder;
 use arrow::ipc::writer::IpcWriteOptions;
 
-use super::frames::{Frame, FrameEncoder};
+use super::frames::{Frame, FrameEncoder, LaidOutMessages};
 
 /// Every buffer lands at least this aligned, for any Arrow type, and is read in place.
 const ALIGNMENT: usize = 64;
@@ -160,6 +160,16 @@ impl PinnedMessages {
     /// Whether none are.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+impl LaidOutMessages for PinnedMessages {
+    fn find(&self, batch: &RecordBatch) -> Option<Frame> {
+        PinnedMessages::find(self, batch)
+    }
+
+    fn max_message_size(&self) -> usize {
+        PinnedMessages::max_message_size(self)
     }
 }
 

@@ -163,18 +163,25 @@ impl Fixture {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let service = arrow_flight::flight_service_server::FlightServiceServer::new(
-            QuiverFlightService::new(
-                Arc::clone(&engine),
-                SendOptions::default(),
-                quiver::flight::PreparedLimits::default(),
-            )
-            .unwrap(),
-        );
+        // The server's own stack: the DoGet route, metrics and health, as `quiver serve`.
+        let service = QuiverFlightService::new(
+            Arc::clone(&engine),
+            SendOptions::default(),
+            quiver::flight::PreparedLimits::default(),
+        )
+        .unwrap();
+        let rpc_metrics =
+            quiver::metrics::RpcMetrics::register(&prometheus::Registry::new()).unwrap();
+        let (router, _health) = quiver::flight::stack(
+            tonic::transport::Server::builder(),
+            Arc::new(service),
+            rpc_metrics,
+            quiver::flight::MessageLimits::default(),
+        )
+        .await;
         let token = shutdown.clone();
         let server = quiver::query::spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(service)
+            router
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::TcpListenerStream::new(listener),
                     token.cancelled_owned(),

@@ -1,18 +1,19 @@
-//! The zero-copy `DoGet` route: a tower layer in front of tonic that serves query
-//! results as chains of shared buffers ([`super::frames`]).
+//! The `DoGet` route: a tower layer in front of tonic that answers every `DoGet` itself,
+//! writing each result message to the HTTP/2 stream as the chain of `Bytes` it is
+//! ([`crate::wire::frames`]).
 //!
 //! ```text
-//!  HTTP/2 request ── RpcMetricsLayer ── ZeroCopyDoGetLayer ──┬─ DoGet of a query ──▶ do_get_frames
-//!                                                            │   (response body: Frame chunks, then trailers)
-//!                                                            └─ everything else ──▶ tonic's routes
+//!  HTTP/2 request ── RpcMetricsLayer ── DoGetRoute ──┬─ DoGet ──▶ read the Ticket ─▶ QuiverFlightService::do_get_frames
+//!                                                    │            (response body: Frame chunks, then trailers)
+//!                                                    └─ every other RPC ──▶ tonic's routes
 //! ```
 //!
-//! tonic's codec writes each response message into one contiguous buffer, so the
-//! `DoGet` of a query is answered here instead: the request (a unary `Ticket`) is
-//! decoded, authenticated and run exactly as tonic's route would, and the response
-//! body yields each message's chunks as HTTP/2 data, ending with the gRPC status in the
-//! trailers. Tickets this path does not serve (Flight SQL metadata, prepared statements,
-//! compressed results) are handed to tonic unchanged.
+//! tonic's codec writes each response message into one contiguous buffer, so `DoGet` is
+//! answered here instead: the request (a unary `Ticket`) is read once, and the service
+//! authenticates, decodes and runs it exactly as any other RPC; the response body yields
+//! each message's chunks as HTTP/2 data, ending with the gRPC status in the trailers.
+//! Nothing is handed back to tonic: whichever encoder made the messages
+//! (`--send-path`), this is how they are sent.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -29,66 +30,50 @@ use tonic::Status;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::QuiverFlightService;
 use super::do_get::MessageStream;
+use super::{MessageLimits, QuiverFlightService};
+use crate::error::Error;
 use crate::wire::frames::Frame;
 
 /// The gRPC path of `DoGet`.
 const DO_GET_PATH: &str = "/arrow.flight.protocol.FlightService/DoGet";
 
-/// Routes query `DoGet`s to the zero-copy send path.
+/// Serves every `DoGet` of `service`; everything else goes on to tonic.
 #[derive(Debug, Clone)]
-pub struct ZeroCopyDoGetLayer {
+pub struct DoGetRouteLayer {
     service: Arc<QuiverFlightService>,
-    max_decoding_message_size: usize,
-    max_encoding_message_size: usize,
-    enabled: bool,
+    limits: MessageLimits,
 }
 
-impl ZeroCopyDoGetLayer {
-    /// A layer serving `service`'s query results, with the same message size limits
-    /// as its tonic server.
-    pub fn new(
-        service: Arc<QuiverFlightService>,
-        max_decoding_message_size: usize,
-        max_encoding_message_size: usize,
-    ) -> Self {
-        Self {
-            service,
-            max_decoding_message_size,
-            max_encoding_message_size,
-            enabled: true,
-        }
-    }
-
-    /// Off: every call goes to tonic (`--send-path standard`, for comparison).
-    pub fn enabled(mut self, enabled: bool) -> Self {
-        self.enabled = enabled;
-        self
+impl DoGetRouteLayer {
+    /// A layer serving `service`'s `DoGet`s within `limits`, the limits of its tonic
+    /// server.
+    pub fn new(service: Arc<QuiverFlightService>, limits: MessageLimits) -> Self {
+        Self { service, limits }
     }
 }
 
-impl<S> Layer<S> for ZeroCopyDoGetLayer {
-    type Service = ZeroCopyDoGet<S>;
+impl<S> Layer<S> for DoGetRouteLayer {
+    type Service = DoGetRoute<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        ZeroCopyDoGet {
+        DoGetRoute {
             inner,
             layer: self.clone(),
         }
     }
 }
 
-/// The service [`ZeroCopyDoGetLayer`] makes.
+/// The service [`DoGetRouteLayer`] makes.
 #[derive(Debug, Clone)]
-pub struct ZeroCopyDoGet<S> {
+pub struct DoGetRoute<S> {
     inner: S,
-    layer: ZeroCopyDoGetLayer,
+    layer: DoGetRouteLayer,
 }
 
 type BoxFuture<T, E> = Pin<Box<dyn Future<Output = Result<T, E>> + Send>>;
 
-impl<S> Service<Request<tonic::body::Body>> for ZeroCopyDoGet<S>
+impl<S> Service<Request<tonic::body::Body>> for DoGetRoute<S>
 where
     S: Service<Request<tonic::body::Body>, Response = Response<tonic::body::Body>>
         + Clone
@@ -106,37 +91,27 @@ where
     }
 
     fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
-        if !self.layer.enabled || request.uri().path() != DO_GET_PATH {
+        if request.uri().path() != DO_GET_PATH {
             return Box::pin(self.inner.call(request));
         }
-        // The ready inner service takes this call; a clone waits for the next one.
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
         let layer = self.layer.clone();
         Box::pin(async move {
             let (parts, body) = request.into_parts();
-            let message = match read_unary(body, layer.max_decoding_message_size).await {
+            let message = match read_unary(body, layer.limits.max_decoding_message_size).await {
                 Ok(message) => message,
                 Err(status) => return Ok(status.into_http()),
             };
-            let ticket = match Ticket::decode(message.clone()) {
+            let ticket = match Ticket::decode(message) {
                 Ok(ticket) => ticket,
                 Err(e) => {
                     return Ok(
-                        Status::invalid_argument(format!("malformed Ticket: {e}")).into_http()
+                        Status::from(Error::invalid(format!("malformed Ticket: {e}"))).into_http(),
                     );
                 }
             };
-            let tonic_request =
-                tonic::Request::from_http(Request::from_parts(parts.clone(), ticket));
-            match layer.service.do_get_frames(tonic_request).await {
-                Ok(Some(frames)) => Ok(response(frames, layer.max_encoding_message_size)),
-                Ok(None) => {
-                    // Not ours to serve: tonic gets the request as it came.
-                    let body =
-                        tonic::body::Body::new(http_body_util::Full::new(grpc_frame(&message)));
-                    inner.call(Request::from_parts(parts, body)).await
-                }
+            let request = tonic::Request::from_http(Request::from_parts(parts, ticket));
+            match layer.service.do_get_frames(request).await {
+                Ok(frames) => Ok(response(frames, layer.limits.max_encoding_message_size)),
                 Err(status) => Ok(status.into_http()),
             }
         })
@@ -147,43 +122,37 @@ where
 async fn read_unary(mut body: tonic::body::Body, max: usize) -> Result<Bytes, Status> {
     let mut buf = BytesMut::new();
     while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
-        let frame = frame.map_err(|e| Status::internal(format!("reading the request: {e}")))?;
+        let frame = frame.map_err(|e| Error::invalid(format!("reading the request: {e}")))?;
         if let Ok(data) = frame.into_data() {
             if buf.len() + data.len() > max.saturating_add(5) {
-                return Err(Status::out_of_range(format!(
-                    "the request message is too large: over {max} bytes, the limit of \
-                     --max-decoding-message-size"
-                )));
+                return Err(Error::MessageTooLarge {
+                    message: format!(
+                        "the request message is too large: over {max} bytes, the limit of \
+                         --max-decoding-message-size"
+                    ),
+                }
+                .into());
             }
             buf.extend_from_slice(&data);
         }
     }
     if buf.len() < 5 {
-        return Err(Status::invalid_argument("DoGet needs one Ticket message"));
+        return Err(Error::invalid("DoGet needs one Ticket message").into());
     }
     let compressed = buf[0];
     let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
     if compressed != 0 {
-        return Err(Status::unimplemented(
-            "compressed requests are not supported: send the Ticket uncompressed",
-        ));
+        return Err(Error::Unsupported {
+            what: "Compressed requests".into(),
+            hint: "send the Ticket uncompressed".into(),
+        }
+        .into());
     }
     if buf.len() != 5 + len {
-        return Err(Status::invalid_argument(
-            "DoGet needs exactly one Ticket message",
-        ));
+        return Err(Error::invalid("DoGet needs exactly one Ticket message").into());
     }
     buf.advance(5);
     Ok(buf.freeze())
-}
-
-/// `message` behind a 5-byte gRPC prefix.
-fn grpc_frame(message: &Bytes) -> Bytes {
-    let mut buf = BytesMut::with_capacity(5 + message.len());
-    buf.extend_from_slice(&[0]);
-    buf.extend_from_slice(&(message.len() as u32).to_be_bytes());
-    buf.extend_from_slice(message);
-    buf.freeze()
 }
 
 fn response(frames: MessageStream<Frame>, max_message_size: usize) -> Response<tonic::body::Body> {
@@ -239,12 +208,14 @@ impl Body for FrameBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if frame.len() - 5 > this.max_message_size {
                     // The query is dropped with the stream when the body is.
-                    let status = Status::out_of_range(format!(
-                        "a result message of {} bytes exceeds --max-encoding-message-size \
-                         ({} bytes): raise it, or lower --max-flight-data-size",
-                        frame.len() - 5,
-                        this.max_message_size
-                    ));
+                    let status = Status::from(Error::MessageTooLarge {
+                        message: format!(
+                            "a result message of {} bytes exceeds --max-encoding-message-size \
+                             ({} bytes): raise it, or lower --max-flight-data-size",
+                            frame.len() - 5,
+                            this.max_message_size
+                        ),
+                    });
                     return Poll::Ready(Some(Ok(this.trailers(&status))));
                 }
                 this.chunks = frame.into_chunks().into_iter();

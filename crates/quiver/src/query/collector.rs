@@ -1,4 +1,4 @@
-//! Figures the engine already keeps, read at scrape time: the memory pool, spill files,
+//! The engine's Prometheus collector: figures the engine already keeps, read at scrape time: the memory pool, spill files,
 //! scan totals, memory maps and the catalog. Reading them when Prometheus asks costs
 //! queries nothing and can never disagree with the engine's own numbers.
 
@@ -13,10 +13,10 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{Gauge, IntCounter, IntGauge};
 
+use super::{HeapGuard, MeteredPool, Progress, ScanSummary};
 use crate::catalog::Catalog;
 use crate::error::Result;
 use crate::io::MmapStats;
-use crate::query::{HeapGuard, MeteredPool, Progress, ScanSummary};
 
 /// What the collector reads.
 #[derive(Debug)]
@@ -90,6 +90,12 @@ impl EngineCollector {
                 "quiver_mmap_cached_bytes",
                 "Bytes of memory-mapped files kept in the mapping cache.",
                 |s| mmap(s, |m| &m.cached_bytes) as i64,
+            )?,
+            gauge(
+                "quiver_cpu_runtime_alive_tasks",
+                "Tasks on the query runtime not yet finished (queries planning or running, \
+                 the progress probe); 0 when idle, so a task that outlives its query shows.",
+                |s| s.cpu.alive_tasks() as i64,
             )?,
             gauge(
                 "quiver_cpu_runtime_stalled",
