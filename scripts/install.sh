@@ -12,10 +12,12 @@ cd "$(dirname "$0")/.."
 prefix="${1:-/usr/local}"
 target_dir="${CARGO_TARGET_DIR:-target}"
 
-if [ -z "${QUIVER_SKIP_BUILD:-}" ]; then
+# QUIVER_BIN: install this binary, already built (the tests do), instead of building.
+built="${QUIVER_BIN:-}"
+if [ -z "$built" ]; then
   cargo build --release --locked
+  built="$target_dir/release/quiver"
 fi
-built="$target_dir/release/quiver"
 work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 

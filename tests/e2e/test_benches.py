@@ -5,6 +5,8 @@ must deliver the whole table. Timings are printed, never asserted."""
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO, quiver_binary
 
 
@@ -42,6 +44,7 @@ def test_pruning_smoke_reads_the_same_bytes_at_every_size(tmp_path):
     assert len(rows) == 2 and rows[0][6:8] == rows[1][6:8], out
 
 
+@pytest.mark.timeout(1800)  # cargo may have to link the bench binary first
 def test_criterion_micro_benchmarks_run():
     """criterion's test mode runs every micro-benchmark once (the build is the workspace
     build the tests already made, so cargo only runs it)."""

@@ -281,11 +281,28 @@ impl Error {
     /// How a query that failed with this error ended, for `quiver_queries_total{outcome}`.
     /// Decided here, beside [`Self::code`], so that one place classifies every error.
     pub fn outcome(&self) -> Outcome {
+        // Exhaustive on purpose, as `code` is: a new variant decides how it ends.
         match self {
             Self::Overloaded { .. } | Self::ShuttingDown => Outcome::Rejected,
             Self::Cancelled { .. } | Self::ClientGone => Outcome::Cancelled,
             Self::DeadlineExceeded { .. } => Outcome::Timeout,
-            _ => Outcome::Error,
+            Self::InvalidRequest { .. }
+            | Self::NotReadOnly { .. }
+            | Self::TableNotFound { .. }
+            | Self::Unauthenticated { .. }
+            | Self::PermissionDenied { .. }
+            | Self::MemoryExhausted { .. }
+            | Self::Unsupported { .. }
+            | Self::MessageTooLarge { .. }
+            | Self::Config { .. }
+            | Self::Schema { .. }
+            | Self::Io { .. }
+            | Self::FileChanged { .. }
+            | Self::NotAFile { .. }
+            | Self::FileRead { .. }
+            | Self::DataFusion(_)
+            | Self::Flight(_)
+            | Self::Internal(_) => Outcome::Error,
         }
     }
 

@@ -34,6 +34,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arrow_flight::flight_service_server::FlightService;
+use arrow_flight::sql::Command as FlightSqlCommand;
+use arrow_flight::sql::server::FlightSqlService;
 use arrow_flight::{
     Action, ActionType, Criteria, Empty, FlightData, FlightDescriptor, FlightInfo,
     HandshakeRequest, HandshakeResponse, PollInfo, PutResult, SchemaResult, Ticket,
@@ -125,6 +127,57 @@ impl QuiverFlightService {
         Ok(caller)
     }
 
+    /// The `FlightInfo` of a Flight SQL command, decoded already: straight to the
+    /// `FlightSqlService` method that serves it (arrow-flight's blanket impl would decode
+    /// the descriptor again).
+    async fn flight_sql_info(
+        &self,
+        command: FlightSqlCommand,
+        request: Request<FlightDescriptor>,
+    ) -> Result<Response<FlightInfo>, Status> {
+        let s = &*self.flight_sql;
+        match command {
+            FlightSqlCommand::CommandStatementQuery(c) => {
+                s.get_flight_info_statement(c, request).await
+            }
+            FlightSqlCommand::CommandPreparedStatementQuery(c) => {
+                s.get_flight_info_prepared_statement(c, request).await
+            }
+            FlightSqlCommand::CommandStatementSubstraitPlan(c) => {
+                s.get_flight_info_substrait_plan(c, request).await
+            }
+            FlightSqlCommand::CommandGetCatalogs(c) => s.get_flight_info_catalogs(c, request).await,
+            FlightSqlCommand::CommandGetDbSchemas(c) => s.get_flight_info_schemas(c, request).await,
+            FlightSqlCommand::CommandGetTables(c) => s.get_flight_info_tables(c, request).await,
+            FlightSqlCommand::CommandGetTableTypes(c) => {
+                s.get_flight_info_table_types(c, request).await
+            }
+            FlightSqlCommand::CommandGetSqlInfo(c) => s.get_flight_info_sql_info(c, request).await,
+            FlightSqlCommand::CommandGetPrimaryKeys(c) => {
+                s.get_flight_info_primary_keys(c, request).await
+            }
+            FlightSqlCommand::CommandGetExportedKeys(c) => {
+                s.get_flight_info_exported_keys(c, request).await
+            }
+            FlightSqlCommand::CommandGetImportedKeys(c) => {
+                s.get_flight_info_imported_keys(c, request).await
+            }
+            FlightSqlCommand::CommandGetCrossReference(c) => {
+                s.get_flight_info_cross_reference(c, request).await
+            }
+            FlightSqlCommand::CommandGetXdbcTypeInfo(c) => {
+                s.get_flight_info_xdbc_type_info(c, request).await
+            }
+            other => Err(Error::Unsupported {
+                what: format!("GetFlightInfo of {}", other.type_url()),
+                hint: "describe a CommandStatementQuery, a prepared statement or a metadata \
+                       command"
+                    .into(),
+            }
+            .into()),
+        }
+    }
+
     /// `DoGet`, whatever the ticket: the one entry, which [`route::DoGetRoute`] calls
     /// with the `Ticket` it read from the HTTP/2 request.
     #[tracing::instrument(skip_all, name = "DoGet", fields(user, client))]
@@ -147,15 +200,6 @@ fn origin<T>(request: &Request<T>, rpc: &'static str) -> Origin {
             .and_then(|p| p.remote_addr)
             .or_else(|| request.remote_addr()),
         client_subject: peer.and_then(|p| p.client_subject.clone()),
-    }
-}
-
-/// The ticket a plain command stands for; `None` for Flight SQL.
-fn query_ticket(command: Command) -> Option<QueryTicket> {
-    match command {
-        Command::Sql(sql) => Some(QueryTicket::new(sql)),
-        Command::Query(ticket) => Some(ticket),
-        Command::FlightSql(_) => None,
     }
 }
 
@@ -267,8 +311,10 @@ impl FlightService for QuiverFlightService {
         let caller = self.caller_in(&mut request, "GetFlightInfo")?;
         let command =
             flight_info::descriptor_command(&self.engine, request.get_ref(), &caller.tables)?;
-        let Some(ticket) = query_ticket(command) else {
-            return FlightService::get_flight_info(&*self.flight_sql, request).await;
+        let ticket = match command {
+            Command::Sql(sql) => QueryTicket::new(sql),
+            Command::Query(ticket) => ticket,
+            Command::FlightSql(command) => return self.flight_sql_info(command, request).await,
         };
         let info =
             flight_info::flight_info(&self.engine, request.into_inner(), ticket, &caller).await?;
@@ -299,12 +345,16 @@ impl FlightService for QuiverFlightService {
         let caller = self.caller_in(&mut request, "GetSchema")?;
         let command =
             flight_info::descriptor_command(&self.engine, request.get_ref(), &caller.tables)?;
-        let Some(ticket) = query_ticket(command) else {
-            // Flight SQL has no GetSchema of its own: the FlightInfo's schema is it.
-            let info = FlightService::get_flight_info(&*self.flight_sql, request).await?;
-            return Ok(Response::new(SchemaResult {
-                schema: info.into_inner().schema,
-            }));
+        let ticket = match command {
+            Command::Sql(sql) => QueryTicket::new(sql),
+            Command::Query(ticket) => ticket,
+            Command::FlightSql(command) => {
+                // Flight SQL has no GetSchema of its own: the FlightInfo's schema is it.
+                let info = self.flight_sql_info(command, request).await?;
+                return Ok(Response::new(SchemaResult {
+                    schema: info.into_inner().schema,
+                }));
+            }
         };
         Ok(Response::new(
             flight_info::schema(&self.engine, ticket.sql, &caller).await?,

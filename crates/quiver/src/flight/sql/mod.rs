@@ -1,9 +1,9 @@
 //! Flight SQL: arrow-flight's [`FlightSqlService`], behind the dispatcher in `flight`.
 //!
-//! The dispatcher authenticates every call, then hands this service the `GetFlightInfo`
-//! of Flight SQL commands, the Flight SQL actions and `DoPut`; arrow-flight's blanket
-//! `FlightService` impl for a `FlightSqlService` unpacks the command and calls the method
-//! below that serves it. `DoGet` of every ticket is `flight::do_get`'s, which calls
+//! The dispatcher authenticates every call and decodes its command once. It calls the
+//! `get_flight_info_*` methods below itself with the decoded command; the Flight SQL
+//! actions and `DoPut` go through arrow-flight's blanket `FlightService` impl for a
+//! `FlightSqlService`, which unpacks the action or the first message's descriptor. `DoGet` of every ticket is `flight::do_get`'s, which calls
 //! [`FlightSql::prepared_query`] and [`FlightSql::metadata`] for Flight SQL tickets.
 //! The prepared-statement store is in `prepared`, the metadata answers in `metadata`.
 //!
