@@ -39,7 +39,6 @@ use datafusion::arrow::array::RecordBatch;
 use datafusion::arrow::datatypes::DataType;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::ipc::CompressionType;
-use datafusion::arrow::ipc::root_as_message;
 use datafusion::arrow::ipc::writer::{DictionaryTracker, IpcDataGenerator, IpcWriteOptions};
 use futures::{FutureExt, Stream, StreamExt};
 use std::panic::AssertUnwindSafe;
@@ -58,37 +57,7 @@ use crate::wire::frames::{self, Frame, FrameEncoder};
 use datafusion::common::ScalarValue;
 
 /// A stream of encoded messages for the client, ending with the query's error if any.
-pub type MessageStream<M> = Pin<Box<dyn Stream<Item = Result<M, Status>> + Send>>;
-
-/// A message on its way to the client, in either encoding.
-pub trait Outgoing: Send + Sync + 'static {
-    /// Rows of a record batch message; `None` for schema and dictionary messages.
-    fn rows(&self) -> Option<u64>;
-    /// Bytes of the Flight payload: IPC header, body and application metadata.
-    fn payload_bytes(&self) -> u64;
-}
-
-impl Outgoing for FlightData {
-    fn rows(&self) -> Option<u64> {
-        let message = root_as_message(&self.data_header).ok()?;
-        let batch = message.header_as_record_batch()?;
-        Some(batch.length().max(0) as u64)
-    }
-
-    fn payload_bytes(&self) -> u64 {
-        (self.data_header.len() + self.data_body.len() + self.app_metadata.len()) as u64
-    }
-}
-
-impl Outgoing for Frame {
-    fn rows(&self) -> Option<u64> {
-        Frame::rows(self)
-    }
-
-    fn payload_bytes(&self) -> u64 {
-        self.payload_len() as u64
-    }
-}
+pub type MessageStream = Pin<Box<dyn Stream<Item = Result<Frame, Status>> + Send>>;
 
 /// Default of `--stream-keepalive`: well inside the 60 s idle timeout common in proxies.
 pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(20);
@@ -142,7 +111,7 @@ pub(super) async fn serve(
     command: Command,
     caller: Caller,
     options: SendOptions,
-) -> Result<MessageStream<Frame>, Status> {
+) -> Result<MessageStream, Status> {
     let (ticket, params) = match command {
         Command::Sql(sql) => (QueryTicket::new(sql), vec![]),
         Command::Query(ticket) => (ticket, vec![]),
@@ -169,7 +138,7 @@ async fn run(
     params: Vec<ScalarValue>,
     caller: Caller,
     mut options: SendOptions,
-) -> Result<MessageStream<Frame>> {
+) -> Result<MessageStream> {
     if let Some(compression) = ticket.result_compression()? {
         options.compression = compression;
     }
@@ -192,7 +161,7 @@ async fn run(
 }
 
 /// A result that is one batch already computed (Flight SQL metadata), as frames.
-fn one_batch(batch: RecordBatch, options: SendOptions) -> Result<MessageStream<Frame>> {
+fn one_batch(batch: RecordBatch, options: SendOptions) -> Result<MessageStream> {
     let encoder = FrameEncoder::try_new(
         &batch.schema(),
         IpcWriteOptions::default(),
@@ -218,7 +187,7 @@ fn zero_copy_stream(
     engine: &Arc<QueryEngine>,
     started: Started,
     options: SendOptions,
-) -> Result<MessageStream<Frame>> {
+) -> Result<MessageStream> {
     let keepalive = empty_batch(&started.schema, &IpcWriteOptions::default(), options)?
         .map(|message| Frame::from_flight_data(&message));
     let encoder = FrameEncoder::try_new(
@@ -369,7 +338,7 @@ fn standard_stream(
     engine: &Arc<QueryEngine>,
     started: Started,
     options: SendOptions,
-) -> Result<MessageStream<Frame>> {
+) -> Result<MessageStream> {
     let ipc = IpcWriteOptions::default().try_with_compression(options.compression)?;
     let keepalive = empty_batch(&started.schema, &ipc, options)?;
     // Split here, by the bytes the rows reference: arrow-flight splits by the capacity of
@@ -406,19 +375,19 @@ fn standard_stream(
 /// Runs the send loop on the CPU runtime, handing `encoded` messages to the returned
 /// stream through a bounded channel, and `keepalive` whenever `options.keepalive` passes
 /// without one.
-fn stream_messages<M: Outgoing + Clone>(
+fn stream_messages(
     engine: &Arc<QueryEngine>,
     execution: Running,
-    encoded: impl Stream<Item = std::result::Result<M, FlightError>> + Send + Unpin + 'static,
+    encoded: impl Stream<Item = std::result::Result<Frame, FlightError>> + Send + Unpin + 'static,
     options: SendOptions,
-    keepalive: Option<M>,
-) -> MessageStream<M> {
+    keepalive: Option<Frame>,
+) -> MessageStream {
     let Running {
         report,
         query,
         deadline,
     } = execution;
-    let (tx, rx) = mpsc::channel::<Result<M, Status>>(options.channel_depth.max(1));
+    let (tx, rx) = mpsc::channel::<Result<Frame, Status>>(options.channel_depth.max(1));
     let first_batch = deadline.clone().earliest(Deadline::after(
         tokio::time::Instant::from_std(query.started()),
         engine.limits().first_batch_timeout,
@@ -491,10 +460,10 @@ struct Watch {
 /// the send loop's own checks run. Ending the stream drops the task's handle, which
 /// aborts the task at its next yield; until then the query keeps its listing, slot and
 /// memory, and it records the outcome given here.
-fn watch_from_outside<M: Outgoing>(
-    body: impl Stream<Item = Result<M, Status>> + Send + Unpin + 'static,
+fn watch_from_outside(
+    body: impl Stream<Item = Result<Frame, Status>> + Send + Unpin + 'static,
     watch: Watch,
-) -> impl Stream<Item = Result<M, Status>> + Send + 'static {
+) -> impl Stream<Item = Result<Frame, Status>> + Send + 'static {
     struct State<B> {
         body: B,
         watch: Watch,
@@ -537,7 +506,7 @@ fn watch_from_outside<M: Outgoing>(
 }
 
 /// The limits a stream runs under.
-struct Limits<M> {
+struct Limits {
     /// Until the first record batch is sent.
     first_batch: Deadline,
     /// The whole query.
@@ -545,7 +514,7 @@ struct Limits<M> {
     /// Longest wait for the client to take the next message.
     idle: Duration,
     /// How long the query may compute without a message, and the message sent then.
-    keepalive: Option<(Duration, M)>,
+    keepalive: Option<(Duration, Frame)>,
 }
 
 /// How a query's stream ended early: its outcome and the status the client gets.
@@ -553,11 +522,11 @@ type Stop = (Outcome, Status);
 
 /// Moves encoded messages to the network until the result ends, the query fails, is
 /// cancelled, runs out of time, or the client goes away or stops reading.
-async fn send<M: Outgoing + Clone>(
-    mut encoded: impl Stream<Item = std::result::Result<M, FlightError>> + Unpin,
-    tx: &mpsc::Sender<Result<M, Status>>,
+async fn send(
+    mut encoded: impl Stream<Item = std::result::Result<Frame, FlightError>> + Unpin,
+    tx: &mpsc::Sender<Result<Frame, Status>>,
     query: &mut RunningQuery,
-    limits: &Limits<M>,
+    limits: &Limits,
 ) -> Result<(), Stop> {
     let active = Arc::clone(query.active());
     let cancel = active.cancelled().clone();
@@ -591,7 +560,7 @@ async fn send<M: Outgoing + Clone>(
             Some(Err(FlightError::Tonic(status))) => return Err((Outcome::Error, *status)),
             Some(Err(other)) => return Err(stop(Error::from(other))),
         };
-        let (rows, bytes) = (data.rows(), data.payload_bytes());
+        let (rows, bytes) = (data.rows(), data.payload_len() as u64);
         let idle = async {
             if limits.idle.is_zero() {
                 std::future::pending::<()>().await;

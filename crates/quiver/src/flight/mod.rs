@@ -46,7 +46,6 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::audit::{AuthRecord, Origin};
 use crate::error::{Error, Result};
 use crate::query::{Caller, QueryEngine};
-use crate::wire::frames::Frame;
 use auth::{Authenticator, PeerInfo};
 use do_get::MessageStream;
 use ticket::{Command, QueryTicket};
@@ -181,10 +180,7 @@ impl QuiverFlightService {
     /// `DoGet`, whatever the ticket: the one entry, which [`route::DoGetRoute`] calls
     /// with the `Ticket` it read from the HTTP/2 request.
     #[tracing::instrument(skip_all, name = "DoGet", fields(user, client))]
-    pub async fn do_get_frames(
-        &self,
-        request: Request<Ticket>,
-    ) -> Result<MessageStream<Frame>, Status> {
+    pub async fn do_get_frames(&self, request: Request<Ticket>) -> Result<MessageStream, Status> {
         let caller = self.caller(&request, "DoGet")?;
         let command = ticket::decode(&request.get_ref().ticket)?;
         do_get::serve(&self.engine, &self.flight_sql, command, caller, self.send).await

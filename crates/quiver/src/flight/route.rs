@@ -33,7 +33,6 @@ use tower_service::Service;
 use super::do_get::MessageStream;
 use super::{MessageLimits, QuiverFlightService};
 use crate::error::Error;
-use crate::wire::frames::Frame;
 
 /// The gRPC path of `DoGet`.
 const DO_GET_PATH: &str = "/arrow.flight.protocol.FlightService/DoGet";
@@ -155,7 +154,7 @@ async fn read_unary(mut body: tonic::body::Body, max: usize) -> Result<Bytes, St
     Ok(buf.freeze())
 }
 
-fn response(frames: MessageStream<Frame>, max_message_size: usize) -> Response<tonic::body::Body> {
+fn response(frames: MessageStream, max_message_size: usize) -> Response<tonic::body::Body> {
     let mut response = Response::new(tonic::body::Body::new(FrameBody {
         frames,
         chunks: Vec::new().into_iter(),
@@ -171,7 +170,7 @@ fn response(frames: MessageStream<Frame>, max_message_size: usize) -> Response<t
 
 /// A `DoGet` response body: each message's chunks as data, then the status as trailers.
 struct FrameBody {
-    frames: MessageStream<Frame>,
+    frames: MessageStream,
     chunks: std::vec::IntoIter<Bytes>,
     max_message_size: usize,
     done: bool,
