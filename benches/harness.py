@@ -73,9 +73,11 @@ class Quiver(QuiverProcess):
     """`quiver serve` on 127.0.0.1:0 with `args`, and a pyarrow Flight client, started by
     the launcher the tests use (tests/quiver_process.py)."""
 
-    def __init__(self, binary: str, workdir: Path, args: list[str], threads: int | None = None):
+    def __init__(
+        self, binary: str, workdir: Path, args: list[str], threads: int | None = None, env: dict | None = None
+    ):
         threads_args = ["--cpu-threads", str(threads)] if threads else []
-        super().__init__([*threads_args, *args], workdir, binary=binary)
+        super().__init__([*threads_args, *args], workdir, binary=binary, env=env)
 
     def run(self, sql: str) -> pa.Table:
         return self.query(sql)

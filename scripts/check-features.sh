@@ -24,3 +24,22 @@ if [ -n "$differ" ]; then
   exit 1
 fi
 echo "   one set of features for cargo build and --all-targets ($(wc -l < "$normal") crates)"
+
+# One HTTP and TLS stack: object_store's `aws` client (reqwest) must share tonic's hyper, h2
+# and rustls, and bring no second crypto provider (aws-lc-rs needs cmake, and two providers
+# make rustls's implicit default panic).
+# (Names that come in two versions; `-d` also prints what depends on them.)
+dupes="$(cargo tree --workspace --locked -d -e normal --prefix none -f '{p}' \
+  | awk '{print $1, $2}' | sort -u | awk '{print $1}' | uniq -d \
+  | grep -E '^(hyper|h2|http|rustls|tonic|tokio-rustls|reqwest)$' || true)"
+if [ -n "$dupes" ]; then
+  echo "!! two versions of the HTTP/TLS stack:"
+  echo "$dupes"
+  exit 1
+fi
+if cargo tree --workspace --locked -e normal -i aws-lc-rs >/dev/null 2>&1; then
+  echo "!! aws-lc-rs is in the build:"
+  cargo tree --workspace --locked -e normal -i aws-lc-rs
+  exit 1
+fi
+echo "   one hyper, h2, rustls and tonic; no aws-lc-rs"

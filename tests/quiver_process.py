@@ -37,6 +37,7 @@ class QuiverProcess:
         connect: bool = True,
         binary: str | os.PathLike | None = None,
         start_timeout: float = 600,
+        env: dict[str, str] | None = None,
     ):
         workdir.mkdir(parents=True, exist_ok=True)
         self.addr_file = workdir / "addr"
@@ -54,6 +55,8 @@ class QuiverProcess:
             ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
+            # Extra variables on top of ours (the AWS settings of S3 tests).
+            env={**os.environ, **env} if env else None,
         )
         deadline = time.monotonic() + start_timeout
         while not self.addr_file.exists():

@@ -116,8 +116,8 @@ def requests_dataset(root: Path) -> ds.Dataset:
 class Server(QuiverProcess):
     """The real binary, started by the shared launcher (tests/quiver_process.py)."""
 
-    def __init__(self, args, tmp: Path, connect: bool = True):
-        super().__init__(args, tmp, connect=connect, start_timeout=60)
+    def __init__(self, args, tmp: Path, connect: bool = True, env: dict | None = None):
+        super().__init__(args, tmp, connect=connect, start_timeout=60, env=env)
 
     def metrics(self) -> "Metrics":
         return Metrics(self.scrape_text())

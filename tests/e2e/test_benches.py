@@ -27,6 +27,12 @@ def test_tpch_smoke_matches_duckdb(tmp_path):
     assert "geomean" in out
 
 
+def test_s3_smoke_matches_duckdb_cold_and_warm(tmp_path):
+    out = run_bench("s3.py", tmp_path)
+    assert all(f"| Q{q} |" in out for q in range(1, 23)), out
+    assert "geomean" in out
+
+
 def test_throughput_smoke_delivers_every_row(tmp_path):
     out = run_bench("throughput.py", tmp_path)
     assert "pyarrow server, 64k rows" in out and "bytes on the wire" in out, out

@@ -73,6 +73,12 @@ def test_help_documents_every_flag_with_its_environment_variable():
         "--datafusion-config",
         "--log-filter",
         "--max-decoding-message-size",
+        "--cache-max-size",
+        "--cache-block-size",
+        "--store-max-retries",
+        "--store-retry-timeout",
+        "--store-request-timeout",
+        "--store-connect-timeout",
     ]:
         assert flag in text, flag
     assert text.count("[env: QUIVER_") >= 10

@@ -198,7 +198,8 @@ pub struct ServeArgs {
     pub metrics_addr_file: Option<PathBuf>,
 
     /// A table to serve, as NAME=PATH (a directory of Parquet files, Hive-partitioned or
-    /// not, or one file). Repeatable.
+    /// not, or one file; or an `s3://bucket/prefix/`, configured from the standard AWS
+    /// environment: AWS_ENDPOINT, AWS_REGION, AWS_ACCESS_KEY_ID, ...). Repeatable.
     #[arg(
         long = "table",
         env = "QUIVER_TABLES",
@@ -220,7 +221,8 @@ pub struct ServeArgs {
     )]
     pub pin_tables: Vec<String>,
 
-    /// Serve every immediate subdirectory of DIR as a table named after it.
+    /// Serve every immediate subdirectory of DIR (or every "subdirectory" of an
+    /// `s3://bucket/prefix/`) as a table named after it.
     #[arg(long, env = "QUIVER_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
 
@@ -242,7 +244,8 @@ pub struct ServeArgs {
     #[arg(long, env = "QUIVER_DEMO_ROWS", default_value_t = 3_000_000)]
     pub demo_rows: u64,
 
-    /// Where --demo keeps its generated data [default: $XDG_CACHE_HOME/quiver or ~/.cache/quiver].
+    /// Where the object cache of S3 tables (`objects/`) and the --demo data live
+    /// [default: $XDG_CACHE_HOME/quiver or ~/.cache/quiver].
     #[arg(long, env = "QUIVER_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
 
@@ -278,6 +281,48 @@ pub struct ServeArgs {
     /// cache the kernel can reclaim, but count in RSS while resident.
     #[arg(long, env = "QUIVER_MMAP_MAX_BYTES", default_value = "64GiB")]
     pub mmap_max_bytes: ByteSize,
+
+    /// Most bytes of S3 object blocks the local cache keeps on disk (in `--cache-dir`,
+    /// least recently used evicted first); `0` turns the cache off (every read is a GET)
+    /// [default: 10GiB, at most half the free space of the cache directory's file system].
+    #[arg(long, env = "QUIVER_CACHE_MAX_SIZE", value_name = "SIZE")]
+    pub cache_max_size: Option<ByteSize>,
+
+    /// The unit the object cache fetches, stores and evicts: reads of S3 objects are
+    /// rounded out to whole aligned blocks. Smaller fetches less for selective queries;
+    /// larger makes fewer GETs and files.
+    #[arg(long, env = "QUIVER_CACHE_BLOCK_SIZE", default_value = "1MiB", value_name = "SIZE")]
+    pub cache_block_size: ByteSize,
+
+    /// Most cached blocks kept memory-mapped between reads (each mapping uses one of the
+    /// process's vm.max_map_count entries).
+    #[arg(long, env = "QUIVER_CACHE_MAX_MAPPED_BLOCKS", default_value_t = 4096)]
+    pub cache_max_mapped_blocks: usize,
+
+    /// Retries of an object store request that timed out, could not connect, or was
+    /// answered with a 5xx or throttling error (with exponential backoff).
+    #[arg(long, env = "QUIVER_STORE_MAX_RETRIES", default_value_t = 5)]
+    pub store_max_retries: usize,
+
+    /// No retry of an object store request starts this long after its first attempt.
+    #[arg(long, env = "QUIVER_STORE_RETRY_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub store_retry_timeout: Duration,
+
+    /// First wait before retrying an object store request; doubles per retry.
+    #[arg(long, env = "QUIVER_STORE_RETRY_BACKOFF", default_value = "100ms", value_parser = parse_duration)]
+    pub store_retry_backoff: Duration,
+
+    /// Longest wait between retries of an object store request.
+    #[arg(long, env = "QUIVER_STORE_RETRY_MAX_BACKOFF", default_value = "5s", value_parser = parse_duration)]
+    pub store_retry_max_backoff: Duration,
+
+    /// Time limit of one object store request.
+    #[arg(long, env = "QUIVER_STORE_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub store_request_timeout: Duration,
+
+    /// Time limit of connecting to an object store.
+    #[arg(long, env = "QUIVER_STORE_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub store_connect_timeout: Duration,
 
     /// Memory all running queries may reserve together (sorts, joins, aggregations):
     /// a size like `4GiB`, or a share of the machine's (or cgroup's) memory like `50%`.
@@ -495,6 +540,23 @@ pub struct ServeArgs {
     /// Lifetime of the bearer token a Handshake returns.
     #[arg(long, env = "QUIVER_SESSION_TTL", default_value = "12h", value_parser = parse_duration)]
     pub session_ttl: Duration,
+}
+
+/// Bytes free for unprivileged users on the file system holding `path`.
+pub fn free_space(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut stat = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c_path` is a NUL-terminated string that outlives the call, and `stat`
+    // points to writable memory of the right type, initialised by a successful call.
+    #[allow(unsafe_code)]
+    let stat = unsafe {
+        if libc::statvfs(c_path.as_ptr(), stat.as_mut_ptr()) != 0 {
+            return None;
+        }
+        stat.assume_init()
+    };
+    Some((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
 }
 
 /// Memory pool policy.

@@ -7,11 +7,14 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use prometheus::Registry;
 use quiver::audit::AuditLog;
-use quiver::catalog::{CatalogFile, TableDefinition, parse_table_flag, tables_in_data_dir};
+use quiver::catalog::{
+    CatalogFile, TableDefinition, TableLocation, parse_table_flag, tables_in_data_dir,
+};
 use quiver::flight::auth::{Authenticator, LoginLimits};
 use quiver::flight::{
     CompressionType, MessageLimits, PreparedLimits, QuiverFlightService, SendOptions,
 };
+use quiver::io::remote::{BlockCache, CacheOptions, RemoteStores, StoreOptions, parse_s3_url};
 use quiver::io::{IoOptions, MmapLimits};
 use quiver::metrics::RpcMetrics;
 use quiver::query::spawn;
@@ -52,7 +55,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         )?)),
         None => None,
     };
-    let tables = table_definitions(&args)?;
+    let (tables, remote) = table_definitions(&args).await?;
     let cpu_threads = args
         .cpu_threads
         .unwrap_or_else(|| QueryOptions::default().cpu_threads);
@@ -115,6 +118,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .map(|spec| AuditLog::open(spec).map(Arc::new))
             .transpose()
             .context("--audit-log")?,
+        remote,
     };
     let _audit_reopen = options.audit.clone().map(audit_reopen_loop);
     let memory_hard_limit = match args.memory_hard_limit {
@@ -382,21 +386,54 @@ fn tls_reload_loop(tls: Arc<TlsReloader>, interval: Duration) -> AbortOnDropHand
     })
 }
 
-/// Collects tables from --table, --data-dir, --catalog and --demo (all combine).
-fn table_definitions(args: &ServeArgs) -> anyhow::Result<Vec<TableDefinition>> {
+/// Collects tables from --table, --data-dir, --catalog and --demo (all combine), and
+/// sets up the object stores and cache when any of them is on S3.
+async fn table_definitions(
+    args: &ServeArgs,
+) -> anyhow::Result<(Vec<TableDefinition>, Option<Arc<RemoteStores>>)> {
     let mut tables = Vec::new();
     for flag in &args.tables {
         tables.push(parse_table_flag(flag)?);
     }
-    if let Some(dir) = &args.data_dir {
+    let data_dir = args.data_dir.as_deref().map(Path::to_string_lossy);
+    let remote_data_dir = data_dir.as_deref().filter(|d| d.starts_with("s3://"));
+    if let Some(dir) = &args.data_dir
+        && remote_data_dir.is_none()
+    {
         tables.extend(tables_in_data_dir(dir)?);
     }
+    let mut stores = Default::default();
     if let Some(file) = &args.catalog {
-        tables.extend(CatalogFile::load(file)?);
+        let catalogued = CatalogFile::load(file)?;
+        tables.extend(catalogued.tables);
+        stores = catalogued.stores;
     }
     if args.demo {
         let dir = demo::ensure(&cache_dir(args.cache_dir.as_deref()), args.demo_rows)?;
         tables.extend(tables_in_data_dir(&dir)?);
+    }
+
+    let on_s3 = remote_data_dir.is_some()
+        || tables
+            .iter()
+            .any(|t| matches!(t.location, TableLocation::S3 { .. }));
+    let remote = if on_s3 {
+        Some(Arc::new(remote_stores(args, stores)?))
+    } else {
+        None
+    };
+    if let (Some(url), Some(remote)) = (remote_data_dir, &remote) {
+        let (bucket, prefix) =
+            parse_s3_url(url).with_context(|| format!("--data-dir {url}: use s3://BUCKET/PREFIX/"))?;
+        let names = remote
+            .bucket(&bucket)?
+            .list_children(&prefix)
+            .await
+            .with_context(|| format!("listing the tables of --data-dir {url}"))?;
+        for name in names.into_iter().filter(|n| !is_hidden_name(n)) {
+            let table_url = format!("s3://{bucket}/{}", prefix.clone().join(name.as_str()));
+            tables.push(TableDefinition::new(name, table_url)?);
+        }
     }
     if tables.is_empty() {
         bail!(
@@ -409,7 +446,75 @@ fn table_definitions(args: &ServeArgs) -> anyhow::Result<Vec<TableDefinition>> {
         };
         table.pinned = true;
     }
-    Ok(tables)
+    Ok((tables, remote))
+}
+
+/// Names that are never tables or data: `.hidden`, `_staging`, `x.tmp`.
+fn is_hidden_name(name: &str) -> bool {
+    name.starts_with('.') || name.starts_with('_') || name.ends_with(".tmp")
+}
+
+/// The object stores of S3 tables, with the block cache in `<cache dir>/objects`.
+fn remote_stores(
+    args: &ServeArgs,
+    stores: std::collections::BTreeMap<String, quiver::io::remote::StoreSettings>,
+) -> anyhow::Result<RemoteStores> {
+    let dir = cache_dir(args.cache_dir.as_deref()).join("objects");
+    let block_size = args.cache_block_size.0 as u64;
+    let max_bytes = match args.cache_max_size {
+        Some(size) => size.0 as u64,
+        None => default_cache_size(&dir),
+    };
+    let cache = if max_bytes == 0 {
+        None
+    } else {
+        if max_bytes < block_size || block_size == 0 {
+            bail!(
+                "--cache-max-size ({max_bytes} bytes) must hold at least one block of \
+                 --cache-block-size ({block_size} bytes); use 0 to turn the cache off"
+            );
+        }
+        Some(Arc::new(
+            BlockCache::open(CacheOptions {
+                dir,
+                max_bytes,
+                block_size,
+                max_maps: args.cache_max_mapped_blocks,
+            })
+            .context("--cache-dir")?,
+        ))
+    };
+    let options = StoreOptions {
+        max_retries: args.store_max_retries,
+        retry_timeout: args.store_retry_timeout,
+        init_backoff: args.store_retry_backoff,
+        max_backoff: args.store_retry_max_backoff,
+        request_timeout: args.store_request_timeout,
+        connect_timeout: args.store_connect_timeout,
+    };
+    Ok(RemoteStores::new(
+        tokio::runtime::Handle::current(),
+        options,
+        stores,
+        cache,
+    ))
+}
+
+/// 10 GiB, or half the free space of the file system holding `dir` when that is less.
+fn default_cache_size(dir: &Path) -> u64 {
+    const DEFAULT: u64 = 10 << 30;
+    let mut probe = dir;
+    // The directory may not exist yet: ask about its nearest existing ancestor.
+    while !probe.exists() {
+        match probe.parent() {
+            Some(parent) => probe = parent,
+            None => return DEFAULT,
+        }
+    }
+    match crate::cli::free_space(probe) {
+        Some(free) => DEFAULT.min(free / 2),
+        None => DEFAULT,
+    }
 }
 
 fn cache_dir(flag: Option<&Path>) -> PathBuf {

@@ -155,6 +155,16 @@ pub enum Error {
         reason: String,
     },
 
+    /// An S3 table's store cannot be reached or refuses Quiver: the table's queries fail
+    /// until it answers (the message says what to check).
+    #[error("{message}")]
+    ObjectStore {
+        /// `s3://bucket`.
+        store: String,
+        /// What went wrong and what to check.
+        message: String,
+    },
+
     /// A table path that is not a regular file (a directory, socket, FIFO or device).
     #[error("{path} is a {kind}, not a regular file")]
     NotAFile {
@@ -221,6 +231,22 @@ impl Error {
         }
     }
 
+    /// An object store outage anywhere in this error's source chain, as an error of its
+    /// own (a refresh that meets one fails whole instead of skipping files).
+    pub(crate) fn object_store_outage(&self) -> Option<Error> {
+        let mut current: Option<&(dyn std::error::Error + 'static)> = Some(self);
+        while let Some(e) = current {
+            if let Some(Error::ObjectStore { store, message }) = e.downcast_ref::<Error>() {
+                return Some(Error::ObjectStore {
+                    store: store.clone(),
+                    message: message.clone(),
+                });
+            }
+            current = e.source();
+        }
+        None
+    }
+
     /// Shorthand for [`Error::InvalidRequest`].
     pub fn invalid(reason: impl Into<String>) -> Self {
         Self::InvalidRequest {
@@ -247,6 +273,7 @@ impl Error {
             Self::Schema { .. } => Code::FailedPrecondition,
             Self::Io { .. } => Code::Unavailable,
             Self::FileChanged { .. } => Code::Unavailable,
+            Self::ObjectStore { .. } => Code::Unavailable,
             // Only the operator can fix it.
             Self::NotAFile { .. } => Code::FailedPrecondition,
             Self::FileRead { source, .. } => match source.as_ref() {
@@ -298,6 +325,7 @@ impl Error {
             | Self::Schema { .. }
             | Self::Io { .. }
             | Self::FileChanged { .. }
+            | Self::ObjectStore { .. }
             | Self::NotAFile { .. }
             | Self::FileRead { .. }
             | Self::DataFusion(_)

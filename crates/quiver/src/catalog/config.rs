@@ -7,23 +7,96 @@
 //! [tables.logs.partitions]       # optional: override the inferred partition column types
 //! day = "date"                   # bigint | date | string
 //! # extension = ".parquet"       # optional: suffix of the data files
+//!
+//! [tables.events]
+//! path = "s3://analytics/events/" # a prefix (or one object) on S3
+//! [stores."s3://analytics"]       # optional: settings of that bucket (see io::remote)
+//! endpoint = "http://minio:9000"
+//! allow_http = true
 //! ```
 
 use std::collections::BTreeMap;
+use std::fmt::{self, Display};
 use std::path::{Path, PathBuf};
 
+use object_store::path::Path as ObjectPath;
 use serde::Deserialize;
 
 use super::discover::{PartitionType, is_hidden};
 use crate::error::{Error, Result};
+use crate::io::remote::{StoreSettings, parse_s3_url};
+
+/// Where a table's files are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TableLocation {
+    /// An absolute path: a directory or one file.
+    Local(PathBuf),
+    /// A prefix (or one object) in an S3 bucket.
+    S3 {
+        /// The bucket.
+        bucket: String,
+        /// The prefix in it (empty: the whole bucket).
+        prefix: ObjectPath,
+    },
+}
+
+impl TableLocation {
+    /// `s3://bucket/prefix` as an S3 location, anything else as a path made absolute.
+    pub fn parse(text: &str, base: &Path) -> Result<Self> {
+        if text.starts_with("s3://") {
+            let (bucket, prefix) = parse_s3_url(text).ok_or_else(|| Error::Config {
+                message: format!("'{text}' is not an S3 location: use s3://BUCKET/PREFIX"),
+            })?;
+            return Ok(Self::S3 { bucket, prefix });
+        }
+        if text.contains("://") {
+            return Err(Error::Config {
+                message: format!(
+                    "'{text}': only local paths and s3:// locations are supported"
+                ),
+            });
+        }
+        let path = std::path::absolute(base.join(text)).map_err(|e| Error::Config {
+            message: format!("path {text}: {e}"),
+        })?;
+        Ok(Self::Local(path))
+    }
+
+    /// The local path, for a local table.
+    pub fn local(&self) -> Option<&Path> {
+        match self {
+            Self::Local(path) => Some(path),
+            Self::S3 { .. } => None,
+        }
+    }
+
+    /// How file locations of this table start, as object store paths show them: the
+    /// path without its leading `/`, or `bucket/prefix`.
+    pub fn root(&self) -> String {
+        match self {
+            Self::Local(path) => path.display().to_string(),
+            Self::S3 { bucket, prefix } if prefix.as_ref().is_empty() => bucket.clone(),
+            Self::S3 { bucket, prefix } => format!("{bucket}/{prefix}"),
+        }
+    }
+}
+
+impl Display for TableLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Local(path) => write!(f, "{}", path.display()),
+            Self::S3 { bucket, prefix } => write!(f, "s3://{bucket}/{prefix}"),
+        }
+    }
+}
 
 /// One table to serve.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableDefinition {
     /// Name in SQL (case-sensitive; quote names that are not lower-case identifiers).
     pub name: String,
-    /// Absolute path of the directory or file.
-    pub path: PathBuf,
+    /// Where its files are.
+    pub location: TableLocation,
     /// Partition column types that override inference.
     pub partition_types: BTreeMap<String, PartitionType>,
     /// Suffix of the data files; other files are ignored.
@@ -37,17 +110,19 @@ pub struct TableDefinition {
 pub const DEFAULT_EXTENSION: &str = ".parquet";
 
 impl TableDefinition {
-    /// A definition with inferred partition types; checks the name and makes the path absolute.
+    /// A definition with inferred partition types; checks the name and makes a local
+    /// path absolute. `s3://bucket/prefix` is a table on S3.
     pub fn new(name: impl Into<String>, path: impl AsRef<Path>) -> Result<Self> {
         let name = name.into();
         validate_name(&name)?;
         let path = path.as_ref();
-        let path = std::path::absolute(path).map_err(|e| Error::Config {
-            message: format!("table '{name}': path {}: {e}", path.display()),
-        })?;
+        let location = TableLocation::parse(&path.to_string_lossy(), Path::new(""))
+            .map_err(|e| Error::Config {
+                message: format!("table '{name}': {e}"),
+            })?;
         Ok(Self {
             name,
-            path,
+            location,
             partition_types: BTreeMap::new(),
             extension: DEFAULT_EXTENSION.to_string(),
             pinned: false,
@@ -102,6 +177,15 @@ pub fn tables_in_data_dir(dir: &Path) -> Result<Vec<TableDefinition>> {
     Ok(tables)
 }
 
+/// The tables and bucket settings of a catalog file.
+#[derive(Debug, Default)]
+pub struct Catalogued {
+    /// The tables.
+    pub tables: Vec<TableDefinition>,
+    /// Settings by bucket (`s3://bucket`).
+    pub stores: BTreeMap<String, StoreSettings>,
+}
+
 /// The TOML catalog file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -109,14 +193,18 @@ pub struct CatalogFile {
     /// Tables by name.
     #[serde(default)]
     pub tables: BTreeMap<String, TableEntry>,
+    /// Settings of S3 buckets, keyed `s3://bucket`.
+    #[serde(default)]
+    pub stores: BTreeMap<String, StoreSettings>,
 }
 
 /// One table in the catalog file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TableEntry {
-    /// Directory or file; relative paths are relative to the catalog file.
-    pub path: PathBuf,
+    /// Directory or file (relative paths are relative to the catalog file), or an
+    /// `s3://bucket/prefix`.
+    pub path: String,
     /// Partition column types that override inference.
     #[serde(default)]
     pub partitions: BTreeMap<String, PartitionType>,
@@ -128,8 +216,8 @@ pub struct TableEntry {
 }
 
 impl CatalogFile {
-    /// Reads and parses a catalog file into table definitions.
-    pub fn load(file: &Path) -> Result<Vec<TableDefinition>> {
+    /// Reads and parses a catalog file into table definitions and bucket settings.
+    pub fn load(file: &Path) -> Result<Catalogued> {
         let text = std::fs::read_to_string(file).map_err(|e| Error::Io {
             path: file.display().to_string(),
             source: e,
@@ -144,15 +232,33 @@ impl CatalogFile {
     }
 
     /// Parses catalog TOML; relative paths resolve against `base`.
-    pub fn parse(text: &str, base: &Path) -> Result<Vec<TableDefinition>> {
+    pub fn parse(text: &str, base: &Path) -> Result<Catalogued> {
         let parsed: CatalogFile = toml::from_str(text).map_err(|e| Error::Config {
             message: e.to_string(),
         })?;
-        parsed
+        for url in parsed.stores.keys() {
+            match parse_s3_url(url) {
+                Some((_, prefix)) if prefix.as_ref().is_empty() => {}
+                _ => {
+                    return Err(Error::Config {
+                        message: format!(
+                            "[stores.\"{url}\"]: name a bucket as s3://BUCKET (no prefix)"
+                        ),
+                    });
+                }
+            }
+        }
+        let tables = parsed
             .tables
             .into_iter()
             .map(|(name, entry)| {
-                let mut def = TableDefinition::new(name, base.join(entry.path))?;
+                let location = TableLocation::parse(&entry.path, base).map_err(|e| {
+                    Error::Config {
+                        message: format!("table '{name}': {e}"),
+                    }
+                })?;
+                let mut def = TableDefinition::new(name, "/")?;
+                def.location = location;
                 def.partition_types = entry.partitions;
                 def.pinned = entry.pin;
                 if let Some(extension) = entry.extension {
@@ -165,7 +271,11 @@ impl CatalogFile {
                 }
                 Ok(def)
             })
-            .collect()
+            .collect::<Result<_>>()?;
+        Ok(Catalogued {
+            tables,
+            stores: parsed.stores,
+        })
     }
 }
 
@@ -177,7 +287,18 @@ mod tests {
     fn parses_table_flag() {
         let def = parse_table_flag("logs=/data/logs").unwrap();
         assert_eq!(def.name, "logs");
-        assert_eq!(def.path, PathBuf::from("/data/logs"));
+        assert_eq!(def.location, TableLocation::Local(PathBuf::from("/data/logs")));
+        let s3 = parse_table_flag("events=s3://bucket/events/").unwrap();
+        assert_eq!(
+            s3.location,
+            TableLocation::S3 {
+                bucket: "bucket".into(),
+                prefix: ObjectPath::from("events")
+            }
+        );
+        assert_eq!(s3.location.root(), "bucket/events");
+        assert!(parse_table_flag("x=s3:///events").is_err());
+        assert!(parse_table_flag("x=gs://b/events").is_err());
         assert!(parse_table_flag("no-equals").is_err());
         assert!(parse_table_flag("bad name=/x").is_err());
         assert!(parse_table_flag("=/x").is_err());
@@ -185,7 +306,7 @@ mod tests {
 
     #[test]
     fn parses_catalog_toml() {
-        let defs = CatalogFile::parse(
+        let parsed = CatalogFile::parse(
             r#"
             [tables.logs]
             path = "logs"
@@ -196,14 +317,27 @@ mod tests {
             path = "/abs/file.parquet"
             extension = ".parq"
             pin = true
+            [tables.remote]
+            path = "s3://b/p/q"
+            [stores."s3://b"]
+            endpoint = "http://127.0.0.1:9000"
+            allow_http = true
             "#,
             Path::new("/etc/quiver"),
         )
         .unwrap();
-        assert_eq!(defs.len(), 2);
-        assert_eq!(defs[0].path, PathBuf::from("/etc/quiver/logs"));
+        let defs = parsed.tables;
+        assert_eq!(defs.len(), 3);
+        assert_eq!(defs[0].location.local(), Some(Path::new("/etc/quiver/logs")));
         assert_eq!(defs[0].partition_types["day"], PartitionType::Date);
-        assert_eq!(defs[1].path, PathBuf::from("/abs/file.parquet"));
+        assert_eq!(defs[1].location.local(), Some(Path::new("/abs/file.parquet")));
+        assert_eq!(defs[2].location.to_string(), "s3://b/p/q");
+        assert_eq!(
+            parsed.stores["s3://b"].endpoint.as_deref(),
+            Some("http://127.0.0.1:9000")
+        );
+        let err = CatalogFile::parse("[stores.\"s3://b/p\"]\nregion='x'", Path::new("/")).unwrap_err();
+        assert!(err.to_string().contains("no prefix"), "{err}");
         assert_eq!(defs[1].extension, ".parq");
         assert_eq!(defs[0].extension, DEFAULT_EXTENSION);
         assert!(defs[1].pinned && !defs[0].pinned);

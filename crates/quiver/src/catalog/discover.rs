@@ -1,4 +1,5 @@
-//! Finding a table's data files on disk and reading Hive partition values from their paths.
+//! Finding a table's data files (on disk, or in an S3 listing) and reading Hive partition
+//! values from their paths.
 //!
 //! Writers publish files by write-then-rename, and engines leave markers and staging
 //! directories next to the data (`_SUCCESS`, `_temporary/`, `.part-0.parquet.crc`). So a
@@ -6,6 +7,9 @@
 
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
+
+use object_store::ObjectMeta;
+use object_store::path::{Path as ObjectPath, PathPart};
 
 use crate::error::{Error, Result};
 
@@ -18,8 +22,11 @@ pub(crate) type Partitions = Vec<(String, Option<String>)>;
 /// A data file found under a table's root.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct FoundFile {
-    /// Absolute path of the file.
-    pub path: PathBuf,
+    /// What messages call it: the absolute path, or `s3://bucket/key`.
+    pub name: String,
+    /// Its object store location: the path (without the leading `/`) for a local file,
+    /// `bucket/key` for an object.
+    pub location: ObjectPath,
     /// `key=value` pairs from the directories between the root and the file, in order;
     /// values are percent-decoded, `None` for [`HIVE_NULL_PARTITION`].
     pub partitions: Partitions,
@@ -27,6 +34,90 @@ pub(crate) struct FoundFile {
     pub size: u64,
     /// Last modification time, from the listing: with `size`, it tells a replaced file apart.
     pub modified: SystemTime,
+    /// The object's ETag, from an S3 listing.
+    pub e_tag: Option<String>,
+}
+
+impl FoundFile {
+    fn local(path: PathBuf, partitions: Partitions, size: u64, modified: SystemTime) -> Option<Self> {
+        let location = match ObjectPath::from_filesystem_path(&path) {
+            Ok(location) => location,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "skipping a path that is not a valid object path");
+                return None;
+            }
+        };
+        Some(Self {
+            name: path.display().to_string(),
+            location,
+            partitions,
+            size,
+            modified,
+            e_tag: None,
+        })
+    }
+
+    /// The listing's view of the file, as DataFusion's readers take it.
+    pub fn object_meta(&self) -> ObjectMeta {
+        ObjectMeta {
+            location: self.location.clone(),
+            last_modified: self.modified.into(),
+            size: self.size,
+            e_tag: self.e_tag.clone(),
+            version: None,
+        }
+    }
+}
+
+/// The data files among the objects listed under `prefix` in `bucket`, sorted by key:
+/// the same rules as on disk, applied to the key's segments below the prefix.
+pub(crate) fn remote_files(
+    bucket: &str,
+    prefix: &ObjectPath,
+    listed: Vec<ObjectMeta>,
+    extension: &str,
+) -> Vec<FoundFile> {
+    let depth = prefix.parts().count();
+    let mut found: Vec<FoundFile> = listed
+        .into_iter()
+        .filter_map(|meta| {
+            let parts: Vec<String> = meta
+                .location
+                .parts()
+                .map(|p| p.as_ref().to_owned())
+                .collect();
+            // A table that is one object lists as itself: its own name is not checked.
+            let below = parts.get(depth..).unwrap_or_default();
+            let (file_name, dirs) = match below.split_last() {
+                Some((name, dirs)) => (name.as_str(), dirs),
+                None => ("", &[][..]),
+            };
+            if dirs.iter().any(|d| is_hidden(d))
+                || (!below.is_empty() && (is_hidden(file_name) || !file_name.ends_with(extension)))
+            {
+                return None;
+            }
+            let partitions = dirs
+                .iter()
+                .filter_map(|d| {
+                    d.split_once('=')
+                        .map(|(k, v)| (percent_decode(k), parse_partition_value(v)))
+                })
+                .collect();
+            Some(FoundFile {
+                name: format!("s3://{bucket}/{}", meta.location),
+                location: ObjectPath::from_iter(
+                    std::iter::once(PathPart::from(bucket)).chain(meta.location.parts()),
+                ),
+                partitions,
+                size: meta.size,
+                modified: meta.last_modified.into(),
+                e_tag: meta.e_tag,
+            })
+        })
+        .collect();
+    found.sort_by(|a, b| a.name.cmp(&b.name));
+    found
 }
 
 /// Whether a file or directory name marks something that is not (yet) data.
@@ -44,12 +135,13 @@ pub(crate) fn list_files(root: &Path, extension: &str) -> Result<Vec<FoundFile>>
     let meta = std::fs::metadata(root).map_err(|e| io_err(root, e))?;
     let mut found = Vec::new();
     if meta.is_file() {
-        found.push(FoundFile {
-            path: root.to_path_buf(),
-            partitions: vec![],
-            size: meta.len(),
-            modified: meta.modified().map_err(|e| io_err(root, e))?,
-        });
+        let modified = meta.modified().map_err(|e| io_err(root, e))?;
+        found.extend(FoundFile::local(
+            root.to_path_buf(),
+            vec![],
+            meta.len(),
+            modified,
+        ));
         return Ok(found);
     }
 
@@ -99,16 +191,17 @@ pub(crate) fn list_files(root: &Path, extension: &str) -> Result<Vec<FoundFile>>
                 }
                 stack.push((path, partitions));
             } else if meta.is_file() && name.ends_with(extension) {
-                found.push(FoundFile {
+                let modified = meta.modified().map_err(|e| io_err(root, e))?;
+                found.extend(FoundFile::local(
                     path,
-                    partitions: partitions.clone(),
-                    size: meta.len(),
-                    modified: meta.modified().map_err(|e| io_err(root, e))?,
-                });
+                    partitions.clone(),
+                    meta.len(),
+                    modified,
+                ));
             }
         }
     }
-    found.sort_by(|a, b| a.path.cmp(&b.path));
+    found.sort_by(|a, b| a.location.cmp(&b.location));
     Ok(found)
 }
 
@@ -277,6 +370,45 @@ mod tests {
                 kv(None, "web"),
             ]
         );
+    }
+
+    #[test]
+    fn remote_listing_follows_the_same_rules() {
+        let meta = |key: &str| ObjectMeta {
+            location: ObjectPath::parse(key).unwrap(),
+            last_modified: chrono::DateTime::from_timestamp(1, 0).unwrap(),
+            size: 1,
+            e_tag: Some(format!("\"{key}\"")),
+            version: None,
+        };
+        let listed = [
+            "t/day=2026-01-01/service=api/part-0.parquet",
+            "t/day=__HIVE_DEFAULT_PARTITION__/service=a%2Fb/part-0.parquet",
+            "t/day=2026-01-01/service=api/.part-1.parquet",
+            "t/day=2026-01-01/_temporary/part-4.parquet",
+            "t/day=2026-01-01/service=api/part-3.parquet.tmp",
+            "t/day=2026-01-01/service=api/notes.txt",
+        ]
+        .into_iter()
+        .map(meta)
+        .collect();
+        let found = remote_files("b", &ObjectPath::parse("t").unwrap(), listed, ".parquet");
+        let names: Vec<_> = found.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "s3://b/t/day=2026-01-01/service=api/part-0.parquet",
+                "s3://b/t/day=__HIVE_DEFAULT_PARTITION__/service=a%2Fb/part-0.parquet",
+            ]
+        );
+        assert_eq!(found[0].location.as_ref(), "b/t/day=2026-01-01/service=api/part-0.parquet");
+        assert_eq!(found[1].partitions[0].1, None);
+        assert_eq!(found[1].partitions[1].1.as_deref(), Some("a/b"));
+        assert!(found[0].e_tag.is_some());
+
+        // A table that is one object.
+        let one = remote_files("b", &ObjectPath::parse("t/x.parquet").unwrap(), vec![meta("t/x.parquet")], ".parquet");
+        assert_eq!(one.len(), 1);
     }
 
     #[cfg(unix)]

@@ -5,6 +5,11 @@
 //! partition columns, merges the file schemas and publishes an immutable [`HiveTable`].
 //! Queries see either the old snapshot or the new one, never a mix, and never a file that
 //! has not been validated. The catalog is DataFusion's `public` schema.
+//!
+//! A table on S3 is listed with `ObjectStore::list` and its footers are read through
+//! the object cache (see `io::remote`); a store that cannot be reached when the server
+//! starts leaves the table *unavailable* (its queries fail with UNAVAILABLE naming the
+//! store) until a refresh reaches it.
 
 mod config;
 mod discover;
@@ -12,7 +17,8 @@ mod pruning;
 mod table;
 
 pub use config::{
-    CatalogFile, DEFAULT_EXTENSION, TableDefinition, parse_table_flag, tables_in_data_dir,
+    CatalogFile, Catalogued, DEFAULT_EXTENSION, TableDefinition, TableLocation, parse_table_flag,
+    tables_in_data_dir,
 };
 pub use discover::{HIVE_NULL_PARTITION, PartitionType};
 pub use pruning::PartitionPruning;
@@ -36,10 +42,12 @@ use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion_datasource_parquet::metadata::DFParquetMetadata;
 use futures::{FutureExt, StreamExt};
 use object_store::ObjectMeta;
-use object_store::path::Path as ObjectPath;
 use parquet::file::metadata::ParquetMetaData;
 
 use crate::error::{Error, Result};
+use crate::io::Io;
+use crate::io::reader::object_meta_in_bucket;
+use crate::io::remote::{Bucket, VersionedObject};
 use discover::FoundFile;
 use table::TableFile;
 
@@ -54,6 +62,8 @@ pub struct Catalog {
     /// Parquet metadata cache) as queries, so validating a file warms the cache.
     session: SessionState,
     tables: RwLock<BTreeMap<String, Arc<HiveTable>>>,
+    /// Tables on a store that has not answered yet, with the error to give their queries.
+    unavailable: RwLock<BTreeMap<String, crate::Error>>,
     /// Per table: the files seen at the last refresh, validated or not, to skip work
     /// (and repeated warnings) when nothing changed.
     seen: Mutex<HashMap<String, TableFiles>>,
@@ -65,12 +75,12 @@ pub struct Catalog {
 /// What the catalog remembers of one table's files between refreshes.
 #[derive(Debug, Default, Clone)]
 struct TableFiles {
-    /// Listing signature: path, size, mtime of every file found.
-    signature: Vec<(PathBuf, u64, SystemTime)>,
-    /// Validated files by path.
-    valid: HashMap<PathBuf, Arc<ValidFile>>,
+    /// Listing signature: name, size, mtime and ETag of every file found.
+    signature: Vec<(String, u64, SystemTime, Option<String>)>,
+    /// Validated files by name.
+    valid: HashMap<String, Arc<ValidFile>>,
     /// Files rejected (corrupt or incompatible), with the size and mtime they were rejected at.
-    rejected: HashSet<(PathBuf, u64, SystemTime)>,
+    rejected: HashSet<(String, u64, SystemTime)>,
 }
 
 /// A file whose footer decoded.
@@ -108,12 +118,22 @@ impl Catalog {
             definitions,
             session,
             tables: RwLock::default(),
+            unavailable: RwLock::default(),
             seen: Mutex::default(),
             skipped_files: AtomicU64::new(0),
             refreshed_at: Mutex::new(SystemTime::now()),
         };
         for def in &catalog.definitions {
-            catalog.refresh_table(def, true).await?;
+            match catalog.refresh_table(def, true).await {
+                Ok(_) => {}
+                // A store that does not answer must not keep the other tables from
+                // being served: this one waits for a refresh that reaches it.
+                Err(e @ Error::ObjectStore { .. }) => {
+                    tracing::warn!(table = %def.name, error = %e, "table unavailable until its store answers");
+                    catalog.unavailable.write().insert(def.name.clone(), e);
+                }
+                Err(e) => return Err(e),
+            }
         }
         *catalog.refreshed_at.lock() = SystemTime::now();
         Ok(catalog)
@@ -143,17 +163,42 @@ impl Catalog {
         *self.refreshed_at.lock()
     }
 
-    /// Registered table names, sorted.
+    /// Registered table names, sorted: the tables served and those waiting for their store.
     pub fn table_names(&self) -> Vec<String> {
-        self.tables.read().keys().cloned().collect()
+        let mut names: Vec<String> = self.tables.read().keys().cloned().collect();
+        names.extend(self.unavailable.read().keys().cloned());
+        names.sort();
+        names.dedup();
+        names
     }
 
-    /// Each table's name and root (its directory, or its one file).
-    pub fn roots(&self) -> Vec<(String, std::path::PathBuf)> {
+    /// Each table's name and root (its directory or one file; `bucket/prefix` on S3).
+    pub fn roots(&self) -> Vec<(String, PathBuf)> {
         self.definitions
             .iter()
-            .map(|d| (d.name.clone(), d.path.clone()))
+            .map(|d| (d.name.clone(), PathBuf::from(d.location.root())))
             .collect()
+    }
+
+    /// The buckets the tables read.
+    pub fn buckets(&self) -> Vec<String> {
+        let mut buckets: Vec<String> = self
+            .definitions
+            .iter()
+            .filter_map(|d| match &d.location {
+                TableLocation::S3 { bucket, .. } => Some(bucket.clone()),
+                TableLocation::Local(_) => None,
+            })
+            .collect();
+        buckets.sort();
+        buckets.dedup();
+        buckets
+    }
+
+    /// Whether `name` is a table: served, or waiting for its store (its queries then fail
+    /// saying why, see the `SchemaProvider` impl).
+    pub fn knows(&self, name: &str) -> bool {
+        self.tables.read().contains_key(name) || self.unavailable.read().contains_key(name)
     }
 
     /// The current snapshot of a table.
@@ -169,14 +214,26 @@ impl Catalog {
     /// Lists, validates and publishes one table. Returns whether the snapshot changed.
     /// `strict` (at start-up) turns problems that refresh would skip into errors.
     async fn refresh_table(&self, def: &TableDefinition, strict: bool) -> Result<bool> {
-        let root = def.path.clone();
         let extension = def.extension.clone();
-        let found = tokio::task::spawn_blocking(move || discover::list_files(&root, &extension))
-            .await
-            .map_err(|e| Error::Internal(format!("listing task failed: {e}")))??;
+        let (found, bucket) = match &def.location {
+            TableLocation::Local(root) => {
+                let root = root.clone();
+                let found =
+                    tokio::task::spawn_blocking(move || discover::list_files(&root, &extension))
+                        .await
+                        .map_err(|e| Error::Internal(format!("listing task failed: {e}")))??;
+                (found, None)
+            }
+            TableLocation::S3 { bucket, prefix } => {
+                let store = self.bucket(bucket)?;
+                let listed = store.list(prefix).await?;
+                let found = discover::remote_files(bucket, prefix, listed, &extension);
+                (found, Some(store))
+            }
+        };
         let signature: Vec<_> = found
             .iter()
-            .map(|f| (f.path.clone(), f.size, f.modified))
+            .map(|f| (f.name.clone(), f.size, f.modified, f.e_tag.clone()))
             .collect();
 
         let previous = self.seen.lock().get(&def.name).cloned().unwrap_or_default();
@@ -188,7 +245,7 @@ impl Catalog {
             signature,
             ..TableFiles::default()
         };
-        let store = self
+        let local = self
             .session
             .runtime_env()
             .object_store(ObjectStoreUrl::local_filesystem())?;
@@ -198,13 +255,21 @@ impl Catalog {
         // Validate what is new or changed; reuse the rest.
         let validated: Vec<(FoundFile, Result<Arc<ValidFile>>)> = futures::stream::iter(found)
             .map(|file| {
-                let previous = previous.valid.get(&file.path).cloned();
-                let store = Arc::clone(&store);
+                let previous = previous.valid.get(&file.name).cloned();
+                // A remote file is read as the version listed, through the object cache.
+                let store: Arc<dyn object_store::ObjectStore> = match &bucket {
+                    Some(bucket) => Arc::new(VersionedObject::new(
+                        Arc::clone(bucket),
+                        object_meta_in_bucket(&file.object_meta()),
+                    )),
+                    None => Arc::clone(&local),
+                };
                 let format = &format;
                 async move {
                     if let Some(prev) = previous
                         && prev.found.size == file.size
                         && prev.found.modified == file.modified
+                        && prev.found.e_tag == file.e_tag
                     {
                         return (file, Ok(prev));
                     }
@@ -229,11 +294,16 @@ impl Catalog {
         for (file, result) in validated {
             match result {
                 Ok(v) => valid.push(v),
+                // The store failing is not the file's fault: fail the refresh (the table
+                // keeps its previous files) instead of dropping every file it could not read.
+                Err(e) if e.object_store_outage().is_some() => {
+                    return Err(e.object_store_outage().unwrap_or(e));
+                }
                 Err(e) => self.reject(&def.name, &previous, &mut next, &file, &e.to_string()),
             }
         }
 
-        let (table, rejected) = self.build_table(def, &valid, strict)?;
+        let (table, rejected) = self.build_table(def, &valid, strict, bucket)?;
         // A pinned table is read into memory before it is published: queries keep the
         // previous snapshot (and its memory) until the new one is loaded.
         let table = if def.pinned {
@@ -244,11 +314,11 @@ impl Catalog {
         for (file, reason) in rejected {
             self.reject(&def.name, &previous, &mut next, &file, &reason);
         }
-        let rejected_paths: HashSet<_> = next.rejected.iter().map(|(p, ..)| p.clone()).collect();
+        let rejected_names: HashSet<_> = next.rejected.iter().map(|(p, ..)| p.clone()).collect();
         next.valid = valid
             .into_iter()
-            .filter(|v| !rejected_paths.contains(&v.found.path))
-            .map(|v| (v.found.path.clone(), v))
+            .filter(|v| !rejected_names.contains(&v.found.name))
+            .map(|v| (v.found.name.clone(), v))
             .collect();
 
         tracing::info!(
@@ -262,8 +332,22 @@ impl Catalog {
         self.tables
             .write()
             .insert(def.name.clone(), Arc::new(table));
+        self.unavailable.write().remove(&def.name);
         self.seen.lock().insert(def.name.clone(), next);
         Ok(true)
+    }
+
+    /// The store of an S3 table's bucket.
+    fn bucket(&self, bucket: &str) -> Result<Arc<Bucket>> {
+        let io = self
+            .session
+            .config()
+            .get_extension::<Io>()
+            .ok_or_else(|| Error::Internal("the session has no I/O settings".into()))?;
+        let remote = io.remote().ok_or_else(|| Error::Config {
+            message: format!("s3://{bucket}: object stores are not configured in this engine"),
+        })?;
+        Ok(remote.bucket(bucket)?)
     }
 
     /// Reads one file's footer and schema; an error means the file is not usable Parquet.
@@ -273,16 +357,7 @@ impl Catalog {
         format: &ParquetFormat,
         file: &FoundFile,
     ) -> Result<Arc<ValidFile>> {
-        let location = ObjectPath::from_filesystem_path(&file.path).map_err(|e| Error::Config {
-            message: format!("{}: {e}", file.path.display()),
-        })?;
-        let meta = ObjectMeta {
-            location,
-            last_modified: file.modified.into(),
-            size: file.size,
-            e_tag: None,
-            version: None,
-        };
+        let meta = file.object_meta();
         let cache = self
             .session
             .runtime_env()
@@ -316,10 +391,10 @@ impl Catalog {
         file: &FoundFile,
         reason: &str,
     ) {
-        let key = (file.path.clone(), file.size, file.modified);
+        let key = (file.name.clone(), file.size, file.modified);
         if !previous.rejected.contains(&key) {
             self.skipped_files.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(table, file = %file.path.display(), reason, "skipping file");
+            tracing::warn!(table, file = %file.name, reason, "skipping file");
         }
         next.rejected.insert(key);
     }
@@ -331,6 +406,7 @@ impl Catalog {
         def: &TableDefinition,
         valid: &[Arc<ValidFile>],
         strict: bool,
+        bucket: Option<Arc<Bucket>>,
     ) -> Result<(HiveTable, Vec<(FoundFile, String)>)> {
         let mut rejected = Vec::new();
         let fail = |message: String| Error::Schema {
@@ -349,9 +425,9 @@ impl Catalog {
             if these.iter().copied().ne(keys.iter()) {
                 let message = format!(
                     "partition directories differ: {} has keys [{}] but {} has [{}]",
-                    valid[0].found.path.display(),
+                    valid[0].found.name,
                     keys.join(", "),
-                    v.found.path.display(),
+                    v.found.name,
                     these
                         .iter()
                         .map(|s| s.as_str())
@@ -389,7 +465,7 @@ impl Catalog {
         // Merge schemas in path order, remembering where each column was first seen so a
         // conflict names both files.
         let mut merged = Schema::empty();
-        let mut first_seen: HashMap<String, (PathBuf, Field)> = HashMap::new();
+        let mut first_seen: HashMap<String, (String, Field)> = HashMap::new();
         let mut kept: Vec<&Arc<ValidFile>> = Vec::new();
         'files: for v in files {
             for field in v.schema.fields() {
@@ -397,7 +473,7 @@ impl Catalog {
                     let message = format!(
                         "column '{}' of {} is also a partition key in its path; rename one of them",
                         field.name(),
-                        v.found.path.display()
+                        v.found.name
                     );
                     if strict {
                         return Err(fail(message));
@@ -418,16 +494,16 @@ impl Catalog {
                                     "column '{}' is {} in {} but {} in {}",
                                     f.name(),
                                     seen.data_type(),
-                                    path.display(),
+                                    path,
                                     f.data_type(),
-                                    v.found.path.display()
+                                    v.found.name
                                 )
                             })
                     });
                     let message = conflict.unwrap_or_else(|| {
                         format!(
                             "{} does not fit the table's schema: {e}",
-                            v.found.path.display()
+                            v.found.name
                         )
                     });
                     if strict {
@@ -440,7 +516,7 @@ impl Catalog {
             for f in v.schema.fields() {
                 first_seen
                     .entry(f.name().clone())
-                    .or_insert_with(|| (v.found.path.clone(), Field::clone(f)));
+                    .or_insert_with(|| (v.found.name.clone(), Field::clone(f)));
             }
             kept.push(v);
         }
@@ -461,7 +537,7 @@ impl Catalog {
                     Err(e) => {
                         bad = Some(format!(
                             "partition '{key}' of {}: {e} (configured type {ty:?})",
-                            v.found.path.display()
+                            v.found.name
                         ));
                         break;
                     }
@@ -491,7 +567,13 @@ impl Catalog {
             });
         }
         Ok((
-            HiveTable::new(def.name.clone(), file_schema, partition_fields, table_files),
+            HiveTable::new(
+                def.name.clone(),
+                file_schema,
+                partition_fields,
+                table_files,
+                bucket,
+            ),
             rejected,
         ))
     }
@@ -504,11 +586,22 @@ impl SchemaProvider for Catalog {
     }
 
     async fn table(&self, name: &str) -> datafusion::error::Result<Option<Arc<dyn TableProvider>>> {
-        Ok(self.get(name).map(|t| t as Arc<dyn TableProvider>))
+        if let Some(table) = self.get(name) {
+            return Ok(Some(table as Arc<dyn TableProvider>));
+        }
+        // Known but not reachable yet: say why, rather than that it does not exist.
+        if let Some(Error::ObjectStore { store, message }) = self.unavailable.read().get(name) {
+            return Err(Error::ObjectStore {
+                store: store.clone(),
+                message: format!("table '{name}' is not available yet: {message}"),
+            }
+            .into());
+        }
+        Ok(None)
     }
 
     fn table_exist(&self, name: &str) -> bool {
-        self.tables.read().contains_key(name)
+        self.knows(name)
     }
 }
 

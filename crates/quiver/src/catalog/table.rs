@@ -37,6 +37,7 @@ use datafusion::physical_plan::collect_partitioned;
 use datafusion_datasource::memory::MemorySourceConfig;
 
 use super::PartitionPruning;
+use crate::io::remote::Bucket;
 use crate::io::{Io, IoMode, IoOptions};
 use crate::wire::frames::split;
 use crate::wire::pinned::{PinnedMessages, Registration, lay_out};
@@ -69,6 +70,8 @@ pub struct HiveTable {
     num_partitions: usize,
     /// The rows, in memory, when the table is pinned.
     pinned: Option<Arc<Pinned>>,
+    /// The bucket, for a table on S3; `None` for local files.
+    bucket: Option<Arc<Bucket>>,
 }
 
 /// A pinned table's rows, with views as they are sent (`--view-types`), and the memory pool
@@ -89,6 +92,7 @@ impl HiveTable {
         file_schema: SchemaRef,
         partition_fields: Vec<FieldRef>,
         files: Vec<TableFile>,
+        bucket: Option<Arc<Bucket>>,
     ) -> Self {
         let fields = file_schema
             .fields()
@@ -114,6 +118,7 @@ impl HiveTable {
             schema,
             files,
             pinned: None,
+            bucket,
         }
     }
 
@@ -386,12 +391,15 @@ impl TableProvider for HiveTable {
         // The engine's I/O (mmap or pread); a session without one (a test building its
         // own) reads through pread.
         let io = state.config().get_extension::<Io>().unwrap_or_else(|| {
-            Arc::new(Io::new(IoOptions {
-                mode: IoMode::Pread,
-                ..IoOptions::default()
-            }))
+            Arc::new(Io::new(
+                IoOptions {
+                    mode: IoMode::Pread,
+                    ..IoOptions::default()
+                },
+                None,
+            ))
         });
-        let readers = io.reader_factory(cache);
+        let readers = io.reader_factory(cache, self.bucket.clone());
         let mut source = ParquetSource::new(
             TableSchema::builder(Arc::clone(&self.file_schema))
                 .with_table_partition_cols(self.partition_fields.clone())
@@ -402,8 +410,11 @@ impl TableProvider for HiveTable {
         if let Some(hint) = metadata_size_hint {
             source = source.with_metadata_size_hint(hint);
         }
-        let config =
-            FileScanConfigBuilder::new(ObjectStoreUrl::local_filesystem(), Arc::new(source))
+        let store_url = match &self.bucket {
+            Some(bucket) => ObjectStoreUrl::parse(bucket.url())?,
+            None => ObjectStoreUrl::local_filesystem(),
+        };
+        let config = FileScanConfigBuilder::new(store_url, Arc::new(source))
                 .with_file_groups(groups)
                 .with_statistics(statistics)
                 .with_projection_indices(projection.cloned())?

@@ -26,7 +26,7 @@ pub(super) fn descriptor_command(
         Ok(DescriptorType::Path) => match descriptor.path.as_slice() {
             [table] => {
                 // A table the caller may not read is missing for them.
-                if engine.catalog().get(table).is_none() || !access.allows(table) {
+                if !engine.catalog().knows(table) || !access.allows(table) {
                     return Err(Error::TableNotFound {
                         name: table.clone(),
                         available: access.visible(engine.catalog().table_names()),

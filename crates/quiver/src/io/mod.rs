@@ -1,4 +1,5 @@
-//! How table files are read: memory maps (default) or `pread`.
+//! How table files are read: local files through memory maps (default) or `pread`;
+//! objects on S3 through a memory-mapped block cache ([`remote`]).
 //!
 //! ```text
 //!  ParquetSource ── FileReaderFactory ── open: check against the listing, pin mapping
@@ -6,13 +7,16 @@
 //!                        │ metadata (cached)        │ data ranges: slices of the mapping
 //!                        ▼                          ▼
 //!              ObjectStore for file://  ──  MmapStore (mapping cache)  |  LocalFileSystem
+//!
+//!  s3:// tables: ── VersionedObject (the listed version) ── BlockCache ── Bucket (GET If-Match)
 //! ```
 //!
 //! [`Io`] is built once per engine, registers the store for `file://` and travels to
 //! table scans as a session config extension.
 
 mod mmap;
-mod reader;
+pub(crate) mod reader;
+pub mod remote;
 
 pub use mmap::{FileIdentity, MappedFile, MmapError, MmapLimits, MmapStats, MmapStore};
 pub use reader::FileReaderFactory;
@@ -24,6 +28,8 @@ use std::sync::Arc;
 use datafusion::execution::cache::cache_manager::FileMetadataCache;
 use object_store::ObjectStore;
 use object_store::local::LocalFileSystem;
+
+use remote::{Bucket, RemoteStores};
 
 /// How file bytes reach the Parquet decoder.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -71,24 +77,29 @@ pub struct IoOptions {
 pub struct Io {
     store: Arc<dyn ObjectStore>,
     mmap: Option<Arc<MmapStore>>,
+    remote: Option<Arc<RemoteStores>>,
 }
 
 impl Io {
-    /// The store for `options.mode`.
-    pub fn new(options: IoOptions) -> Self {
-        match options.mode {
+    /// The store for `options.mode`; S3 tables read through `remote`.
+    pub fn new(options: IoOptions, remote: Option<Arc<RemoteStores>>) -> Self {
+        let (store, mmap): (Arc<dyn ObjectStore>, _) = match options.mode {
             IoMode::Mmap => {
                 let mmap = Arc::new(MmapStore::new(options.mmap));
-                Self {
-                    store: Arc::clone(&mmap) as _,
-                    mmap: Some(mmap),
-                }
+                (Arc::clone(&mmap) as _, Some(mmap))
             }
-            IoMode::Pread => Self {
-                store: Arc::new(LocalFileSystem::new()),
-                mmap: None,
-            },
+            IoMode::Pread => (Arc::new(LocalFileSystem::new()), None),
+        };
+        Self {
+            store,
+            mmap,
+            remote,
         }
+    }
+
+    /// The object stores of S3 tables, when any are configured.
+    pub fn remote(&self) -> Option<&Arc<RemoteStores>> {
+        self.remote.as_ref()
     }
 
     /// The store to register for `file://`.
@@ -101,8 +112,12 @@ impl Io {
         self.mmap.as_ref().map(|m| Arc::clone(m.stats()))
     }
 
-    /// The reader factory for a scan.
-    pub fn reader_factory(&self, metadata_cache: Arc<FileMetadataCache>) -> FileReaderFactory {
-        FileReaderFactory::new(self.store(), metadata_cache, self.mmap.clone())
+    /// The reader factory for a scan of local files, or of objects in `bucket`.
+    pub fn reader_factory(
+        &self,
+        metadata_cache: Arc<FileMetadataCache>,
+        bucket: Option<Arc<Bucket>>,
+    ) -> FileReaderFactory {
+        FileReaderFactory::new(self.store(), metadata_cache, self.mmap.clone(), bucket)
     }
 }

@@ -8,7 +8,10 @@
 //! - in `mmap` mode the reader pins the file's mapping for the whole scan and serves
 //!   every range as a slice of it, so a file replaced mid-query is read consistently
 //!   (the old version) and no range costs a system call;
-//! - every error names the file: DataFusion's own do not.
+//! - every error names the file: DataFusion's own do not;
+//! - an object of an S3 table is read as the version the catalog listed
+//!   ([`VersionedObject`]): footer, page index and data through the block cache, and the
+//!   scan's metrics count bytes from the store apart from bytes from the cache.
 
 use std::fmt::Debug;
 use std::ops::Range;
@@ -21,14 +24,17 @@ use datafusion_datasource::PartitionedFile;
 use datafusion_datasource_parquet::{CachedParquetFileReaderFactory, ParquetFileReaderFactory};
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use object_store::ObjectStore;
 use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjectPath;
+use object_store::{ObjectMeta, ObjectStore};
 use parquet::arrow::arrow_reader::ArrowReaderOptions;
 use parquet::arrow::async_reader::AsyncFileReader;
 use parquet::errors::ParquetError;
 use parquet::file::metadata::ParquetMetaData;
 
 use super::mmap::{FileIdentity, MappedFile, MmapError, MmapStore, check_listed};
+use super::remote::object::ReadCounters;
+use super::remote::{Bucket, VersionedObject};
 use crate::error::Error;
 
 /// Creates the readers of a scan; see the module documentation.
@@ -38,21 +44,73 @@ pub struct FileReaderFactory {
     mmap: Option<Arc<MmapStore>>,
     /// Only for turning object paths back into file system paths.
     local: LocalFileSystem,
+    metadata_cache: Arc<FileMetadataCache>,
+    /// The bucket, for a table on S3.
+    bucket: Option<Arc<Bucket>>,
 }
 
 impl FileReaderFactory {
     /// Readers over `store` (metadata through `metadata_cache`), serving data from
-    /// `mmap` when given.
+    /// `mmap` when given; or over the objects of `bucket`.
     pub fn new(
         store: Arc<dyn ObjectStore>,
         metadata_cache: Arc<FileMetadataCache>,
         mmap: Option<Arc<MmapStore>>,
+        bucket: Option<Arc<Bucket>>,
     ) -> Self {
         Self {
-            inner: CachedParquetFileReaderFactory::new(store, metadata_cache),
+            inner: CachedParquetFileReaderFactory::new(store, Arc::clone(&metadata_cache)),
             mmap,
             local: LocalFileSystem::new(),
+            metadata_cache,
+            bucket,
         }
+    }
+
+    /// A reader of the object version the catalog listed.
+    fn create_remote_reader(
+        &self,
+        bucket: &Arc<Bucket>,
+        partition_index: usize,
+        partitioned_file: PartitionedFile,
+        metadata_size_hint: Option<usize>,
+        metrics: &ExecutionPlanMetricsSet,
+    ) -> datafusion::error::Result<Box<dyn AsyncFileReader + Send>> {
+        let counter = |name: &str| {
+            MetricBuilder::new(metrics)
+                .with_new_label("filename", partitioned_file.object_meta.location.to_string())
+                .counter(name.to_owned(), partition_index)
+        };
+        let counters = ReadCounters {
+            from_store: counter("bytes_from_store"),
+            from_cache: counter("bytes_from_cache"),
+        };
+        let object = VersionedObject::new(
+            Arc::clone(bucket),
+            object_meta_in_bucket(&partitioned_file.object_meta),
+        )
+        .with_counters(counters);
+        let path = Arc::<str>::from(object.url());
+        let inner = CachedParquetFileReaderFactory::new(
+            Arc::new(object),
+            Arc::clone(&self.metadata_cache),
+        )
+        .create_reader(partition_index, partitioned_file, metadata_size_hint, metrics)?;
+        Ok(Box::new(FileReader {
+            inner,
+            path,
+            mapped: None,
+            bytes_scanned: None,
+        }))
+    }
+}
+
+/// The catalog names a remote object `bucket/key` (so that DataFusion's metadata cache,
+/// keyed by location, cannot confuse two buckets); the bucket wants the key.
+pub fn object_meta_in_bucket(listed: &ObjectMeta) -> ObjectMeta {
+    ObjectMeta {
+        location: ObjectPath::from_iter(listed.location.parts().skip(1)),
+        ..listed.clone()
     }
 }
 
@@ -76,6 +134,15 @@ impl ParquetFileReaderFactory for FileReaderFactory {
         metadata_size_hint: Option<usize>,
         metrics: &ExecutionPlanMetricsSet,
     ) -> datafusion::error::Result<Box<dyn AsyncFileReader + Send>> {
+        if let Some(bucket) = &self.bucket {
+            return self.create_remote_reader(
+                bucket,
+                partition_index,
+                partitioned_file,
+                metadata_size_hint,
+                metrics,
+            );
+        }
         let location = &partitioned_file.object_meta.location;
         let fs_path = self
             .local

@@ -17,6 +17,7 @@ use super::{HeapGuard, MeteredPool, Progress, ScanSummary};
 use crate::catalog::Catalog;
 use crate::error::Result;
 use crate::io::MmapStats;
+use crate::io::remote::CacheStats;
 
 /// What the collector reads.
 #[derive(Debug)]
@@ -25,6 +26,8 @@ pub(crate) struct EngineSources {
     pub disk: Arc<DiskManager>,
     pub scan_totals: Arc<Mutex<ScanSummary>>,
     pub mmap: Option<Arc<MmapStats>>,
+    /// The object cache of S3 tables, when on.
+    pub cache: Option<Arc<CacheStats>>,
     pub catalog: Arc<Catalog>,
     pub cpu: Arc<Progress>,
     pub heap: Arc<HeapGuard>,
@@ -56,6 +59,16 @@ impl EngineCollector {
             Ok::<_, prometheus::Error>((IntCounter::new(name, help)?, read))
         };
         let gauges = vec![
+            gauge(
+                "quiver_cache_bytes",
+                "Bytes of S3 object blocks in the local cache (--cache-dir).",
+                |s| cache(s, |c| &c.bytes) as i64,
+            )?,
+            gauge(
+                "quiver_cache_limit_bytes",
+                "Most bytes the local object cache may hold (--cache-max-size).",
+                |s| cache(s, |c| &c.limit) as i64,
+            )?,
             gauge(
                 "quiver_memory_pool_reserved_bytes",
                 "Bytes reserved from the query memory pool now.",
@@ -224,6 +237,26 @@ impl EngineCollector {
                 |s| mmap(s, |m| &m.evictions),
             )?,
             counter(
+                "quiver_cache_hits_total",
+                "Blocks of S3 objects read from the local cache.",
+                |s| cache(s, |c| &c.hits),
+            )?,
+            counter(
+                "quiver_cache_misses_total",
+                "Blocks of S3 objects fetched from the store (or awaited from a fetch in flight).",
+                |s| cache(s, |c| &c.misses),
+            )?,
+            counter(
+                "quiver_cache_evictions_total",
+                "Blocks evicted from the local object cache to stay under --cache-max-size.",
+                |s| cache(s, |c| &c.evictions),
+            )?,
+            counter(
+                "quiver_cache_corrupt_blocks_total",
+                "Cached blocks that failed their checksum or length check and were fetched again.",
+                |s| cache(s, |c| &c.corrupt),
+            )?,
+            counter(
                 "quiver_catalog_skipped_files_total",
                 "Files left out of their table because they were corrupt or did not fit its schema.",
                 |s| s.catalog.skipped_files(),
@@ -278,6 +311,13 @@ fn mmap(s: &EngineSources, field: fn(&MmapStats) -> &AtomicU64) -> u64 {
     s.mmap
         .as_ref()
         .map_or(0, |m| field(m).load(Ordering::Relaxed))
+}
+
+/// A figure of the object cache; 0 when it is off.
+fn cache(s: &EngineSources, field: fn(&CacheStats) -> &AtomicU64) -> u64 {
+    s.cache
+        .as_ref()
+        .map_or(0, |c| field(c).load(Ordering::Relaxed))
 }
 
 fn tables_sum(s: &EngineSources, f: fn(&crate::catalog::HiveTable) -> u64) -> i64 {

@@ -93,7 +93,7 @@ pub(crate) fn check_tables(
             continue;
         }
         // A table the caller may not read is missing for them, in the same words.
-        if !ours || catalog.get(name).is_none() || !access.allows(name) {
+        if !ours || !catalog.knows(name) || !access.allows(name) {
             return Err(Error::TableNotFound {
                 name: table.to_string(),
                 available: access.visible(catalog.table_names()),

@@ -66,7 +66,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::audit::AuditLog;
 use crate::catalog::PartitionPruning;
-use crate::catalog::{Catalog, RefreshSummary, TableDefinition};
+use crate::catalog::{Catalog, RefreshSummary, TableDefinition, TableLocation};
 use crate::error::{Error, Result};
 use crate::io::{Io, MmapStats};
 use crate::metrics::{Outcome, QueryMetrics};
@@ -123,7 +123,7 @@ impl std::fmt::Debug for QueryEngine {
 impl QueryEngine {
     /// Builds the session, starts the CPU runtime and loads every table.
     pub async fn new(tables: Vec<TableDefinition>, options: QueryOptions) -> Result<Self> {
-        let io = Arc::new(Io::new(options.io));
+        let io = Arc::new(Io::new(options.io, options.remote.clone()));
         let pinned = Arc::new(PinnedMessages::new(options.max_message_size));
         let config = session_config(&options)?
             .with_extension(Arc::clone(&io))
@@ -135,6 +135,19 @@ impl QueryEngine {
             .with_disk_manager_builder(disk_manager(&options.memory))
             .build_arc()?;
         runtime.register_object_store(ObjectStoreUrl::local_filesystem().as_ref(), io.store());
+        // Each bucket of an S3 table, for DataFusion's scans to find (reads go through
+        // the table's own reader, see `io::remote`).
+        if let Some(remote) = io.remote() {
+            for def in &tables {
+                if let TableLocation::S3 { bucket, .. } = &def.location {
+                    let bucket = remote.bucket(bucket)?;
+                    runtime.register_object_store(
+                        ObjectStoreUrl::parse(bucket.url())?.as_ref(),
+                        bucket.store(),
+                    );
+                }
+            }
+        }
         let mut state = SessionStateBuilder::new()
             .with_config(config)
             .with_runtime_env(runtime)
@@ -186,11 +199,19 @@ impl QueryEngine {
             disk: Arc::clone(&self.base.runtime_env().disk_manager),
             scan_totals: Arc::clone(&self.scan_totals),
             mmap: self.io.mmap_stats(),
+            cache: self
+                .io
+                .remote()
+                .and_then(|r| r.cache())
+                .map(|c| Arc::clone(c.stats())),
             catalog: Arc::clone(&self.catalog),
             cpu: Arc::clone(self.cpu.progress()),
             heap: Arc::clone(&self.heap),
         })?;
         registry.register(Box::new(collector))?;
+        if let Some(remote) = self.io.remote() {
+            remote.metrics().register(registry)?;
+        }
         Ok(())
     }
 

@@ -7,6 +7,7 @@ use super::admission::AdmissionOptions;
 use super::limits::{DEFAULT_STACK_SIZE, SqlLimits};
 use crate::audit::AuditLog;
 use crate::io::IoOptions;
+use crate::io::remote::RemoteStores;
 use crate::wire::views::ViewTypes;
 
 /// How the engine is set up.
@@ -39,6 +40,8 @@ pub struct QueryOptions {
     pub max_function_output: usize,
     /// Where each query's audit line goes (`--audit-log`); `None`: nowhere.
     pub audit: Option<Arc<AuditLog>>,
+    /// The object stores and cache of S3 tables; `None` when no table is on S3.
+    pub remote: Option<Arc<RemoteStores>>,
 }
 
 /// Time limits on a query; zero turns a limit off.
@@ -116,6 +119,7 @@ impl Default for QueryOptions {
             stack_size: DEFAULT_STACK_SIZE,
             max_function_output: DEFAULT_MAX_FUNCTION_OUTPUT,
             audit: None,
+            remote: None,
         }
     }
 }

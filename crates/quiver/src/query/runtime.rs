@@ -160,7 +160,8 @@ impl Drop for CpuRuntime {
 /// Runs `future` on the runtime the caller is on, owned by the returned handle: the task
 /// is aborted when the handle is dropped, so no task outlives what started it. With
 /// [`CpuRuntime::spawn`], the only way tasks are started (`clippy.toml` forbids the
-/// others).
+/// others; the object store requests of `io::remote`, below this layer, own theirs the
+/// same way).
 pub fn spawn<F>(future: F) -> AbortOnDropHandle<F::Output>
 where
     F: Future + Send + 'static,

@@ -50,6 +50,10 @@ pub struct ScanSummary {
     pub rows_matched_filter: u64,
     /// Bytes read from files (footers excluded when cached).
     pub bytes_scanned: u64,
+    /// Bytes of S3 objects fetched from the store.
+    pub bytes_from_store: u64,
+    /// Bytes of S3 objects served from the local cache.
+    pub bytes_from_cache: u64,
     /// Spill files written by sorts, aggregations and joins over the memory limit.
     pub spill_files: u64,
     /// Bytes written to spill files.
@@ -77,6 +81,8 @@ impl ScanSummary {
                         let value = count.value() as u64;
                         match name.as_ref() {
                             "bytes_scanned" => summary.bytes_scanned += value,
+                            "bytes_from_store" => summary.bytes_from_store += value,
+                            "bytes_from_cache" => summary.bytes_from_cache += value,
                             "pushdown_rows_pruned" => summary.rows_pruned_filter += value,
                             "pushdown_rows_matched" => summary.rows_matched_filter += value,
                             "row_groups_pruned_dynamic_filter" => {
@@ -144,6 +150,8 @@ impl ScanSummary {
         self.rows_pruned_filter += other.rows_pruned_filter;
         self.rows_matched_filter += other.rows_matched_filter;
         self.bytes_scanned += other.bytes_scanned;
+        self.bytes_from_store += other.bytes_from_store;
+        self.bytes_from_cache += other.bytes_from_cache;
         self.spill_files += other.spill_files;
         self.spilled_bytes += other.spilled_bytes;
     }
