@@ -7,13 +7,11 @@ cache are proven by what the store saw, not by Quiver's own counters.
 """
 
 import datetime as dt
-import os
 import random
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import boto3
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc

@@ -291,7 +291,12 @@ pub struct ServeArgs {
     /// The unit the object cache fetches, stores and evicts: reads of S3 objects are
     /// rounded out to whole aligned blocks. Smaller fetches less for selective queries;
     /// larger makes fewer GETs and files.
-    #[arg(long, env = "QUIVER_CACHE_BLOCK_SIZE", default_value = "1MiB", value_name = "SIZE")]
+    #[arg(
+        long,
+        env = "QUIVER_CACHE_BLOCK_SIZE",
+        default_value = "1MiB",
+        value_name = "SIZE"
+    )]
     pub cache_block_size: ByteSize,
 
     /// Most cached blocks kept memory-mapped between reads (each mapping uses one of the

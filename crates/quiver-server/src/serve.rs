@@ -423,8 +423,8 @@ async fn table_definitions(
         None
     };
     if let (Some(url), Some(remote)) = (remote_data_dir, &remote) {
-        let (bucket, prefix) =
-            parse_s3_url(url).with_context(|| format!("--data-dir {url}: use s3://BUCKET/PREFIX/"))?;
+        let (bucket, prefix) = parse_s3_url(url)
+            .with_context(|| format!("--data-dir {url}: use s3://BUCKET/PREFIX/"))?;
         let names = remote
             .bucket(&bucket)?
             .list_children(&prefix)

@@ -51,9 +51,7 @@ impl TableLocation {
         }
         if text.contains("://") {
             return Err(Error::Config {
-                message: format!(
-                    "'{text}': only local paths and s3:// locations are supported"
-                ),
+                message: format!("'{text}': only local paths and s3:// locations are supported"),
             });
         }
         let path = std::path::absolute(base.join(text)).map_err(|e| Error::Config {
@@ -116,9 +114,11 @@ impl TableDefinition {
         let name = name.into();
         validate_name(&name)?;
         let path = path.as_ref();
-        let location = TableLocation::parse(&path.to_string_lossy(), Path::new(""))
-            .map_err(|e| Error::Config {
-                message: format!("table '{name}': {e}"),
+        let location =
+            TableLocation::parse(&path.to_string_lossy(), Path::new("")).map_err(|e| {
+                Error::Config {
+                    message: format!("table '{name}': {e}"),
+                }
             })?;
         Ok(Self {
             name,
@@ -252,11 +252,10 @@ impl CatalogFile {
             .tables
             .into_iter()
             .map(|(name, entry)| {
-                let location = TableLocation::parse(&entry.path, base).map_err(|e| {
-                    Error::Config {
+                let location =
+                    TableLocation::parse(&entry.path, base).map_err(|e| Error::Config {
                         message: format!("table '{name}': {e}"),
-                    }
-                })?;
+                    })?;
                 let mut def = TableDefinition::new(name, "/")?;
                 def.location = location;
                 def.partition_types = entry.partitions;
@@ -287,7 +286,10 @@ mod tests {
     fn parses_table_flag() {
         let def = parse_table_flag("logs=/data/logs").unwrap();
         assert_eq!(def.name, "logs");
-        assert_eq!(def.location, TableLocation::Local(PathBuf::from("/data/logs")));
+        assert_eq!(
+            def.location,
+            TableLocation::Local(PathBuf::from("/data/logs"))
+        );
         let s3 = parse_table_flag("events=s3://bucket/events/").unwrap();
         assert_eq!(
             s3.location,
@@ -328,15 +330,22 @@ mod tests {
         .unwrap();
         let defs = parsed.tables;
         assert_eq!(defs.len(), 3);
-        assert_eq!(defs[0].location.local(), Some(Path::new("/etc/quiver/logs")));
+        assert_eq!(
+            defs[0].location.local(),
+            Some(Path::new("/etc/quiver/logs"))
+        );
         assert_eq!(defs[0].partition_types["day"], PartitionType::Date);
-        assert_eq!(defs[1].location.local(), Some(Path::new("/abs/file.parquet")));
+        assert_eq!(
+            defs[1].location.local(),
+            Some(Path::new("/abs/file.parquet"))
+        );
         assert_eq!(defs[2].location.to_string(), "s3://b/p/q");
         assert_eq!(
             parsed.stores["s3://b"].endpoint.as_deref(),
             Some("http://127.0.0.1:9000")
         );
-        let err = CatalogFile::parse("[stores.\"s3://b/p\"]\nregion='x'", Path::new("/")).unwrap_err();
+        let err =
+            CatalogFile::parse("[stores.\"s3://b/p\"]\nregion='x'", Path::new("/")).unwrap_err();
         assert!(err.to_string().contains("no prefix"), "{err}");
         assert_eq!(defs[1].extension, ".parq");
         assert_eq!(defs[0].extension, DEFAULT_EXTENSION);

@@ -39,7 +39,12 @@ pub(crate) struct FoundFile {
 }
 
 impl FoundFile {
-    fn local(path: PathBuf, partitions: Partitions, size: u64, modified: SystemTime) -> Option<Self> {
+    fn local(
+        path: PathBuf,
+        partitions: Partitions,
+        size: u64,
+        modified: SystemTime,
+    ) -> Option<Self> {
         let location = match ObjectPath::from_filesystem_path(&path) {
             Ok(location) => location,
             Err(e) => {
@@ -401,13 +406,21 @@ mod tests {
                 "s3://b/t/day=__HIVE_DEFAULT_PARTITION__/service=a%2Fb/part-0.parquet",
             ]
         );
-        assert_eq!(found[0].location.as_ref(), "b/t/day=2026-01-01/service=api/part-0.parquet");
+        assert_eq!(
+            found[0].location.as_ref(),
+            "b/t/day=2026-01-01/service=api/part-0.parquet"
+        );
         assert_eq!(found[1].partitions[0].1, None);
         assert_eq!(found[1].partitions[1].1.as_deref(), Some("a/b"));
         assert!(found[0].e_tag.is_some());
 
         // A table that is one object.
-        let one = remote_files("b", &ObjectPath::parse("t/x.parquet").unwrap(), vec![meta("t/x.parquet")], ".parquet");
+        let one = remote_files(
+            "b",
+            &ObjectPath::parse("t/x.parquet").unwrap(),
+            vec![meta("t/x.parquet")],
+            ".parquet",
+        );
         assert_eq!(one.len(), 1);
     }
 

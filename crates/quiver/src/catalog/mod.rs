@@ -501,10 +501,7 @@ impl Catalog {
                             })
                     });
                     let message = conflict.unwrap_or_else(|| {
-                        format!(
-                            "{} does not fit the table's schema: {e}",
-                            v.found.name
-                        )
+                        format!("{} does not fit the table's schema: {e}", v.found.name)
                     });
                     if strict {
                         return Err(fail(format!("incompatible schemas: {message}")));

@@ -415,11 +415,11 @@ impl TableProvider for HiveTable {
             None => ObjectStoreUrl::local_filesystem(),
         };
         let config = FileScanConfigBuilder::new(store_url, Arc::new(source))
-                .with_file_groups(groups)
-                .with_statistics(statistics)
-                .with_projection_indices(projection.cloned())?
-                .with_limit(limit)
-                .build();
+            .with_file_groups(groups)
+            .with_statistics(statistics)
+            .with_projection_indices(projection.cloned())?
+            .with_limit(limit)
+            .build();
         Ok(DataSourceExec::from_data_source(config))
     }
 }

@@ -78,7 +78,10 @@ impl FileReaderFactory {
     ) -> datafusion::error::Result<Box<dyn AsyncFileReader + Send>> {
         let counter = |name: &str| {
             MetricBuilder::new(metrics)
-                .with_new_label("filename", partitioned_file.object_meta.location.to_string())
+                .with_new_label(
+                    "filename",
+                    partitioned_file.object_meta.location.to_string(),
+                )
                 .counter(name.to_owned(), partition_index)
         };
         let counters = ReadCounters {
@@ -91,11 +94,14 @@ impl FileReaderFactory {
         )
         .with_counters(counters);
         let path = Arc::<str>::from(object.url());
-        let inner = CachedParquetFileReaderFactory::new(
-            Arc::new(object),
-            Arc::clone(&self.metadata_cache),
-        )
-        .create_reader(partition_index, partitioned_file, metadata_size_hint, metrics)?;
+        let inner =
+            CachedParquetFileReaderFactory::new(Arc::new(object), Arc::clone(&self.metadata_cache))
+                .create_reader(
+                    partition_index,
+                    partitioned_file,
+                    metadata_size_hint,
+                    metrics,
+                )?;
         Ok(Box::new(FileReader {
             inner,
             path,

@@ -554,7 +554,12 @@ impl BlockCache {
                 index.touch(id);
                 return Some(map);
             }
-            (entry.path.clone(), entry.len, entry.checksum, entry.verified)
+            (
+                entry.path.clone(),
+                entry.len,
+                entry.checksum,
+                entry.verified,
+            )
         };
         // Map (and check) outside the lock: it is a system call, and a first check
         // reads the whole block.

@@ -29,8 +29,6 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::TryStreamExt;
-use tokio::runtime::Handle;
-use tokio_util::task::AbortOnDropHandle;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::path::Path as ObjectPath;
 use object_store::{
@@ -39,6 +37,8 @@ use object_store::{
 };
 use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts};
 use serde::Deserialize;
+use tokio::runtime::Handle;
+use tokio_util::task::AbortOnDropHandle;
 
 /// Why remote bytes could not be read. Clone: one failed fetch answers every reader
 /// that waited for it.
@@ -356,12 +356,15 @@ fn build_s3(
         CredentialSource::Environment => {}
         CredentialSource::Anonymous => builder = builder.with_skip_signature(true),
         CredentialSource::Variables => {
-            let read = |field: &str, name: &Option<String>| -> Result<Option<String>, RemoteError> {
-                let Some(name) = name else { return Ok(None) };
-                std::env::var(name).map(Some).map_err(|_| {
-                    config(format!("{field} names the variable {name}, which is not set"))
-                })
-            };
+            let read =
+                |field: &str, name: &Option<String>| -> Result<Option<String>, RemoteError> {
+                    let Some(name) = name else { return Ok(None) };
+                    std::env::var(name).map(Some).map_err(|_| {
+                        config(format!(
+                            "{field} names the variable {name}, which is not set"
+                        ))
+                    })
+                };
             let key = read("access_key_id_env", &settings.access_key_id_env)?;
             let secret = read("secret_access_key_env", &settings.secret_access_key_env)?;
             let (Some(key), Some(secret)) = (key, secret) else {
@@ -562,6 +565,15 @@ impl Bucket {
                     message: source.to_string(),
                 },
             ),
+            // object_store reports a refused listing as a generic error around the
+            // HTTP status; S3's status line and error codes say what it was.
+            other if refused(&other) => (
+                "denied",
+                RemoteError::Denied {
+                    store: self.url.clone(),
+                    message: other.to_string(),
+                },
+            ),
             other => (
                 "error",
                 RemoteError::Unavailable {
@@ -575,6 +587,22 @@ impl Bucket {
     }
 }
 
+/// Whether a store error is S3 refusing the credentials or the permissions: a 401 or 403
+/// status, or one of S3's error codes for it (as its response body names them).
+fn refused(e: &object_store::Error) -> bool {
+    const MARKERS: [&str; 7] = [
+        "401 Unauthorized",
+        "403 Forbidden",
+        "InvalidAccessKeyId",
+        "SignatureDoesNotMatch",
+        "AccessDenied",
+        "ExpiredToken",
+        "InvalidToken",
+    ];
+    let text = e.to_string();
+    MARKERS.iter().any(|m| text.contains(m))
+}
+
 /// Splits `s3://bucket/prefix` into the bucket and the prefix (as S3 keys spell it).
 pub fn parse_s3_url(url: &str) -> Option<(String, ObjectPath)> {
     let rest = url.strip_prefix("s3://")?;
@@ -583,4 +611,40 @@ pub fn parse_s3_url(url: &str) -> Option<(String, ObjectPath)> {
         return None;
     }
     Some((bucket.to_owned(), ObjectPath::parse(prefix).ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn s3_urls_split_into_bucket_and_prefix() {
+        let (bucket, prefix) = parse_s3_url("s3://lake/events/day=1/").unwrap();
+        assert_eq!((bucket.as_str(), prefix.as_ref()), ("lake", "events/day=1"));
+        let (bucket, prefix) = parse_s3_url("s3://lake").unwrap();
+        assert_eq!((bucket.as_str(), prefix.as_ref()), ("lake", ""));
+        assert!(parse_s3_url("s3:///x").is_none());
+        assert!(parse_s3_url("s3://a/b//c").is_none());
+        assert!(parse_s3_url("gs://a/b").is_none());
+    }
+
+    #[test]
+    fn refusals_are_told_apart_from_outages() {
+        let generic = |message: &str| object_store::Error::Generic {
+            store: "S3",
+            source: message.to_owned().into(),
+        };
+        assert!(refused(&generic(
+            "Error performing list request: Server returned non-2xx status code: 403 Forbidden: \
+             <Error><Code>InvalidAccessKeyId</Code></Error>"
+        )));
+        assert!(refused(&generic("<Code>SignatureDoesNotMatch</Code>")));
+        assert!(!refused(&generic(
+            "Error performing GET http://127.0.0.1:1/lake after 1 retries: error sending request: \
+             connection refused"
+        )));
+        assert!(!refused(&generic(
+            "Server returned non-2xx status code: 503 Service Unavailable"
+        )));
+    }
 }

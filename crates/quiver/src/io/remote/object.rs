@@ -135,22 +135,31 @@ impl VersionedObject {
 
     fn refuse(&self, what: &str) -> object_store::Error {
         object_store::Error::NotSupported {
-            source: format!("{what} is not supported on a table's object {}", self.version.url)
-                .into(),
+            source: format!(
+                "{what} is not supported on a table's object {}",
+                self.version.url
+            )
+            .into(),
         }
     }
 }
 
 #[async_trait]
 impl ObjectStore for VersionedObject {
-    async fn get_opts(&self, _location: &Path, options: GetOptions) -> object_store::Result<GetResult> {
+    async fn get_opts(
+        &self,
+        _location: &Path,
+        options: GetOptions,
+    ) -> object_store::Result<GetResult> {
         let range = match &options.range {
-            Some(range) => range
-                .as_range(self.meta.size)
-                .map_err(|e| object_store::Error::Generic {
-                    store: "S3",
-                    source: Box::new(e),
-                })?,
+            Some(range) => {
+                range
+                    .as_range(self.meta.size)
+                    .map_err(|e| object_store::Error::Generic {
+                        store: "S3",
+                        source: Box::new(e),
+                    })?
+            }
             None => 0..self.meta.size,
         };
         let bytes = if options.head {
@@ -214,7 +223,10 @@ impl ObjectStore for VersionedObject {
         futures::stream::iter([Ok(self.meta.clone())]).boxed()
     }
 
-    async fn list_with_delimiter(&self, _prefix: Option<&Path>) -> object_store::Result<ListResult> {
+    async fn list_with_delimiter(
+        &self,
+        _prefix: Option<&Path>,
+    ) -> object_store::Result<ListResult> {
         Ok(ListResult {
             common_prefixes: vec![],
             objects: vec![self.meta.clone()],

@@ -1,3 +1,6 @@
+// A list of one range is what these reads ask for, not a typo for a range of values.
+#![allow(clippy::single_range_in_vec_init)]
+
 use std::sync::atomic::AtomicUsize;
 
 use super::*;
@@ -72,7 +75,15 @@ async fn ranges_across_blocks_equal_the_object() {
     let dir = tempfile::tempdir().unwrap();
     let cache = Arc::new(BlockCache::open(options(dir.path(), 1 << 20, 100)).unwrap());
     let object = FakeObject::new(1050);
-    let ranges = [0..1, 95..105, 100..200, 1000..1050, 7..7, 0..1050, 999..1000];
+    let ranges = [
+        0..1,
+        95..105,
+        100..200,
+        1000..1050,
+        7..7,
+        0..1050,
+        999..1000,
+    ];
     let (got, from_store) = cache
         .read(&object.version, &ranges, object.fetch())
         .await
@@ -116,10 +127,7 @@ async fn a_range_inside_one_block_is_a_slice_of_its_mapping() {
         .read(&object.version, &[10..20], Arc::clone(&fetch))
         .await
         .unwrap();
-    let (b, _) = cache
-        .read(&object.version, &[10..20], fetch)
-        .await
-        .unwrap();
+    let (b, _) = cache.read(&object.version, &[10..20], fetch).await.unwrap();
     // Both point into the same mapped block: no copy was made.
     assert_eq!(a[0].as_ptr(), b[0].as_ptr());
 }
@@ -129,19 +137,18 @@ async fn concurrent_reads_of_a_missing_block_fetch_it_once() {
     let dir = tempfile::tempdir().unwrap();
     let cache = Arc::new(BlockCache::open(options(dir.path(), 1 << 20, 1000)).unwrap());
     let object = Arc::new(FakeObject::new(4000));
-    let reads = (0..16).map(|i| {
-        let cache = Arc::clone(&cache);
-        let object = Arc::clone(&object);
-        tokio::spawn(async move {
+    // Sixteen reads polled together: each finds the block missing or already in flight.
+    let reads = (0..16u64).map(|i| {
+        let (cache, object) = (Arc::clone(&cache), Arc::clone(&object));
+        async move {
             let start = (i * 37) % 900;
             cache
                 .read(&object.version, &[start..start + 50], object.fetch())
                 .await
                 .unwrap()
-        })
+        }
     });
-    for read in futures::future::join_all(reads).await {
-        let (bytes, _) = read.unwrap();
+    for (bytes, _) in futures::future::join_all(reads).await {
         assert_eq!(bytes[0].len(), 50);
     }
     assert_eq!(object.calls(), 1);
@@ -185,7 +192,11 @@ async fn eviction_keeps_the_bound_and_reads_in_flight_keep_their_bytes() {
         .read(&object.version, &[700..701], object.fetch())
         .await
         .unwrap();
-    assert_eq!(object.calls(), calls + 1, "block 7, used after block 8, outlived it");
+    assert_eq!(
+        object.calls(),
+        calls + 1,
+        "block 7, used after block 8, outlived it"
+    );
 }
 
 #[tokio::test]
@@ -209,7 +220,12 @@ async fn a_restart_reuses_the_cache_and_never_serves_a_damaged_block() {
     std::fs::write(&files[1], b"short").unwrap();
 
     let cache = Arc::new(BlockCache::open(options(dir.path(), 1 << 20, 100)).unwrap());
-    assert_eq!(std::fs::read_dir(dir.path().join("v1/tmp")).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("v1/tmp"))
+            .unwrap()
+            .count(),
+        0
+    );
     let (bytes, from_store) = cache
         .read(&object.version, &[0..500], object.fetch())
         .await
