@@ -42,6 +42,13 @@ def aws_env(s3: S3Server, **overrides) -> dict:
     return {**s3.aws_env(), **overrides}
 
 
+def serve(args: list[str], tmp: Path, env: dict) -> Server:
+    """A server with its own object cache directory (never the user's ~/.cache)."""
+    if "--cache-dir" not in args:
+        args = [*args, "--cache-dir", str(tmp / "cache")]
+    return Server(args, tmp, env=env)
+
+
 def upload(s3: S3Server, root: Path, prefix: str) -> int:
     """Uploads every file under `root` to s3://lake/prefix/...; returns the bytes uploaded."""
     total = 0
@@ -91,7 +98,7 @@ def rounded(rows: list[dict]) -> list[tuple]:
 
 def test_s3_tables_answer_like_the_local_copy(s3, requests_on_s3, tmp_path):
     local = requests_dataset(requests_on_s3)
-    server = Server(
+    server = serve(
         ["--table", f"requests=s3://{BUCKET}/requests/", "--table", f"services=s3://{BUCKET}/dims/services/"],
         tmp_path,
         env=aws_env(s3),
@@ -138,7 +145,7 @@ def test_selective_query_fetches_under_one_percent_and_footers_once(s3, events, 
 
     # Blocks of 32 KiB: these files are ~450 KiB, so a 1 MiB block (the default, meant for
     # files of many MiB) would be the whole file.
-    server = Server(
+    server = serve(
         ["--table", f"events=s3://{BUCKET}/events/", "--cache-dir", str(tmp_path / "cache"), "--cache-block-size", "32KiB"],
         tmp_path,
         env=aws_env(s3),
@@ -198,7 +205,7 @@ def test_refresh_replaced_and_deleted_objects(s3, tmp_path):
     for i in range(3):
         put_table(s3, f"{prefix}/part={i}/data.parquet", numbers(i * 1000, i * 1000 + 1000), tmp_path)
     # No cache: every read is a GET against the listed version.
-    server = Server(
+    server = serve(
         ["--table", f"t=s3://{BUCKET}/{prefix}/", "--refresh-interval", "0s", "--cache-max-size", "0"],
         tmp_path,
         env=aws_env(s3),
@@ -244,7 +251,7 @@ def test_cached_blocks_serve_the_listed_version_until_refresh(s3, tmp_path):
     keeps answering consistently with its listing until a refresh serves the new one."""
     key = "versioned/data.parquet"
     put_table(s3, key, numbers(0, 1000), tmp_path)
-    server = Server(
+    server = serve(
         ["--table", f"t=s3://{BUCKET}/versioned/", "--refresh-interval", "0s", "--cache-dir", str(tmp_path / "cache")],
         tmp_path,
         env=aws_env(s3),
@@ -270,7 +277,7 @@ def test_store_down_at_start_and_mid_session(s3, tmp_path, dataset):
     ]
     local = ["--table", f"services={dataset / 'services'}"]
     args = ["--table", f"t=s3://{BUCKET}/{prefix}/", *local, *fast_failure]
-    server = Server(args, tmp_path / "a", env=aws_env(s3))
+    server = serve(args, tmp_path / "a", env=aws_env(s3))
     try:
         assert count_and_sum(server) == (2000, sum(range(2000)))
         s3.stop()
@@ -289,7 +296,7 @@ def test_store_down_at_start_and_mid_session(s3, tmp_path, dataset):
     # store answers (at the next refresh).
     s3.stop()
     try:
-        server = Server(args, tmp_path / "b", env=aws_env(s3))
+        server = serve(args, tmp_path / "b", env=aws_env(s3))
         try:
             with pytest.raises(flight.FlightUnavailableError, match=r"table 't' is not available yet: object store s3://lake is unavailable"):
                 count_and_sum(server)
@@ -314,7 +321,7 @@ def test_wrong_credentials_name_the_bucket(s3, tmp_path):
     # moto checks signatures against its IAM users once authentication is on.
     moto_settings.INITIAL_NO_AUTH_ACTION_COUNT = 0
     try:
-        server = Server(
+        server = serve(
             ["--table", f"t=s3://{BUCKET}/secured/", "--store-max-retries", "0"],
             tmp_path,
             env=aws_env(s3, AWS_ACCESS_KEY_ID="AKIAWRONGWRONGWRONG", AWS_SECRET_ACCESS_KEY="not-the-secret"),
@@ -334,7 +341,7 @@ def test_wrong_credentials_name_the_bucket(s3, tmp_path):
 
 def test_tiny_cache_under_concurrent_queries(s3, events, tmp_path):
     cache_limit = 512 * 1024
-    server = Server(
+    server = serve(
         [
             "--table", f"events=s3://{BUCKET}/events/", "--cache-dir", str(tmp_path / "cache"),
             "--cache-max-size", "512KiB", "--cache-block-size", "64KiB",
@@ -365,14 +372,14 @@ def test_tiny_cache_under_concurrent_queries(s3, events, tmp_path):
 def test_restart_reuses_the_warm_cache(s3, events, tmp_path):
     args = ["--table", f"events=s3://{BUCKET}/events/", "--cache-dir", str(tmp_path / "cache")]
     sql = "SELECT day, region, count(*) AS n, sum(value) AS v FROM events WHERE seq % 3 = 0 GROUP BY day, region ORDER BY day, region"
-    server = Server(args, tmp_path / "first", env=aws_env(s3))
+    server = serve(args, tmp_path / "first", env=aws_env(s3))
     try:
         first = server.query(sql)
     finally:
         server.stop()
 
     started = s3.mark()
-    server = Server(args, tmp_path / "second", env=aws_env(s3))
+    server = serve(args, tmp_path / "second", env=aws_env(s3))
     try:
         assert server.query(sql).equals(first)
         # Listing again is a LIST; every footer and data block came from the cache.
@@ -404,7 +411,7 @@ region = "us-east-1"
     )
     env = aws_env(s3)
     del env["AWS_ENDPOINT"], env["AWS_ALLOW_HTTP"]
-    server = Server(
+    server = serve(
         ["--catalog", str(catalog), "--data-dir", f"s3://{BUCKET}/dims/", "--pin-table", "services"],
         tmp_path,
         env=env,
@@ -429,7 +436,7 @@ def test_store_metrics_pass_promtool(s3, events, tmp_path):
 
     if shutil.which("promtool") is None:
         pytest.skip("promtool is not installed (apt-get install prometheus)")
-    server = Server(["--table", f"events=s3://{BUCKET}/events/", "--cache-dir", str(tmp_path / "cache")], tmp_path, env=aws_env(s3))
+    server = serve(["--table", f"events=s3://{BUCKET}/events/", "--cache-dir", str(tmp_path / "cache")], tmp_path, env=aws_env(s3))
     try:
         server.query("SELECT count(*) FROM events WHERE seq = 5")
         text = server.scrape_text()
