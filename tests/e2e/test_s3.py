@@ -22,7 +22,7 @@ from moto import settings as moto_settings
 from s3_server import S3Server
 
 from conftest import Server, requests_dataset, wait_for, write_atomically
-from test_io import ROW_GROUPS, ROWS_PER_GROUP, events_table
+from test_io import ROW_GROUPS, ROWS_PER_GROUP, events_table, wait_for_summaries
 
 BUCKET = "lake"
 DAYS = [dt.date(2026, 3, 1) + dt.timedelta(days=i) for i in range(10)]
@@ -146,7 +146,10 @@ def test_selective_query_fetches_under_one_percent_and_footers_once(s3, events, 
     # Blocks of 32 KiB: these files are ~450 KiB, so a 1 MiB block (the default, meant for
     # files of many MiB) would be the whole file.
     server = serve(
-        ["--table", f"events=s3://{BUCKET}/events/", "--cache-dir", str(tmp_path / "cache"), "--cache-block-size", "32KiB"],
+        [
+            "--table", f"events=s3://{BUCKET}/events/", "--cache-dir", str(tmp_path / "cache"),
+            "--cache-block-size", "32KiB", "--log-filter", "quiver=debug,info",
+        ],
         tmp_path,
         env=aws_env(s3),
     )
@@ -173,6 +176,10 @@ def test_selective_query_fetches_under_one_percent_and_footers_once(s3, events, 
         started = s3.mark()
         assert server.query(sql).equals(expected)
         assert s3.object_gets(started) == []
+        # The scan summaries tell bytes from the store apart from bytes from the cache.
+        summaries = wait_for_summaries(server, 3)
+        assert 0 < summaries[0]["bytes_from_store"] <= fetched, (summaries[0], fetched)
+        assert summaries[2]["bytes_from_store"] == 0 and summaries[2]["bytes_from_cache"] > 0, summaries[2]
         m = server.metrics()
         assert m.get("quiver_cache_hits_total") > 0
         assert m.get("quiver_object_store_requests_total", op="get", outcome="ok") > 0
