@@ -37,7 +37,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::{Bytes, BytesMut};
-use futures::future::{BoxFuture, Shared};
+use futures::future::{BoxFuture, Shared, WeakShared};
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
 use twox_hash::XxHash64;
@@ -160,6 +160,15 @@ impl Index {
 /// A shared fetch of consecutive blocks: every reader that needs one of them awaits it.
 type RunFuture = Shared<BoxFuture<'static, Result<Arc<Vec<(u64, Bytes)>>, RemoteError>>>;
 
+/// Fetches in flight are indexed weakly: when every reader of a fetch has gone (its
+/// queries cancelled), the fetch is dropped, its GET aborted and its bytes freed, instead
+/// of living on in the index until some later read happens to need the same blocks.
+type RunRef = WeakShared<BoxFuture<'static, Result<Arc<Vec<(u64, Bytes)>>, RemoteError>>>;
+
+/// Dead entries of the in-flight index (fetches abandoned by all their readers) are swept
+/// once it holds this many.
+const INFLIGHT_SWEEP: usize = 4096;
+
 /// Fetches a byte range of the object version being read, from the store.
 pub type Fetch =
     Arc<dyn Fn(Range<u64>) -> BoxFuture<'static, Result<Bytes, RemoteError>> + Send + Sync>;
@@ -170,7 +179,7 @@ pub struct BlockCache {
     tmp: PathBuf,
     options: CacheOptions,
     index: Mutex<Index>,
-    inflight: Mutex<HashMap<BlockId, RunFuture>>,
+    inflight: Mutex<HashMap<BlockId, RunRef>>,
     stats: Arc<CacheStats>,
     /// Holds the directory's lock for the life of the cache.
     _lock: File,
@@ -370,12 +379,18 @@ impl BlockCache {
         fetched: &mut u64,
     ) -> Vec<RunFuture> {
         let mut inflight = self.inflight.lock();
+        if inflight.len() >= INFLIGHT_SWEEP {
+            inflight.retain(|_, run| run.upgrade().is_some());
+        }
         let mut futures: Vec<RunFuture> = Vec::new();
         let mut mine: Vec<u64> = Vec::new();
         for &index in missing {
-            match inflight.get(&BlockId { object: key, index }) {
+            let running = inflight
+                .get(&BlockId { object: key, index })
+                .and_then(WeakShared::upgrade);
+            match running {
                 // Only once per shared run, however many of its blocks we need.
-                Some(run) if !futures.iter().any(|f| f.ptr_eq(run)) => futures.push(run.clone()),
+                Some(run) if !futures.iter().any(|f| f.ptr_eq(&run)) => futures.push(run),
                 Some(_) => {}
                 None => mine.push(index),
             }
@@ -397,8 +412,10 @@ impl BlockCache {
                 .fetch_run(object.clone(), key, first..last, Arc::clone(fetch))
                 .boxed()
                 .shared();
-            for &index in run {
-                inflight.insert(BlockId { object: key, index }, future.clone());
+            if let Some(weak) = future.downgrade() {
+                for &index in run {
+                    inflight.insert(BlockId { object: key, index }, weak.clone());
+                }
             }
             futures.push(future);
             start = end;

@@ -156,6 +156,37 @@ async fn concurrent_reads_of_a_missing_block_fetch_it_once() {
 }
 
 #[tokio::test]
+async fn a_fetch_every_reader_abandoned_is_dropped_not_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let cache = Arc::new(BlockCache::open(options(dir.path(), 1 << 20, 1000)).unwrap());
+    let object = FakeObject::new(4000);
+    // A read cancelled while its GET is in flight (the fake fetch sleeps 20 ms).
+    let read = cache.read(&object.version, &[0..4000], object.fetch());
+    assert!(
+        tokio::time::timeout(std::time::Duration::from_millis(1), read)
+            .await
+            .is_err()
+    );
+    assert_eq!(object.calls(), 1);
+    // Nothing holds the fetch now: the next read starts its own instead of waiting on
+    // (or keeping alive) the abandoned one.
+    let (bytes, from_store) = cache
+        .read(&object.version, &[0..4000], object.fetch())
+        .await
+        .unwrap();
+    assert_eq!(bytes[0], object.data);
+    assert_eq!(from_store, 4000);
+    assert_eq!(object.calls(), 2);
+    assert!(
+        cache
+            .inflight
+            .lock()
+            .values()
+            .all(|run| run.upgrade().is_none())
+    );
+}
+
+#[tokio::test]
 async fn eviction_keeps_the_bound_and_reads_in_flight_keep_their_bytes() {
     let dir = tempfile::tempdir().unwrap();
     let cache = Arc::new(BlockCache::open(options(dir.path(), 300, 100)).unwrap());
