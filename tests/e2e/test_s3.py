@@ -388,7 +388,9 @@ def test_restart_reuses_the_warm_cache(s3, events, tmp_path):
     started = s3.mark()
     server = serve(args, tmp_path / "second", env=aws_env(s3))
     try:
-        assert server.query(sql).equals(first)
+        again = server.query(sql)
+        # The same answer (float sums to rounding: partial sums meet in any order).
+        assert rounded(again.to_pylist()) == rounded(first.to_pylist())
         # Listing again is a LIST; every footer and data block came from the cache.
         assert s3.object_gets(started) == [], s3.object_gets(started)
     finally:
