@@ -33,11 +33,19 @@ class S3Server(ThreadedMotoServer):
         super().__init__(ip_address="127.0.0.1", port=port, verbose=False)
         self.lock = threading.Lock()
         self.log: list[tuple[str, str, str, int]] = []  # method, path, range, body bytes
+        # Cleared while the store "hangs": requests are accepted and read, never answered.
+        self.answering = threading.Event()
+        self.answering.set()
+        self.held = 0  # requests waiting while paused
 
     def _server_entry(self) -> None:
         app = DomainDispatcherApplication(create_backend_app)
 
         def counted(environ, start_response):
+            if not self.answering.is_set():
+                with self.lock:
+                    self.held += 1
+                self.answering.wait()
             body = list(app(environ, start_response))
             with self.lock:
                 self.log.append(
@@ -67,6 +75,19 @@ class S3Server(ThreadedMotoServer):
             except OSError:
                 pass
         self._thread.join()
+
+    def pause(self) -> None:
+        """Hangs: connections are still accepted and requests read, but nothing is answered
+        until `resume` (a store that is up but stuck, the worst kind of outage)."""
+        self.answering.clear()
+
+    def resume(self) -> None:
+        self.answering.set()
+
+    def lists(self, since: int = 0) -> int:
+        """Listing requests (ListObjectsV2 pages) since `mark()` returned `since`."""
+        with self.lock:
+            return sum(1 for e in self.log[since:] if e[0] == "GET" and "list-type" in e[1])
 
     def mark(self) -> int:
         with self.lock:
