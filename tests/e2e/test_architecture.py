@@ -8,7 +8,7 @@ from conftest import REPO
 
 SRC = REPO / "crates" / "quiver" / "src"
 # Lower layers have higher ranks; a module may only name modules of a higher rank.
-RANK = {"flight": 0, "demo": 0, "query": 1, "catalog": 2, "io": 3, "wire": 3, "metrics": 4, "audit": 4, "error": 5}
+RANK = {"flight": 0, "cluster": 0, "demo": 0, "query": 1, "catalog": 2, "io": 3, "wire": 3, "metrics": 4, "audit": 4, "error": 5}
 # `crate::Error` and `crate::Result` are lib.rs's re-exports of `error`'s.
 REEXPORTS = {"Error": "error", "Result": "error"}
 

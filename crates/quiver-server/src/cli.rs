@@ -329,6 +329,59 @@ pub struct ServeArgs {
     #[arg(long, env = "QUIVER_STORE_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub store_connect_timeout: Duration,
 
+    /// Serve this node's cluster worker on this address (its own port, speaking
+    /// datafusion-distributed's worker protocol): other nodes then send it tasks of their
+    /// queries. Off by default (a single node). Needs --cluster-secret-file.
+    #[arg(long, env = "QUIVER_CLUSTER_LISTEN")]
+    pub cluster_listen: Option<SocketAddr>,
+
+    /// After binding --cluster-listen, write the bound address as `host:port` to this file.
+    #[arg(long, env = "QUIVER_CLUSTER_ADDR_FILE")]
+    pub cluster_addr_file: Option<PathBuf>,
+
+    /// Workers this node spreads its queries over, as `http://HOST:PORT` of their
+    /// --cluster-listen (comma-separated; may include this node's own). Needs
+    /// --cluster-secret-file.
+    #[arg(long, env = "QUIVER_WORKERS", value_delimiter = ',')]
+    pub workers: Vec<String>,
+
+    /// Find the workers by resolving this `HOST:PORT` (every address it resolves to is a
+    /// worker; a Kubernetes headless Service), again every --cluster-probe-interval.
+    /// Instead of --workers.
+    #[arg(long, env = "QUIVER_WORKERS_DNS", conflicts_with = "workers")]
+    pub workers_dns: Option<String>,
+
+    /// How often the workers are probed (and --workers-dns resolved): a worker whose port
+    /// does not accept a connection within --cluster-connect-timeout gets no tasks until
+    /// it does again.
+    #[arg(long, env = "QUIVER_CLUSTER_PROBE_INTERVAL", default_value = "2s", value_parser = parse_duration)]
+    pub cluster_probe_interval: Duration,
+
+    /// File whose first line is the secret every node of the cluster shares (at least 32
+    /// printable characters: `openssl rand -hex 32`); sent and checked on every call
+    /// between nodes. Required with --cluster-listen, --workers or --workers-dns.
+    #[arg(long, env = "QUIVER_CLUSTER_SECRET_FILE")]
+    pub cluster_secret_file: Option<PathBuf>,
+
+    /// Whether queries are spread over --workers: `auto` when a scan reads more than
+    /// --distributed-bytes-per-task, `on` always (every scan over every worker), `off`
+    /// never.
+    #[arg(long, env = "QUIVER_DISTRIBUTED", default_value = "auto")]
+    pub distributed: quiver::query::Distribution,
+
+    /// With `--distributed auto`: bytes of Parquet files each scan task reads; a scan
+    /// of fewer bytes stays on this node.
+    #[arg(
+        long,
+        env = "QUIVER_DISTRIBUTED_BYTES_PER_TASK",
+        default_value = "128MiB"
+    )]
+    pub distributed_bytes_per_task: ByteSize,
+
+    /// Time limit of connecting to a worker.
+    #[arg(long, env = "QUIVER_CLUSTER_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub cluster_connect_timeout: Duration,
+
     /// Memory all running queries may reserve together (sorts, joins, aggregations):
     /// a size like `4GiB`, or a share of the machine's (or cgroup's) memory like `50%`.
     /// Beyond it operators spill to disk, or the query fails with RESOURCE_EXHAUSTED.

@@ -10,6 +10,10 @@ use quiver::audit::AuditLog;
 use quiver::catalog::{
     CatalogFile, TableDefinition, TableLocation, parse_table_flag, tables_in_data_dir,
 };
+use quiver::cluster::{
+    ClusterChannels, ClusterMetrics, ClusterMetricsLayer, ClusterSecret, WorkerSource, Workers,
+    worker_routes,
+};
 use quiver::flight::auth::{Authenticator, LoginLimits};
 use quiver::flight::{
     CompressionType, MessageLimits, PreparedLimits, QuiverFlightService, SendOptions,
@@ -21,6 +25,7 @@ use quiver::query::spawn;
 use quiver::query::{
     AdmissionOptions, MemoryOptions, PoolKind, QueryEngine, QueryLimits, QueryOptions, SqlLimits,
 };
+use quiver::query::{ClusterPlanning, CpuRuntime};
 use quiver::wire::views::ViewTypes;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -56,6 +61,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         None => None,
     };
     let (tables, remote) = table_definitions(&args).await?;
+    let cluster = Cluster::from_args(&args).await?;
     let cpu_threads = args
         .cpu_threads
         .unwrap_or_else(|| QueryOptions::default().cpu_threads);
@@ -119,6 +125,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .transpose()
             .context("--audit-log")?,
         remote,
+        cluster: cluster.as_ref().and_then(|c| c.planning.clone()),
     };
     let _audit_reopen = options.audit.clone().map(audit_reopen_loop);
     let memory_hard_limit = match args.memory_hard_limit {
@@ -152,6 +159,12 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // One registry for everything, filled before the first scrape can arrive.
     let registry = Registry::new();
     engine.register_metrics(&registry)?;
+    if let Some(cluster) = &cluster {
+        cluster.metrics.register(&registry)?;
+        if let Some((workers, _)) = &cluster.workers {
+            workers.register(&registry)?;
+        }
+    }
     let rpc_metrics = RpcMetrics::register(&registry)?;
     metrics::register_process_metrics(&registry)?;
     if let Some(tls) = &tls {
@@ -187,6 +200,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(%addr, "Flight server listening");
 
     let _refresh = refresh_loop(Arc::clone(&engine), args.refresh_interval);
+    let _worker = match cluster {
+        Some(cluster) => Some(
+            cluster
+                .serve_worker(&engine, &args, shutdown.clone())
+                .await?,
+        ),
+        None => None,
+    };
 
     if auth.is_none() && !addr.ip().is_loopback() {
         tracing::warn!(%addr, "no --auth-file: every client that can reach this address can query");
@@ -264,6 +285,140 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     drop(signal);
     tracing::info!("stopped");
     Ok(())
+}
+
+/// This node's part in a cluster: how it reaches workers, and its own worker port.
+struct Cluster {
+    secret: ClusterSecret,
+    channels: Arc<ClusterChannels>,
+    /// With --workers or --workers-dns.
+    planning: Option<ClusterPlanning>,
+    /// The workers, and the task that probes them.
+    workers: Option<(Arc<Workers>, AbortOnDropHandle<()>)>,
+    metrics: Arc<ClusterMetrics>,
+}
+
+/// What runs for the cluster until shutdown: the worker probe, and the worker port with
+/// the runtime it runs on.
+struct ClusterTasks {
+    _probe: Option<AbortOnDropHandle<()>>,
+    _worker: Option<(AbortOnDropHandle<()>, CpuRuntime)>,
+}
+
+impl Cluster {
+    async fn from_args(args: &ServeArgs) -> anyhow::Result<Option<Self>> {
+        let source = match (&args.workers_dns, args.workers.is_empty()) {
+            (Some(dns), _) => Some(WorkerSource::dns(dns)?),
+            (None, false) => Some(WorkerSource::urls(&args.workers)?),
+            (None, true) => None,
+        };
+        if args.cluster_listen.is_none() && source.is_none() {
+            return Ok(None);
+        }
+        let Some(path) = &args.cluster_secret_file else {
+            bail!(
+                "--cluster-secret-file is required with --cluster-listen, --workers or \
+                 --workers-dns: every node of a cluster checks the secret on every call \
+                 (openssl rand -hex 32 > FILE)"
+            );
+        };
+        let secret = ClusterSecret::from_file(path)?;
+        let metrics = Arc::new(ClusterMetrics::default());
+        let channels = Arc::new(ClusterChannels::new(
+            tokio::runtime::Handle::current(),
+            secret.clone(),
+            args.cluster_connect_timeout,
+            Arc::clone(&metrics),
+        ));
+        let workers = match source {
+            Some(source) => Some(
+                Workers::watch(
+                    source,
+                    args.cluster_probe_interval,
+                    args.cluster_connect_timeout,
+                )
+                .await,
+            ),
+            None => None,
+        };
+        let planning = workers.as_ref().map(|(workers, _)| ClusterPlanning {
+            workers: Arc::clone(workers) as _,
+            channels: Arc::clone(&channels) as _,
+            distribution: args.distributed,
+            bytes_per_task: args.distributed_bytes_per_task.0,
+        });
+        Ok(Some(Self {
+            secret,
+            channels,
+            planning,
+            workers,
+            metrics,
+        }))
+    }
+
+    /// Serves the worker on --cluster-listen, on a runtime of its own, until `shutdown`.
+    async fn serve_worker(
+        self,
+        engine: &QueryEngine,
+        args: &ServeArgs,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<ClusterTasks> {
+        let probe = self.workers.map(|(_, task)| task);
+        let Some(addr) = args.cluster_listen else {
+            return Ok(ClusterTasks {
+                _probe: probe,
+                _worker: None,
+            });
+        };
+        let listener = std::net::TcpListener::bind(addr)
+            .with_context(|| format!("cannot listen on {addr} (--cluster-listen)"))?;
+        listener.set_nonblocking(true)?;
+        let bound = listener.local_addr()?;
+        let threads = args
+            .cpu_threads
+            .unwrap_or_else(|| QueryOptions::default().cpu_threads);
+        let runtime = CpuRuntime::with_io(threads, args.query_stack_size.0, "quiver-cluster")?;
+        let (_worker, routes) = worker_routes(
+            &engine.base_state(),
+            Arc::clone(engine.catalog()),
+            Arc::clone(engine.io()),
+            self.channels,
+            self.secret,
+            bound.to_string(),
+        );
+        let handshake_timeout = args.tls.tls_handshake_timeout;
+        let metrics = ClusterMetricsLayer(self.metrics);
+        let task = runtime.spawn(async move {
+            let listener = match TcpListener::from_std(listener) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot serve the cluster port");
+                    return;
+                }
+            };
+            let (incoming, _accept) =
+                listener::incoming(listener, None, handshake_timeout, shutdown.clone());
+            let served = tonic::transport::Server::builder()
+                .layer(metrics)
+                .add_routes(routes)
+                .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "the cluster worker server failed");
+            }
+        });
+        if let Some(file) = &args.cluster_addr_file {
+            write_atomically(file, &format!("{bound}\n"))?;
+        }
+        tracing::info!(addr = %bound, "cluster worker listening");
+        if !bound.ip().is_loopback() {
+            tracing::info!(addr = %bound, "the cluster port is reachable from other machines; calls need the cluster secret");
+        }
+        Ok(ClusterTasks {
+            _probe: probe,
+            _worker: Some((task, runtime)),
+        })
+    }
 }
 
 /// After shutdown begins, gives running streams `grace` to finish, then cancels every

@@ -165,6 +165,14 @@ pub enum Error {
         message: String,
     },
 
+    /// A node of the cluster could not be reached, refused this node, or does not have
+    /// the files the query was planned on.
+    #[error("{message}")]
+    Cluster {
+        /// Which node, what went wrong and what to check.
+        message: String,
+    },
+
     /// A table path that is not a regular file (a directory, socket, FIFO or device).
     #[error("{path} is a {kind}, not a regular file")]
     NotAFile {
@@ -274,6 +282,7 @@ impl Error {
             Self::Io { .. } => Code::Unavailable,
             Self::FileChanged { .. } => Code::Unavailable,
             Self::ObjectStore { .. } => Code::Unavailable,
+            Self::Cluster { .. } => Code::Unavailable,
             // Only the operator can fix it.
             Self::NotAFile { .. } => Code::FailedPrecondition,
             Self::FileRead { source, .. } => match source.as_ref() {
@@ -326,6 +335,7 @@ impl Error {
             | Self::Io { .. }
             | Self::FileChanged { .. }
             | Self::ObjectStore { .. }
+            | Self::Cluster { .. }
             | Self::NotAFile { .. }
             | Self::FileRead { .. }
             | Self::DataFusion(_)
@@ -442,10 +452,20 @@ fn datafusion_code(e: &DataFusionError) -> Code {
         // default (errors from bad input arrive as Arrow, plan or SQL errors, or ours).
         DataFusionError::Execution(_) => Code::Internal,
         DataFusionError::ExecutionJoin(_) => Code::Internal,
-        DataFusionError::External(ext) => match ext.downcast_ref::<Error>() {
-            Some(ours) => ours.code(),
-            None => Code::Internal,
-        },
+        DataFusionError::External(ext) => {
+            if let Some(ours) = ext.downcast_ref::<Error>() {
+                ours.code()
+            } else if let Some(status) = ext.downcast_ref::<Status>() {
+                // A call to another node of the cluster failed: the node refused it
+                // (wrong secret), is gone, or is overloaded. Retryable here.
+                match status.code() {
+                    Code::InvalidArgument | Code::Unimplemented => Code::Internal,
+                    _ => Code::Unavailable,
+                }
+            } else {
+                Code::Internal
+            }
+        }
         DataFusionError::Internal(_)
         | DataFusionError::Substrait(_)
         | DataFusionError::Ffi(_)

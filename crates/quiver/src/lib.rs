@@ -24,6 +24,7 @@
 
 pub mod audit;
 pub mod catalog;
+pub mod cluster;
 pub mod demo;
 pub mod error;
 pub mod flight;

@@ -206,6 +206,21 @@ impl Catalog {
         self.tables.read().get(name).cloned()
     }
 
+    /// How this node listed each of `wanted` (by object location): size, modification
+    /// time and ETag as of its last refresh. A file this node has not listed is absent.
+    /// Lets a cluster worker check that it reads the files a coordinator planned on.
+    pub fn listed(
+        &self,
+        wanted: &HashSet<&object_store::path::Path>,
+    ) -> HashMap<object_store::path::Path, ObjectMeta> {
+        let seen = self.seen.lock();
+        seen.values()
+            .flat_map(|table| table.valid.values())
+            .filter(|v| wanted.contains(&v.meta.location))
+            .map(|v| (v.meta.location.clone(), v.meta.clone()))
+            .collect()
+    }
+
     /// Files skipped since start-up because they were corrupt or did not fit the table.
     pub fn skipped_files(&self) -> u64 {
         self.skipped_files.load(Ordering::Relaxed)

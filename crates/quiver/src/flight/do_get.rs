@@ -144,6 +144,7 @@ async fn run(
     }
     let request = QueryRequest {
         ticket_timeout: ticket.timeout(),
+        distribution: ticket.requested_distribution()?,
         sql: ticket.sql,
         id: ticket.query_id,
         caller,

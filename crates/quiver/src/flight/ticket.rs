@@ -20,6 +20,7 @@ use datafusion::arrow::ipc::CompressionType;
 use prost::Message;
 
 use crate::error::{Error, Result};
+use crate::query;
 
 /// Code generated from `proto/quiver/v1/*.proto` by `proto/codegen`.
 #[allow(missing_docs, clippy::all)]
@@ -27,7 +28,7 @@ pub mod proto {
     include!("generated/quiver.v1.rs");
 }
 
-pub use proto::{Compression, QueryTicket};
+pub use proto::{Compression, Distribution, QueryTicket};
 
 /// Type URL prefix of every Flight SQL command message.
 pub const FLIGHT_SQL_TYPE_URL_PREFIX: &str = "type.googleapis.com/arrow.flight.protocol.sql.";
@@ -83,6 +84,24 @@ impl QueryTicket {
             Err(_) => Err(Error::invalid(format!(
                 "the ticket's compression {value} is unknown: use COMPRESSION_NONE (1), \
                  COMPRESSION_LZ4_FRAME (2) or COMPRESSION_ZSTD (3)"
+            ))),
+        }
+    }
+
+    /// How the ticket asks the query to be planned in a cluster: `None` for the server's
+    /// default.
+    pub fn requested_distribution(&self) -> Result<Option<query::Distribution>> {
+        let Some(value) = self.distribution else {
+            return Ok(None);
+        };
+        match Distribution::try_from(value) {
+            Ok(Distribution::Unspecified) => Ok(None),
+            Ok(Distribution::Auto) => Ok(Some(query::Distribution::Auto)),
+            Ok(Distribution::On) => Ok(Some(query::Distribution::On)),
+            Ok(Distribution::Off) => Ok(Some(query::Distribution::Off)),
+            Err(_) => Err(Error::invalid(format!(
+                "the ticket's distribution {value} is unknown: use DISTRIBUTION_AUTO (1), \
+                 DISTRIBUTION_ON (2) or DISTRIBUTION_OFF (3)"
             ))),
         }
     }

@@ -13,6 +13,7 @@ mod caps;
 mod collector;
 mod coop;
 mod deadline;
+mod distributed;
 mod explain;
 mod guard;
 mod heap_guard;
@@ -32,6 +33,7 @@ pub use active::{
 pub use admission::{AdmissionOptions, Slot};
 pub use caller::Caller;
 pub use deadline::Deadline;
+pub use distributed::{ClusterPlanning, Distribution};
 pub use heap_guard::{AllocatedBytes, HeapGuard};
 pub use limits::{DEFAULT_STACK_SIZE, SqlLimits};
 pub use memory::MeteredPool;
@@ -42,7 +44,7 @@ pub(crate) use params::cast_params;
 pub use request::{Prepared, QueryRequest, TableListing, new_query_id};
 use running::QueryAudit;
 pub use running::RunningQuery;
-pub use runtime::{CpuRuntime, Progress, spawn};
+pub use runtime::{CpuRuntime, Progress, spawn, spawn_on};
 pub use scan::{ScanReport, ScanSummary};
 
 use parking_lot::Mutex;
@@ -54,12 +56,12 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::ScalarValue;
 use datafusion::dataframe::DataFrame;
 use datafusion::execution::SendableRecordBatchStream;
-use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::disk_manager::{DiskManagerBuilder, DiskManagerMode};
 use datafusion::execution::memory_pool::MemoryPool;
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::execution::{SessionState, SessionStateBuilder};
 use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::{ExecutionPlan, execute_stream};
 use datafusion::prelude::{SessionConfig, SessionContext};
@@ -74,11 +76,14 @@ use crate::wire::pinned::PinnedMessages;
 use crate::wire::views::ViewTypes;
 use admission::Admission;
 use collector::{EngineCollector, EngineSources};
+use distributed::Planners;
 use memory::QueryPool;
 
 /// Plans and runs read-only SQL over the catalog.
 pub struct QueryEngine {
     base: SessionContext,
+    /// With workers: the states that plan across them (`query::distributed`).
+    planners: Option<Planners>,
     catalog: Arc<Catalog>,
     cpu: CpuRuntime,
     io: Arc<Io>,
@@ -169,8 +174,14 @@ impl QueryEngine {
             .ok_or_else(|| Error::Internal("the default catalog is missing".into()))?
             .register_schema("public", Arc::clone(&catalog) as _)?;
         let metrics = QueryMetrics::new(catalog.table_names().iter().map(String::as_str))?;
+        let planners = options
+            .cluster
+            .as_ref()
+            .map(|cluster| Planners::new(&base.state(), cluster))
+            .transpose()?;
         Ok(Self {
             base,
+            planners,
             catalog,
             cpu,
             io,
@@ -298,6 +309,18 @@ impl QueryEngine {
         &self.catalog
     }
 
+    /// The single-node session every query's state starts from: its settings, config
+    /// extensions and runtime (memory pool, object stores). A cluster worker runs its
+    /// tasks with them too.
+    pub fn base_state(&self) -> SessionState {
+        self.base.state()
+    }
+
+    /// How table files are read.
+    pub fn io(&self) -> &Arc<Io> {
+        &self.io
+    }
+
     /// Every table and view a caller with `access` can name, in catalog, schema, name
     /// order.
     pub async fn list_tables(&self, access: &TableAccess) -> Result<Vec<TableListing>> {
@@ -340,22 +363,27 @@ impl QueryEngine {
 
     /// Parses, checks and plans `sql` without running it.
     pub async fn plan(&self, sql: &str) -> Result<DataFrame> {
-        self.plan_with(sql, vec![], &TableAccess::All, Arc::default())
+        self.plan_with(sql, vec![], &TableAccess::All, Arc::default(), None)
             .await
     }
 
     /// [`Self::plan`] with `params` bound (cast to the placeholders' types), over the
     /// tables `access` lets the caller see, table scans reporting partition pruning to
-    /// `pruning`.
+    /// `pruning`, spread over the cluster as `distribution` asks (`None`: the default).
     async fn plan_with(
         &self,
         sql: &str,
         params: Vec<ScalarValue>,
         access: &TableAccess,
         pruning: Arc<PartitionPruning>,
+        distribution: Option<Distribution>,
     ) -> Result<DataFrame> {
         self.sql_limits.check_text(sql)?;
-        let mut state = self.base.state();
+        let mut state = self
+            .planners
+            .as_ref()
+            .and_then(|p| p.state(distribution))
+            .unwrap_or_else(|| self.base.state());
         access.restrict(&mut state)?;
         state.config_mut().set_extension(pruning);
         let dialect = state.config().options().sql_parser.dialect;
@@ -388,7 +416,7 @@ impl QueryEngine {
         let access = Arc::clone(&caller.tables);
         self.plan_admitted(caller.client_timeout, move |engine| async move {
             let df = engine
-                .plan_with(&sql, params, &access, Arc::default())
+                .plan_with(&sql, params, &access, Arc::default(), None)
                 .await?;
             Ok(Arc::clone(df.schema().inner()))
         })
@@ -401,7 +429,7 @@ impl QueryEngine {
         let access = Arc::clone(&caller.tables);
         self.plan_admitted(caller.client_timeout, move |engine| async move {
             let df = engine
-                .plan_with(&sql, vec![], &access, Arc::default())
+                .plan_with(&sql, vec![], &access, Arc::default(), None)
                 .await?;
             let params = params::parameter_types(df.logical_plan().get_parameter_types()?)?;
             Ok(Prepared {
@@ -521,8 +549,12 @@ impl QueryEngine {
         ));
         let engine = Arc::clone(self);
         let (sql, params, access) = (request.sql, request.params, request.caller.tables);
+        let distribution = request.distribution;
         let task = self.cpu.spawn(async move {
-            match engine.start(sql, params, &access, &query).await {
+            match engine
+                .start(sql, params, &access, distribution, &query)
+                .await
+            {
                 Ok((stream, report)) => Ok((stream, report, query)),
                 Err(e) => {
                     query.finish(engine.outcome_of(query.active(), &e));
@@ -607,13 +639,14 @@ impl QueryEngine {
         sql: String,
         params: Vec<ScalarValue>,
         access: &TableAccess,
+        distribution: Option<Distribution>,
         query: &RunningQuery,
     ) -> Result<(SendableRecordBatchStream, ScanReport)> {
         let (reserved, peak) = query.active().memory();
         let (reserved, peak) = (Arc::clone(reserved), Arc::clone(peak));
         let pruning = Arc::new(PartitionPruning::default());
         let df = self
-            .plan_with(&sql, params, access, Arc::clone(&pruning))
+            .plan_with(&sql, params, access, Arc::clone(&pruning), distribution)
             .await?;
         if self.audit.is_some() {
             query

@@ -4,6 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::admission::AdmissionOptions;
+use super::distributed::ClusterPlanning;
 use super::limits::{DEFAULT_STACK_SIZE, SqlLimits};
 use crate::audit::AuditLog;
 use crate::io::IoOptions;
@@ -42,6 +43,8 @@ pub struct QueryOptions {
     pub audit: Option<Arc<AuditLog>>,
     /// The object stores and cache of S3 tables; `None` when no table is on S3.
     pub remote: Option<Arc<RemoteStores>>,
+    /// How queries are spread over other nodes; `None`: this node alone.
+    pub cluster: Option<ClusterPlanning>,
 }
 
 /// Time limits on a query; zero turns a limit off.
@@ -120,6 +123,7 @@ impl Default for QueryOptions {
             max_function_output: DEFAULT_MAX_FUNCTION_OUTPUT,
             audit: None,
             remote: None,
+            cluster: None,
         }
     }
 }

@@ -5,6 +5,7 @@ use datafusion::common::ScalarValue;
 use std::time::Duration;
 
 use super::caller::Caller;
+use super::distributed::Distribution;
 
 /// A query to run, and on whose behalf.
 #[derive(Debug, Clone, Default)]
@@ -17,6 +18,9 @@ pub struct QueryRequest {
     pub caller: Caller,
     /// A time limit the ticket carries (`QueryTicket.timeout_ms`).
     pub ticket_timeout: Option<Duration>,
+    /// How the ticket asks to be planned in a cluster (`QueryTicket.distribution`);
+    /// `None`: the server's `--distributed`.
+    pub distribution: Option<Distribution>,
     /// Values for the placeholders (`?` or `$1..$n`), cast to the types the statement
     /// needs; empty when it has none.
     pub params: Vec<ScalarValue>,

@@ -67,13 +67,29 @@ impl CpuRuntime {
     /// of its blocking threads) with a stack of `stack_size` bytes: planning and running
     /// a statement recurse as deep as its expressions nest (see `query::limits`).
     pub fn new(threads: usize, stack_size: usize) -> Result<Self> {
-        let runtime = Builder::new_multi_thread()
+        Self::build(threads, stack_size, "quiver-cpu", false)
+    }
+
+    /// A runtime like [`Self::new`]'s that also has an I/O driver, named `name`: a
+    /// cluster worker serves its port and runs the tasks it is sent there, so that they
+    /// never delay this node's client connections nor queue behind its own queries.
+    pub fn with_io(threads: usize, stack_size: usize, name: &str) -> Result<Self> {
+        Self::build(threads, stack_size, name, true)
+    }
+
+    fn build(threads: usize, stack_size: usize, name: &str, io: bool) -> Result<Self> {
+        let mut builder = Builder::new_multi_thread();
+        builder
             .worker_threads(threads.max(1))
             .thread_stack_size(stack_size)
-            .thread_name("quiver-cpu")
-            .enable_time()
+            .thread_name(name)
+            .enable_time();
+        if io {
+            builder.enable_io();
+        }
+        let runtime = builder
             .build()
-            .map_err(|e| Error::Internal(format!("cannot start the CPU runtime: {e}")))?;
+            .map_err(|e| Error::Internal(format!("cannot start the {name} runtime: {e}")))?;
         let handle = runtime.handle().clone();
         Ok(Self {
             runtime: Some(runtime),
@@ -84,6 +100,11 @@ impl CpuRuntime {
                 ..Progress::default()
             }),
         })
+    }
+
+    /// The runtime's handle.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
     }
 
     /// Whether the runtime is making progress.
@@ -170,8 +191,9 @@ where
     spawn_on(&tokio::runtime::Handle::current(), future)
 }
 
+/// Runs `future` on the runtime of `handle`, owned like [`spawn`]'s.
 #[allow(clippy::disallowed_methods)] // the one place a task is spawned
-fn spawn_on<F>(handle: &tokio::runtime::Handle, future: F) -> AbortOnDropHandle<F::Output>
+pub fn spawn_on<F>(handle: &tokio::runtime::Handle, future: F) -> AbortOnDropHandle<F::Output>
 where
     F: Future + Send + 'static,
     F::Output: Send + 'static,

@@ -21,6 +21,47 @@ pub struct QueryTicket {
     /// IPC body compression of the result; unset uses the server's --ipc-compression.
     #[prost(enumeration = "Compression", optional, tag = "5")]
     pub compression: ::core::option::Option<i32>,
+    /// Whether the query is spread over the cluster's workers; unset uses the server's
+    /// --distributed. Ignored by a node that knows no workers.
+    #[prost(enumeration = "Distribution", optional, tag = "6")]
+    pub distribution: ::core::option::Option<i32>,
+}
+/// How a query is planned in a cluster.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
+#[repr(i32)]
+pub enum Distribution {
+    /// Not set: the server's --distributed applies.
+    Unspecified = 0,
+    /// Spread when the scan is big enough to pay for it (--distributed-bytes-per-task).
+    Auto = 1,
+    /// Every scan over every worker.
+    On = 2,
+    /// On the node that received it alone.
+    Off = 3,
+}
+impl Distribution {
+    /// String value of the enum field names used in the ProtoBuf definition.
+    ///
+    /// The values are not transformed in any way and thus are considered stable
+    /// (if the ProtoBuf definition does not change) and safe for programmatic use.
+    pub fn as_str_name(&self) -> &'static str {
+        match self {
+            Self::Unspecified => "DISTRIBUTION_UNSPECIFIED",
+            Self::Auto => "DISTRIBUTION_AUTO",
+            Self::On => "DISTRIBUTION_ON",
+            Self::Off => "DISTRIBUTION_OFF",
+        }
+    }
+    /// Creates an enum from field names used in the ProtoBuf definition.
+    pub fn from_str_name(value: &str) -> ::core::option::Option<Self> {
+        match value {
+            "DISTRIBUTION_UNSPECIFIED" => Some(Self::Unspecified),
+            "DISTRIBUTION_AUTO" => Some(Self::Auto),
+            "DISTRIBUTION_ON" => Some(Self::On),
+            "DISTRIBUTION_OFF" => Some(Self::Off),
+            _ => None,
+        }
+    }
 }
 /// IPC buffer compression of record batch bodies (pyarrow and arrow-rs decode both).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]

@@ -1,0 +1,142 @@
+//! Planning a query across nodes, on datafusion-distributed.
+//!
+//! A node that knows workers (`--workers`) plans with a second session state: the same
+//! catalog, runtime and settings, plus datafusion-distributed's planner, which cuts the
+//! physical plan into stages joined by network shuffles and merges and runs each stage's
+//! tasks on the workers (`cluster` holds the worker side). Which state a query plans with
+//! is its [`Distribution`]: `off` plans exactly as a single node does; `auto` lets the
+//! planner give a scan one task per `bytes_per_task` of files (so small scans stay on this
+//! node); `on` spreads every scan over all workers.
+
+use std::fmt::{self, Display};
+use std::str::FromStr;
+use std::sync::Arc;
+
+use datafusion::execution::SessionState;
+use datafusion::execution::SessionStateBuilder;
+use datafusion_distributed::{
+    ChannelResolver, DistributedExt, SessionStateBuilderExt, WorkerResolver,
+};
+
+use crate::error::{Error, Result};
+
+/// Whether a query is spread over the cluster's workers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Distribution {
+    /// When workers are known and the scan is big enough to pay for the network.
+    #[default]
+    Auto,
+    /// Every scan is spread over all workers.
+    On,
+    /// Planned and run on this node alone.
+    Off,
+}
+
+impl FromStr for Distribution {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "on" => Ok(Self::On),
+            "off" => Ok(Self::Off),
+            other => Err(format!(
+                "unknown distribution '{other}': use auto, on or off"
+            )),
+        }
+    }
+}
+
+impl Display for Distribution {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::On => "on",
+            Self::Off => "off",
+        })
+    }
+}
+
+/// How this node plans across the cluster (`QueryOptions::cluster`).
+#[derive(Clone)]
+pub struct ClusterPlanning {
+    /// The workers a stage's tasks may run on.
+    pub workers: Arc<dyn WorkerResolver>,
+    /// Connections to them (authenticated).
+    pub channels: Arc<dyn ChannelResolver + Send + Sync>,
+    /// The default for queries that do not choose.
+    pub distribution: Distribution,
+    /// In `auto`, the bytes of files each scan task should read.
+    pub bytes_per_task: usize,
+}
+
+impl fmt::Debug for ClusterPlanning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ClusterPlanning")
+            .field("distribution", &self.distribution)
+            .field("bytes_per_task", &self.bytes_per_task)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The session states a query may plan with.
+pub(super) struct Planners {
+    /// `auto`: the planner sizes stages from the bytes scanned.
+    auto: SessionState,
+    /// `on`: every scan over all workers.
+    on: SessionState,
+    default: Distribution,
+    workers: Arc<dyn WorkerResolver>,
+}
+
+impl fmt::Debug for Planners {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Planners")
+            .field("default", &self.default)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Planners {
+    /// States cloned from `base` (which already has the catalog), with the distributed
+    /// planner.
+    pub(super) fn new(base: &SessionState, cluster: &ClusterPlanning) -> Result<Self> {
+        let state = |bytes_per_task: usize| -> Result<SessionState> {
+            let builder = SessionStateBuilder::new_from_existing(base.clone())
+                .with_distributed_planner()
+                .with_distributed_worker_resolver(SharedWorkers(Arc::clone(&cluster.workers)))
+                .with_distributed_channel_resolver(Arc::clone(&cluster.channels))
+                .with_distributed_file_scan_config_bytes_per_partition(bytes_per_task.max(1))
+                .map_err(Error::from)?;
+            Ok(builder.build())
+        };
+        Ok(Self {
+            auto: state(cluster.bytes_per_task)?,
+            on: state(1)?,
+            default: cluster.distribution,
+            workers: Arc::clone(&cluster.workers),
+        })
+    }
+
+    /// The state to plan with, for `requested` (or the server's default); `None`: the
+    /// single-node state (also while no worker answers).
+    pub(super) fn state(&self, requested: Option<Distribution>) -> Option<SessionState> {
+        if self.workers.get_urls().map_or(true, |urls| urls.is_empty()) {
+            return None;
+        }
+        match requested.unwrap_or(self.default) {
+            Distribution::Auto => Some(self.auto.clone()),
+            Distribution::On => Some(self.on.clone()),
+            Distribution::Off => None,
+        }
+    }
+}
+
+/// One worker list shared by both states.
+struct SharedWorkers(Arc<dyn WorkerResolver>);
+
+impl WorkerResolver for SharedWorkers {
+    fn get_urls(&self) -> datafusion::error::Result<Vec<url::Url>> {
+        self.0.get_urls()
+    }
+}

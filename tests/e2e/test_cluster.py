@@ -1,0 +1,233 @@
+"""A cluster: several `quiver serve` processes on loopback ports, each a worker of the
+others and any of them a coordinator (datafusion-distributed underneath). Every answer
+equals DuckDB's on the same files."""
+
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pyarrow.flight as flight
+import pytest
+
+from conftest import REPO, Server, quiver_binary, wait_for
+
+sys.path.insert(0, str(REPO / "benches"))
+from harness import generate_tpch, tpch_tables  # noqa: E402
+from tpch import DuckDB, same  # noqa: E402
+from tpch_queries import QUERIES  # noqa: E402
+
+SECRET = "4f1c2a9be07d3c58a1e64d0f92b7c3e5d8a0f1b2c3d4e5f60718293a4b5c6d7e"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tpch(tmp_path_factory) -> Path:
+    return generate_tpch(0.1, tmp_path_factory.mktemp("tpch"))
+
+
+def secret_file(tmp: Path, secret: str = SECRET) -> Path:
+    path = tmp / "cluster-secret"
+    path.write_text(secret + "\n")
+    return path
+
+
+def start_cluster(tmp: Path, tables: list[str], nodes: int = 3, extra: list[str] | None = None) -> list[Server]:
+    """`nodes` servers, each a worker on its own port and a coordinator over all of them."""
+    ports = [free_port() for _ in range(nodes)]
+    workers = ",".join(f"http://127.0.0.1:{p}" for p in ports)
+    secret = secret_file(tmp)
+    servers = []
+    try:
+        for i, port in enumerate(ports):
+            servers.append(
+                Server(
+                    [
+                        *tables, "--cluster-listen", f"127.0.0.1:{port}", "--cluster-secret-file", str(secret),
+                        "--workers", workers, "--distributed", "on", *(extra or []),
+                    ],
+                    tmp / f"node{i}",
+                )
+            )
+        # Each probes the others every --cluster-probe-interval: wait until all see all.
+        for s in servers:
+            wait_for(lambda s=s: s.metrics().get("quiver_cluster_workers", state="up") == nodes, timeout=30, what="every worker up")
+    except BaseException:
+        for s in servers:
+            s.stop()
+        raise
+    return servers
+
+
+@pytest.fixture(scope="module")
+def cluster(tpch, tmp_path_factory):
+    servers = start_cluster(tmp_path_factory.mktemp("cluster"), tpch_tables(tpch))
+    yield servers
+    for s in servers:
+        s.stop()
+
+
+def test_tpch_through_each_node_equals_duckdb(cluster, tpch):
+    duck = DuckDB(tpch, 2)
+    try:
+        expected = {q: duck.run(sql) for q, sql in QUERIES.items()}
+    finally:
+        duck.close()
+    for i, node in enumerate(cluster):
+        for q, sql in QUERIES.items():
+            problem = same(expected[q], node.query(sql))
+            assert problem is None, f"Q{q} through node {i}: {problem}"
+
+
+def test_explain_shows_the_network_stages(cluster):
+    plan = cluster[0].query(
+        "EXPLAIN SELECT l_returnflag, count(*) FROM lineitem GROUP BY l_returnflag"
+    )
+    text = "\n".join(str(v) for v in plan.column(1).to_pylist())
+    assert "NetworkShuffleExec" in text or "NetworkCoalesceExec" in text, text
+    assert "Stage" in text, text
+
+
+def test_cluster_flags_are_checked(tmp_path, tpch):
+    base = ["serve", *tpch_tables(tpch), "--listen", "127.0.0.1:0"]
+
+    def fails(args: list[str]) -> str:
+        out = subprocess.run([str(quiver_binary()), *base, *args], capture_output=True, text=True, timeout=120)
+        assert out.returncode != 0, out.stdout + out.stderr
+        return out.stderr
+
+    assert "--cluster-secret-file is required" in fails(["--cluster-listen", "127.0.0.1:0"])
+    assert "at least 32 characters" in fails(
+        ["--workers", "http://127.0.0.1:1", "--cluster-secret-file", str(secret_file(tmp_path, "short"))]
+    )
+    assert "must be http://HOST:PORT" in fails(
+        ["--workers", "127.0.0.1:1", "--cluster-secret-file", str(secret_file(tmp_path))]
+    )
+
+
+def test_calls_without_the_secret_are_refused(cluster, tpch, tmp_path):
+    # A coordinator with another secret: its tasks are refused, the query fails naming it.
+    other = tmp_path / "other"
+    other.mkdir()
+    ports = _cluster_ports(cluster)
+    stranger = Server(
+        [
+            *tpch_tables(tpch), "--workers", ",".join(f"http://127.0.0.1:{p}" for p in ports),
+            "--cluster-secret-file", str(secret_file(other, "0" * 64)), "--distributed", "on",
+        ],
+        other,
+    )
+    try:
+        with pytest.raises(flight.FlightError, match="wrong cluster secret"):
+            stranger.query("SELECT l_returnflag, count(*) FROM lineitem GROUP BY l_returnflag")
+        assert stranger.query("SELECT 1 AS one")["one"][0].as_py() == 1
+    finally:
+        stranger.stop()
+    # No secret at all (a raw gRPC call to the worker service): UNAUTHENTICATED (16).
+    out = subprocess.run(
+        [
+            "curl", "-s", "-i", "--http2-prior-knowledge", "-X", "POST",
+            "-H", "content-type: application/grpc", "-H", "te: trailers", "--data-binary", "",
+            f"http://127.0.0.1:{ports[0]}/worker.WorkerService/GetWorkerInfo",
+        ],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert "grpc-status: 16" in out.stdout, out.stdout + out.stderr
+    assert "cluster secret" in out.stdout
+    # The nodes are unharmed.
+    assert cluster[0].query("SELECT count(*) AS n FROM nation")["n"][0].as_py() == 25
+
+
+def _cluster_ports(cluster) -> list[int]:
+    ports = []
+    for node in cluster:
+        args = node.proc.args
+        ports.append(int(args[args.index("--cluster-listen") + 1].rsplit(":", 1)[1]))
+    return ports
+
+
+HEAVY = (
+    "SELECT l1.l_returnflag, count(*) AS n FROM lineitem l1 JOIN lineitem l2 "
+    "ON l1.l_orderkey = l2.l_orderkey GROUP BY l1.l_returnflag ORDER BY 1"
+)
+
+
+def idle(server: Server) -> bool:
+    m = server.metrics()
+    return m.get("quiver_queries_active") == 0 and m.get("quiver_memory_pool_reserved_bytes") == 0
+
+
+def test_a_worker_lost_mid_query_then_back(tpch, tmp_path):
+    """A worker killed while a query runs: that query fails UNAVAILABLE naming it, the
+    coordinator stays up, later queries run on the others, and the worker rejoins."""
+    tables = tpch_tables(tpch)
+    servers = start_cluster(tmp_path, tables, extra=["--cluster-probe-interval", "300ms"])
+    coordinator, victim = servers[0], servers[2]
+    victim_port = _cluster_ports(servers)[2]
+    try:
+        expected = coordinator.query(HEAVY)
+        failure = []
+
+        def run():
+            try:
+                coordinator.query(HEAVY)
+            except flight.FlightError as e:
+                failure.append(e)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        wait_for(lambda: victim.metrics().get("quiver_memory_pool_reserved_bytes") > 0, timeout=30,
+                 what="the victim to work on the query")
+        victim.proc.kill()
+        thread.join(timeout=120)
+        assert failure, "the query did not fail when its worker died"
+        assert isinstance(failure[0], flight.FlightUnavailableError), failure[0]
+        assert f"127.0.0.1:{victim_port}" in str(failure[0]), failure[0]
+        # The coordinator is up; once the probe drops the dead worker, queries run on the rest.
+        wait_for(lambda: coordinator.metrics().get("quiver_cluster_workers", state="down") == 1, timeout=30,
+                 what="the dead worker to be left out")
+        assert same(expected, coordinator.query(HEAVY)) is None
+        wait_for(lambda: idle(coordinator), timeout=30, what="the coordinator's pool back to 0")
+        # Back on the same port: taken back.
+        args = victim.proc.args
+        servers[2] = Server(args[args.index("--metrics-addr-file") + 2 :], tmp_path / "node2-again")
+        wait_for(lambda: coordinator.metrics().get("quiver_cluster_workers", state="up") == 3, timeout=30,
+                 what="the worker to rejoin")
+        assert same(expected, coordinator.query(HEAVY)) is None
+        assert servers[2].metrics().get("quiver_cluster_tasks_total", outcome="ok") > 0
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def test_cancelling_reaches_the_workers(cluster):
+    """A client that gives up (its deadline) ends the query on every node: all pools at 0."""
+    with pytest.raises(flight.FlightTimedOutError):
+        cluster[0].client.do_get(
+            flight.Ticket(HEAVY.encode()), options=flight.FlightCallOptions(timeout=0.5)
+        ).read_all()
+    for node in cluster:
+        wait_for(lambda node=node: idle(node), timeout=30, what="every pool back to 0")
+
+
+def test_cluster_metrics_pass_promtool(cluster, tmp_path):
+    import shutil
+
+    if shutil.which("promtool") is None:
+        pytest.skip("promtool is not installed (apt-get install prometheus)")
+    cluster[0].query("SELECT l_returnflag, count(*) FROM lineitem GROUP BY l_returnflag")
+    for node in cluster:
+        m = node.metrics()
+        assert m.get("quiver_cluster_tasks_total", outcome="ok") > 0
+        assert m.get("quiver_cluster_bytes_sent_total") > 0
+        assert m.get("quiver_cluster_bytes_received_total") > 0
+    text = cluster[0].scrape_text()
+    out = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    problems = [line for line in (out.stdout + out.stderr).splitlines() if "quiver_cluster" in line]
+    assert not problems, problems
