@@ -109,3 +109,9 @@ def test_soak_smoke_crashes_nothing_and_leaks_nothing(tmp_path):
     events = next(line for line in out.splitlines() if line.startswith("events: "))
     for event in ["killed mid-stream", "cancelled", "timed out", "replaced and refreshed", "burst ran", "bad login"]:
         assert event in events, out
+
+
+def test_cluster_smoke_matches_duckdb(tmp_path):
+    out = run_bench("cluster.py", tmp_path)
+    assert all(f"| Q{q} |" in out for q in range(1, 23)), out
+    assert "speed-up, geomean" in out

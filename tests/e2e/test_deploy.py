@@ -262,3 +262,42 @@ def test_install_ships_the_binary_without_debug_info(tmp_path):
     assert shipped.stat().st_size < built.stat().st_size / 2
     version = subprocess.run([str(shipped), "--version"], check=True, capture_output=True, text=True).stdout
     assert version.startswith("quiver "), version
+
+
+def test_cluster_deployments_fit_together():
+    """The three-node compose file and the Kubernetes StatefulSet: every variable is a real
+    flag, nodes find each other on the cluster port, and the secret comes from where it
+    is mounted."""
+    known = help_variables()
+    compose = yaml.safe_load((DEPLOY / "compose" / "cluster.yaml").read_text())
+    nodes = compose["services"]
+    assert len(nodes) == 3
+    for name, node in nodes.items():
+        env = node["environment"]
+        assert set(env) <= known | {"QUIVER_DATA"}, set(env) - known
+        workers = env["QUIVER_WORKERS"].split(",")
+        assert f"http://{name}:7001" in workers and len(workers) == 3
+        assert env["QUIVER_CLUSTER_LISTEN"].endswith(":7001")
+        mounts = {v.split(":")[1] for v in node["volumes"]}
+        assert env["QUIVER_CLUSTER_SECRET_FILE"] in mounts
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all((DEPLOY / "kubernetes" / "cluster" / "statefulset.yaml").read_text())}
+    sts = docs[("StatefulSet", "quiver-cluster")]
+    headless = docs[("Service", sts["spec"]["serviceName"])]
+    assert headless["spec"]["clusterIP"] == "None"
+    labels = sts["spec"]["template"]["metadata"]["labels"]
+    for (kind, _), doc in docs.items():
+        if kind == "Service":
+            assert doc["spec"]["selector"].items() <= labels.items()
+    container = sts["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert set(env) <= known, set(env) - known
+    host, port = env["QUIVER_WORKERS_DNS"].rsplit(":", 1)
+    assert host == headless["metadata"]["name"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["cluster"] == int(port) == int(env["QUIVER_CLUSTER_LISTEN"].rsplit(":", 1)[1])
+    assert {p["targetPort"] for p in headless["spec"]["ports"]} == {"cluster"}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v for v in sts["spec"]["template"]["spec"]["volumes"]}
+    secret_volume = next(n for n, v in volumes.items() if "secret" in v)
+    assert env["QUIVER_CLUSTER_SECRET_FILE"].startswith(mounts[secret_volume] + "/")
+    assert ("Secret", volumes[secret_volume]["secret"]["secretName"]) in docs

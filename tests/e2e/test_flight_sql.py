@@ -53,13 +53,15 @@ def pack_any(type_url: str, value: bytes) -> bytes:
     return field_bytes(1, type_url.encode()) + field_bytes(2, value)
 
 
-def query_ticket(sql: str, timeout_ms=None, compression=None) -> bytes:
+def query_ticket(sql: str, timeout_ms=None, compression=None, distribution=None) -> bytes:
     """quiver.v1.QueryTicket, as proto/quiver/v1/ticket.proto defines it."""
     body = field_varint(1, 1) + field_bytes(2, sql.encode())
     if timeout_ms is not None:
         body += field_varint(4, timeout_ms)
     if compression is not None:
         body += field_varint(5, compression)
+    if distribution is not None:
+        body += field_varint(6, distribution)
     return pack_any(QUERY_TICKET, body)
 
 

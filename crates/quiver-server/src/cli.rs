@@ -378,6 +378,13 @@ pub struct ServeArgs {
     )]
     pub distributed_bytes_per_task: ByteSize,
 
+    /// CA bundle (PEM) that workers' certificates must chain to: connects to workers over
+    /// TLS, presenting --tls-cert/--tls-key when given (for workers that require client
+    /// certificates). Workers are then `https://` URLs. A node's own cluster port speaks
+    /// TLS whenever its Flight port does (same certificate, reloads and client CA).
+    #[arg(long, env = "QUIVER_CLUSTER_CA")]
+    pub cluster_ca: Option<PathBuf>,
+
     /// Time limit of connecting to a worker.
     #[arg(long, env = "QUIVER_CLUSTER_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub cluster_connect_timeout: Duration,

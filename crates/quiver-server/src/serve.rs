@@ -30,6 +30,7 @@ use quiver::wire::views::ViewTypes;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 use tonic_health::server::HealthReporter;
 
 use crate::cli::{
@@ -203,7 +204,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let _worker = match cluster {
         Some(cluster) => Some(
             cluster
-                .serve_worker(&engine, &args, shutdown.clone())
+                .serve_worker(&engine, &args, tls.clone(), shutdown.clone())
                 .await?,
         ),
         None => None,
@@ -308,7 +309,7 @@ struct ClusterTasks {
 impl Cluster {
     async fn from_args(args: &ServeArgs) -> anyhow::Result<Option<Self>> {
         let source = match (&args.workers_dns, args.workers.is_empty()) {
-            (Some(dns), _) => Some(WorkerSource::dns(dns)?),
+            (Some(dns), _) => Some(WorkerSource::dns(dns, args.cluster_ca.is_some())?),
             (None, false) => Some(WorkerSource::urls(&args.workers)?),
             (None, true) => None,
         };
@@ -323,12 +324,14 @@ impl Cluster {
             );
         };
         let secret = ClusterSecret::from_file(path)?;
+        let tls = cluster_tls(args)?;
         let metrics = Arc::new(ClusterMetrics::default());
         let channels = Arc::new(ClusterChannels::new(
             tokio::runtime::Handle::current(),
             secret.clone(),
             args.cluster_connect_timeout,
             Arc::clone(&metrics),
+            tls,
         ));
         let workers = match source {
             Some(source) => Some(
@@ -361,6 +364,7 @@ impl Cluster {
         self,
         engine: &QueryEngine,
         args: &ServeArgs,
+        tls: Option<Arc<TlsReloader>>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<ClusterTasks> {
         let probe = self.workers.map(|(_, task)| task);
@@ -397,7 +401,7 @@ impl Cluster {
                 }
             };
             let (incoming, _accept) =
-                listener::incoming(listener, None, handshake_timeout, shutdown.clone());
+                listener::incoming(listener, tls, handshake_timeout, shutdown.clone());
             let served = tonic::transport::Server::builder()
                 .layer(metrics)
                 .add_routes(routes)
@@ -419,6 +423,33 @@ impl Cluster {
             _worker: Some((task, runtime)),
         })
     }
+}
+
+/// TLS to workers, with --cluster-ca: their CA, and this node's certificate (when it has
+/// one) for workers that require client certificates.
+fn cluster_tls(args: &ServeArgs) -> anyhow::Result<Option<ClientTlsConfig>> {
+    let https = args.workers.iter().any(|w| w.starts_with("https://"));
+    let Some(ca) = &args.cluster_ca else {
+        if https {
+            bail!("https:// workers need --cluster-ca: the CA their certificates chain to");
+        }
+        return Ok(None);
+    };
+    if !args.workers.is_empty() && args.workers.iter().any(|w| !w.starts_with("https://")) {
+        bail!("with --cluster-ca, every --workers URL is https://HOST:PORT");
+    }
+    let read = |path: &Path, flag: &str| {
+        std::fs::read(path).with_context(|| format!("cannot read {} ({flag})", path.display()))
+    };
+    let mut config =
+        ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca, "--cluster-ca")?));
+    if let (Some(cert), Some(key)) = (&args.tls.tls_cert, &args.tls.tls_key) {
+        config = config.identity(Identity::from_pem(
+            read(cert, "--tls-cert")?,
+            read(key, "--tls-key")?,
+        ));
+    }
+    Ok(Some(config))
 }
 
 /// After shutdown begins, gives running streams `grace` to finish, then cancels every

@@ -116,8 +116,8 @@ pub enum Error {
     #[error("the client went away")]
     ClientGone,
 
-    /// A table definition (CLI flag or catalog file) is wrong.
-    #[error("invalid table definition: {message}")]
+    /// The configuration (a flag, the catalog file, a file a flag names) is wrong.
+    #[error("invalid configuration: {message}")]
     Config {
         /// What is wrong and how to fix it.
         message: String,

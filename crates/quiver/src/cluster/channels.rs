@@ -18,7 +18,7 @@ use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use parking_lot::Mutex;
 use tokio::runtime::Handle;
-use tonic::transport::Endpoint;
+use tonic::transport::{ClientTlsConfig, Endpoint};
 use tower::ServiceExt;
 use url::Url;
 
@@ -35,6 +35,9 @@ pub struct ClusterChannels {
     secret: ClusterSecret,
     connect_timeout: Duration,
     metrics: Arc<ClusterMetrics>,
+    /// TLS to workers (`https://` URLs): the CA their certificates chain to, and this
+    /// node's certificate for workers that require one.
+    tls: Option<ClientTlsConfig>,
     connected: Mutex<HashMap<Url, BoxCloneSyncChannel>>,
 }
 
@@ -47,18 +50,21 @@ impl std::fmt::Debug for ClusterChannels {
 }
 
 impl ClusterChannels {
-    /// Connections made on `network`, each within `connect_timeout`.
+    /// Connections made on `network`, each within `connect_timeout`, over TLS with `tls`
+    /// to `https://` workers.
     pub fn new(
         network: Handle,
         secret: ClusterSecret,
         connect_timeout: Duration,
         metrics: Arc<ClusterMetrics>,
+        tls: Option<ClientTlsConfig>,
     ) -> Self {
         Self {
             network,
             secret,
             connect_timeout,
             metrics,
+            tls,
             connected: Mutex::default(),
         }
     }
@@ -67,10 +73,24 @@ impl ClusterChannels {
         let unavailable = |message: String| Error::Cluster {
             message: format!("worker {url} is unavailable: {message}"),
         };
-        let endpoint = Endpoint::from_shared(url.to_string())
+        let mut endpoint = Endpoint::from_shared(url.to_string())
             .map_err(|e| unavailable(e.to_string()))?
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true);
+        match (&self.tls, url.scheme()) {
+            (Some(tls), "https") => {
+                endpoint = endpoint
+                    .tls_config(tls.clone())
+                    .map_err(|e| unavailable(transport_reason(&e)))?;
+            }
+            (None, "https") => {
+                return Err(unavailable(
+                    "an https:// worker needs --cluster-ca (the CA its certificate chains to)"
+                        .into(),
+                ));
+            }
+            _ => {}
+        }
         let channel = spawn_on(&self.network, async move { endpoint.connect().await })
             .await
             .map_err(|e| unavailable(e.to_string()))?

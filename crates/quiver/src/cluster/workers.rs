@@ -1,7 +1,6 @@
 //! Which workers a query may use: a static list (`--workers`) or a DNS name re-resolved
 //! (`--workers-dns`, a Kubernetes headless Service), less the ones that do not answer.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,20 +25,30 @@ pub enum WorkerSource {
         host: String,
         /// The workers' port.
         port: u16,
+        /// `https` when the workers speak TLS, else `http`.
+        scheme: &'static str,
     },
 }
 
 impl WorkerSource {
-    /// Parses `--workers` URLs.
+    /// Parses `--workers` URLs: `http://HOST:PORT`, or `https://HOST:PORT` for workers
+    /// that speak TLS.
     pub fn urls(urls: &[String]) -> Result<Self> {
         urls.iter()
             .map(|u| {
                 let url = Url::parse(u).map_err(|e| Error::Config {
-                    message: format!("--workers: '{u}' is not a URL ({e}); give http://HOST:PORT"),
+                    message: format!(
+                        "--workers: '{u}' is not a URL ({e}); give http://HOST:PORT (https:// with TLS)"
+                    ),
                 })?;
-                if url.scheme() != "http" || url.host().is_none() || url.port().is_none() {
+                if !matches!(url.scheme(), "http" | "https")
+                    || url.host().is_none()
+                    || url.port().is_none()
+                {
                     return Err(Error::Config {
-                        message: format!("--workers: '{u}' must be http://HOST:PORT"),
+                        message: format!(
+                            "--workers: '{u}' must be http://HOST:PORT (https:// with TLS)"
+                        ),
                     });
                 }
                 Ok(url)
@@ -48,8 +57,8 @@ impl WorkerSource {
             .map(Self::Static)
     }
 
-    /// Parses `--workers-dns HOST:PORT`.
-    pub fn dns(spec: &str) -> Result<Self> {
+    /// Parses `--workers-dns HOST:PORT`; `tls`: the workers speak TLS.
+    pub fn dns(spec: &str, tls: bool) -> Result<Self> {
         let bad = || Error::Config {
             message: format!("--workers-dns: '{spec}' must be HOST:PORT"),
         };
@@ -61,31 +70,31 @@ impl WorkerSource {
         Ok(Self::Dns {
             host: host.to_string(),
             port,
+            scheme: if tls { "https" } else { "http" },
         })
     }
 
     async fn candidates(&self) -> Vec<Url> {
         match self {
             Self::Static(urls) => urls.clone(),
-            Self::Dns { host, port } => match tokio::net::lookup_host((host.as_str(), *port)).await
-            {
-                Ok(addrs) => {
-                    let mut urls: Vec<Url> = addrs.filter_map(|a| url_of(a).ok()).collect();
-                    urls.sort();
-                    urls.dedup();
-                    urls
+            Self::Dns { host, port, scheme } => {
+                match tokio::net::lookup_host((host.as_str(), *port)).await {
+                    Ok(addrs) => {
+                        let mut urls: Vec<Url> = addrs
+                            .filter_map(|a| Url::parse(&format!("{scheme}://{a}")).ok())
+                            .collect();
+                        urls.sort();
+                        urls.dedup();
+                        urls
+                    }
+                    Err(e) => {
+                        tracing::warn!(name = %host, error = %e, "cannot resolve the workers (--workers-dns)");
+                        vec![]
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(name = %host, error = %e, "cannot resolve the workers (--workers-dns)");
-                    vec![]
-                }
-            },
+            }
         }
     }
-}
-
-fn url_of(addr: SocketAddr) -> std::result::Result<Url, url::ParseError> {
-    Url::parse(&format!("http://{addr}"))
 }
 
 /// The workers that answered the last probe; what the planner spreads stages over.
@@ -191,6 +200,11 @@ impl Workers {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::SocketAddr;
+
+    fn url_of(addr: SocketAddr) -> std::result::Result<Url, url::ParseError> {
+        Url::parse(&format!("http://{addr}"))
+    }
 
     #[test]
     fn worker_sources_parse() {
@@ -198,15 +212,16 @@ mod tests {
             WorkerSource::urls(&["http://127.0.0.1:7001".into(), "http://node-2:7001".into()]),
             Ok(WorkerSource::Static(urls)) if urls.len() == 2
         ));
+        assert!(WorkerSource::urls(&["https://node-1:7001".into()]).is_ok());
         for bad in ["127.0.0.1:7001", "http://127.0.0.1", "ftp://x:1"] {
             assert!(WorkerSource::urls(&[bad.into()]).is_err(), "{bad}");
         }
         assert!(matches!(
-            WorkerSource::dns("quiver-workers.default.svc:7001"),
+            WorkerSource::dns("quiver-workers.default.svc:7001", false),
             Ok(WorkerSource::Dns { port: 7001, .. })
         ));
         for bad in ["quiver", ":7001", "quiver:port"] {
-            assert!(WorkerSource::dns(bad).is_err(), "{bad}");
+            assert!(WorkerSource::dns(bad, false).is_err(), "{bad}");
         }
     }
 

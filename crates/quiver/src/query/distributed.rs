@@ -12,10 +12,15 @@ use std::fmt::{self, Display};
 use std::str::FromStr;
 use std::sync::Arc;
 
+use datafusion::arrow::array::{RecordBatch, StringArray};
 use datafusion::execution::SessionState;
 use datafusion::execution::SessionStateBuilder;
+use datafusion::logical_expr::LogicalPlan;
+use datafusion::physical_plan::{ExecutionPlan, displayable};
+use datafusion_datasource::memory::MemorySourceConfig;
 use datafusion_distributed::{
-    ChannelResolver, DistributedExt, SessionStateBuilderExt, WorkerResolver,
+    ChannelResolver, DistributedExec, DistributedExt, SessionStateBuilderExt, WorkerResolver,
+    display_plan_ascii,
 };
 
 use crate::error::{Error, Result};
@@ -121,14 +126,17 @@ impl Planners {
     /// The state to plan with, for `requested` (or the server's default); `None`: the
     /// single-node state (also while no worker answers).
     pub(super) fn state(&self, requested: Option<Distribution>) -> Option<SessionState> {
-        if self.workers.get_urls().map_or(true, |urls| urls.is_empty()) {
-            return None;
-        }
-        match requested.unwrap_or(self.default) {
-            Distribution::Auto => Some(self.auto.clone()),
-            Distribution::On => Some(self.on.clone()),
-            Distribution::Off => None,
-        }
+        self.distributes(requested)
+            .then(|| match requested.unwrap_or(self.default) {
+                Distribution::On => self.on.clone(),
+                _ => self.auto.clone(),
+            })
+    }
+
+    /// Whether a query asking for `requested` is planned across the cluster.
+    pub(super) fn distributes(&self, requested: Option<Distribution>) -> bool {
+        requested.unwrap_or(self.default) != Distribution::Off
+            && self.workers.get_urls().is_ok_and(|urls| !urls.is_empty())
     }
 }
 
@@ -139,4 +147,41 @@ impl WorkerResolver for SharedWorkers {
     fn get_urls(&self) -> datafusion::error::Result<Vec<url::Url>> {
         self.0.get_urls()
     }
+}
+
+/// `EXPLAIN` of a query the cluster would run: DataFusion plans an `EXPLAIN`'s input with
+/// its own physical planner, not the session's query planner, so it would show the
+/// single-node plan. This plans the input as the query would be planned, and answers
+/// with the logical plan and the distributed plan drawn with its stages. `None` for
+/// anything but a plain `EXPLAIN` (`EXPLAIN ANALYZE` runs the query: datafusion-distributed
+/// draws its stages itself).
+pub(super) async fn explain(
+    state: &SessionState,
+    plan: &LogicalPlan,
+) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+    let LogicalPlan::Explain(explain) = plan else {
+        return Ok(None);
+    };
+    let physical = state.create_physical_plan(&explain.plan).await?;
+    let drawn = if physical.is::<DistributedExec>() {
+        display_plan_ascii(physical.as_ref(), false)
+    } else {
+        displayable(physical.as_ref()).indent(true).to_string()
+    };
+    let schema = Arc::clone(explain.schema.inner());
+    let batch = RecordBatch::try_new(
+        Arc::clone(&schema),
+        vec![
+            Arc::new(StringArray::from(vec!["logical_plan", "physical_plan"])),
+            Arc::new(StringArray::from(vec![
+                explain.plan.display_indent().to_string(),
+                drawn,
+            ])),
+        ],
+    )?;
+    Ok(Some(MemorySourceConfig::try_new_exec(
+        &[vec![batch]],
+        schema,
+        None,
+    )?))
 }

@@ -671,7 +671,18 @@ impl QueryEngine {
             df.logical_plan(),
             LogicalPlan::Explain(_) | LogicalPlan::Analyze(_)
         );
-        let plan: Arc<dyn ExecutionPlan> = df.create_physical_plan().await?;
+        let distributed = self
+            .planners
+            .as_ref()
+            .is_some_and(|p| p.distributes(distribution));
+        let explained = match distributed {
+            true => distributed::explain(&df.clone().into_parts().0, df.logical_plan()).await?,
+            false => None,
+        };
+        let plan: Arc<dyn ExecutionPlan> = match explained {
+            Some(plan) => plan,
+            None => df.create_physical_plan().await?,
+        };
         for table in pruning.tables() {
             self.metrics.table_scans.with_label_values(&[&table]).inc();
         }
