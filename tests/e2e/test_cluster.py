@@ -13,6 +13,7 @@ import pyarrow.flight as flight
 import pytest
 
 from conftest import REPO, Server, quiver_binary, wait_for, write_atomically
+from test_io import scan_summaries, wait_for_summaries
 
 sys.path.insert(0, str(REPO / "benches"))
 from harness import generate_tpch, tpch_tables  # noqa: E402
@@ -68,7 +69,8 @@ def start_cluster(tmp: Path, tables: list[str], nodes: int = 3, extra: list[str]
 
 @pytest.fixture(scope="module")
 def cluster(tpch, tmp_path_factory):
-    servers = start_cluster(tmp_path_factory.mktemp("cluster"), tpch_tables(tpch))
+    # Scan summaries logged (they count a query's stages).
+    servers = start_cluster(tmp_path_factory.mktemp("cluster"), tpch_tables(tpch), extra=["--log-filter", "info,quiver::query::scan=debug"])
     yield servers
     for s in servers:
         s.stop()
@@ -214,8 +216,15 @@ def test_cancelling_reaches_the_workers(cluster):
         cluster[0].client.do_get(
             flight.Ticket(HEAVY.encode()), options=flight.FlightCallOptions(timeout=1)
         ).read_all()
-    for node in cluster:
-        wait_for(lambda node=node: idle(node), timeout=30, what="every pool back to 0")
+    for i, node in enumerate(cluster):
+        try:
+            wait_for(lambda node=node: idle(node), timeout=60, what="every pool back to 0")
+        except AssertionError:
+            m = node.metrics()
+            raise AssertionError(
+                f"node {i}: {m.get('quiver_queries_active')} queries active, "
+                f"{m.get('quiver_memory_pool_reserved_bytes')} bytes reserved"
+            ) from None
 
 
 def test_cluster_metrics_pass_promtool(cluster, tmp_path):
@@ -250,9 +259,13 @@ def test_a_ticket_chooses_its_distribution(cluster):
         table = cluster[0].client.do_get(flight.Ticket(query_ticket(sql, distribution=distribution))).read_all()
         return table, tasks() - before
 
+    logged = len(scan_summaries(cluster[0]))
     alone, alone_tasks = run(3)
     spread, spread_tasks = run(2)
     assert alone_tasks == 0 and spread_tasks > 0, (alone_tasks, spread_tasks)
+    # The scan summaries count the stages: none alone, a shuffle and a head when spread.
+    summaries = wait_for_summaries(cluster[0], logged + 2)
+    assert summaries[-2]["stages"] == 0 and summaries[-1]["stages"] >= 2, summaries[-2:]
     assert alone.to_pylist() == spread.to_pylist() == cluster[1].query(sql).to_pylist()
     with pytest.raises(pa.ArrowInvalid, match="distribution 9 is unknown"):
         run(9)

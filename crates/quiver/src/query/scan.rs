@@ -10,6 +10,7 @@ use parking_lot::Mutex;
 use std::sync::Arc;
 
 use datafusion::physical_plan::ExecutionPlan;
+use datafusion_distributed::NetworkBoundaryExt;
 
 use crate::catalog::PartitionPruning;
 use datafusion::physical_plan::metrics::MetricValue;
@@ -58,6 +59,8 @@ pub struct ScanSummary {
     pub spill_files: u64,
     /// Bytes written to spill files.
     pub spilled_bytes: u64,
+    /// Stages of a query run across the cluster (0 when it ran on one node).
+    pub stages: u64,
 }
 
 impl ScanSummary {
@@ -72,6 +75,10 @@ impl ScanSummary {
         let mut plans = vec![plan];
         while let Some(plan) = plans.pop() {
             plans.extend(plan.children().into_iter().map(|c| c.as_ref()));
+            // Each network boundary reads a stage; the head stage reads them.
+            if plan.is_network_boundary() {
+                summary.stages += 1;
+            }
             let Some(metrics) = plan.metrics() else {
                 continue;
             };
@@ -125,6 +132,9 @@ impl ScanSummary {
                 }
             }
         }
+        if summary.stages > 0 {
+            summary.stages += 1;
+        }
         summary.row_groups_pruned_other += pruned_limit;
         summary.row_groups_scanned = summary.row_groups_total.saturating_sub(
             summary.row_groups_pruned_statistics
@@ -154,6 +164,7 @@ impl ScanSummary {
         self.bytes_from_cache += other.bytes_from_cache;
         self.spill_files += other.spill_files;
         self.spilled_bytes += other.spilled_bytes;
+        self.stages += other.stages;
     }
 }
 
