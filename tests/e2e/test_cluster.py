@@ -44,6 +44,7 @@ def start_cluster(tmp: Path, tables: list[str], nodes: int = 3, extra: list[str]
     """`nodes` servers, each a worker on its own port and a coordinator over all of them."""
     ports = [free_port() for _ in range(nodes)]
     workers = ",".join(f"http://127.0.0.1:{p}" for p in ports)
+    tmp.mkdir(parents=True, exist_ok=True)
     secret = secret_file(tmp)
     servers = []
     try:
@@ -379,6 +380,44 @@ def test_a_cluster_over_mutual_tls(tpch, tmp_path):
             capture_output=True, text=True, timeout=30,
         )
         assert "grpc-status" not in out.stdout, out.stdout
+    finally:
+        for s in servers:
+            s.stop()
+
+
+def test_split_results_are_located_at_the_nodes_and_pulled_from_them(dataset, tmp_path):
+    import adbc_driver_flightsql.dbapi as flightsql
+    import pyarrow.compute as pc
+
+    from conftest import requests_dataset
+
+    servers = start_cluster(tmp_path / "split", ["--data-dir", str(dataset)], extra=["--endpoints-per-query", "6"])
+    try:
+        columns = ["request_id", "day", "service", "status", "ts"]
+        sql = f"SELECT {', '.join(columns)} FROM requests WHERE status >= 400"
+        keys = [(k, "ascending") for k in ["request_id", "day", "ts"]]
+        expected = requests_dataset(dataset).to_table(columns=columns, filter=pc.field("status") >= 400).sort_by(keys)
+        info = servers[0].client.get_flight_info(flight.FlightDescriptor.for_command(sql.encode()))
+        assert len(info.endpoints) == 6
+        # In turn: the coordinator, then each other node (each listed once).
+        located = [[loc.uri.decode() for loc in e.locations] for e in info.endpoints]
+        nodes = [f"grpc://{s.addr}" for s in servers]
+        assert all(len(at) == 1 for at in located), located
+        assert sorted(at[0] for at in located) == sorted(nodes * 2), located
+        assert located[0] == [nodes[0]]
+
+        def successes():
+            return [s.metrics().get("quiver_queries_total", outcome="success") for s in servers]
+
+        before = successes()
+        parts = [flight.connect(e.locations[0]).do_get(e.ticket).read_all() for e in info.endpoints]
+        # Each node ran the slices located at it, nothing else.
+        assert [a - b for a, b in zip(successes(), before)] == [2, 2, 2]
+        assert pa.concat_tables(parts).sort_by(keys).to_pylist() == expected.to_pylist()
+        # ADBC follows the locations, through any node.
+        with flightsql.connect(f"grpc://{servers[1].addr}", autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute(sql)
+            assert cur.fetch_arrow_table().select(columns).sort_by(keys).to_pylist() == expected.to_pylist()
     finally:
         for s in servers:
             s.stop()

@@ -385,6 +385,13 @@ pub struct ServeArgs {
     #[arg(long, env = "QUIVER_CLUSTER_CA")]
     pub cluster_ca: Option<PathBuf>,
 
+    /// The Flight URL clients reach this node at (grpc://HOST:PORT, grpc+tls:// with
+    /// TLS), in a cluster: the slices of a split result (--endpoints-per-query) this node
+    /// serves are located there, so clients pull them straight from it [default: the
+    /// bound --listen address, unless it is a wildcard].
+    #[arg(long, env = "QUIVER_ADVERTISE_URL", value_parser = parse_flight_url)]
+    pub advertise_url: Option<String>,
+
     /// Time limit of connecting to a worker.
     #[arg(long, env = "QUIVER_CLUSTER_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub cluster_connect_timeout: Duration,
@@ -438,6 +445,15 @@ pub struct ServeArgs {
     /// UNAVAILABLE (retryable). `0` rejects every query beyond the running ones.
     #[arg(long, env = "QUIVER_MAX_QUEUED_QUERIES", default_value_t = 256)]
     pub max_queued_queries: usize,
+
+    /// Most endpoints a GetFlightInfo splits a query's result over (plain and Flight SQL
+    /// statements, prepared or not), each a slice of the scanned files that clients such
+    /// as ADBC fetch in parallel. Only results that scan, filter and project split;
+    /// aggregates, joins, sorts and limits keep one endpoint. 1 (the default)
+    /// keeps scripts that read only the first endpoint correct. With a cluster, slices
+    /// are located at the nodes that serve them (--advertise-url).
+    #[arg(long, env = "QUIVER_ENDPOINTS_PER_QUERY", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=quiver::query::MAX_SLICES as u64))]
+    pub endpoints_per_query: u64,
 
     /// Flight SQL prepared statements each user keeps open at once (all clients
     /// together when authentication is off); creating one more closes that user's least
@@ -812,6 +828,18 @@ pub struct DemoArgs {
     /// Approximate number of request rows.
     #[arg(long, env = "QUIVER_DEMO_ROWS", default_value_t = 3_000_000)]
     pub rows: u64,
+}
+
+/// A Flight URL clients can connect to: `grpc://HOST:PORT` or `grpc+tls://HOST:PORT`.
+fn parse_flight_url(s: &str) -> Result<String, String> {
+    let url = url::Url::parse(s).map_err(|e| format!("'{s}' is not a URL ({e})"))?;
+    let scheme_ok = matches!(url.scheme(), "grpc" | "grpc+tcp" | "grpc+tls");
+    if !scheme_ok || url.host().is_none() || url.port().is_none() {
+        return Err(format!(
+            "'{s}' must be grpc://HOST:PORT, or grpc+tls://HOST:PORT when clients use TLS"
+        ));
+    }
+    Ok(s.to_string())
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {

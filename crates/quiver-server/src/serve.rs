@@ -1,5 +1,6 @@
 //! `quiver serve`: tables, engine, listener, refresh loop, graceful shutdown.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,7 +26,7 @@ use quiver::query::spawn;
 use quiver::query::{
     AdmissionOptions, MemoryOptions, PoolKind, QueryEngine, QueryLimits, QueryOptions, SqlLimits,
 };
-use quiver::query::{ClusterPlanning, CpuRuntime};
+use quiver::query::{ClusterPlanning, CpuRuntime, NodeLocations};
 use quiver::wire::views::ViewTypes;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -127,6 +128,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             .context("--audit-log")?,
         remote,
         cluster: cluster.as_ref().and_then(|c| c.planning.clone()),
+        endpoints_per_query: args.endpoints_per_query as usize,
     };
     let _audit_reopen = options.audit.clone().map(audit_reopen_loop);
     let memory_hard_limit = match args.memory_hard_limit {
@@ -202,11 +204,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
     let _refresh = refresh_loop(Arc::clone(&engine), args.refresh_interval);
     let _worker = match cluster {
-        Some(cluster) => Some(
-            cluster
-                .serve_worker(&engine, &args, tls.clone(), shutdown.clone())
-                .await?,
-        ),
+        Some(cluster) => {
+            let flight_url = flight_url(&args, addr, tls.is_some());
+            Some(
+                cluster
+                    .serve_worker(&engine, &args, flight_url, tls.clone(), shutdown.clone())
+                    .await?,
+            )
+        }
         None => None,
     };
 
@@ -339,6 +344,7 @@ impl Cluster {
                     source,
                     args.cluster_probe_interval,
                     args.cluster_connect_timeout,
+                    Some(Arc::clone(&channels)),
                 )
                 .await,
             ),
@@ -349,6 +355,7 @@ impl Cluster {
             channels: Arc::clone(&channels) as _,
             distribution: args.distributed,
             bytes_per_task: args.distributed_bytes_per_task.0,
+            locations: Some(Arc::clone(workers) as Arc<dyn NodeLocations>),
         });
         Ok(Some(Self {
             secret,
@@ -359,14 +366,20 @@ impl Cluster {
         }))
     }
 
-    /// Serves the worker on --cluster-listen, on a runtime of its own, until `shutdown`.
+    /// Serves the worker on --cluster-listen, on a runtime of its own, until `shutdown`;
+    /// this node's Flight port is at `flight_url` (which its answers carry, and the
+    /// slices it serves are located at).
     async fn serve_worker(
         self,
         engine: &QueryEngine,
         args: &ServeArgs,
+        flight_url: Option<String>,
         tls: Option<Arc<TlsReloader>>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<ClusterTasks> {
+        if let (Some((workers, _)), Some(url)) = (&self.workers, &flight_url) {
+            workers.set_own_flight_url(url.clone());
+        }
         let probe = self.workers.map(|(_, task)| task);
         let Some(addr) = args.cluster_listen else {
             return Ok(ClusterTasks {
@@ -391,7 +404,10 @@ impl Cluster {
             bound.to_string(),
         );
         let handshake_timeout = args.tls.tls_handshake_timeout;
-        let metrics = ClusterMetricsLayer(self.metrics);
+        let mut metrics = ClusterMetricsLayer::new(self.metrics);
+        if let Some(url) = &flight_url {
+            metrics = metrics.with_flight_url(url);
+        }
         let task = runtime.spawn(async move {
             let listener = match TcpListener::from_std(listener) {
                 Ok(l) => l,
@@ -423,6 +439,16 @@ impl Cluster {
             _worker: Some((task, runtime)),
         })
     }
+}
+
+/// Where clients reach this node's Flight port: --advertise-url, else the bound address
+/// unless it is a wildcard (which names no host to connect to).
+fn flight_url(args: &ServeArgs, bound: SocketAddr, tls: bool) -> Option<String> {
+    if let Some(url) = &args.advertise_url {
+        return Some(url.clone());
+    }
+    let scheme = if tls { "grpc+tls" } else { "grpc" };
+    (!bound.ip().is_unspecified()).then(|| format!("{scheme}://{bound}"))
 }
 
 /// TLS to workers, with --cluster-ca: their CA, and this node's certificate (when it has

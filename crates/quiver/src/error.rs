@@ -173,6 +173,14 @@ pub enum Error {
         message: String,
     },
 
+    /// A slice ticket planned on other files than this node lists now.
+    #[error(
+        "the files this endpoint's ticket was planned on changed since GetFlightInfo (a \
+         refresh published new files, or this node lists them differently); call \
+         GetFlightInfo again for new endpoints"
+    )]
+    SliceChanged,
+
     /// A table path that is not a regular file (a directory, socket, FIFO or device).
     #[error("{path} is a {kind}, not a regular file")]
     NotAFile {
@@ -283,6 +291,7 @@ impl Error {
             Self::FileChanged { .. } => Code::Unavailable,
             Self::ObjectStore { .. } => Code::Unavailable,
             Self::Cluster { .. } => Code::Unavailable,
+            Self::SliceChanged => Code::Aborted,
             // Only the operator can fix it.
             Self::NotAFile { .. } => Code::FailedPrecondition,
             Self::FileRead { source, .. } => match source.as_ref() {
@@ -336,6 +345,7 @@ impl Error {
             | Self::FileChanged { .. }
             | Self::ObjectStore { .. }
             | Self::Cluster { .. }
+            | Self::SliceChanged
             | Self::NotAFile { .. }
             | Self::FileRead { .. }
             | Self::DataFusion(_)

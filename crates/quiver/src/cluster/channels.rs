@@ -124,18 +124,25 @@ fn transport_reason(e: &(dyn std::error::Error + 'static)) -> String {
     reason
 }
 
+impl ClusterChannels {
+    /// The connection to `url`: the kept one, or a new one.
+    pub(super) async fn channel(&self, url: &Url) -> Result<BoxCloneSyncChannel, Error> {
+        let cached = self.connected.lock().get(url).cloned();
+        match cached {
+            Some(channel) => Ok(channel),
+            None => {
+                let channel = self.connect(url).await?;
+                self.connected.lock().insert(url.clone(), channel.clone());
+                Ok(channel)
+            }
+        }
+    }
+}
+
 #[async_trait]
 impl ChannelResolver for ClusterChannels {
     async fn get_worker_client_for_url(&self, url: &Url) -> DfResult<Box<dyn WorkerChannel>> {
-        let cached = self.connected.lock().get(url).cloned();
-        let channel = match cached {
-            Some(channel) => channel,
-            None => {
-                let channel = self.connect(url).await.map_err(DataFusionError::from)?;
-                self.connected.lock().insert(url.clone(), channel.clone());
-                channel
-            }
-        };
+        let channel = self.channel(url).await.map_err(DataFusionError::from)?;
         Ok(Box::new(NamedWorker {
             url: url.clone(),
             inner: create_worker_client(channel),

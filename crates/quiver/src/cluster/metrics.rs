@@ -5,13 +5,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
 use tonic::Code;
 use tonic::body::Body;
 use tower_layer::Layer;
 use tower_service::Service;
+
+use super::FLIGHT_URL_HEADER;
 
 /// Task outcomes, the `outcome` label.
 const OUTCOMES: [&str; 3] = ["ok", "error", "cancelled"];
@@ -75,9 +77,29 @@ impl ClusterMetrics {
 }
 
 /// Counts the worker port's traffic, and each task (a `CoordinatorChannel` call: one per
-/// task a coordinator sends) by how its call ended.
+/// task a coordinator sends) by how its call ended; every answer says where the node's
+/// Flight port is ([`FLIGHT_URL_HEADER`]) when it is known.
 #[derive(Debug, Clone)]
-pub struct ClusterMetricsLayer(pub Arc<ClusterMetrics>);
+pub struct ClusterMetricsLayer {
+    metrics: Arc<ClusterMetrics>,
+    flight_url: Option<HeaderValue>,
+}
+
+impl ClusterMetricsLayer {
+    /// Counting into `metrics`.
+    pub fn new(metrics: Arc<ClusterMetrics>) -> Self {
+        Self {
+            metrics,
+            flight_url: None,
+        }
+    }
+
+    /// Every answer also says where clients reach this node's Flight port.
+    pub fn with_flight_url(mut self, url: &str) -> Self {
+        self.flight_url = HeaderValue::from_str(url).ok();
+        self
+    }
+}
 
 impl<S> Layer<S> for ClusterMetricsLayer {
     type Service = Metered<S>;
@@ -85,7 +107,8 @@ impl<S> Layer<S> for ClusterMetricsLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Metered {
             inner,
-            metrics: Arc::clone(&self.0),
+            metrics: Arc::clone(&self.metrics),
+            flight_url: self.flight_url.clone(),
         }
     }
 }
@@ -95,6 +118,7 @@ impl<S> Layer<S> for ClusterMetricsLayer {
 pub struct Metered<S> {
     inner: S,
     metrics: Arc<ClusterMetrics>,
+    flight_url: Option<HeaderValue>,
 }
 
 impl<S> Service<Request<Body>> for Metered<S>
@@ -115,8 +139,12 @@ where
         let metrics = Arc::clone(&self.metrics);
         let request = request.map(|body| metrics.receiving(body));
         let response = self.inner.call(request);
+        let flight_url = self.flight_url.clone();
         Box::pin(async move {
-            let response = response.await?;
+            let mut response = response.await?;
+            if let Some(url) = flight_url {
+                response.headers_mut().insert(FLIGHT_URL_HEADER, url);
+            }
             let outcome = task.then(|| TaskOutcome {
                 tasks: metrics.tasks.clone(),
                 code: grpc_status(response.headers()),

@@ -13,7 +13,10 @@
 //! ```
 //!
 //! The worker protocol is datafusion-distributed's own gRPC service, on its own port;
-//! nothing here is reachable from the Flight port.
+//! nothing here is reachable from the Flight port. The port also answers gRPC health
+//! checks, which the coordinator's probe (`Workers`) sends to learn each worker's Flight
+//! URL: a result split over endpoints (`--endpoints-per-query`) has slices located at
+//! the nodes, so clients pull them straight from the workers.
 
 mod channels;
 mod metrics;
@@ -33,6 +36,10 @@ use crate::error::{Error, Result};
 
 /// The header that carries the cluster secret on every call between nodes.
 pub const SECRET_HEADER: &str = "x-quiver-cluster-secret";
+
+/// The header in every answer of a worker port that carries where clients reach the
+/// node's Flight port (`--advertise-url`): slices of split results are located there.
+pub const FLIGHT_URL_HEADER: &str = "x-quiver-flight-url";
 
 /// Shortest secret accepted: 128 bits of hex.
 const MIN_SECRET_BYTES: usize = 32;

@@ -77,7 +77,10 @@ pub fn worker_routes(
         worker.clone().into_worker_server(),
         check,
     );
-    (worker, Routes::new(service))
+    // Not behind the secret: it tells whether the port serves, and (in the answer's
+    // headers, see `ClusterMetricsLayer`) where the node's Flight port is.
+    let (_reporter, health) = tonic_health::server::health_reporter();
+    (worker, Routes::new(service).add_service(health))
 }
 
 /// Puts Quiver's reader back on every Parquet scan of a task's plan: DataFusion's plan

@@ -1,7 +1,8 @@
 //! Which workers a query may use: a static list (`--workers`) or a DNS name re-resolved
 //! (`--workers-dns`, a Kubernetes headless Service), less the ones that do not answer.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use datafusion::error::Result as DfResult;
@@ -11,8 +12,12 @@ use prometheus::{IntGaugeVec, Opts};
 use tokio_util::task::AbortOnDropHandle;
 use url::Url;
 
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
+
+use super::{ClusterChannels, FLIGHT_URL_HEADER};
 use crate::error::{Error, Result};
-use crate::query::spawn;
+use crate::query::{NodeLocations, spawn};
 
 /// Where the worker list comes from.
 #[derive(Debug, Clone)]
@@ -98,10 +103,40 @@ impl WorkerSource {
 }
 
 /// The workers that answered the last probe; what the planner spreads stages over.
-#[derive(Debug)]
 pub struct Workers {
     up: RwLock<Vec<Url>>,
     gauge: IntGaugeVec,
+    /// Asks each worker that is up where its Flight port is (a health check).
+    channels: Option<Arc<ClusterChannels>>,
+    /// Each worker's Flight URL, as its last health check answered.
+    flight_urls: RwLock<HashMap<Url, String>>,
+    /// This node's, once its Flight port is bound.
+    own_flight_url: OnceLock<String>,
+}
+
+impl std::fmt::Debug for Workers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Workers")
+            .field("up", &*self.up.read())
+            .field("flight_urls", &*self.flight_urls.read())
+            .finish_non_exhaustive()
+    }
+}
+
+impl NodeLocations for Workers {
+    fn flight_urls(&self) -> Vec<Option<String>> {
+        let own = self.own_flight_url.get();
+        let known = self.flight_urls.read();
+        let workers = self.up.read();
+        // This node may be one of its own workers: it is listed once.
+        let workers = workers
+            .iter()
+            .filter_map(|url| known.get(url))
+            .filter(|url| Some(*url) != own);
+        std::iter::once(own.cloned())
+            .chain(workers.cloned().map(Some))
+            .collect()
+    }
 }
 
 impl WorkerResolver for Workers {
@@ -113,11 +148,13 @@ impl WorkerResolver for Workers {
 impl Workers {
     /// Probes `source` now (so the first queries know their workers), then every
     /// `every` in the background until the handle is dropped: a worker whose port does
-    /// not accept a connection within `timeout` is left out until it does again.
+    /// not accept a connection within `timeout` is left out until it does again. With
+    /// `channels`, each worker up is also asked where its Flight port is.
     pub async fn watch(
         source: WorkerSource,
         every: Duration,
         timeout: Duration,
+        channels: Option<Arc<ClusterChannels>>,
     ) -> (Arc<Self>, AbortOnDropHandle<()>) {
         let gauge = IntGaugeVec::new(
             Opts::new(
@@ -131,6 +168,9 @@ impl Workers {
         let workers = Arc::new(Self {
             up: RwLock::default(),
             gauge,
+            channels,
+            flight_urls: RwLock::default(),
+            own_flight_url: OnceLock::new(),
         });
         workers.probe(&source, timeout).await;
         let watched = Arc::clone(&workers);
@@ -141,6 +181,32 @@ impl Workers {
             }
         });
         (workers, task)
+    }
+
+    /// Where clients reach this node's Flight port; the first call wins.
+    pub fn set_own_flight_url(&self, url: String) {
+        let _ = self.own_flight_url.set(url);
+    }
+
+    /// Asks each worker in `up` where its Flight port is: a gRPC health check, whose
+    /// answer carries [`FLIGHT_URL_HEADER`]. A worker that does not say keeps no URL, and
+    /// its slices go to the other nodes.
+    async fn learn_flight_urls(&self, up: &[Url], timeout: Duration) {
+        let Some(channels) = &self.channels else {
+            return;
+        };
+        let answers = futures::future::join_all(up.iter().map(|url| async move {
+            let channel = channels.channel(url).await.ok()?;
+            let mut client = HealthClient::new(channel);
+            let check = client.check(HealthCheckRequest {
+                service: String::new(),
+            });
+            let answer = tokio::time::timeout(timeout, check).await.ok()?.ok()?;
+            let flight = answer.metadata().get(FLIGHT_URL_HEADER)?.to_str().ok()?;
+            Some((url.clone(), flight.to_string()))
+        }))
+        .await;
+        *self.flight_urls.write() = answers.into_iter().flatten().collect();
     }
 
     /// The workers that answered, for this node's metrics.
@@ -176,6 +242,7 @@ impl Workers {
             .filter(|(_, up)| !**up)
             .map(|(u, _)| u)
             .collect();
+        self.learn_flight_urls(&up, timeout).await;
         let before = std::mem::replace(&mut *self.up.write(), up.clone());
         if before != up {
             let names = |urls: &[&Url]| {
@@ -234,8 +301,13 @@ mod tests {
             l.local_addr().unwrap()
         };
         let source = WorkerSource::Static(vec![url_of(alive).unwrap(), url_of(dead).unwrap()]);
-        let (workers, _task) =
-            Workers::watch(source, Duration::from_millis(50), Duration::from_secs(1)).await;
+        let (workers, _task) = Workers::watch(
+            source,
+            Duration::from_millis(50),
+            Duration::from_secs(1),
+            None,
+        )
+        .await;
         assert_eq!(workers.get_urls().unwrap(), vec![url_of(alive).unwrap()]);
         assert_eq!(workers.gauge.with_label_values(&["down"]).get(), 1);
         // The dead one comes back.

@@ -114,7 +114,10 @@ pub(super) async fn serve(
 ) -> Result<MessageStream, Status> {
     let (ticket, params) = match command {
         Command::Sql(sql) => (QueryTicket::new(sql), vec![]),
-        Command::Query(ticket) => (ticket, vec![]),
+        Command::Query(ticket) => {
+            let params = ticket.bound_parameters()?;
+            (ticket, params)
+        }
         Command::FlightSql(sql::Command::TicketStatementQuery(statement)) => (
             QueryTicket::decode_checked(&statement.statement_handle)?,
             vec![],
@@ -145,6 +148,7 @@ async fn run(
     let request = QueryRequest {
         ticket_timeout: ticket.timeout(),
         distribution: ticket.requested_distribution()?,
+        slice: ticket.requested_slice()?,
         sql: ticket.sql,
         id: ticket.query_id,
         caller,

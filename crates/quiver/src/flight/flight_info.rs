@@ -6,13 +6,14 @@ use arrow_flight::flight_descriptor::DescriptorType;
 use arrow_flight::{
     FlightDescriptor, FlightEndpoint, FlightInfo, SchemaAsIpc, SchemaResult, Ticket,
 };
+use bytes::Bytes;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::ipc::writer::IpcWriteOptions;
 use datafusion::catalog::TableProvider;
 
 use super::ticket::{self, Command, QueryTicket};
 use crate::error::{Error, Result};
-use crate::query::{Caller, QueryEngine, TableAccess, new_query_id};
+use crate::query::{Caller, Described, MAX_SLICES, QueryEngine, TableAccess, new_query_id};
 
 /// What a descriptor stands for: a CMD holds SQL, a Quiver ticket or a Flight SQL
 /// command; a PATH `[table]` means every row of that table.
@@ -45,22 +46,58 @@ pub(super) fn descriptor_command(
     }
 }
 
-/// The schema and one endpoint whose ticket runs `ticket` (keeping its timeout and
-/// compression).
+/// The schema and the endpoints whose tickets run `ticket` (keeping its timeout and
+/// compression): one, or one per slice of the result (`--endpoints-per-query`).
 pub(super) async fn flight_info(
     engine: &Arc<QueryEngine>,
     descriptor: FlightDescriptor,
     ticket: QueryTicket,
     caller: &Caller,
 ) -> Result<FlightInfo> {
-    let schema = engine
-        .view_types()
-        .schema(&engine.schema(ticket.sql.clone(), vec![], caller).await?);
-    // The ticket names the query it will start, so CancelFlightInfo can reach it.
-    let ticket = ticket.with_query_id(new_query_id());
-    info_for(descriptor, &schema, ticket, None)
+    let described = engine
+        .describe(ticket.sql.clone(), ticket.bound_parameters()?, caller)
+        .await?;
+    let schema = engine.view_types().schema(&described.schema);
+    let endpoints = endpoints(
+        ticket,
+        &described,
+        &engine.slice_locations(),
+        QueryTicket::encode_any,
+    );
+    Ok(info_for(descriptor, &schema, endpoints, None)?.with_ordered(described.ordered))
 }
 
+/// One endpoint whose ticket runs `ticket`, or one per slice when the result splits,
+/// located at `locations` in turn (`None`: this server); each ticket encoded by `encode`.
+/// Every ticket names the query it will start, so `CancelFlightInfo` can reach it.
+pub(super) fn endpoints(
+    ticket: QueryTicket,
+    described: &Described,
+    locations: &[Option<String>],
+    encode: impl Fn(&QueryTicket) -> Bytes,
+) -> Vec<FlightEndpoint> {
+    let endpoint = |ticket: QueryTicket| {
+        FlightEndpoint::new()
+            .with_ticket(Ticket::new(encode(&ticket.with_query_id(new_query_id()))))
+    };
+    // A ticket a client made for one slice stays one.
+    match described.slices {
+        Some(slices) if ticket.slice_count.is_none() => {
+            let count = u32::try_from(slices.count).unwrap_or(MAX_SLICES);
+            (0..count)
+                .map(|index| {
+                    let slice = ticket.clone().with_slice(index, count, slices.fingerprint);
+                    let at = locations.get(index as usize % locations.len().max(1));
+                    match at.cloned().flatten() {
+                        Some(url) => endpoint(slice).with_location(url),
+                        None => endpoint(slice),
+                    }
+                })
+                .collect()
+        }
+        _ => vec![endpoint(ticket)],
+    }
+}
 /// The IPC-encoded schema of `sql`.
 pub(super) async fn schema(
     engine: &Arc<QueryEngine>,
@@ -86,7 +123,9 @@ pub(super) fn list_flights(engine: &QueryEngine, access: &TableAccess) -> Result
             info_for(
                 FlightDescriptor::new_path(vec![name.clone()]),
                 &schema,
-                QueryTicket::new(ticket::select_all(&name)),
+                vec![FlightEndpoint::new().with_ticket(Ticket::new(
+                    QueryTicket::new(ticket::select_all(&name)).encode_any(),
+                ))],
                 Some((table.num_rows(), table.byte_size())),
             )
         })
@@ -96,20 +135,21 @@ pub(super) fn list_flights(engine: &QueryEngine, access: &TableAccess) -> Result
 fn info_for(
     descriptor: FlightDescriptor,
     schema: &SchemaRef,
-    ticket: QueryTicket,
+    endpoints: Vec<FlightEndpoint>,
     size: Option<(u64, u64)>,
 ) -> Result<FlightInfo> {
-    let endpoint = FlightEndpoint::new().with_ticket(Ticket::new(ticket.encode_any()));
     let (records, bytes) = size.map_or((-1, -1), |(r, b)| {
         (
             i64::try_from(r).unwrap_or(i64::MAX),
             i64::try_from(b).unwrap_or(i64::MAX),
         )
     });
-    Ok(FlightInfo::new()
+    let info = FlightInfo::new()
         .try_with_schema(schema)?
-        .with_descriptor(descriptor)
-        .with_endpoint(endpoint)
+        .with_descriptor(descriptor);
+    Ok(endpoints
+        .into_iter()
+        .fold(info, FlightInfo::with_endpoint)
         .with_total_records(records)
         .with_total_bytes(bytes))
 }

@@ -12,11 +12,17 @@
 //! looks like one (`host/package.Message`) but is neither of ours is refused with
 //! `InvalidArgument` rather than run as SQL.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use arrow_flight::sql::{self, Any};
 use bytes::Bytes;
+use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::{Field, Schema};
 use datafusion::arrow::ipc::CompressionType;
+use datafusion::arrow::ipc::reader::StreamReader;
+use datafusion::arrow::ipc::writer::StreamWriter;
+use datafusion::common::ScalarValue;
 use prost::Message;
 
 use crate::error::{Error, Result};
@@ -104,6 +110,75 @@ impl QueryTicket {
                  DISTRIBUTION_ON (2) or DISTRIBUTION_OFF (3)"
             ))),
         }
+    }
+
+    /// The part of the result the ticket asks for: `None` for all of it.
+    pub fn requested_slice(&self) -> Result<Option<query::Slice>> {
+        match (self.slice_index, self.slice_count) {
+            (None, None) => Ok(None),
+            (Some(index), Some(count)) => Ok(Some(query::Slice::checked(
+                index,
+                count,
+                self.slice_fingerprint.unwrap_or_default(),
+            )?)),
+            _ => Err(Error::invalid(
+                "the ticket sets one of slice_index and slice_count: set both or neither",
+            )),
+        }
+    }
+
+    /// The same ticket, for slice `index` of `count` over pieces with `fingerprint`.
+    pub fn with_slice(mut self, index: u32, count: u32, fingerprint: u64) -> Self {
+        self.slice_index = Some(index);
+        self.slice_count = Some(count);
+        self.slice_fingerprint = Some(fingerprint);
+        self
+    }
+
+    /// The same ticket, running with `values` bound to its placeholders.
+    pub fn with_parameters(mut self, values: &[ScalarValue]) -> Result<Self> {
+        if values.is_empty() {
+            return Ok(self);
+        }
+        let columns = values
+            .iter()
+            .map(|v| v.to_array())
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        let fields: Vec<Field> = values
+            .iter()
+            .enumerate()
+            .map(|(i, v)| Field::new(format!("${}", i + 1), v.data_type(), true))
+            .collect();
+        let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?;
+        let mut writer = StreamWriter::try_new(Vec::new(), &batch.schema())?;
+        writer.write(&batch)?;
+        self.parameters = Some(writer.into_inner()?);
+        Ok(self)
+    }
+
+    /// The values the ticket binds to its statement's placeholders, `$1` first.
+    pub fn bound_parameters(&self) -> Result<Vec<ScalarValue>> {
+        let Some(bytes) = &self.parameters else {
+            return Ok(vec![]);
+        };
+        let bad = |e: &dyn std::fmt::Display| {
+            Error::invalid(format!(
+                "the ticket's parameters are not one row of Arrow IPC ({e}); use the tickets                  GetFlightInfo returns"
+            ))
+        };
+        let mut reader =
+            StreamReader::try_new(std::io::Cursor::new(bytes), None).map_err(|e| bad(&e))?;
+        let batch = match reader.next() {
+            Some(Ok(batch)) if batch.num_rows() == 1 => batch,
+            Some(Ok(batch)) => return Err(bad(&format!("{} rows", batch.num_rows()))),
+            Some(Err(e)) => return Err(bad(&e)),
+            None => return Err(bad(&"no batch")),
+        };
+        batch
+            .columns()
+            .iter()
+            .map(|column| ScalarValue::try_from_array(column, 0).map_err(|e| bad(&e)))
+            .collect()
     }
 
     /// Decodes and checks the value of an `Any` with [`QUERY_TICKET_TYPE_URL`].

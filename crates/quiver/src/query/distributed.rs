@@ -73,6 +73,17 @@ pub struct ClusterPlanning {
     pub distribution: Distribution,
     /// In `auto`, the bytes of files each scan task should read.
     pub bytes_per_task: usize,
+    /// Where clients reach the nodes, for slices of split results; `None`: slices stay
+    /// on this node.
+    pub locations: Option<Arc<dyn NodeLocations>>,
+}
+
+/// Where clients reach the cluster's nodes' Flight ports: a result split over endpoints
+/// (`--endpoints-per-query`) has its slices located at them in turn.
+pub trait NodeLocations: Send + Sync {
+    /// This node's Flight URL first (`None`: the client's own connection), then those
+    /// of the workers that answered the last probe.
+    fn flight_urls(&self) -> Vec<Option<String>>;
 }
 
 impl fmt::Debug for ClusterPlanning {
@@ -92,6 +103,7 @@ pub(super) struct Planners {
     on: SessionState,
     default: Distribution,
     workers: Arc<dyn WorkerResolver>,
+    locations: Option<Arc<dyn NodeLocations>>,
 }
 
 impl fmt::Debug for Planners {
@@ -120,7 +132,16 @@ impl Planners {
             on: state(1)?,
             default: cluster.distribution,
             workers: Arc::clone(&cluster.workers),
+            locations: cluster.locations.clone(),
         })
+    }
+
+    /// Where each slice of a split result is served, in turn; empty: here.
+    pub(super) fn slice_locations(&self) -> Vec<Option<String>> {
+        self.locations
+            .as_ref()
+            .map(|l| l.flight_urls())
+            .unwrap_or_default()
     }
 
     /// The state to plan with, for `requested` (or the server's default); `None`: the

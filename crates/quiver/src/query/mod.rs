@@ -25,6 +25,7 @@ mod request;
 mod running;
 mod runtime;
 mod scan;
+mod slice;
 
 pub use access::TableAccess;
 pub use active::{
@@ -33,7 +34,7 @@ pub use active::{
 pub use admission::{AdmissionOptions, Slot};
 pub use caller::Caller;
 pub use deadline::Deadline;
-pub use distributed::{ClusterPlanning, Distribution};
+pub use distributed::{ClusterPlanning, Distribution, NodeLocations};
 pub use heap_guard::{AllocatedBytes, HeapGuard};
 pub use limits::{DEFAULT_STACK_SIZE, SqlLimits};
 pub use memory::MeteredPool;
@@ -41,11 +42,12 @@ pub use options::{
     DEFAULT_MAX_FUNCTION_OUTPUT, MemoryOptions, PoolKind, QueryLimits, QueryOptions,
 };
 pub(crate) use params::cast_params;
-pub use request::{Prepared, QueryRequest, TableListing, new_query_id};
+pub use request::{Described, Prepared, QueryRequest, TableListing, new_query_id};
 use running::QueryAudit;
 pub use running::RunningQuery;
 pub use runtime::{CpuRuntime, Progress, spawn, spawn_on};
 pub use scan::{ScanReport, ScanSummary};
+pub use slice::{MAX_SLICES, Pieces, Slice};
 
 use parking_lot::Mutex;
 use std::future::Future;
@@ -97,6 +99,7 @@ pub struct QueryEngine {
     active: Arc<ActiveQueries>,
     limits: QueryLimits,
     sql_limits: SqlLimits,
+    endpoints_per_query: usize,
     heap: Arc<HeapGuard>,
     audit: Option<Arc<AuditLog>>,
     /// When the last refresh started, and what it found (see [`Self::refresh`]).
@@ -194,6 +197,7 @@ impl QueryEngine {
             active: Arc::default(),
             limits: options.limits,
             sql_limits: options.sql,
+            endpoints_per_query: options.endpoints_per_query.clamp(1, MAX_SLICES as usize),
             heap: Arc::default(),
             audit: options.audit,
             last_refresh: tokio::sync::Mutex::default(),
@@ -423,6 +427,55 @@ impl QueryEngine {
         .await
     }
 
+    /// Where the slices of a split result are served, in turn: this node (`None`, or
+    /// its `--advertise-url`), then each worker that answers; empty without a cluster.
+    pub fn slice_locations(&self) -> Vec<Option<String>> {
+        self.planners
+            .as_ref()
+            .map(|p| p.slice_locations())
+            .unwrap_or_default()
+    }
+
+    /// What a `FlightInfo` says of `sql`'s result: its schema, whether it is ordered, and
+    /// how its scans split into slices, one per endpoint (`--endpoints-per-query`).
+    /// Planned like [`Self::schema`]; the physical plan is made only when results may
+    /// split.
+    pub async fn describe(
+        self: &Arc<Self>,
+        sql: String,
+        params: Vec<ScalarValue>,
+        caller: &Caller,
+    ) -> Result<Described> {
+        let access = Arc::clone(&caller.tables);
+        let max_slices = self.endpoints_per_query;
+        self.plan_admitted(caller.client_timeout, move |engine| async move {
+            let df = engine
+                .plan_with(
+                    &sql,
+                    params,
+                    &access,
+                    Arc::default(),
+                    Some(Distribution::Off),
+                )
+                .await?;
+            let schema = Arc::clone(df.schema().inner());
+            let ordered = is_ordered(df.logical_plan());
+            let pieces = match max_slices > 1 {
+                true => slice::pieces(&df.create_physical_plan().await?),
+                false => None,
+            };
+            Ok(Described {
+                schema,
+                ordered,
+                slices: pieces.filter(|p| p.count > 1).map(|p| Pieces {
+                    count: p.count.min(max_slices),
+                    ..p
+                }),
+            })
+        })
+        .await
+    }
+
     /// Plans `sql` once to learn its result schema and parameter types, as a prepared
     /// statement needs them before any value is bound. Admitted like [`Self::schema`].
     pub async fn prepare(self: &Arc<Self>, sql: String, caller: &Caller) -> Result<Prepared> {
@@ -549,10 +602,10 @@ impl QueryEngine {
         ));
         let engine = Arc::clone(self);
         let (sql, params, access) = (request.sql, request.params, request.caller.tables);
-        let distribution = request.distribution;
+        let (distribution, slice) = (request.distribution, request.slice);
         let task = self.cpu.spawn(async move {
             match engine
-                .start(sql, params, &access, distribution, &query)
+                .start(sql, params, &access, (distribution, slice), &query)
                 .await
             {
                 Ok((stream, report)) => Ok((stream, report, query)),
@@ -639,9 +692,14 @@ impl QueryEngine {
         sql: String,
         params: Vec<ScalarValue>,
         access: &TableAccess,
-        distribution: Option<Distribution>,
+        (distribution, slice): (Option<Distribution>, Option<Slice>),
         query: &RunningQuery,
     ) -> Result<(SendableRecordBatchStream, ScanReport)> {
+        // A slice is one node's part of a result split over endpoints: run it here.
+        let distribution = match slice {
+            Some(_) => Some(Distribution::Off),
+            None => distribution,
+        };
         let (reserved, peak) = query.active().memory();
         let (reserved, peak) = (Arc::clone(reserved), Arc::clone(peak));
         let pruning = Arc::new(PartitionPruning::default());
@@ -679,10 +737,13 @@ impl QueryEngine {
             true => distributed::explain(&df.clone().into_parts().0, df.logical_plan()).await?,
             false => None,
         };
-        let plan: Arc<dyn ExecutionPlan> = match explained {
+        let mut plan: Arc<dyn ExecutionPlan> = match explained {
             Some(plan) => plan,
             None => df.create_physical_plan().await?,
         };
+        if let Some(slice) = slice {
+            plan = slice::restrict(plan, slice)?;
+        }
         for table in pruning.tables() {
             self.metrics.table_scans.with_label_values(&[&table]).inc();
         }
@@ -692,6 +753,18 @@ impl QueryEngine {
         }
         let report = ScanReport::new(plan, pruning, Arc::clone(&self.scan_totals), &sql);
         Ok((stream, report))
+    }
+}
+
+/// Whether `plan` returns its rows in an order the statement asks for.
+fn is_ordered(plan: &LogicalPlan) -> bool {
+    match plan {
+        LogicalPlan::Sort(_) => true,
+        LogicalPlan::Projection(_)
+        | LogicalPlan::Limit(_)
+        | LogicalPlan::SubqueryAlias(_)
+        | LogicalPlan::Filter(_) => plan.inputs().first().is_some_and(|p| is_ordered(p)),
+        _ => false,
     }
 }
 

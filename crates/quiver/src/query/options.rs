@@ -45,6 +45,8 @@ pub struct QueryOptions {
     pub remote: Option<Arc<RemoteStores>>,
     /// How queries are spread over other nodes; `None`: this node alone.
     pub cluster: Option<ClusterPlanning>,
+    /// Most `FlightEndpoint`s one query's result is split over (`--endpoints-per-query`).
+    pub endpoints_per_query: usize,
 }
 
 /// Time limits on a query; zero turns a limit off.
@@ -124,6 +126,7 @@ impl Default for QueryOptions {
             audit: None,
             remote: None,
             cluster: None,
+            endpoints_per_query: 1,
         }
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::caller::Caller;
 use super::distributed::Distribution;
+use super::slice::{Pieces, Slice};
 
 /// A query to run, and on whose behalf.
 #[derive(Debug, Clone, Default)]
@@ -21,9 +22,23 @@ pub struct QueryRequest {
     /// How the ticket asks to be planned in a cluster (`QueryTicket.distribution`);
     /// `None`: the server's `--distributed`.
     pub distribution: Option<Distribution>,
+    /// The part of the result to return (`QueryTicket.slice_*`); `None`: all of it.
+    pub slice: Option<Slice>,
     /// Values for the placeholders (`?` or `$1..$n`), cast to the types the statement
     /// needs; empty when it has none.
     pub params: Vec<ScalarValue>,
+}
+
+/// What a `FlightInfo` says of a statement's result.
+#[derive(Debug, Clone)]
+pub struct Described {
+    /// The result schema.
+    pub schema: SchemaRef,
+    /// Whether the statement orders its result (`ORDER BY`).
+    pub ordered: bool,
+    /// Into how many slices (`count`, within `--endpoints-per-query`) its result splits,
+    /// and their fingerprint; `None`: one endpoint.
+    pub slices: Option<Pieces>,
 }
 
 /// A table or view clients can query, for metadata calls.

@@ -25,6 +25,21 @@ pub struct QueryTicket {
     /// --distributed. Ignored by a node that knows no workers.
     #[prost(enumeration = "Distribution", optional, tag = "6")]
     pub distribution: ::core::option::Option<i32>,
+    /// Set by GetFlightInfo when it splits a result over several endpoints
+    /// (--endpoints-per-query): this ticket returns slice slice_index of slice_count, over
+    /// the scans' pieces whose fingerprint is slice_fingerprint. The slices together return
+    /// every row once. A ticket whose files changed since is refused with ABORTED.
+    #[prost(uint32, optional, tag = "7")]
+    pub slice_index: ::core::option::Option<u32>,
+    #[prost(uint32, optional, tag = "8")]
+    pub slice_count: ::core::option::Option<u32>,
+    #[prost(fixed64, optional, tag = "9")]
+    pub slice_fingerprint: ::core::option::Option<u64>,
+    /// Set by GetFlightInfo for the slices of a Flight SQL prepared statement: the values
+    /// bound to its placeholders ($1 first), one row in Arrow IPC stream format, so that any
+    /// node can run the slice.
+    #[prost(bytes = "vec", optional, tag = "10")]
+    pub parameters: ::core::option::Option<::prost::alloc::vec::Vec<u8>>,
 }
 /// How a query is planned in a cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]

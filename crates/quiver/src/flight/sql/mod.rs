@@ -20,7 +20,8 @@
 //!
 //! A statement's ticket is a [`QueryTicket`] (with its query id) inside
 //! `TicketStatementQuery.statement_handle`, so `CancelFlightInfo` reaches it like a plain
-//! ticket. Queries share admission control, deadlines and metrics with plain tickets.
+//! ticket; a result that splits (`--endpoints-per-query`) has one such ticket per slice.
+//! Queries share admission control, deadlines and metrics with plain tickets.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -53,10 +54,10 @@ use futures::Stream;
 use prost::Message;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::actions;
 use super::ticket::QueryTicket;
+use super::{actions, flight_info};
 use crate::error::{Error, Result};
-use crate::query::{Caller, QueryEngine, new_query_id};
+use crate::query::{Caller, QueryEngine};
 use crate::wire::views;
 use metadata::{Metadata, sql_info, type_info};
 use prepared::{PreparedStatement, PreparedStatements};
@@ -206,22 +207,26 @@ impl FlightSqlService for FlightSql {
         if query.transaction_id.is_some() {
             return Err(no_transactions());
         }
-        let schema = self
+        let described = self
             .engine
-            .schema(query.query.clone(), vec![], &caller(&request)?)
+            .describe(query.query.clone(), vec![], &caller(&request)?)
             .await?;
-        // The ticket names the query it will start, so CancelFlightInfo can reach it.
-        let ticket = TicketStatementQuery {
-            statement_handle: QueryTicket::new(query.query)
-                .with_query_id(new_query_id())
-                .encode_to_vec()
-                .into(),
-        };
-        Self::info(
-            &self.engine.view_types().schema(&schema),
-            ticket.as_any().encode_to_vec(),
-            request.into_inner(),
-        )
+        let locations = self.engine.slice_locations();
+        let endpoints =
+            flight_info::endpoints(QueryTicket::new(query.query), &described, &locations, |t| {
+                let ticket = TicketStatementQuery {
+                    statement_handle: t.encode_to_vec().into(),
+                };
+                ticket.as_any().encode_to_vec().into()
+            });
+        let info = FlightInfo::new()
+            .try_with_schema(&self.engine.view_types().schema(&described.schema))
+            .map_err(Error::from)?
+            .with_descriptor(request.into_inner())
+            .with_ordered(described.ordered);
+        Ok(Response::new(
+            endpoints.into_iter().fold(info, FlightInfo::with_endpoint),
+        ))
     }
 
     async fn get_flight_info_substrait_plan(
@@ -303,12 +308,31 @@ impl FlightSqlService for FlightSql {
             .statements
             .get(&query.prepared_statement_handle, &caller)?;
         let params = statement.values()?;
-        let schema = self.engine.schema(statement.sql, params, &caller).await?;
-        Self::info(
-            &self.engine.view_types().schema(&schema),
-            query.as_any().encode_to_vec(),
-            request.into_inner(),
-        )
+        let described = self
+            .engine
+            .describe(statement.sql.clone(), params.clone(), &caller)
+            .await?;
+        let info = FlightInfo::new()
+            .try_with_schema(&self.engine.view_types().schema(&described.schema))
+            .map_err(Error::from)?
+            .with_descriptor(request.into_inner())
+            .with_ordered(described.ordered);
+        // One endpoint: the statement itself, run with whatever is bound when it is
+        // fetched. Split: each slice a self-contained ticket carrying the values bound now,
+        // so that any node can serve it.
+        if described.slices.is_none() {
+            let ticket = Ticket::new(query.as_any().encode_to_vec());
+            return Ok(Response::new(
+                info.with_endpoint(FlightEndpoint::new().with_ticket(ticket)),
+            ));
+        }
+        let ticket = QueryTicket::new(statement.sql).with_parameters(&params)?;
+        let locations = self.engine.slice_locations();
+        let endpoints =
+            flight_info::endpoints(ticket, &described, &locations, QueryTicket::encode_any);
+        Ok(Response::new(
+            endpoints.into_iter().fold(info, FlightInfo::with_endpoint),
+        ))
     }
 
     async fn do_action_close_prepared_statement(
