@@ -50,6 +50,8 @@ fn inspect(command: &Command) {
         Command::Query(t) => {
             let _ = t.timeout();
             let _ = t.result_compression();
+            let _ = t.requested_slice();
+            let _ = t.bound_parameters();
         }
         Command::FlightSql(command) => {
             // Unpacked already by `decode`; statement tickets by `query_id` above.

@@ -18,9 +18,10 @@ use std::time::Duration;
 use arrow_flight::sql::{self, Any};
 use bytes::Bytes;
 use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::buffer::Buffer;
 use datafusion::arrow::datatypes::{Field, Schema};
 use datafusion::arrow::ipc::CompressionType;
-use datafusion::arrow::ipc::reader::StreamReader;
+use datafusion::arrow::ipc::reader::StreamDecoder;
 use datafusion::arrow::ipc::writer::StreamWriter;
 use datafusion::common::ScalarValue;
 use prost::Message;
@@ -157,28 +158,17 @@ impl QueryTicket {
     }
 
     /// The values the ticket binds to its statement's placeholders, `$1` first.
+    ///
+    /// Client bytes: decoded push-style with arrow-ipc's `StreamDecoder`, which holds no
+    /// more than the bytes present (its `StreamReader` allocates whatever body length a
+    /// message claims before reading it), and a decoder panic on a malformed message is
+    /// the client's error (as for `DoPut` parameters). Fuzzed (`fuzz_ticket`).
     pub fn bound_parameters(&self) -> Result<Vec<ScalarValue>> {
         let Some(bytes) = &self.parameters else {
             return Ok(vec![]);
         };
-        let bad = |e: &dyn std::fmt::Display| {
-            Error::invalid(format!(
-                "the ticket's parameters are not one row of Arrow IPC ({e}); use the tickets                  GetFlightInfo returns"
-            ))
-        };
-        let mut reader =
-            StreamReader::try_new(std::io::Cursor::new(bytes), None).map_err(|e| bad(&e))?;
-        let batch = match reader.next() {
-            Some(Ok(batch)) if batch.num_rows() == 1 => batch,
-            Some(Ok(batch)) => return Err(bad(&format!("{} rows", batch.num_rows()))),
-            Some(Err(e)) => return Err(bad(&e)),
-            None => return Err(bad(&"no batch")),
-        };
-        batch
-            .columns()
-            .iter()
-            .map(|column| ScalarValue::try_from_array(column, 0).map_err(|e| bad(&e)))
-            .collect()
+        std::panic::catch_unwind(|| decode_parameters(bytes))
+            .unwrap_or_else(|_panic| Err(bad_parameters(&"a malformed message")))
     }
 
     /// Decodes and checks the value of an `Any` with [`QUERY_TICKET_TYPE_URL`].
@@ -199,6 +189,37 @@ impl QueryTicket {
         ticket.result_compression()?;
         Ok(ticket)
     }
+}
+
+fn bad_parameters(e: &dyn std::fmt::Display) -> Error {
+    Error::invalid(format!(
+        "the ticket's parameters are not one row of Arrow IPC ({e}); use the tickets \
+         GetFlightInfo returns"
+    ))
+}
+
+/// One row of Arrow IPC stream bytes, as scalar values.
+fn decode_parameters(bytes: &[u8]) -> Result<Vec<ScalarValue>> {
+    let mut decoder = StreamDecoder::new();
+    let mut buffer = Buffer::from(bytes.to_vec());
+    let mut row: Option<RecordBatch> = None;
+    while !buffer.is_empty() {
+        let decoded = decoder
+            .decode(&mut buffer)
+            .map_err(|e| bad_parameters(&e))?;
+        if let Some(batch) = decoded {
+            if row.is_some() || batch.num_rows() != 1 {
+                return Err(bad_parameters(&"not exactly one row"));
+            }
+            row = Some(batch);
+        }
+    }
+    decoder.finish().map_err(|e| bad_parameters(&e))?;
+    let row = row.ok_or_else(|| bad_parameters(&"no batch"))?;
+    row.columns()
+        .iter()
+        .map(|column| ScalarValue::try_from_array(column, 0).map_err(|e| bad_parameters(&e)))
+        .collect()
 }
 
 /// A decoded request.
@@ -395,5 +416,33 @@ mod tests {
             assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
         }
         assert_eq!(select_all("a\"b"), "SELECT * FROM \"a\"\"b\"");
+    }
+
+    #[test]
+    fn parameters_round_trip_and_corrupt_ones_are_refused() {
+        let values = vec![
+            ScalarValue::Int64(Some(400)),
+            ScalarValue::Utf8(Some("web".into())),
+            ScalarValue::Float64(None),
+        ];
+        let ticket = QueryTicket::new("SELECT $1, $2, $3")
+            .with_parameters(&values)
+            .unwrap();
+        assert_eq!(ticket.bound_parameters().unwrap(), values);
+        let bytes = ticket.parameters.clone().unwrap();
+        // Every 8 bytes from each offset set to a huge length: refused, never allocated.
+        for at in 0..bytes.len() {
+            let mut corrupt = bytes.clone();
+            let end = (at + 8).min(corrupt.len());
+            corrupt[at..end].fill(0x7f);
+            let mut t = ticket.clone();
+            t.parameters = Some(corrupt);
+            if let Err(e) = t.bound_parameters() {
+                assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+            }
+        }
+        let mut truncated = ticket.clone();
+        truncated.parameters = Some(bytes[..bytes.len() / 2].to_vec());
+        assert!(truncated.bound_parameters().is_err());
     }
 }
