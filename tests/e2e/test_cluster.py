@@ -421,3 +421,87 @@ def test_split_results_are_located_at_the_nodes_and_pulled_from_them(dataset, tm
     finally:
         for s in servers:
             s.stop()
+
+
+def test_a_node_runs_its_own_tasks_in_process(cluster, tpch):
+    """A coordinator that is one of its own workers runs the tasks routed to itself in its
+    own process: its worker port sees none of its queries' tasks (only the other nodes'
+    ports count tasks), and the answers are DuckDB's."""
+    duck = DuckDB(tpch, 2)
+    try:
+        expected = duck.run(QUERIES[5])
+    finally:
+        duck.close()
+
+    def tasks(node) -> float:
+        return node.metrics().get("quiver_cluster_tasks_total", outcome="ok")
+
+    before = [tasks(n) for n in cluster]
+    assert same(expected, cluster[0].query(QUERIES[5])) is None
+    after = [tasks(n) for n in cluster]
+    assert after[0] == before[0], "the coordinator called its own worker port"
+    assert after[1] > before[1] and after[2] > before[2], (before, after)
+
+
+def test_worker_admission_refuses_a_query_beyond_its_slots(tpch, tmp_path):
+    """A worker with --max-cluster-queries 1 runs one other node's query at a time: a
+    second coordinator's query that finds the slot taken for --cluster-queue-timeout fails
+    UNAVAILABLE naming the worker and the flag, before anything of it runs there; the first
+    query is unharmed, the slot comes back, and every pool returns to 0. (Two workers: with
+    one, datafusion-distributed keeps a query on its coordinator.)"""
+    tables = tpch_tables(tpch)
+    ports = [free_port(), free_port()]
+    secret = secret_file(tmp_path)
+    cluster = ["--cluster-secret-file", str(secret)]
+    limited = Server(
+        [*tables, *cluster, "--cluster-listen", f"127.0.0.1:{ports[0]}", "--max-cluster-queries", "1",
+         "--cluster-queue-timeout", "300ms"],
+        tmp_path / "limited",
+    )
+    nodes = [limited]
+    try:
+        nodes.append(Server([*tables, *cluster, "--cluster-listen", f"127.0.0.1:{ports[1]}"], tmp_path / "worker"))
+        workers = ",".join(f"http://127.0.0.1:{p}" for p in ports)
+        coordinators = []
+        for i in range(2):
+            coordinators.append(Server(
+                [*tables, *cluster, "--workers", workers, "--distributed", "on"], tmp_path / f"coordinator{i}",
+            ))
+        nodes += coordinators
+        for c in coordinators:
+            wait_for(lambda c=c: c.metrics().get("quiver_cluster_workers", state="up") == 2, timeout=30,
+                     what="the workers up")
+        small = "SELECT l_returnflag, count(*) AS n FROM lineitem GROUP BY l_returnflag ORDER BY 1"
+        expected_small = coordinators[1].query(small)
+        assert limited.metrics().get("quiver_cluster_tasks_total", outcome="ok") > 0, "the worker ran no task"
+        assert limited.metrics().get("quiver_cluster_queries_active") == 0
+        result, failure = [], []
+
+        def run():
+            try:
+                result.append(coordinators[0].query(HEAVY))
+            except flight.FlightError as e:
+                failure.append(e)
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        wait_for(lambda: limited.metrics().get("quiver_cluster_queries_active") == 1, timeout=30,
+                 what="the heavy query to hold the worker's slot")
+        with pytest.raises(flight.FlightUnavailableError) as refused:
+            coordinators[1].query(small)
+        message = str(refused.value)
+        assert f"127.0.0.1:{ports[0]}" in message and "--max-cluster-queries" in message, message
+        assert limited.metrics().get("quiver_cluster_queries_refused_total") == 1
+        thread.join(timeout=300)
+        assert not failure, failure
+        assert result and result[0].num_rows == 1 and result[0]["n"][0].as_py() > 0
+        # The slot is back: the refused query runs now, with the same answer as before.
+        wait_for(lambda: limited.metrics().get("quiver_cluster_queries_active") == 0, timeout=30,
+                 what="the slot back")
+        assert same(expected_small, coordinators[1].query(small)) is None
+        for node in nodes:
+            wait_for(lambda node=node: idle(node), timeout=60, what="every pool back to 0")
+        assert limited.metrics().get("quiver_cluster_queries_active") == 0
+    finally:
+        for s in nodes:
+            s.stop()

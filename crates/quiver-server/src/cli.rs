@@ -392,6 +392,17 @@ pub struct ServeArgs {
     #[arg(long, env = "QUIVER_ADVERTISE_URL", value_parser = parse_flight_url)]
     pub advertise_url: Option<String>,
 
+    /// Other nodes' queries this node runs tasks for at once (admission on the worker
+    /// port: a query takes one slot for all its tasks here). A query that finds none
+    /// free within --cluster-queue-timeout fails with UNAVAILABLE naming this node. The
+    /// tasks of this node's own queries are under --max-concurrent-queries.
+    #[arg(long, env = "QUIVER_MAX_CLUSTER_QUERIES", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_cluster_queries: u32,
+
+    /// Longest wait of another node's query for a slot (--max-cluster-queries).
+    #[arg(long, env = "QUIVER_CLUSTER_QUEUE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub cluster_queue_timeout: Duration,
+
     /// Time limit of connecting to a worker.
     #[arg(long, env = "QUIVER_CLUSTER_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub cluster_connect_timeout: Duration,

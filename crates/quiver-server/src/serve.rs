@@ -12,8 +12,8 @@ use quiver::catalog::{
     CatalogFile, TableDefinition, TableLocation, parse_table_flag, tables_in_data_dir,
 };
 use quiver::cluster::{
-    ClusterChannels, ClusterMetrics, ClusterMetricsLayer, ClusterSecret, WorkerSource, Workers,
-    worker_routes,
+    ClusterChannels, ClusterMetrics, ClusterMetricsLayer, ClusterSecret, OwnWorker, TaskAdmission,
+    TaskAdmissionOptions, WorkerSource, Workers, worker_routes,
 };
 use quiver::flight::auth::{Authenticator, LoginLimits};
 use quiver::flight::{
@@ -26,7 +26,7 @@ use quiver::query::spawn;
 use quiver::query::{
     AdmissionOptions, MemoryOptions, PoolKind, QueryEngine, QueryLimits, QueryOptions, SqlLimits,
 };
-use quiver::query::{ClusterPlanning, CpuRuntime, NodeLocations};
+use quiver::query::{ClusterPlanning, CpuRuntime, LocalWorker, NodeLocations};
 use quiver::wire::views::ViewTypes;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -301,6 +301,8 @@ struct Cluster {
     planning: Option<ClusterPlanning>,
     /// The workers, and the task that probes them.
     workers: Option<(Arc<Workers>, AbortOnDropHandle<()>)>,
+    /// This node's worker, for its own queries (with --cluster-listen and workers).
+    own: Option<Arc<OwnWorker>>,
     metrics: Arc<ClusterMetrics>,
 }
 
@@ -350,18 +352,26 @@ impl Cluster {
             ),
             None => None,
         };
+        // A node that serves a worker port and lists itself among its workers runs its
+        // own share of its queries in-process.
+        let own = match (&workers, args.cluster_listen) {
+            (Some((workers, _)), Some(_)) => Some(Arc::new(OwnWorker::new(Arc::clone(workers)))),
+            _ => None,
+        };
         let planning = workers.as_ref().map(|(workers, _)| ClusterPlanning {
             workers: Arc::clone(workers) as _,
             channels: Arc::clone(&channels) as _,
             distribution: args.distributed,
             bytes_per_task: args.distributed_bytes_per_task.0,
             locations: Some(Arc::clone(workers) as Arc<dyn NodeLocations>),
+            local: own.clone().map(|own| own as Arc<dyn LocalWorker>),
         });
         Ok(Some(Self {
             secret,
             channels,
             planning,
             workers,
+            own,
             metrics,
         }))
     }
@@ -395,14 +405,27 @@ impl Cluster {
             .cpu_threads
             .unwrap_or_else(|| QueryOptions::default().cpu_threads);
         let runtime = CpuRuntime::with_io(threads, args.query_stack_size.0, "quiver-cluster")?;
-        let (_worker, routes) = worker_routes(
+        let admission = TaskAdmission::new(
+            TaskAdmissionOptions {
+                max_queries: args.max_cluster_queries as usize,
+                queue_timeout: args.cluster_queue_timeout,
+            },
+            self.metrics.queries_active(),
+            self.metrics.queries_refused(),
+            bound.to_string(),
+        );
+        let (worker, routes) = worker_routes(
             &engine.base_state(),
             Arc::clone(engine.catalog()),
             Arc::clone(engine.io()),
             self.channels,
             self.secret,
+            Arc::new(admission),
             bound.to_string(),
         );
+        if let Some(own) = &self.own {
+            own.serving(worker);
+        }
         let handshake_timeout = args.tls.tls_handshake_timeout;
         let mut metrics = ClusterMetricsLayer::new(self.metrics);
         if let Some(url) = &flight_url {

@@ -7,13 +7,13 @@ use std::task::{Context, Poll, ready};
 
 use http::{HeaderValue, Request, Response};
 use http_body::{Body as HttpBody, Frame, SizeHint};
-use prometheus::{IntCounter, IntCounterVec, Opts, Registry};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use tonic::Code;
 use tonic::body::Body;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::FLIGHT_URL_HEADER;
+use super::{FLIGHT_URL_HEADER, NODE_ID_HEADER, node_id};
 
 /// Task outcomes, the `outcome` label.
 const OUTCOMES: [&str; 3] = ["ok", "error", "cancelled"];
@@ -24,6 +24,8 @@ pub struct ClusterMetrics {
     tasks: IntCounterVec,
     sent: IntCounter,
     received: IntCounter,
+    queries: IntGauge,
+    refused: IntCounter,
 }
 
 impl Default for ClusterMetrics {
@@ -53,6 +55,18 @@ impl Default for ClusterMetrics {
                 "Bytes of gRPC messages this node received from other nodes.",
             )
             .expect("valid metric"),
+            queries: IntGauge::new(
+                "quiver_cluster_queries_active",
+                "Other nodes' queries holding a slot on this node's worker port \
+                 (--max-cluster-queries).",
+            )
+            .expect("valid metric"),
+            refused: IntCounter::new(
+                "quiver_cluster_queries_refused_total",
+                "Other nodes' queries refused a slot on this node's worker port \
+                 (none free within --cluster-queue-timeout).",
+            )
+            .expect("valid metric"),
         }
     }
 }
@@ -62,7 +76,19 @@ impl ClusterMetrics {
     pub fn register(&self, registry: &Registry) -> prometheus::Result<()> {
         registry.register(Box::new(self.tasks.clone()))?;
         registry.register(Box::new(self.sent.clone()))?;
-        registry.register(Box::new(self.received.clone()))
+        registry.register(Box::new(self.received.clone()))?;
+        registry.register(Box::new(self.queries.clone()))?;
+        registry.register(Box::new(self.refused.clone()))
+    }
+
+    /// Other nodes' queries admitted on this node's worker port.
+    pub fn queries_active(&self) -> IntGauge {
+        self.queries.clone()
+    }
+
+    /// Other nodes' queries refused on this node's worker port.
+    pub fn queries_refused(&self) -> IntCounter {
+        self.refused.clone()
     }
 
     /// `body`, its bytes counted as sent.
@@ -77,8 +103,9 @@ impl ClusterMetrics {
 }
 
 /// Counts the worker port's traffic, and each task (a `CoordinatorChannel` call: one per
-/// task a coordinator sends) by how its call ended; every answer says where the node's
-/// Flight port is ([`FLIGHT_URL_HEADER`]) when it is known.
+/// task a coordinator sends) by how its call ended; every answer names the node
+/// ([`NODE_ID_HEADER`]) and says where its Flight port is ([`FLIGHT_URL_HEADER`]) when
+/// it is known.
 #[derive(Debug, Clone)]
 pub struct ClusterMetricsLayer {
     metrics: Arc<ClusterMetrics>,
@@ -142,8 +169,10 @@ where
         let flight_url = self.flight_url.clone();
         Box::pin(async move {
             let mut response = response.await?;
+            let headers = response.headers_mut();
+            headers.insert(NODE_ID_HEADER, HeaderValue::from_static(node_id()));
             if let Some(url) = flight_url {
-                response.headers_mut().insert(FLIGHT_URL_HEADER, url);
+                headers.insert(FLIGHT_URL_HEADER, url);
             }
             let outcome = task.then(|| TaskOutcome {
                 tasks: metrics.tasks.clone(),

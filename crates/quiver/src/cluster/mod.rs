@@ -5,7 +5,8 @@
 //!  client ─▶ coordinator (any node): plans with query::distributed ─▶ stages, tasks
 //!                 │ ClusterChannels: one HTTP/2 connection per worker, the shared secret
 //!                 ▼ on every call
-//!  worker port (--cluster-listen) ─▶ secret checked ─▶ datafusion-distributed's Worker
+//!  worker port (--cluster-listen) ─▶ secret checked ─▶ TaskAdmission (a slot per query,
+//!                 │ --max-cluster-queries) ─▶ datafusion-distributed's Worker
 //!                 │ on the cluster runtime, with this node's runtime env (memory pool,
 //!                 ▼ object stores) and functions
 //!  ReinstallReaders: the plan's Parquet scans read through Quiver's reader (memory maps,
@@ -18,19 +19,21 @@
 //! URL: a result split over endpoints (`--endpoints-per-query`) has slices located at
 //! the nodes, so clients pull them straight from the workers.
 
+mod admission;
 mod channels;
 mod metrics;
 mod worker;
 mod workers;
 
+pub use admission::{Admitted, TaskAdmission, TaskAdmissionOptions};
 pub use channels::ClusterChannels;
 pub use metrics::{ClusterMetrics, ClusterMetricsLayer};
-pub use worker::{ReinstallReaders, worker_routes};
+pub use worker::{OwnWorker, ReinstallReaders, worker_routes};
 pub use workers::{WorkerSource, Workers};
 
 use std::fmt;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use crate::error::{Error, Result};
 
@@ -40,6 +43,23 @@ pub const SECRET_HEADER: &str = "x-quiver-cluster-secret";
 /// The header in every answer of a worker port that carries where clients reach the
 /// node's Flight port (`--advertise-url`): slices of split results are located there.
 pub const FLIGHT_URL_HEADER: &str = "x-quiver-flight-url";
+
+/// The header in every answer of a worker port that names the node (see [`node_id`]): a
+/// coordinator that finds itself among its workers runs the tasks routed to itself
+/// in-process.
+pub const NODE_ID_HEADER: &str = "x-quiver-node-id";
+
+/// This process's name among the cluster's nodes: 128 random bits, drawn once.
+pub fn node_id() -> &'static str {
+    static ID: OnceLock<String> = OnceLock::new();
+    ID.get_or_init(|| {
+        format!(
+            "{:016x}{:016x}",
+            rand::random::<u64>(),
+            rand::random::<u64>()
+        )
+    })
+}
 
 /// Shortest secret accepted: 128 bits of hex.
 const MIN_SECRET_BYTES: usize = 32;

@@ -1,7 +1,7 @@
 //! The worker side: the tasks other nodes send to this one.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::error::{DataFusionError, Result as DfResult};
@@ -13,19 +13,20 @@ use datafusion_datasource::file_scan_config::{FileScanConfig, FileScanConfigBuil
 use datafusion_datasource::source::DataSourceExec;
 use datafusion_datasource_parquet::source::ParquetSource;
 use datafusion_distributed::{
-    ChannelResolver, DistributedExt, Worker, WorkerPlanRewriteEvent,
+    ChannelResolver, DistributedExt, LocalWorkerContext, Worker, WorkerPlanRewriteEvent,
     WorkerPlanRewriteEventResponse, WorkerPlanRewriteHandler, WorkerQueryContext,
 };
 use object_store::ObjectMeta;
 use tonic::service::Routes;
 
-use super::{ClusterSecret, SECRET_HEADER};
+use super::{Admitted, ClusterSecret, SECRET_HEADER, TaskAdmission, Workers};
 use crate::catalog::Catalog;
 use crate::error::Error;
 use crate::io::Io;
+use crate::query::LocalWorker;
 
-/// The worker service of this node, behind the secret check, as routes for the
-/// cluster port. Tasks run with `base`'s runtime env (so they draw on this node's
+/// The worker service of this node, behind the secret check and `admission`, as routes
+/// for the cluster port. Tasks run with `base`'s runtime env (so they draw on this node's
 /// memory pool and find its object stores) and functions (with their limits), and read
 /// through this node's reader, checked against its own listing.
 pub fn worker_routes(
@@ -34,6 +35,7 @@ pub fn worker_routes(
     io: Arc<Io>,
     channels: Arc<dyn ChannelResolver + Send + Sync>,
     secret: ClusterSecret,
+    admission: Arc<TaskAdmission>,
     node: String,
 ) -> (Worker, Routes) {
     let readers: Arc<dyn WorkerPlanRewriteHandler> = Arc::new(ReinstallReaders {
@@ -74,13 +76,54 @@ pub fn worker_routes(
         }
     };
     let service = tonic::service::interceptor::InterceptedService::new(
-        worker.clone().into_worker_server(),
+        Admitted::new(worker.clone().into_worker_server(), admission),
         check,
     );
     // Not behind the secret: it tells whether the port serves, and (in the answer's
     // headers, see `ClusterMetricsLayer`) where the node's Flight port is.
     let (_reporter, health) = tonic_health::server::health_reporter();
     (worker, Routes::new(service).add_service(health))
+}
+
+/// This node's worker for the queries it coordinates, once the worker port serves
+/// ([`Self::serving`]): when the node is among its own workers (a health check answered
+/// with its node id), tasks routed to it run in-process. They skip the worker port, so
+/// its secret check and its `quiver_cluster_*` traffic and task counters.
+pub struct OwnWorker {
+    worker: OnceLock<Worker>,
+    workers: Arc<Workers>,
+}
+
+impl std::fmt::Debug for OwnWorker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OwnWorker")
+            .field("serving", &self.worker.get().is_some())
+            .field("url", &self.workers.own_url())
+            .finish()
+    }
+}
+
+impl OwnWorker {
+    /// Found among `workers`.
+    pub fn new(workers: Arc<Workers>) -> Self {
+        Self {
+            worker: OnceLock::new(),
+            workers,
+        }
+    }
+
+    /// The worker serving this node's cluster port; the first call wins.
+    pub fn serving(&self, worker: Worker) {
+        let _ = self.worker.set(worker);
+    }
+}
+
+impl LocalWorker for OwnWorker {
+    fn context(&self) -> Option<Arc<LocalWorkerContext>> {
+        let worker = self.worker.get()?;
+        let url = self.workers.own_url()?;
+        Some(Arc::new(worker.to_local_worker_context(url)))
+    }
 }
 
 /// Puts Quiver's reader back on every Parquet scan of a task's plan: DataFusion's plan

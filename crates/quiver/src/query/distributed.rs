@@ -19,8 +19,8 @@ use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::{ExecutionPlan, displayable};
 use datafusion_datasource::memory::MemorySourceConfig;
 use datafusion_distributed::{
-    ChannelResolver, DistributedExec, DistributedExt, SessionStateBuilderExt, WorkerResolver,
-    display_plan_ascii,
+    ChannelResolver, DistributedExec, DistributedExt, LocalWorkerContext, SessionStateBuilderExt,
+    WorkerResolver, display_plan_ascii,
 };
 
 use crate::error::{Error, Result};
@@ -76,6 +76,17 @@ pub struct ClusterPlanning {
     /// Where clients reach the nodes, for slices of split results; `None`: slices stay
     /// on this node.
     pub locations: Option<Arc<dyn NodeLocations>>,
+    /// This node's own worker, when it is one of `workers`.
+    pub local: Option<Arc<dyn LocalWorker>>,
+}
+
+/// This node as one of its own workers: the tasks a query routes to it run in this
+/// process (no loopback gRPC call, no plan or Arrow IPC encoding), and a stage of one
+/// task stays here.
+pub trait LocalWorker: Send + Sync {
+    /// The worker and its URL among the workers; `None` while this node's worker is not
+    /// serving or not (yet) found among them.
+    fn context(&self) -> Option<Arc<LocalWorkerContext>>;
 }
 
 /// Where clients reach the cluster's nodes' Flight ports: a result split over endpoints
@@ -104,6 +115,7 @@ pub(super) struct Planners {
     default: Distribution,
     workers: Arc<dyn WorkerResolver>,
     locations: Option<Arc<dyn NodeLocations>>,
+    local: Option<Arc<dyn LocalWorker>>,
 }
 
 impl fmt::Debug for Planners {
@@ -133,6 +145,7 @@ impl Planners {
             default: cluster.distribution,
             workers: Arc::clone(&cluster.workers),
             locations: cluster.locations.clone(),
+            local: cluster.local.clone(),
         })
     }
 
@@ -147,11 +160,17 @@ impl Planners {
     /// The state to plan with, for `requested` (or the server's default); `None`: the
     /// single-node state (also while no worker answers).
     pub(super) fn state(&self, requested: Option<Distribution>) -> Option<SessionState> {
-        self.distributes(requested)
-            .then(|| match requested.unwrap_or(self.default) {
-                Distribution::On => self.on.clone(),
-                _ => self.auto.clone(),
-            })
+        if !self.distributes(requested) {
+            return None;
+        }
+        let mut state = match requested.unwrap_or(self.default) {
+            Distribution::On => self.on.clone(),
+            _ => self.auto.clone(),
+        };
+        if let Some(local) = self.local.as_ref().and_then(|l| l.context()) {
+            state.config_mut().set_extension(local);
+        }
+        Some(state)
     }
 
     /// Whether a query asking for `requested` is planned across the cluster.

@@ -1,0 +1,470 @@
+//! Admission on the worker port: tasks of at most `--max-cluster-queries` other nodes'
+//! queries run on this node at once.
+//!
+//! The unit is a query, not a task: a query's tasks on this node depend on each other
+//! (a stage's task reads the one below it), so admitting some of them and not others
+//! would leave the admitted ones waiting on the rest. The first call of a query (a
+//! `CoordinatorChannel`, which sets a task's plan, or an `ExecuteTask`, which runs it)
+//! takes a slot, waiting up to `--cluster-queue-timeout`; every later call of the query
+//! shares it, and the slot is given back when the query's last call here ends. A query
+//! that finds no slot in time is refused `UNAVAILABLE` on every call, before
+//! datafusion-distributed's worker sees it (so nothing of it is planned or buffered
+//! here), and its later calls are refused at once. The coordinator's query fails with
+//! that message. Tasks a node routes to itself run in-process and are under its own
+//! client admission instead.
+//!
+//! The query id is read from the call's first gRPC message: `TaskKey.query_id`, field 1
+//! of both `SetPlanRequest` and `ExecuteTaskRequest` (datafusion-distributed's
+//! `worker.proto`, pinned at 4.0.0).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures::StreamExt;
+use http::{Request, Response};
+use http_body_util::{BodyExt, BodyStream, StreamBody};
+use parking_lot::Mutex;
+use prometheus::{IntCounter, IntGauge};
+use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore};
+use tonic::Status;
+use tonic::body::Body;
+use tonic::server::NamedService;
+use tower_service::Service;
+
+/// How long a refused query's later calls are refused without waiting.
+const REFUSED_LINGER: Duration = Duration::from_secs(60);
+
+/// Refused query ids remembered at most (oldest forgotten first).
+const MAX_REFUSED: usize = 4096;
+
+/// Limits on other nodes' queries.
+#[derive(Debug, Clone, Copy)]
+pub struct TaskAdmissionOptions {
+    /// Other nodes' queries with tasks running here at once.
+    pub max_queries: usize,
+    /// Longest wait of a query's first call for a slot.
+    pub queue_timeout: Duration,
+}
+
+impl Default for TaskAdmissionOptions {
+    fn default() -> Self {
+        Self {
+            max_queries: 64,
+            queue_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The slots, the queries holding them, and the queries refused lately.
+#[derive(Debug)]
+pub struct TaskAdmission {
+    slots: Arc<Semaphore>,
+    options: TaskAdmissionOptions,
+    queries: Mutex<HashMap<Bytes, Arc<Query>>>,
+    refused: Mutex<Refused>,
+    active: IntGauge,
+    refused_total: IntCounter,
+    /// This node, for messages.
+    node: String,
+}
+
+/// A query with calls on this node.
+#[derive(Debug, Default)]
+struct Query {
+    /// Its slot once the first call got it (shared by its other calls), or why not.
+    slot: OnceCell<Result<OwnedSemaphorePermit, Status>>,
+    /// Its calls in progress (guarded by `TaskAdmission::queries`).
+    calls: std::sync::atomic::AtomicUsize,
+}
+
+#[derive(Debug, Default)]
+struct Refused {
+    ids: HashSet<Bytes>,
+    order: VecDeque<(Instant, Bytes)>,
+}
+
+impl Refused {
+    fn forget_old(&mut self, now: Instant) {
+        while let Some((at, id)) = self.order.front() {
+            if now.duration_since(*at) < REFUSED_LINGER && self.order.len() <= MAX_REFUSED {
+                break;
+            }
+            self.ids.remove(id);
+            self.order.pop_front();
+        }
+    }
+}
+
+impl TaskAdmission {
+    /// Slots for `options.max_queries` queries; `active` counts the queries holding one,
+    /// `refused` those that got none.
+    pub fn new(
+        options: TaskAdmissionOptions,
+        active: IntGauge,
+        refused: IntCounter,
+        node: String,
+    ) -> Self {
+        Self {
+            slots: Arc::new(Semaphore::new(options.max_queries.max(1))),
+            options,
+            queries: Mutex::default(),
+            refused: Mutex::default(),
+            active,
+            refused_total: refused,
+            node,
+        }
+    }
+
+    /// Admits a call of query `id`: the guard holds the query's slot until dropped.
+    async fn admit(self: &Arc<Self>, id: Bytes) -> Result<CallGuard, Status> {
+        let refused_lately = {
+            let mut refused = self.refused.lock();
+            refused.forget_old(Instant::now());
+            refused.ids.contains(&id)
+        };
+        if refused_lately {
+            return Err(self.busy());
+        }
+        let query = {
+            let mut queries = self.queries.lock();
+            let query = Arc::clone(queries.entry(id.clone()).or_default());
+            query
+                .calls
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            query
+        };
+        let guard = CallGuard {
+            admission: Arc::clone(self),
+            id,
+            query,
+        };
+        let slot = guard
+            .query
+            .slot
+            .get_or_init(|| async {
+                let slots = Arc::clone(&self.slots);
+                match tokio::time::timeout(self.options.queue_timeout, slots.acquire_owned()).await
+                {
+                    Ok(Ok(permit)) => {
+                        self.active.inc();
+                        Ok(permit)
+                    }
+                    _ => {
+                        self.refused_total.inc();
+                        Err(self.busy())
+                    }
+                }
+            })
+            .await;
+        match slot {
+            Ok(_) => Ok(guard),
+            Err(status) => {
+                let mut refused = self.refused.lock();
+                if refused.ids.insert(guard.id.clone()) {
+                    refused.order.push_back((Instant::now(), guard.id.clone()));
+                }
+                refused.forget_old(Instant::now());
+                Err(status.clone())
+            }
+        }
+    }
+
+    fn busy(&self) -> Status {
+        Status::unavailable(format!(
+            "node {} is running tasks of {} other queries (--max-cluster-queries) and none \
+             ended within {} (--cluster-queue-timeout): retry later, or raise the limit",
+            self.node,
+            self.options.max_queries,
+            humantime::format_duration(self.options.queue_timeout),
+        ))
+    }
+}
+
+/// One call of an admitted (or waiting) query; the last one of a query gives its slot
+/// back.
+struct CallGuard {
+    admission: Arc<TaskAdmission>,
+    id: Bytes,
+    query: Arc<Query>,
+}
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        let mut queries = self.admission.queries.lock();
+        let left = self
+            .query
+            .calls
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed)
+            - 1;
+        if left == 0 {
+            queries.remove(&self.id);
+            if matches!(self.query.slot.get(), Some(Ok(_))) {
+                self.admission.active.dec();
+            }
+        }
+    }
+}
+
+/// datafusion-distributed's worker service behind [`TaskAdmission`].
+#[derive(Clone)]
+pub struct Admitted<S> {
+    inner: S,
+    admission: Arc<TaskAdmission>,
+}
+
+impl<S> Admitted<S> {
+    /// `inner`, its task calls admitted by `admission`.
+    pub fn new(inner: S, admission: Arc<TaskAdmission>) -> Self {
+        Self { inner, admission }
+    }
+}
+
+impl<S: NamedService> NamedService for Admitted<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+impl<S> Service<Request<Body>> for Admitted<S>
+where
+    S: Service<Request<Body>, Response = Response<Body>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send,
+{
+    type Response = Response<Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let path = request.uri().path();
+        let plan = path.ends_with("/CoordinatorChannel");
+        let task = plan || path.ends_with("/ExecuteTask");
+        // The service that was made ready serves this call; a clone for the next.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        if !task {
+            return Box::pin(inner.call(request));
+        }
+        let admission = Arc::clone(&self.admission);
+        Box::pin(async move {
+            let (parts, body) = request.into_parts();
+            let (first, body) = match first_message(body).await {
+                Ok(read) => read,
+                Err(status) => return Ok(status.into_http()),
+            };
+            let request = Request::from_parts(parts, body);
+            // A message that cannot be read is left to the worker to refuse.
+            let Some(id) = first.as_deref().and_then(|m| query_id(m, plan)) else {
+                return inner.call(request).await;
+            };
+            let guard = match admission.admit(id).await {
+                Ok(guard) => guard,
+                Err(status) => return Ok(status.into_http()),
+            };
+            let response = inner.call(request).await?;
+            Ok(response.map(|body| {
+                Body::new(body.map_frame(move |frame| {
+                    let _held = &guard;
+                    frame
+                }))
+            }))
+        })
+    }
+}
+
+/// The call's first gRPC message (uncompressed; `None` if it is compressed, or the body
+/// ends first), and the body to serve the call with: the same bytes and trailers.
+async fn first_message(mut body: Body) -> Result<(Option<Bytes>, Body), Status> {
+    let mut read = BytesMut::new();
+    let message = loop {
+        if read.len() >= 5 {
+            let compressed = read[0] != 0;
+            let len = u32::from_be_bytes([read[1], read[2], read[3], read[4]]) as usize;
+            if compressed {
+                break None;
+            }
+            if read.len() >= 5 + len {
+                break Some(Bytes::copy_from_slice(&read[5..5 + len]));
+            }
+        }
+        match body.frame().await {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(mut data) => {
+                    while data.has_remaining() {
+                        let chunk = data.chunk();
+                        read.extend_from_slice(chunk);
+                        let n = chunk.len();
+                        data.advance(n);
+                    }
+                }
+                // Trailers before a whole message: the worker answers the short call.
+                Err(_) => break None,
+            },
+            Some(Err(status)) => return Err(status),
+            None => break None,
+        }
+    };
+    let read = read.freeze();
+    let rest = BodyStream::new(body);
+    let replay = futures::stream::once(async move { Ok(http_body::Frame::data(read)) }).chain(rest);
+    Ok((message, Body::new(StreamBody::new(replay))))
+}
+
+/// `TaskKey.query_id` of a `CoordinatorToWorkerMsg` (`plan`: `set_plan_request = 1 {
+/// task_key = 1 { query_id = 1 } }`) or an `ExecuteTaskRequest` (`task_key = 1 {
+/// query_id = 1 }`); `None` if absent or empty.
+fn query_id(message: &[u8], plan: bool) -> Option<Bytes> {
+    use prost::Message;
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct TaskKey {
+        #[prost(bytes = "bytes", tag = "1")]
+        query_id: Bytes,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct Keyed {
+        #[prost(message, optional, tag = "1")]
+        task_key: Option<TaskKey>,
+    }
+    #[derive(Clone, PartialEq, prost::Message)]
+    struct CoordinatorToWorker {
+        #[prost(message, optional, tag = "1")]
+        set_plan_request: Option<Keyed>,
+    }
+
+    let key = if plan {
+        CoordinatorToWorker::decode(message)
+            .ok()?
+            .set_plan_request?
+            .task_key?
+    } else {
+        Keyed::decode(message).ok()?.task_key?
+    };
+    (!key.query_id.is_empty()).then_some(key.query_id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A protobuf length-delimited field.
+    fn field(number: u8, body: &[u8]) -> Vec<u8> {
+        let mut out = vec![number << 3 | 2, body.len() as u8];
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// `TaskKey { query_id, stage_id: 3, task_number: 1 }`, encoded by hand from
+    /// datafusion-distributed's worker.proto.
+    fn task_key(id: &[u8]) -> Vec<u8> {
+        let mut key = field(1, id);
+        key.extend_from_slice(&[2 << 3, 3, 3 << 3, 1]);
+        key
+    }
+
+    #[test]
+    fn the_query_id_is_read_from_either_call() {
+        let id = [7u8; 16];
+        // ExecuteTaskRequest { task_key, target_partition_start: 0, target_partition_end: 2,
+        // none: {} }
+        let mut execute = field(1, &task_key(&id));
+        execute.extend_from_slice(&[2 << 3, 0, 3 << 3, 2]);
+        execute.extend_from_slice(&field(6, &[]));
+        assert_eq!(query_id(&execute, false).as_deref(), Some(&id[..]));
+        // CoordinatorToWorkerMsg { set_plan_request: { task_key, task_count: 2, plan_proto } }
+        let mut set_plan = field(1, &task_key(&id));
+        set_plan.extend_from_slice(&[2 << 3, 2]);
+        set_plan.extend_from_slice(&field(3, b"plan bytes"));
+        let channel = field(1, &set_plan);
+        assert_eq!(query_id(&channel, true).as_deref(), Some(&id[..]));
+        // A work unit batch first, garbage, an empty id: not a query.
+        assert_eq!(query_id(&field(2, &[]), true), None);
+        assert_eq!(query_id(&[0xff, 0xff, 0xff], false), None);
+        assert_eq!(query_id(&field(1, &task_key(&[])), false), None);
+    }
+
+    fn admission(max_queries: usize, queue_timeout: Duration) -> Arc<TaskAdmission> {
+        let options = TaskAdmissionOptions {
+            max_queries,
+            queue_timeout,
+        };
+        let gauge = IntGauge::new("active", "test").unwrap();
+        let refused = IntCounter::new("refused", "test").unwrap();
+        Arc::new(TaskAdmission::new(options, gauge, refused, "node-1".into()))
+    }
+
+    #[tokio::test]
+    async fn a_query_holds_one_slot_for_all_its_calls() {
+        let admission = admission(1, Duration::from_millis(50));
+        let (a, b, c) = (
+            Bytes::from_static(b"a"),
+            Bytes::from_static(b"b"),
+            Bytes::from_static(b"c"),
+        );
+        let first = admission.admit(a.clone()).await.unwrap();
+        let second = admission.admit(a.clone()).await.unwrap();
+        assert_eq!(admission.active.get(), 1);
+        // Another query waits, then is refused, and its later calls at once.
+        let refused = admission.admit(b.clone()).await.err().unwrap();
+        assert_eq!(refused.code(), tonic::Code::Unavailable);
+        assert!(
+            refused.message().contains("node-1"),
+            "{}",
+            refused.message()
+        );
+        assert!(refused.message().contains("--max-cluster-queries"));
+        assert_eq!(admission.refused_total.get(), 1);
+        drop(first);
+        assert_eq!(
+            admission.active.get(),
+            1,
+            "a call of the query is still open"
+        );
+        drop(second);
+        assert_eq!(admission.active.get(), 0);
+        assert!(admission.queries.lock().is_empty());
+        assert!(admission.admit(b).await.is_err(), "refused lately");
+        assert_eq!(admission.refused_total.get(), 1, "counted once per query");
+        // A new query gets the slot back.
+        let third = admission.admit(c).await.unwrap();
+        assert_eq!(admission.active.get(), 1);
+        drop(third);
+        assert_eq!(admission.active.get(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_query_gets_the_slot_when_it_frees() {
+        let admission = admission(1, Duration::from_secs(30));
+        let first = admission.admit(Bytes::from_static(b"a")).await.unwrap();
+        let waiting = {
+            let admission = Arc::clone(&admission);
+            tokio::spawn(async move { admission.admit(Bytes::from_static(b"b")).await.is_ok() })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished());
+        drop(first);
+        assert!(waiting.await.unwrap());
+    }
+
+    #[test]
+    fn refused_ids_are_bounded() {
+        let mut refused = Refused::default();
+        let now = Instant::now();
+        for i in 0..MAX_REFUSED + 10 {
+            let id = Bytes::from(i.to_le_bytes().to_vec());
+            refused.ids.insert(id.clone());
+            refused.order.push_back((now, id));
+            refused.forget_old(now);
+        }
+        assert_eq!(refused.order.len(), MAX_REFUSED);
+        assert_eq!(refused.ids.len(), MAX_REFUSED);
+        refused.forget_old(now + REFUSED_LINGER);
+        assert!(refused.ids.is_empty());
+    }
+}
