@@ -403,6 +403,13 @@ pub struct ServeArgs {
     #[arg(long, env = "QUIVER_CLUSTER_QUEUE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub cluster_queue_timeout: Duration,
 
+    /// Compression of the Arrow batches this node's queries move between nodes (stage
+    /// outputs over the network; tasks a node runs for itself move none): `none` spends
+    /// no CPU (right for loopback and LANs, where compressing costs more time than it
+    /// saves), `lz4` or `zstd` for slow or metered links.
+    #[arg(long, env = "QUIVER_CLUSTER_COMPRESSION", default_value = "none")]
+    pub cluster_compression: IpcCompression,
+
     /// Time limit of connecting to a worker.
     #[arg(long, env = "QUIVER_CLUSTER_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub cluster_connect_timeout: Duration,

@@ -226,11 +226,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         Arc::clone(&engine),
         SendOptions {
             max_flight_data_size: args.max_flight_data_size.0,
-            compression: match args.ipc_compression {
-                IpcCompression::None => None,
-                IpcCompression::Zstd => Some(CompressionType::ZSTD),
-                IpcCompression::Lz4 => Some(CompressionType::LZ4_FRAME),
-            },
+            compression: ipc_compression(args.ipc_compression),
             keepalive: args.stream_keepalive,
             path: match args.send_path {
                 SendPath::ZeroCopy => quiver::flight::SendPath::ZeroCopy,
@@ -365,6 +361,7 @@ impl Cluster {
             bytes_per_task: args.distributed_bytes_per_task.0,
             locations: Some(Arc::clone(workers) as Arc<dyn NodeLocations>),
             local: own.clone().map(|own| own as Arc<dyn LocalWorker>),
+            compression: ipc_compression(args.cluster_compression),
         });
         Ok(Some(Self {
             secret,
@@ -461,6 +458,15 @@ impl Cluster {
             _probe: probe,
             _worker: Some((task, runtime)),
         })
+    }
+}
+
+/// The IPC body compression `choice` names.
+fn ipc_compression(choice: IpcCompression) -> Option<CompressionType> {
+    match choice {
+        IpcCompression::None => None,
+        IpcCompression::Zstd => Some(CompressionType::ZSTD),
+        IpcCompression::Lz4 => Some(CompressionType::LZ4_FRAME),
     }
 }
 

@@ -13,6 +13,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{RecordBatch, StringArray};
+use datafusion::arrow::ipc::CompressionType;
 use datafusion::execution::SessionState;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::logical_expr::LogicalPlan;
@@ -78,6 +79,8 @@ pub struct ClusterPlanning {
     pub locations: Option<Arc<dyn NodeLocations>>,
     /// This node's own worker, when it is one of `workers`.
     pub local: Option<Arc<dyn LocalWorker>>,
+    /// Compression of the Arrow batches sent between nodes.
+    pub compression: Option<CompressionType>,
 }
 
 /// This node as one of its own workers: the tasks a query routes to it run in this
@@ -102,6 +105,7 @@ impl fmt::Debug for ClusterPlanning {
         f.debug_struct("ClusterPlanning")
             .field("distribution", &self.distribution)
             .field("bytes_per_task", &self.bytes_per_task)
+            .field("compression", &self.compression)
             .finish_non_exhaustive()
     }
 }
@@ -136,6 +140,7 @@ impl Planners {
                 .with_distributed_worker_resolver(SharedWorkers(Arc::clone(&cluster.workers)))
                 .with_distributed_channel_resolver(Arc::clone(&cluster.channels))
                 .with_distributed_file_scan_config_bytes_per_partition(bytes_per_task.max(1))
+                .and_then(|b| b.with_distributed_compression(cluster.compression))
                 .map_err(Error::from)?;
             Ok(builder.build())
         };
