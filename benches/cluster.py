@@ -80,6 +80,8 @@ def main() -> int:
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--queries", default="", help="comma-separated query numbers (default: all 22)")
+    parser.add_argument("--cluster-flag", action="append", default=[], metavar="FLAG",
+                        help="an extra flag for both cluster nodes, e.g. --cluster-flag=--cluster-broadcast-joins=false")
     args = parser.parse_args()
     if args.smoke:
         args.scale, args.runs = 0.01, 1
@@ -91,7 +93,7 @@ def main() -> int:
     secret.write_text(SECRET + "\n")
     tables = tpch_tables(data)
     port, own = free_port(), free_port()
-    cluster = ["--cluster-secret-file", str(secret)]
+    cluster = ["--cluster-secret-file", str(secret), *args.cluster_flag]
     worker = Quiver(args.quiver, workdir / "worker", [*tables, *cluster, "--cluster-listen", f"127.0.0.1:{port}"])
     # The coordinator is a worker too (stages get one task per worker: two).
     coordinator = Quiver(

@@ -423,26 +423,6 @@ def test_split_results_are_located_at_the_nodes_and_pulled_from_them(dataset, tm
             s.stop()
 
 
-def test_a_node_runs_its_own_tasks_in_process(cluster, tpch):
-    """A coordinator that is one of its own workers runs the tasks routed to itself in its
-    own process: its worker port sees none of its queries' tasks (only the other nodes'
-    ports count tasks), and the answers are DuckDB's."""
-    duck = DuckDB(tpch, 2)
-    try:
-        expected = duck.run(QUERIES[5])
-    finally:
-        duck.close()
-
-    def tasks(node) -> float:
-        return node.metrics().get("quiver_cluster_tasks_total", outcome="ok")
-
-    before = [tasks(n) for n in cluster]
-    assert same(expected, cluster[0].query(QUERIES[5])) is None
-    after = [tasks(n) for n in cluster]
-    assert after[0] == before[0], "the coordinator called its own worker port"
-    assert after[1] > before[1] and after[2] > before[2], (before, after)
-
-
 def test_worker_admission_refuses_a_query_beyond_its_slots(tpch, tmp_path):
     """A worker with --max-cluster-queries 1 runs one other node's query at a time: a
     second coordinator's query that finds the slot taken for --cluster-queue-timeout fails

@@ -394,8 +394,8 @@ pub struct ServeArgs {
 
     /// Other nodes' queries this node runs tasks for at once (admission on the worker
     /// port: a query takes one slot for all its tasks here). A query that finds none
-    /// free within --cluster-queue-timeout fails with UNAVAILABLE naming this node. The
-    /// tasks of this node's own queries are under --max-concurrent-queries.
+    /// free within --cluster-queue-timeout fails with UNAVAILABLE naming this node (a
+    /// node listed among its own --workers takes a slot here for its own queries too).
     #[arg(long, env = "QUIVER_MAX_CLUSTER_QUERIES", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_cluster_queries: u32,
 
@@ -409,6 +409,13 @@ pub struct ServeArgs {
     /// saves), `lz4` or `zstd` for slow or metered links.
     #[arg(long, env = "QUIVER_CLUSTER_COMPRESSION", default_value = "none")]
     pub cluster_compression: IpcCompression,
+
+    /// Joins whose build side is small send that side whole to every task of the probe
+    /// side (each task builds the same hash table; the probe side stays where it is read)
+    /// instead of shuffling both sides by key. `false` suits nodes that share CPUs, where
+    /// building the table once per task costs more than the shuffle.
+    #[arg(long, env = "QUIVER_CLUSTER_BROADCAST_JOINS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cluster_broadcast_joins: bool,
 
     /// Time limit of connecting to a worker.
     #[arg(long, env = "QUIVER_CLUSTER_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]

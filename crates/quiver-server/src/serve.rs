@@ -12,7 +12,7 @@ use quiver::catalog::{
     CatalogFile, TableDefinition, TableLocation, parse_table_flag, tables_in_data_dir,
 };
 use quiver::cluster::{
-    ClusterChannels, ClusterMetrics, ClusterMetricsLayer, ClusterSecret, OwnWorker, TaskAdmission,
+    ClusterChannels, ClusterMetrics, ClusterMetricsLayer, ClusterSecret, TaskAdmission,
     TaskAdmissionOptions, WorkerSource, Workers, worker_routes,
 };
 use quiver::flight::auth::{Authenticator, LoginLimits};
@@ -26,7 +26,7 @@ use quiver::query::spawn;
 use quiver::query::{
     AdmissionOptions, MemoryOptions, PoolKind, QueryEngine, QueryLimits, QueryOptions, SqlLimits,
 };
-use quiver::query::{ClusterPlanning, CpuRuntime, LocalWorker, NodeLocations};
+use quiver::query::{ClusterPlanning, CpuRuntime, NodeLocations};
 use quiver::wire::views::ViewTypes;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -297,8 +297,6 @@ struct Cluster {
     planning: Option<ClusterPlanning>,
     /// The workers, and the task that probes them.
     workers: Option<(Arc<Workers>, AbortOnDropHandle<()>)>,
-    /// This node's worker, for its own queries (with --cluster-listen and workers).
-    own: Option<Arc<OwnWorker>>,
     metrics: Arc<ClusterMetrics>,
 }
 
@@ -348,27 +346,20 @@ impl Cluster {
             ),
             None => None,
         };
-        // A node that serves a worker port and lists itself among its workers runs its
-        // own share of its queries in-process.
-        let own = match (&workers, args.cluster_listen) {
-            (Some((workers, _)), Some(_)) => Some(Arc::new(OwnWorker::new(Arc::clone(workers)))),
-            _ => None,
-        };
         let planning = workers.as_ref().map(|(workers, _)| ClusterPlanning {
             workers: Arc::clone(workers) as _,
             channels: Arc::clone(&channels) as _,
             distribution: args.distributed,
             bytes_per_task: args.distributed_bytes_per_task.0,
             locations: Some(Arc::clone(workers) as Arc<dyn NodeLocations>),
-            local: own.clone().map(|own| own as Arc<dyn LocalWorker>),
             compression: ipc_compression(args.cluster_compression),
+            broadcast_joins: args.cluster_broadcast_joins,
         });
         Ok(Some(Self {
             secret,
             channels,
             planning,
             workers,
-            own,
             metrics,
         }))
     }
@@ -411,7 +402,7 @@ impl Cluster {
             self.metrics.queries_refused(),
             bound.to_string(),
         );
-        let (worker, routes) = worker_routes(
+        let (_worker, routes) = worker_routes(
             &engine.base_state(),
             Arc::clone(engine.catalog()),
             Arc::clone(engine.io()),
@@ -420,9 +411,6 @@ impl Cluster {
             Arc::new(admission),
             bound.to_string(),
         );
-        if let Some(own) = &self.own {
-            own.serving(worker);
-        }
         let handshake_timeout = args.tls.tls_handshake_timeout;
         let mut metrics = ClusterMetricsLayer::new(self.metrics);
         if let Some(url) = &flight_url {

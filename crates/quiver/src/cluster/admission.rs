@@ -10,8 +10,8 @@
 //! that finds no slot in time is refused `UNAVAILABLE` on every call, before
 //! datafusion-distributed's worker sees it (so nothing of it is planned or buffered
 //! here), and its later calls are refused at once. The coordinator's query fails with
-//! that message. Tasks a node routes to itself run in-process and are under its own
-//! client admission instead.
+//! that message. A node that is one of its own workers reaches itself through this port
+//! too, so its own queries take a slot here as well.
 //!
 //! The query id is read from the call's first gRPC message: `TaskKey.query_id`, field 1
 //! of both `SetPlanRequest` and `ExecuteTaskRequest` (datafusion-distributed's
@@ -444,7 +444,9 @@ mod tests {
         let first = admission.admit(Bytes::from_static(b"a")).await.unwrap();
         let waiting = {
             let admission = Arc::clone(&admission);
-            tokio::spawn(async move { admission.admit(Bytes::from_static(b"b")).await.is_ok() })
+            crate::query::spawn(
+                async move { admission.admit(Bytes::from_static(b"b")).await.is_ok() },
+            )
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiting.is_finished());

@@ -13,7 +13,7 @@ use tonic::body::Body;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::{FLIGHT_URL_HEADER, NODE_ID_HEADER, node_id};
+use super::FLIGHT_URL_HEADER;
 
 /// Task outcomes, the `outcome` label.
 const OUTCOMES: [&str; 3] = ["ok", "error", "cancelled"];
@@ -103,9 +103,8 @@ impl ClusterMetrics {
 }
 
 /// Counts the worker port's traffic, and each task (a `CoordinatorChannel` call: one per
-/// task a coordinator sends) by how its call ended; every answer names the node
-/// ([`NODE_ID_HEADER`]) and says where its Flight port is ([`FLIGHT_URL_HEADER`]) when
-/// it is known.
+/// task a coordinator sends) by how its call ended; every answer says where the node's
+/// Flight port is ([`FLIGHT_URL_HEADER`]) when it is known.
 #[derive(Debug, Clone)]
 pub struct ClusterMetricsLayer {
     metrics: Arc<ClusterMetrics>,
@@ -169,10 +168,8 @@ where
         let flight_url = self.flight_url.clone();
         Box::pin(async move {
             let mut response = response.await?;
-            let headers = response.headers_mut();
-            headers.insert(NODE_ID_HEADER, HeaderValue::from_static(node_id()));
             if let Some(url) = flight_url {
-                headers.insert(FLIGHT_URL_HEADER, url);
+                response.headers_mut().insert(FLIGHT_URL_HEADER, url);
             }
             let outcome = task.then(|| TaskOutcome {
                 tasks: metrics.tasks.clone(),

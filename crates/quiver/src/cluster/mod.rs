@@ -28,12 +28,12 @@ mod workers;
 pub use admission::{Admitted, TaskAdmission, TaskAdmissionOptions};
 pub use channels::ClusterChannels;
 pub use metrics::{ClusterMetrics, ClusterMetricsLayer};
-pub use worker::{OwnWorker, ReinstallReaders, worker_routes};
+pub use worker::{ReinstallReaders, worker_routes};
 pub use workers::{WorkerSource, Workers};
 
 use std::fmt;
 use std::path::Path;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use crate::error::{Error, Result};
 
@@ -43,23 +43,6 @@ pub const SECRET_HEADER: &str = "x-quiver-cluster-secret";
 /// The header in every answer of a worker port that carries where clients reach the
 /// node's Flight port (`--advertise-url`): slices of split results are located there.
 pub const FLIGHT_URL_HEADER: &str = "x-quiver-flight-url";
-
-/// The header in every answer of a worker port that names the node (see [`node_id`]): a
-/// coordinator that finds itself among its workers runs the tasks routed to itself
-/// in-process.
-pub const NODE_ID_HEADER: &str = "x-quiver-node-id";
-
-/// This process's name among the cluster's nodes: 128 random bits, drawn once.
-pub fn node_id() -> &'static str {
-    static ID: OnceLock<String> = OnceLock::new();
-    ID.get_or_init(|| {
-        format!(
-            "{:016x}{:016x}",
-            rand::random::<u64>(),
-            rand::random::<u64>()
-        )
-    })
-}
 
 /// Shortest secret accepted: 128 bits of hex.
 const MIN_SECRET_BYTES: usize = 32;

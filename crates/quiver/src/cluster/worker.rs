@@ -1,7 +1,7 @@
 //! The worker side: the tasks other nodes send to this one.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::error::{DataFusionError, Result as DfResult};
@@ -13,17 +13,16 @@ use datafusion_datasource::file_scan_config::{FileScanConfig, FileScanConfigBuil
 use datafusion_datasource::source::DataSourceExec;
 use datafusion_datasource_parquet::source::ParquetSource;
 use datafusion_distributed::{
-    ChannelResolver, DistributedExt, LocalWorkerContext, Worker, WorkerPlanRewriteEvent,
+    ChannelResolver, DistributedExt, Worker, WorkerPlanRewriteEvent,
     WorkerPlanRewriteEventResponse, WorkerPlanRewriteHandler, WorkerQueryContext,
 };
 use object_store::ObjectMeta;
 use tonic::service::Routes;
 
-use super::{Admitted, ClusterSecret, SECRET_HEADER, TaskAdmission, Workers};
+use super::{Admitted, ClusterSecret, SECRET_HEADER, TaskAdmission};
 use crate::catalog::Catalog;
 use crate::error::Error;
 use crate::io::Io;
-use crate::query::LocalWorker;
 
 /// The worker service of this node, behind the secret check and `admission`, as routes
 /// for the cluster port. Tasks run with `base`'s runtime env (so they draw on this node's
@@ -83,47 +82,6 @@ pub fn worker_routes(
     // headers, see `ClusterMetricsLayer`) where the node's Flight port is.
     let (_reporter, health) = tonic_health::server::health_reporter();
     (worker, Routes::new(service).add_service(health))
-}
-
-/// This node's worker for the queries it coordinates, once the worker port serves
-/// ([`Self::serving`]): when the node is among its own workers (a health check answered
-/// with its node id), tasks routed to it run in-process. They skip the worker port, so
-/// its secret check and its `quiver_cluster_*` traffic and task counters.
-pub struct OwnWorker {
-    worker: OnceLock<Worker>,
-    workers: Arc<Workers>,
-}
-
-impl std::fmt::Debug for OwnWorker {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OwnWorker")
-            .field("serving", &self.worker.get().is_some())
-            .field("url", &self.workers.own_url())
-            .finish()
-    }
-}
-
-impl OwnWorker {
-    /// Found among `workers`.
-    pub fn new(workers: Arc<Workers>) -> Self {
-        Self {
-            worker: OnceLock::new(),
-            workers,
-        }
-    }
-
-    /// The worker serving this node's cluster port; the first call wins.
-    pub fn serving(&self, worker: Worker) {
-        let _ = self.worker.set(worker);
-    }
-}
-
-impl LocalWorker for OwnWorker {
-    fn context(&self) -> Option<Arc<LocalWorkerContext>> {
-        let worker = self.worker.get()?;
-        let url = self.workers.own_url()?;
-        Some(Arc::new(worker.to_local_worker_context(url)))
-    }
 }
 
 /// Puts Quiver's reader back on every Parquet scan of a task's plan: DataFusion's plan

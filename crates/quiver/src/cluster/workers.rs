@@ -15,7 +15,7 @@ use url::Url;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-use super::{ClusterChannels, FLIGHT_URL_HEADER, NODE_ID_HEADER, node_id};
+use super::{ClusterChannels, FLIGHT_URL_HEADER};
 use crate::error::{Error, Result};
 use crate::query::{NodeLocations, spawn};
 
@@ -110,8 +110,6 @@ pub struct Workers {
     channels: Option<Arc<ClusterChannels>>,
     /// Each worker's Flight URL, as its last health check answered.
     flight_urls: RwLock<HashMap<Url, String>>,
-    /// The worker that is this node, as the last health checks answered.
-    own_url: RwLock<Option<Url>>,
     /// This node's, once its Flight port is bound.
     own_flight_url: OnceLock<String>,
 }
@@ -172,7 +170,6 @@ impl Workers {
             gauge,
             channels,
             flight_urls: RwLock::default(),
-            own_url: RwLock::default(),
             own_flight_url: OnceLock::new(),
         });
         workers.probe(&source, timeout).await;
@@ -191,16 +188,10 @@ impl Workers {
         let _ = self.own_flight_url.set(url);
     }
 
-    /// The worker that is this node (its URL in the list), if it is one.
-    pub fn own_url(&self) -> Option<Url> {
-        self.own_url.read().clone()
-    }
-
-    /// Asks each worker in `up` which node it is and where its Flight port is: a gRPC
-    /// health check, whose answer carries [`NODE_ID_HEADER`] and [`FLIGHT_URL_HEADER`].
-    /// A worker that does not say where keeps no URL, and its slices go to the other
-    /// nodes.
-    async fn learn_nodes(&self, up: &[Url], timeout: Duration) {
+    /// Asks each worker in `up` where its Flight port is: a gRPC health check, whose
+    /// answer carries [`FLIGHT_URL_HEADER`]. A worker that does not say keeps no URL, and
+    /// its slices go to the other nodes.
+    async fn learn_flight_urls(&self, up: &[Url], timeout: Duration) {
         let Some(channels) = &self.channels else {
             return;
         };
@@ -211,26 +202,11 @@ impl Workers {
                 service: String::new(),
             });
             let answer = tokio::time::timeout(timeout, check).await.ok()?.ok()?;
-            let header = |name| {
-                let value = answer.metadata().get(name)?.to_str().ok()?;
-                Some(value.to_string())
-            };
-            Some((
-                url.clone(),
-                header(NODE_ID_HEADER),
-                header(FLIGHT_URL_HEADER),
-            ))
+            let flight = answer.metadata().get(FLIGHT_URL_HEADER)?.to_str().ok()?;
+            Some((url.clone(), flight.to_string()))
         }))
         .await;
-        let answers: Vec<_> = answers.into_iter().flatten().collect();
-        *self.own_url.write() = answers
-            .iter()
-            .find(|(_, id, _)| id.as_deref() == Some(node_id()))
-            .map(|(url, _, _)| url.clone());
-        *self.flight_urls.write() = answers
-            .into_iter()
-            .filter_map(|(url, _, flight)| Some((url, flight?)))
-            .collect();
+        *self.flight_urls.write() = answers.into_iter().flatten().collect();
     }
 
     /// The workers that answered, for this node's metrics.
@@ -266,7 +242,7 @@ impl Workers {
             .filter(|(_, up)| !**up)
             .map(|(u, _)| u)
             .collect();
-        self.learn_nodes(&up, timeout).await;
+        self.learn_flight_urls(&up, timeout).await;
         let before = std::mem::replace(&mut *self.up.write(), up.clone());
         if before != up {
             let names = |urls: &[&Url]| {

@@ -20,8 +20,8 @@ use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_plan::{ExecutionPlan, displayable};
 use datafusion_datasource::memory::MemorySourceConfig;
 use datafusion_distributed::{
-    ChannelResolver, DistributedExec, DistributedExt, LocalWorkerContext, SessionStateBuilderExt,
-    WorkerResolver, display_plan_ascii,
+    ChannelResolver, DistributedExec, DistributedExt, SessionStateBuilderExt, WorkerResolver,
+    display_plan_ascii,
 };
 
 use crate::error::{Error, Result};
@@ -77,19 +77,11 @@ pub struct ClusterPlanning {
     /// Where clients reach the nodes, for slices of split results; `None`: slices stay
     /// on this node.
     pub locations: Option<Arc<dyn NodeLocations>>,
-    /// This node's own worker, when it is one of `workers`.
-    pub local: Option<Arc<dyn LocalWorker>>,
     /// Compression of the Arrow batches sent between nodes.
     pub compression: Option<CompressionType>,
-}
-
-/// This node as one of its own workers: the tasks a query routes to it run in this
-/// process (no loopback gRPC call, no plan or Arrow IPC encoding), and a stage of one
-/// task stays here.
-pub trait LocalWorker: Send + Sync {
-    /// The worker and its URL among the workers; `None` while this node's worker is not
-    /// serving or not (yet) found among them.
-    fn context(&self) -> Option<Arc<LocalWorkerContext>>;
+    /// Whether a join whose build side is small sends that side whole to every task of
+    /// the probe side (instead of shuffling both sides by key).
+    pub broadcast_joins: bool,
 }
 
 /// Where clients reach the cluster's nodes' Flight ports: a result split over endpoints
@@ -106,6 +98,7 @@ impl fmt::Debug for ClusterPlanning {
             .field("distribution", &self.distribution)
             .field("bytes_per_task", &self.bytes_per_task)
             .field("compression", &self.compression)
+            .field("broadcast_joins", &self.broadcast_joins)
             .finish_non_exhaustive()
     }
 }
@@ -119,7 +112,6 @@ pub(super) struct Planners {
     default: Distribution,
     workers: Arc<dyn WorkerResolver>,
     locations: Option<Arc<dyn NodeLocations>>,
-    local: Option<Arc<dyn LocalWorker>>,
 }
 
 impl fmt::Debug for Planners {
@@ -141,6 +133,7 @@ impl Planners {
                 .with_distributed_channel_resolver(Arc::clone(&cluster.channels))
                 .with_distributed_file_scan_config_bytes_per_partition(bytes_per_task.max(1))
                 .and_then(|b| b.with_distributed_compression(cluster.compression))
+                .and_then(|b| b.with_distributed_broadcast_joins(cluster.broadcast_joins))
                 .map_err(Error::from)?;
             Ok(builder.build())
         };
@@ -150,7 +143,6 @@ impl Planners {
             default: cluster.distribution,
             workers: Arc::clone(&cluster.workers),
             locations: cluster.locations.clone(),
-            local: cluster.local.clone(),
         })
     }
 
@@ -168,13 +160,10 @@ impl Planners {
         if !self.distributes(requested) {
             return None;
         }
-        let mut state = match requested.unwrap_or(self.default) {
+        let state = match requested.unwrap_or(self.default) {
             Distribution::On => self.on.clone(),
             _ => self.auto.clone(),
         };
-        if let Some(local) = self.local.as_ref().and_then(|l| l.context()) {
-            state.config_mut().set_extension(local);
-        }
         Some(state)
     }
 

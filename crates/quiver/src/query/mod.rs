@@ -34,7 +34,7 @@ pub use active::{
 pub use admission::{AdmissionOptions, Slot};
 pub use caller::Caller;
 pub use deadline::Deadline;
-pub use distributed::{ClusterPlanning, Distribution, LocalWorker, NodeLocations};
+pub use distributed::{ClusterPlanning, Distribution, NodeLocations};
 pub use heap_guard::{AllocatedBytes, HeapGuard};
 pub use limits::{DEFAULT_STACK_SIZE, SqlLimits};
 pub use memory::MeteredPool;
