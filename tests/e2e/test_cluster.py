@@ -212,20 +212,60 @@ def test_a_worker_lost_mid_query_then_back(tpch, tmp_path):
 
 
 def test_cancelling_reaches_the_workers(cluster):
-    """A client that gives up (its deadline) ends the query on every node: all pools at 0."""
-    with pytest.raises(flight.FlightTimedOutError):
-        cluster[0].client.do_get(
-            flight.Ticket(HEAVY.encode()), options=flight.FlightCallOptions(timeout=1)
-        ).read_all()
-    for i, node in enumerate(cluster):
+    """A client that gives up ends the query on every node, all pools back to 0: by its
+    deadline while the tasks are still being set up, or later, or by resetting the call
+    mid-query. (Nothing else runs meanwhile: no later query's work frees what the
+    cancelled one left.)"""
+
+    def all_idle(how: str):
+        for i, node in enumerate(cluster):
+            try:
+                wait_for(lambda node=node: idle(node), timeout=20, what=f"every pool back to 0 ({how})")
+            except AssertionError:
+                m = node.metrics()
+                raise AssertionError(
+                    f"{how}, node {i}: {m.get('quiver_queries_active')} queries active, "
+                    f"{m.get('quiver_memory_pool_reserved_bytes')} bytes reserved"
+                ) from None
+
+    for deadline in (0.1, 0.3, 1.0):
+        with pytest.raises(flight.FlightTimedOutError):
+            cluster[0].client.do_get(
+                flight.Ticket(HEAVY.encode()), options=flight.FlightCallOptions(timeout=deadline)
+            ).read_all()
+        all_idle(f"a {deadline} s deadline")
+    reader = cluster[1].client.do_get(flight.Ticket(HEAVY.encode()))
+    timer = threading.Timer(0.5, reader.cancel)
+    timer.start()
+    # pyarrow raises KeyboardInterrupt from a read its own cancel() interrupted.
+    with pytest.raises((flight.FlightCancelledError, KeyboardInterrupt)):
+        reader.read_all()
+    timer.join()
+    all_idle("a reset mid-query")
+
+
+def test_a_task_message_over_the_limit_is_refused(tpch, tmp_path):
+    """--max-cluster-message-size bounds what a worker reads from another node: a plan
+    over it is refused before it is read, the error names the flag, the nodes stay up."""
+    nodes = start_cluster(tmp_path, tpch_tables(tpch), nodes=2, extra=["--max-cluster-message-size", "1KiB"])
+    try:
+        sql = "SELECT l_returnflag, count(*) AS n FROM lineitem GROUP BY l_returnflag ORDER BY 1"
+        with pytest.raises(flight.FlightError, match="--max-cluster-message-size"):
+            nodes[0].client.do_get(flight.Ticket(sql.encode())).read_all()
+        # Kept on one node, the same query runs.
+        from test_flight_sql import query_ticket
+
+        alone = nodes[0].client.do_get(flight.Ticket(query_ticket(sql, distribution=3))).read_all()
+        duck = DuckDB(tpch, 2)
         try:
-            wait_for(lambda node=node: idle(node), timeout=60, what="every pool back to 0")
-        except AssertionError:
-            m = node.metrics()
-            raise AssertionError(
-                f"node {i}: {m.get('quiver_queries_active')} queries active, "
-                f"{m.get('quiver_memory_pool_reserved_bytes')} bytes reserved"
-            ) from None
+            assert same(duck.run(sql), alone) is None
+        finally:
+            duck.close()
+        for node in nodes:
+            wait_for(lambda node=node: idle(node), timeout=20, what="every pool back to 0")
+    finally:
+        for node in nodes:
+            node.stop()
 
 
 def test_cluster_metrics_pass_promtool(cluster, tmp_path):

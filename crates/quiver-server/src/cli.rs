@@ -403,6 +403,13 @@ pub struct ServeArgs {
     #[arg(long, env = "QUIVER_CLUSTER_QUEUE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub cluster_queue_timeout: Duration,
 
+    /// Largest message another node may send to this node's worker port (a task's plan,
+    /// which lists the files it reads, is one). Larger ones are refused with
+    /// RESOURCE_EXHAUSTED before they are read; raise it on every node for queries over
+    /// very many files.
+    #[arg(long, env = "QUIVER_MAX_CLUSTER_MESSAGE_SIZE", default_value = "256MiB")]
+    pub max_cluster_message_size: ByteSize,
+
     /// Compression of the Arrow batches this node's queries move between nodes (stage
     /// outputs over the network; tasks a node runs for itself move none): `none` spends
     /// no CPU (right for loopback and LANs, where compressing costs more time than it

@@ -397,6 +397,7 @@ impl Cluster {
             TaskAdmissionOptions {
                 max_queries: args.max_cluster_queries as usize,
                 queue_timeout: args.cluster_queue_timeout,
+                max_message: args.max_cluster_message_size.0,
             },
             self.metrics.queries_active(),
             self.metrics.queries_refused(),

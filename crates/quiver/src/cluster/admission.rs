@@ -29,7 +29,7 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, BodyStream, StreamBody};
 use parking_lot::Mutex;
 use prometheus::{IntCounter, IntGauge};
-use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{Notify, OnceCell, OwnedSemaphorePermit, Semaphore};
 use tonic::Status;
 use tonic::body::Body;
 use tonic::server::NamedService;
@@ -41,6 +41,9 @@ const REFUSED_LINGER: Duration = Duration::from_secs(60);
 /// Refused query ids remembered at most (oldest forgotten first).
 const MAX_REFUSED: usize = 4096;
 
+/// Bytes of a query id (a UUID).
+const QUERY_ID_LEN: usize = 16;
+
 /// Limits on other nodes' queries.
 #[derive(Debug, Clone, Copy)]
 pub struct TaskAdmissionOptions {
@@ -48,6 +51,9 @@ pub struct TaskAdmissionOptions {
     pub max_queries: usize,
     /// Longest wait of a query's first call for a slot.
     pub queue_timeout: Duration,
+    /// Largest message a call may send (a task's plan is one); the first is refused
+    /// before it is read, the later ones by the worker service's decoder.
+    pub max_message: usize,
 }
 
 impl Default for TaskAdmissionOptions {
@@ -55,6 +61,7 @@ impl Default for TaskAdmissionOptions {
         Self {
             max_queries: 64,
             queue_timeout: Duration::from_secs(10),
+            max_message: 256 << 20,
         }
     }
 }
@@ -64,12 +71,15 @@ impl Default for TaskAdmissionOptions {
 pub struct TaskAdmission {
     slots: Arc<Semaphore>,
     options: TaskAdmissionOptions,
-    queries: Mutex<HashMap<Bytes, Arc<Query>>>,
+    /// The queries with calls here, and how many calls each has open.
+    queries: Mutex<HashMap<Bytes, (Arc<Query>, usize)>>,
     refused: Mutex<Refused>,
     active: IntGauge,
     refused_total: IntCounter,
     /// This node, for messages.
     node: String,
+    /// Signalled when a query's last call here ends.
+    ended: Notify,
 }
 
 /// A query with calls on this node.
@@ -77,8 +87,6 @@ pub struct TaskAdmission {
 struct Query {
     /// Its slot once the first call got it (shared by its other calls), or why not.
     slot: OnceCell<Result<OwnedSemaphorePermit, Status>>,
-    /// Its calls in progress (guarded by `TaskAdmission::queries`).
-    calls: std::sync::atomic::AtomicUsize,
 }
 
 #[derive(Debug, Default)]
@@ -116,7 +124,19 @@ impl TaskAdmission {
             active,
             refused_total: refused,
             node,
+            ended: Notify::new(),
         }
+    }
+
+    /// The largest message a call may send.
+    pub fn max_message(&self) -> usize {
+        self.options.max_message
+    }
+
+    /// Returns once a query's last call on this node has ended (at once if one ended
+    /// since the last wait).
+    pub async fn query_ended(&self) {
+        self.ended.notified().await;
     }
 
     /// Admits a call of query `id`: the guard holds the query's slot until dropped.
@@ -131,11 +151,9 @@ impl TaskAdmission {
         }
         let query = {
             let mut queries = self.queries.lock();
-            let query = Arc::clone(queries.entry(id.clone()).or_default());
-            query
-                .calls
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            query
+            let (query, calls) = queries.entry(id.clone()).or_default();
+            *calls += 1;
+            Arc::clone(query)
         };
         let guard = CallGuard {
             admission: Arc::clone(self),
@@ -173,6 +191,14 @@ impl TaskAdmission {
         }
     }
 
+    fn too_large(&self, len: usize) -> Status {
+        Status::resource_exhausted(format!(
+            "node {} accepts task messages of at most {} bytes (--max-cluster-message-size) \
+             and was sent one of {len}: raise the limit on every node",
+            self.node, self.options.max_message,
+        ))
+    }
+
     fn busy(&self) -> Status {
         Status::unavailable(format!(
             "node {} is running tasks of {} other queries (--max-cluster-queries) and none \
@@ -195,16 +221,16 @@ struct CallGuard {
 impl Drop for CallGuard {
     fn drop(&mut self) {
         let mut queries = self.admission.queries.lock();
-        let left = self
-            .query
-            .calls
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed)
-            - 1;
-        if left == 0 {
+        let Some((_, calls)) = queries.get_mut(&self.id) else {
+            return;
+        };
+        *calls -= 1;
+        if *calls == 0 {
             queries.remove(&self.id);
             if matches!(self.query.slot.get(), Some(Ok(_))) {
                 self.admission.active.dec();
             }
+            self.admission.ended.notify_one();
         }
     }
 }
@@ -254,9 +280,15 @@ where
         let admission = Arc::clone(&self.admission);
         Box::pin(async move {
             let (parts, body) = request.into_parts();
-            let (first, body) = match first_message(body).await {
+            let max_message = admission.options.max_message;
+            let (first, body) = match first_message(body, max_message).await {
                 Ok(read) => read,
                 Err(status) => return Ok(status.into_http()),
+            };
+            let first = match first {
+                FirstMessage::Read(message) => Some(message),
+                FirstMessage::TooLarge(len) => return Ok(admission.too_large(len).into_http()),
+                FirstMessage::Unreadable => None,
             };
             let request = Request::from_parts(parts, body);
             // A message that cannot be read is left to the worker to refuse.
@@ -278,19 +310,33 @@ where
     }
 }
 
-/// The call's first gRPC message (uncompressed; `None` if it is compressed, or the body
-/// ends first), and the body to serve the call with: the same bytes and trailers.
-async fn first_message(mut body: Body) -> Result<(Option<Bytes>, Body), Status> {
+/// What [`first_message`] found at the start of a call.
+#[derive(Debug, PartialEq)]
+enum FirstMessage {
+    /// The first message (its bytes, without the gRPC prefix).
+    Read(Bytes),
+    /// A first message of this many bytes, over the limit: not read.
+    TooLarge(usize),
+    /// A compressed first message, or a body that ended (or sent trailers) before one.
+    Unreadable,
+}
+
+/// The call's first gRPC message, read only if it is at most `max` bytes, and the body
+/// to serve the call with: the same bytes and trailers.
+async fn first_message(mut body: Body, max: usize) -> Result<(FirstMessage, Body), Status> {
     let mut read = BytesMut::new();
     let message = loop {
         if read.len() >= 5 {
             let compressed = read[0] != 0;
             let len = u32::from_be_bytes([read[1], read[2], read[3], read[4]]) as usize;
             if compressed {
-                break None;
+                break Err(FirstMessage::Unreadable);
+            }
+            if len > max {
+                break Err(FirstMessage::TooLarge(len));
             }
             if read.len() >= 5 + len {
-                break Some(Bytes::copy_from_slice(&read[5..5 + len]));
+                break Ok(5..5 + len);
             }
         }
         match body.frame().await {
@@ -304,13 +350,14 @@ async fn first_message(mut body: Body) -> Result<(Option<Bytes>, Body), Status> 
                     }
                 }
                 // Trailers before a whole message: the worker answers the short call.
-                Err(_) => break None,
+                Err(_) => break Err(FirstMessage::Unreadable),
             },
             Some(Err(status)) => return Err(status),
-            None => break None,
+            None => break Err(FirstMessage::Unreadable),
         }
     };
     let read = read.freeze();
+    let message = message.map_or_else(|found| found, |at| FirstMessage::Read(read.slice(at)));
     let rest = BodyStream::new(body);
     let replay = futures::stream::once(async move { Ok(http_body::Frame::data(read)) }).chain(rest);
     Ok((message, Body::new(StreamBody::new(replay))))
@@ -318,7 +365,8 @@ async fn first_message(mut body: Body) -> Result<(Option<Bytes>, Body), Status> 
 
 /// `TaskKey.query_id` of a `CoordinatorToWorkerMsg` (`plan`: `set_plan_request = 1 {
 /// task_key = 1 { query_id = 1 } }`) or an `ExecuteTaskRequest` (`task_key = 1 {
-/// query_id = 1 }`); `None` if absent or empty.
+/// query_id = 1 }`); `None` if absent or not a UUID's 16 bytes (the worker refuses
+/// those).
 fn query_id(message: &[u8], plan: bool) -> Option<Bytes> {
     use prost::Message;
 
@@ -346,7 +394,7 @@ fn query_id(message: &[u8], plan: bool) -> Option<Bytes> {
     } else {
         Keyed::decode(message).ok()?.task_key?
     };
-    (!key.query_id.is_empty()).then_some(key.query_id)
+    (key.query_id.len() == QUERY_ID_LEN).then_some(key.query_id)
 }
 
 #[cfg(test)]
@@ -383,16 +431,69 @@ mod tests {
         set_plan.extend_from_slice(&field(3, b"plan bytes"));
         let channel = field(1, &set_plan);
         assert_eq!(query_id(&channel, true).as_deref(), Some(&id[..]));
-        // A work unit batch first, garbage, an empty id: not a query.
+        // A work unit batch first, garbage, an empty or over-long id: not a query.
         assert_eq!(query_id(&field(2, &[]), true), None);
         assert_eq!(query_id(&[0xff, 0xff, 0xff], false), None);
         assert_eq!(query_id(&field(1, &task_key(&[])), false), None);
+        assert_eq!(query_id(&field(1, &task_key(&[7u8; 100])), false), None);
+    }
+
+    /// A body sending `bytes` in frames of `chunk` bytes.
+    fn body(bytes: &[u8], chunk: usize) -> Body {
+        let frames: Vec<Result<_, Status>> = bytes
+            .chunks(chunk)
+            .map(|c| Ok(http_body::Frame::data(Bytes::copy_from_slice(c))))
+            .collect();
+        Body::new(StreamBody::new(futures::stream::iter(frames)))
+    }
+
+    async fn replayed(body: Body) -> Vec<u8> {
+        body.collect().await.unwrap().to_bytes().to_vec()
+    }
+
+    /// A gRPC message: uncompressed, its length, its bytes.
+    fn grpc(message: &[u8]) -> Vec<u8> {
+        let mut out = vec![0];
+        out.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        out.extend_from_slice(message);
+        out
+    }
+
+    #[tokio::test]
+    async fn the_first_message_is_read_across_frames_and_replayed() {
+        let mut call = grpc(b"first message");
+        call.extend_from_slice(&grpc(b"second"));
+        let (first, rest) = first_message(body(&call, 3), 1 << 20).await.unwrap();
+        assert_eq!(first, FirstMessage::Read(Bytes::from_static(b"first message")));
+        assert_eq!(replayed(rest).await, call);
+    }
+
+    #[tokio::test]
+    async fn a_first_message_over_the_limit_is_not_read() {
+        // Declares 1 MiB, sends 64 bytes of it: found out from the prefix alone.
+        let mut call = vec![0];
+        call.extend_from_slice(&(1u32 << 20).to_be_bytes());
+        call.extend_from_slice(&[1; 64]);
+        let (first, rest) = first_message(body(&call, 1), 1024).await.unwrap();
+        assert_eq!(first, FirstMessage::TooLarge(1 << 20));
+        assert_eq!(replayed(rest).await, call, "nothing lost");
+        // Compressed, or cut short: left to the worker.
+        let mut compressed = grpc(b"x");
+        compressed[0] = 1;
+        let (first, _) = first_message(body(&compressed, 8), 1024).await.unwrap();
+        assert_eq!(first, FirstMessage::Unreadable);
+        let (first, _) = first_message(body(&grpc(b"cut")[..6], 8), 1024).await.unwrap();
+        assert_eq!(first, FirstMessage::Unreadable);
+        let status = admission(1, Duration::ZERO).too_large(1 << 20);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+        assert!(status.message().contains("--max-cluster-message-size"));
     }
 
     fn admission(max_queries: usize, queue_timeout: Duration) -> Arc<TaskAdmission> {
         let options = TaskAdmissionOptions {
             max_queries,
             queue_timeout,
+            ..Default::default()
         };
         let gauge = IntGauge::new("active", "test").unwrap();
         let refused = IntCounter::new("refused", "test").unwrap();

@@ -2,6 +2,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::time::Duration;
 
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::error::{DataFusionError, Result as DfResult};
@@ -74,14 +75,59 @@ pub fn worker_routes(
             )),
         }
     };
+    let admission_for_sweep = Arc::clone(&admission);
+    // datafusion-distributed accepts messages of any size; bound them.
+    let server = worker
+        .clone()
+        .into_worker_server()
+        .max_decoding_message_size(admission.max_message());
     let service = tonic::service::interceptor::InterceptedService::new(
-        Admitted::new(worker.clone().into_worker_server(), admission),
+        Admitted::new(server, admission),
         check,
     );
     // Not behind the secret: it tells whether the port serves, and (in the answer's
     // headers, see `ClusterMetricsLayer`) where the node's Flight port is.
     let (_reporter, health) = tonic_health::server::health_reporter();
+    tokio::spawn(release_ended_tasks(worker.clone(), admission_for_sweep));
     (worker, Routes::new(service).add_service(health))
+}
+
+/// The id of the task [`release_ended_tasks`] looks up; no query has it (coordinators
+/// draw random v4 ids).
+const SWEEP_TASK: uuid::Uuid = uuid::Uuid::from_u128(0x71756976_6572_0000_8000_737765657000);
+
+/// Frees the plans of tasks whose query has ended here, soon after it ends.
+///
+/// datafusion-distributed keeps a task's plan in a moka cache and invalidates it when
+/// the coordinator's channel for it closes; moka drops an invalidated value only at its
+/// next maintenance, which runs on a later cache access at least 300 ms after the
+/// previous one. A query cancelled while its tasks start (or reset mid-stream) can be
+/// the last access for a long time, and its plans then hold their operators' memory
+/// reservations (hash tables, shuffle buffers, unread remote streams) until another
+/// query comes. So after a query's last call here ends, look up a task id no query has
+/// (a cache read, which runs the maintenance when it is due) a few times, past the
+/// 300 ms and past the invalidations that follow the calls' end.
+async fn release_ended_tasks(worker: Worker, admission: Arc<TaskAdmission>) {
+    use datafusion_distributed::{ExecuteTaskRequest, ProducerHead, TaskKey};
+
+    loop {
+        admission.query_ended().await;
+        for delay_ms in [400, 1_000, 3_000] {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+            let lookup = worker.execute_task(ExecuteTaskRequest {
+                task_key: TaskKey {
+                    query_id: SWEEP_TASK,
+                    stage_id: 0,
+                    task_number: 0,
+                },
+                target_partition_start: 0,
+                target_partition_end: 0,
+                producer_head: ProducerHead::None,
+            });
+            // The lookup is done at once; it then waits for a plan that never comes.
+            let _ = tokio::time::timeout(Duration::from_millis(50), lookup).await;
+        }
+    }
 }
 
 /// Puts Quiver's reader back on every Parquet scan of a task's plan: DataFusion's plan
