@@ -407,7 +407,11 @@ pub struct ServeArgs {
     /// which lists the files it reads, is one). Larger ones are refused with
     /// RESOURCE_EXHAUSTED before they are read; raise it on every node for queries over
     /// very many files.
-    #[arg(long, env = "QUIVER_MAX_CLUSTER_MESSAGE_SIZE", default_value = "256MiB")]
+    #[arg(
+        long,
+        env = "QUIVER_MAX_CLUSTER_MESSAGE_SIZE",
+        default_value = "256MiB"
+    )]
     pub max_cluster_message_size: ByteSize,
 
     /// Compression of the Arrow batches this node's queries move between nodes (stage

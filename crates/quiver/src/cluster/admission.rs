@@ -17,9 +17,9 @@
 //! of both `SetPlanRequest` and `ExecuteTaskRequest` (datafusion-distributed's
 //! `worker.proto`, pinned at 4.0.0).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -30,6 +30,7 @@ use http_body_util::{BodyExt, BodyStream, StreamBody};
 use parking_lot::Mutex;
 use prometheus::{IntCounter, IntGauge};
 use tokio::sync::{Notify, OnceCell, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use tonic::body::Body;
 use tonic::server::NamedService;
@@ -43,6 +44,9 @@ const MAX_REFUSED: usize = 4096;
 
 /// Bytes of a query id (a UUID).
 const QUERY_ID_LEN: usize = 16;
+
+/// Bytes read of a message over the size limit, to find its query id in.
+const ID_PREFIX: usize = 64;
 
 /// Limits on other nodes' queries.
 #[derive(Debug, Clone, Copy)]
@@ -87,11 +91,28 @@ pub struct TaskAdmission {
 struct Query {
     /// Its slot once the first call got it (shared by its other calls), or why not.
     slot: OnceCell<Result<OwnedSemaphorePermit, Status>>,
+    /// Why the query was refused after some of its calls were admitted (one of its
+    /// messages too large): those calls end with it rather than wait for a plan that
+    /// will not come.
+    refusal: OnceLock<Status>,
+    refused: CancellationToken,
 }
 
+impl Query {
+    /// Returns why the query was refused, once it is.
+    async fn refusal(&self) -> Status {
+        self.refused.cancelled().await;
+        self.refusal
+            .get()
+            .cloned()
+            .unwrap_or_else(|| Status::aborted("refused"))
+    }
+}
+
+/// Queries refused lately, and why.
 #[derive(Debug, Default)]
 struct Refused {
-    ids: HashSet<Bytes>,
+    ids: HashMap<Bytes, Status>,
     order: VecDeque<(Instant, Bytes)>,
 }
 
@@ -144,10 +165,10 @@ impl TaskAdmission {
         let refused_lately = {
             let mut refused = self.refused.lock();
             refused.forget_old(Instant::now());
-            refused.ids.contains(&id)
+            refused.ids.get(&id).cloned()
         };
-        if refused_lately {
-            return Err(self.busy());
+        if let Some(status) = refused_lately {
+            return Err(status);
         }
         let query = {
             let mut queries = self.queries.lock();
@@ -181,14 +202,33 @@ impl TaskAdmission {
         match slot {
             Ok(_) => Ok(guard),
             Err(status) => {
-                let mut refused = self.refused.lock();
-                if refused.ids.insert(guard.id.clone()) {
-                    refused.order.push_back((Instant::now(), guard.id.clone()));
-                }
-                refused.forget_old(Instant::now());
+                self.remember_refused(guard.id.clone(), status.clone());
                 Err(status.clone())
             }
         }
+    }
+
+    /// Refuses query `id` for `status`: its later calls at once, and those in progress
+    /// unless the worker already answered them.
+    fn refuse(&self, id: Bytes, status: Status) {
+        if let Some((query, _)) = self.queries.lock().get(&id) {
+            let _ = query.refusal.set(status.clone());
+            query.refused.cancel();
+        }
+        if self.remember_refused(id, status) {
+            self.refused_total.inc();
+        }
+    }
+
+    /// Whether `id` was not refused lately.
+    fn remember_refused(&self, id: Bytes, status: Status) -> bool {
+        let mut refused = self.refused.lock();
+        let new = refused.ids.insert(id.clone(), status).is_none();
+        if new {
+            refused.order.push_back((Instant::now(), id));
+        }
+        refused.forget_old(Instant::now());
+        new
     }
 
     fn too_large(&self, len: usize) -> Status {
@@ -286,20 +326,32 @@ where
                 Err(status) => return Ok(status.into_http()),
             };
             let first = match first {
-                FirstMessage::Read(message) => Some(message),
-                FirstMessage::TooLarge(len) => return Ok(admission.too_large(len).into_http()),
-                FirstMessage::Unreadable => None,
+                FirstMessage::Read(message) => message,
+                FirstMessage::TooLarge { len, prefix } => {
+                    let status = admission.too_large(len);
+                    if let Some(id) = query_id(&prefix, plan) {
+                        admission.refuse(id, status.clone());
+                    }
+                    return Ok(status.into_http());
+                }
+                // Left to the worker to refuse.
+                FirstMessage::Unreadable => {
+                    return inner.call(Request::from_parts(parts, body)).await;
+                }
             };
             let request = Request::from_parts(parts, body);
-            // A message that cannot be read is left to the worker to refuse.
-            let Some(id) = first.as_deref().and_then(|m| query_id(m, plan)) else {
+            let Some(id) = query_id(&first, plan) else {
                 return inner.call(request).await;
             };
             let guard = match admission.admit(id).await {
                 Ok(guard) => guard,
                 Err(status) => return Ok(status.into_http()),
             };
-            let response = inner.call(request).await?;
+            let query = Arc::clone(&guard.query);
+            let response = tokio::select! {
+                response = inner.call(request) => response?,
+                status = query.refusal() => return Ok(status.into_http()),
+            };
             Ok(response.map(|body| {
                 Body::new(body.map_frame(move |frame| {
                     let _held = &guard;
@@ -315,8 +367,8 @@ where
 enum FirstMessage {
     /// The first message (its bytes, without the gRPC prefix).
     Read(Bytes),
-    /// A first message of this many bytes, over the limit: not read.
-    TooLarge(usize),
+    /// A first message of `len` bytes, over the limit: only its first bytes read.
+    TooLarge { len: usize, prefix: Bytes },
     /// A compressed first message, or a body that ended (or sent trailers) before one.
     Unreadable,
 }
@@ -325,18 +377,21 @@ enum FirstMessage {
 /// to serve the call with: the same bytes and trailers.
 async fn first_message(mut body: Body, max: usize) -> Result<(FirstMessage, Body), Status> {
     let mut read = BytesMut::new();
-    let message = loop {
-        if read.len() >= 5 {
-            let compressed = read[0] != 0;
+    // Once the gRPC prefix is read: the message's length, and where to stop reading (its
+    // end, or over `max` enough of its start to find the query id in).
+    let mut want = None;
+    let found = loop {
+        if want.is_none() && read.len() >= 5 {
+            if read[0] != 0 {
+                // Compressed.
+                break None;
+            }
             let len = u32::from_be_bytes([read[1], read[2], read[3], read[4]]) as usize;
-            if compressed {
-                break Err(FirstMessage::Unreadable);
-            }
-            if len > max {
-                break Err(FirstMessage::TooLarge(len));
-            }
-            if read.len() >= 5 + len {
-                break Ok(5..5 + len);
+            want = Some((len, 5 + if len > max { len.min(ID_PREFIX) } else { len }));
+        }
+        if let Some((len, end)) = want {
+            if read.len() >= end {
+                break Some((len, end));
             }
         }
         match body.frame().await {
@@ -350,51 +405,46 @@ async fn first_message(mut body: Body, max: usize) -> Result<(FirstMessage, Body
                     }
                 }
                 // Trailers before a whole message: the worker answers the short call.
-                Err(_) => break Err(FirstMessage::Unreadable),
+                Err(_) => break None,
             },
             Some(Err(status)) => return Err(status),
-            None => break Err(FirstMessage::Unreadable),
+            None => break None,
         }
     };
     let read = read.freeze();
-    let message = message.map_or_else(|found| found, |at| FirstMessage::Read(read.slice(at)));
+    let message = match found {
+        Some((len, end)) if len > max => FirstMessage::TooLarge {
+            len,
+            prefix: read.slice(5..end),
+        },
+        Some((_, end)) => FirstMessage::Read(read.slice(5..end)),
+        None => FirstMessage::Unreadable,
+    };
     let rest = BodyStream::new(body);
     let replay = futures::stream::once(async move { Ok(http_body::Frame::data(read)) }).chain(rest);
     Ok((message, Body::new(StreamBody::new(replay))))
 }
 
-/// `TaskKey.query_id` of a `CoordinatorToWorkerMsg` (`plan`: `set_plan_request = 1 {
-/// task_key = 1 { query_id = 1 } }`) or an `ExecuteTaskRequest` (`task_key = 1 {
-/// query_id = 1 }`); `None` if absent or not a UUID's 16 bytes (the worker refuses
-/// those).
+/// `TaskKey.query_id` at the start of a `CoordinatorToWorkerMsg` (`plan`:
+/// `set_plan_request = 1 { task_key = 1 { query_id = 1 } }`) or an `ExecuteTaskRequest`
+/// (`task_key = 1 { query_id = 1 }`), each field first in its message (prost writes
+/// fields in tag order), so the start of a message is enough; `None` if it is not there
+/// or not a UUID's 16 bytes (the worker refuses those).
 fn query_id(message: &[u8], plan: bool) -> Option<Bytes> {
-    use prost::Message;
+    use prost::encoding::decode_varint;
 
-    #[derive(Clone, PartialEq, prost::Message)]
-    struct TaskKey {
-        #[prost(bytes = "bytes", tag = "1")]
-        query_id: Bytes,
+    // Field 1, length-delimited.
+    const FIELD_1: u64 = 1 << 3 | 2;
+    let mut rest = message;
+    let mut len = 0;
+    for _ in 0..if plan { 3 } else { 2 } {
+        if decode_varint(&mut rest).ok()? != FIELD_1 {
+            return None;
+        }
+        len = decode_varint(&mut rest).ok()?;
     }
-    #[derive(Clone, PartialEq, prost::Message)]
-    struct Keyed {
-        #[prost(message, optional, tag = "1")]
-        task_key: Option<TaskKey>,
-    }
-    #[derive(Clone, PartialEq, prost::Message)]
-    struct CoordinatorToWorker {
-        #[prost(message, optional, tag = "1")]
-        set_plan_request: Option<Keyed>,
-    }
-
-    let key = if plan {
-        CoordinatorToWorker::decode(message)
-            .ok()?
-            .set_plan_request?
-            .task_key?
-    } else {
-        Keyed::decode(message).ok()?.task_key?
-    };
-    (key.query_id.len() == QUERY_ID_LEN).then_some(key.query_id)
+    let id = rest.get(..QUERY_ID_LEN)?;
+    (len == QUERY_ID_LEN as u64).then(|| Bytes::copy_from_slice(id))
 }
 
 #[cfg(test)]
@@ -464,29 +514,67 @@ mod tests {
         let mut call = grpc(b"first message");
         call.extend_from_slice(&grpc(b"second"));
         let (first, rest) = first_message(body(&call, 3), 1 << 20).await.unwrap();
-        assert_eq!(first, FirstMessage::Read(Bytes::from_static(b"first message")));
+        assert_eq!(
+            first,
+            FirstMessage::Read(Bytes::from_static(b"first message"))
+        );
         assert_eq!(replayed(rest).await, call);
     }
 
     #[tokio::test]
     async fn a_first_message_over_the_limit_is_not_read() {
-        // Declares 1 MiB, sends 64 bytes of it: found out from the prefix alone.
+        // An ExecuteTaskRequest declared 1 MiB long, of which only the start is sent:
+        // found out from the prefix, its query id read from its first bytes.
+        let id = [9u8; 16];
         let mut call = vec![0];
         call.extend_from_slice(&(1u32 << 20).to_be_bytes());
-        call.extend_from_slice(&[1; 64]);
+        call.extend_from_slice(&[1 << 3 | 2, 0x80, 0x80, 0x40]);
+        call.extend_from_slice(&task_key(&id));
+        call.extend_from_slice(&[1; 100]);
         let (first, rest) = first_message(body(&call, 1), 1024).await.unwrap();
-        assert_eq!(first, FirstMessage::TooLarge(1 << 20));
+        let FirstMessage::TooLarge { len, prefix } = first else {
+            panic!("{first:?}");
+        };
+        assert_eq!((len, prefix.len()), (1 << 20, ID_PREFIX));
+        assert_eq!(query_id(&prefix, false).as_deref(), Some(&id[..]));
         assert_eq!(replayed(rest).await, call, "nothing lost");
         // Compressed, or cut short: left to the worker.
         let mut compressed = grpc(b"x");
         compressed[0] = 1;
         let (first, _) = first_message(body(&compressed, 8), 1024).await.unwrap();
         assert_eq!(first, FirstMessage::Unreadable);
-        let (first, _) = first_message(body(&grpc(b"cut")[..6], 8), 1024).await.unwrap();
+        let (first, _) = first_message(body(&grpc(b"cut")[..6], 8), 1024)
+            .await
+            .unwrap();
         assert_eq!(first, FirstMessage::Unreadable);
-        let status = admission(1, Duration::ZERO).too_large(1 << 20);
-        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
-        assert!(status.message().contains("--max-cluster-message-size"));
+        let (first, _) = first_message(body(&grpc(b""), 8), 1024).await.unwrap();
+        assert_eq!(first, FirstMessage::Read(Bytes::new()));
+    }
+
+    #[tokio::test]
+    async fn a_refused_query_ends_its_admitted_calls() {
+        let admission = admission(4, Duration::from_secs(1));
+        let id = Bytes::from_static(&[3; 16]);
+        let call = admission.admit(id.clone()).await.unwrap();
+        let waiting = {
+            let query = Arc::clone(&call.query);
+            crate::query::spawn(async move { query.refusal().await })
+        };
+        let status = admission.too_large(1 << 30);
+        admission.refuse(id.clone(), status);
+        let ended = waiting.await.unwrap();
+        assert_eq!(ended.code(), tonic::Code::ResourceExhausted);
+        assert!(
+            ended.message().contains("--max-cluster-message-size"),
+            "{}",
+            ended.message()
+        );
+        let later = admission.admit(id).await.err().unwrap();
+        assert_eq!(
+            later.code(),
+            tonic::Code::ResourceExhausted,
+            "its later calls too"
+        );
     }
 
     fn admission(max_queries: usize, queue_timeout: Duration) -> Arc<TaskAdmission> {
@@ -561,7 +649,7 @@ mod tests {
         let now = Instant::now();
         for i in 0..MAX_REFUSED + 10 {
             let id = Bytes::from(i.to_le_bytes().to_vec());
-            refused.ids.insert(id.clone());
+            refused.ids.insert(id.clone(), Status::unavailable("busy"));
             refused.order.push_back((now, id));
             refused.forget_old(now);
         }

@@ -63,8 +63,9 @@ impl Default for ClusterMetrics {
             .expect("valid metric"),
             refused: IntCounter::new(
                 "quiver_cluster_queries_refused_total",
-                "Other nodes' queries refused a slot on this node's worker port \
-                 (none free within --cluster-queue-timeout).",
+                "Other nodes' queries refused on this node's worker port (no slot \
+                 free within --cluster-queue-timeout, or a message over \
+                 --max-cluster-message-size).",
             )
             .expect("valid metric"),
         }

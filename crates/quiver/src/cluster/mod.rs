@@ -6,7 +6,8 @@
 //!                 │ ClusterChannels: one HTTP/2 connection per worker, the shared secret
 //!                 ▼ on every call
 //!  worker port (--cluster-listen) ─▶ secret checked ─▶ TaskAdmission (a slot per query,
-//!                 │ --max-cluster-queries) ─▶ datafusion-distributed's Worker
+//!                 │ --max-cluster-queries; --max-cluster-message-size)
+//!                 │   ─▶ datafusion-distributed's Worker (ended tasks released: worker.rs)
 //!                 │ on the cluster runtime, with this node's runtime env (memory pool,
 //!                 ▼ object stores) and functions
 //!  ReinstallReaders: the plan's Parquet scans read through Quiver's reader (memory maps,
