@@ -135,7 +135,15 @@ impl Planners {
                 .and_then(|b| b.with_distributed_compression(cluster.compression))
                 .and_then(|b| b.with_distributed_broadcast_joins(cluster.broadcast_joins))
                 .map_err(Error::from)?;
-            Ok(builder.build())
+            let mut state = builder.build();
+            // With one target partition DataFusion plans single-step aggregates (no partial
+            // and final halves), and datafusion-distributed 4.0 still splits their input
+            // over tasks: each task then answers for its share alone (wrong results, e.g.
+            // TPC-H Q11 and Q15 with --cpu-threads 1). Two partitions make DataFusion plan
+            // the halves the distributed planner splits at.
+            let execution = &mut state.config_mut().options_mut().execution;
+            execution.target_partitions = execution.target_partitions.max(2);
+            Ok(state)
         };
         Ok(Self {
             auto: state(cluster.bytes_per_task)?,
