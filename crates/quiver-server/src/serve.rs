@@ -304,7 +304,8 @@ struct Cluster {
 /// the runtime it runs on.
 struct ClusterTasks {
     _probe: Option<AbortOnDropHandle<()>>,
-    _worker: Option<(AbortOnDropHandle<()>, CpuRuntime)>,
+    /// The worker port's server, its runtime, and the task freeing ended tasks' plans.
+    _worker: Option<(AbortOnDropHandle<()>, CpuRuntime, AbortOnDropHandle<()>)>,
 }
 
 impl Cluster {
@@ -403,7 +404,7 @@ impl Cluster {
             self.metrics.queries_refused(),
             bound.to_string(),
         );
-        let (_worker, routes) = worker_routes(
+        let (_worker, routes, release) = worker_routes(
             &engine.base_state(),
             Arc::clone(engine.catalog()),
             Arc::clone(engine.io()),
@@ -445,7 +446,7 @@ impl Cluster {
         }
         Ok(ClusterTasks {
             _probe: probe,
-            _worker: Some((task, runtime)),
+            _worker: Some((task, runtime, release)),
         })
     }
 }

@@ -389,10 +389,10 @@ async fn first_message(mut body: Body, max: usize) -> Result<(FirstMessage, Body
             let len = u32::from_be_bytes([read[1], read[2], read[3], read[4]]) as usize;
             want = Some((len, 5 + if len > max { len.min(ID_PREFIX) } else { len }));
         }
-        if let Some((len, end)) = want {
-            if read.len() >= end {
-                break Some((len, end));
-            }
+        if let Some((len, end)) = want
+            && read.len() >= end
+        {
+            break Some((len, end));
         }
         match body.frame().await {
             Some(Ok(frame)) => match frame.into_data() {

@@ -18,6 +18,7 @@ use datafusion_distributed::{
     WorkerPlanRewriteEventResponse, WorkerPlanRewriteHandler, WorkerQueryContext,
 };
 use object_store::ObjectMeta;
+use tokio_util::task::AbortOnDropHandle;
 use tonic::service::Routes;
 
 use super::{Admitted, ClusterSecret, SECRET_HEADER, TaskAdmission};
@@ -26,9 +27,11 @@ use crate::error::Error;
 use crate::io::Io;
 
 /// The worker service of this node, behind the secret check and `admission`, as routes
-/// for the cluster port. Tasks run with `base`'s runtime env (so they draw on this node's
-/// memory pool and find its object stores) and functions (with their limits), and read
-/// through this node's reader, checked against its own listing.
+/// for the cluster port, and the task that frees ended tasks' plans (see
+/// `release_ended_tasks`; it stops when the handle is dropped). Tasks run with `base`'s
+/// runtime env (so they draw on this node's memory pool and find its object stores) and
+/// functions (with their limits), and read through this node's reader, checked against
+/// its own listing.
 pub fn worker_routes(
     base: &SessionState,
     catalog: Arc<Catalog>,
@@ -37,7 +40,7 @@ pub fn worker_routes(
     secret: ClusterSecret,
     admission: Arc<TaskAdmission>,
     node: String,
-) -> (Worker, Routes) {
+) -> (Worker, Routes, AbortOnDropHandle<()>) {
     let readers: Arc<dyn WorkerPlanRewriteHandler> = Arc::new(ReinstallReaders {
         catalog,
         io,
@@ -88,8 +91,8 @@ pub fn worker_routes(
     // Not behind the secret: it tells whether the port serves, and (in the answer's
     // headers, see `ClusterMetricsLayer`) where the node's Flight port is.
     let (_reporter, health) = tonic_health::server::health_reporter();
-    tokio::spawn(release_ended_tasks(worker.clone(), admission_for_sweep));
-    (worker, Routes::new(service).add_service(health))
+    let release = crate::query::spawn(release_ended_tasks(worker.clone(), admission_for_sweep));
+    (worker, Routes::new(service).add_service(health), release)
 }
 
 /// The id of the task [`release_ended_tasks`] looks up; no query has it (coordinators
