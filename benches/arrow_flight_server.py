@@ -3,8 +3,8 @@ ceiling the throughput benchmarks compare Quiver with.
 
     python benches/arrow_flight_server.py FILE.parquet ADDR_FILE
 
-The ticket is the batch size in rows, optionally with a row limit: b"8192", b"65536",
-b"8192:7500" (the first 7500 rows). The table is read and combined once at start, then sliced
+The ticket is the batch size in rows, optionally with a row limit and an offset: b"8192",
+b"65536", b"8192:7500" (the first 7500 rows), b"8192:7500:60000" (7500 rows from row 60000). The table is read and combined once at start, then sliced
 into batches of that size without copying. String views are served as plain strings, as
 Quiver serves them.
 """
@@ -23,8 +23,9 @@ class TableServer(flight.FlightServerBase):
         self.table = table
 
     def do_get(self, context, ticket):
-        batch, _, limit = ticket.ticket.decode().partition(":")
-        table = self.table.slice(0, int(limit)) if limit else self.table
+        batch, _, rest = ticket.ticket.decode().partition(":")
+        limit, _, offset = rest.partition(":")
+        table = self.table.slice(int(offset or 0), int(limit)) if limit else self.table
         return flight.RecordBatchStream(table.to_reader(max_chunksize=int(batch)))
 
 

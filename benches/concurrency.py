@@ -73,6 +73,65 @@ def level(addr: str, clients: int, per_client: int, make_ticket) -> dict:
     }
 
 
+def key_ranges(a, data: Path, work: Path, quiver: Quiver, arrow: ArrowServer) -> bool:
+    """100 concurrent clients, each fetching a different ~1 MB key range of lineitem
+    (`WHERE l_orderkey >= lo AND l_orderkey < hi`; the file is sorted on l_orderkey), from
+    Parquet and from a pinned copy, against the pyarrow C++ server slicing the same number
+    of rows at the same place. Returns whether any stream failed."""
+    import pyarrow.parquet as pq
+
+    keys = pq.read_table(data / "lineitem.parquet", columns=["l_orderkey"])["l_orderkey"].to_numpy()
+    clients = 100
+    # Client c reads the rows of keys [lo, hi): MEGABYTE_ROWS rows from row `start`.
+    starts = [c * (len(keys) - MEGABYTE_ROWS) // clients for c in range(clients)]
+    bounds = []
+    for start in starts:
+        lo = int(keys[start])
+        hi = int(keys[min(start + MEGABYTE_ROWS, len(keys) - 1)])
+        first = int(keys.searchsorted(lo, "left"))
+        bounds.append((lo, hi, first, int(keys.searchsorted(hi, "left")) - first))
+    pinned = Quiver(a.quiver, work / "pinned", [*tpch_tables(data), "--pin-table", "lineitem"])
+    failed = False
+    try:
+        sql = "SELECT * FROM lineitem WHERE l_orderkey >= {} AND l_orderkey < {}"
+        # Each range's answer equals the same rows sliced by pyarrow (the oracle).
+        table = pq.read_table(data / "lineitem.parquet")
+        for lo, hi, first, rows in bounds[::33]:
+            expected = table.slice(first, rows)
+            for server in (quiver, pinned):
+                got = server.run(sql.format(lo, hi))
+                got = got.sort_by([("l_orderkey", "ascending"), ("l_linenumber", "ascending")])
+                if got.num_rows != rows or not all(
+                    got[c].equals(expected[c]) for c in ("l_orderkey", "l_linenumber", "l_extendedprice")
+                ):
+                    print(f"MISMATCH key range [{lo}, {hi})", file=sys.stderr)
+                    failed = True
+        del table
+        print(f"\n100 concurrent clients, each a different key range of ~{MEGABYTE_ROWS} rows (~1 MB):\n")
+        print("| server | mean ms | p99 ms | vs pyarrow | errors | server peak RSS MB |")
+        print("|---|---:|---:|---:|---:|---:|")
+        runs = {
+            "pyarrow C++ server (from memory, slices)": (
+                arrow.addr, lambda c, i: flight.Ticket(f"65536:{bounds[c][3]}:{bounds[c][2]}".encode()), None),
+            "quiver (from Parquet)": (
+                quiver.addr, lambda c, i: flight.Ticket(sql.format(*bounds[c][:2]).encode()), quiver),
+            "quiver (pinned table)": (
+                pinned.addr, lambda c, i: flight.Ticket(sql.format(*bounds[c][:2]).encode()), pinned),
+        }
+        baseline = None
+        for name, (addr, ticket, server) in runs.items():
+            level(addr, clients, 1, ticket)  # warm-up: connections, page cache, plans
+            r = level(addr, clients, 1, ticket)
+            baseline = baseline or r["mean"]
+            failed |= bool(r["errors"])
+            rss = f"{server.peak_rss() / 2**20:.0f}" if server else "-"
+            print(f"| {name} | {r['mean'] * 1e3:.1f} | {r['p99'] * 1e3:.1f} | {r['mean'] / baseline:.2f}x"
+                  f" | {len(r['errors'])} | {rss} |")
+    finally:
+        pinned.close()
+    return failed
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common_args(p, "SF0.01, fewer queries")
@@ -127,6 +186,8 @@ def main() -> int:
             r = level(addr, 100, 1, ticket)
             failed |= bool(r["errors"])
             print(f"| {name} | {r['mean'] * 1e3:.1f} | {r['p99'] * 1e3:.1f} | {len(r['errors'])} |")
+
+        failed |= key_ranges(a, data, work, quiver, arrow)
     finally:
         arrow.close()
         quiver.close()

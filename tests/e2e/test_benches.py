@@ -41,6 +41,7 @@ def test_throughput_smoke_delivers_every_row(tmp_path):
 def test_concurrency_smoke_has_no_errors(tmp_path):
     out = run_bench("concurrency.py", tmp_path)
     assert "| 100 |" in out and "pyarrow C++ server" in out, out
+    assert "quiver (pinned table)" in out and "key range" in out, out
 
 
 def test_pruning_smoke_reads_the_same_bytes_at_every_size(tmp_path):

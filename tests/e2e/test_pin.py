@@ -3,6 +3,7 @@ the query memory pool (and says so in the metrics), refuses to start when it doe
 and reloads when new files land. Oracle: DuckDB over pyarrow.dataset of the same files."""
 
 import subprocess
+import time
 
 import duckdb
 import pyarrow as pa
@@ -116,3 +117,64 @@ def test_both_send_paths_send_pinned_batches_whole(dataset, tmp_path):
     finally:
         pinned.stop()
         standard.stop()
+
+
+def test_a_selective_query_skips_pinned_batches(tmp_path):
+    """A pinned table keeps min/max and null counts per batch, so a key range reads only the
+    batches that overlap it (as row-group statistics do for the files), and the answer is
+    still every matching row. Oracle: DuckDB over the same file."""
+    import json
+    import re
+
+    import pyarrow.parquet as pq
+
+    n = 200_000
+    table = pa.table({
+        # Sorted: each batch covers a narrow range of keys.
+        "key": pa.array(range(n), pa.int64()),
+        "label": pa.array([f"label-{i % 977:04d}" for i in range(n)]),
+        "note": pa.array([None if i % 50_000 == 7 else "x" * (i % 90) for i in range(n)]),
+    })
+    (tmp_path / "data" / "keyed").mkdir(parents=True)
+    path = tmp_path / "data" / "keyed" / "part-0.parquet"
+    pq.write_table(table, path, row_group_size=50_000)
+    s = Server(["--data-dir", str(tmp_path / "data"), "--pin-table", "keyed", "--log-filter", "quiver=debug,info"],
+               tmp_path / "server")
+    con = duckdb.connect()
+    queries = [
+        "SELECT key, label FROM keyed WHERE key >= 120000 AND key < 121000 ORDER BY key",
+        "SELECT count(*) AS n FROM keyed WHERE key BETWEEN 49990 AND 50010",
+        "SELECT key FROM keyed WHERE note IS NULL ORDER BY key",
+        "SELECT count(*) AS n FROM keyed WHERE key % 1000 = 3",
+        "SELECT count(*) AS n FROM keyed WHERE key < 0 OR key > 199990",
+        "SELECT count(*) AS n FROM keyed WHERE label = 'label-0042'",
+    ]
+    try:
+        for sql in queries:
+            got = s.query(sql)
+            expected = con.execute(sql.replace("FROM keyed", f"FROM read_parquet('{path}')")).fetchall()
+            assert [tuple(r.values()) for r in got.to_pylist()] == [tuple(r) for r in expected], sql
+        deadline = time.monotonic() + 10
+        while len(summaries := re.findall(r"scan summary.*?summary=(\{[^}]*\})", s.logs())) < len(queries):
+            assert time.monotonic() < deadline, s.logs()
+            time.sleep(0.05)
+        summaries = [json.loads(m) for m in summaries]
+        total = summaries[0]["batches_total"]
+        # The Parquet reader's batches (8192 rows by default) over 200000 rows.
+        assert total >= 200_000 // 8192, summaries[0]
+        # A range of 1000 keys overlaps at most two batches; one of 21 keys across a row
+        # group boundary at most two.
+        assert total - summaries[0]["batches_pruned"] <= 2, summaries[0]
+        assert total - summaries[1]["batches_pruned"] <= 2, summaries[1]
+        # NULL notes are in at most 4 batches: the null counts say which.
+        assert total - summaries[2]["batches_pruned"] <= 4, summaries[2]
+        # Statistics cannot decide `key % 1000 = 3`: every batch is read.
+        assert summaries[3]["batches_pruned"] == 0, summaries[3]
+        assert total - summaries[4]["batches_pruned"] <= 1, summaries[4]
+        m = s.metrics()
+        assert m.get("quiver_scan_pinned_batches_pruned_total") == sum(x["batches_pruned"] for x in summaries)
+        assert m.get("quiver_scan_pinned_batches_scanned_total") == sum(
+            x["batches_total"] - x["batches_pruned"] for x in summaries)
+        assert m.get("quiver_table_scans_total", table="keyed") == len(queries)
+    finally:
+        s.stop()

@@ -13,6 +13,7 @@
 
 mod config;
 mod discover;
+mod pinned;
 mod pruning;
 mod table;
 

@@ -1,4 +1,4 @@
-//! What partition pruning skipped in one query: the catalog's table scans report into it,
+//! What partition pruning (and a pinned table's batch statistics) skipped in one query: the catalog's table scans report into it,
 //! the query's scan summary (`query::ScanReport`) reads it.
 
 use parking_lot::Mutex;
@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct PartitionPruning {
     files_total: AtomicU64,
     files_pruned: AtomicU64,
+    batches_total: AtomicU64,
+    batches_pruned: AtomicU64,
     /// The table of every scan planned, in order (a self-join scans a table twice).
     tables: Mutex<Vec<String>>,
 }
@@ -20,6 +22,23 @@ impl PartitionPruning {
         self.files_pruned
             .fetch_add(total.saturating_sub(kept) as u64, Ordering::Relaxed);
         self.tables.lock().push(table.to_string());
+    }
+
+    /// Records a scan of pinned `table` that kept `kept` of its `total` batches.
+    pub fn record_batches(&self, table: &str, total: usize, kept: usize) {
+        self.tables.lock().push(table.to_string());
+        self.batches_total
+            .fetch_add(total as u64, Ordering::Relaxed);
+        self.batches_pruned
+            .fetch_add(total.saturating_sub(kept) as u64, Ordering::Relaxed);
+    }
+
+    /// Batches of the scanned pinned tables, and how many of them their statistics skipped.
+    pub fn batches(&self) -> (u64, u64) {
+        (
+            self.batches_total.load(Ordering::Relaxed),
+            self.batches_pruned.load(Ordering::Relaxed),
+        )
     }
 
     /// Files of the scanned tables, and how many of them their partition values skipped.

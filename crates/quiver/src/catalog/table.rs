@@ -37,6 +37,7 @@ use datafusion::physical_plan::collect_partitioned;
 use datafusion_datasource::memory::MemorySourceConfig;
 
 use super::PartitionPruning;
+use super::pinned::PinnedBatches;
 use crate::io::remote::Bucket;
 use crate::io::{Io, IoMode, IoOptions};
 use crate::wire::frames::split;
@@ -79,7 +80,7 @@ pub struct HiveTable {
 #[derive(Debug)]
 pub(crate) struct Pinned {
     schema: SchemaRef,
-    partitions: Vec<Vec<RecordBatch>>,
+    batches: PinnedBatches,
     bytes: usize,
     _reservation: MemoryReservation,
     /// Keeps the batches' messages findable by the send path while they are served.
@@ -166,7 +167,8 @@ impl HiveTable {
             }
             pinned_partitions.push(partition);
         }
-        let partitions = pinned_partitions;
+        let batches = PinnedBatches::new(Arc::clone(&schema), pinned_partitions);
+        bytes += batches.statistics_bytes();
         let reservation = MemoryConsumer::new(format!("pinned table {}", self.name))
             .register(&session.runtime_env().memory_pool);
         reservation
@@ -180,7 +182,7 @@ impl HiveTable {
             })?;
         self.pinned = Some(Arc::new(Pinned {
             schema,
-            partitions,
+            batches,
             bytes,
             _reservation: reservation,
             _messages: messages.map(|m| m.register(laid_out)),
@@ -351,16 +353,23 @@ impl TableProvider for HiveTable {
         filters: &[Expr],
         limit: Option<usize>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let pruning = state.config().get_extension::<PartitionPruning>();
         if let Some(pinned) = &self.pinned {
+            // Skip the batches whose statistics rule every filter out; DataFusion filters
+            // the rows of the others.
+            let selected = pinned.batches.select(state, filters);
+            if let Some(pruning) = pruning {
+                pruning.record_batches(&self.name, selected.total, selected.kept);
+            }
             let plan = MemorySourceConfig::try_new_exec(
-                &pinned.partitions,
+                &selected.partitions,
                 Arc::clone(&pinned.schema),
                 projection.cloned(),
             )?;
             return Ok(plan);
         }
         let files = self.prune(state, filters)?;
-        if let Some(pruning) = state.config().get_extension::<PartitionPruning>() {
+        if let Some(pruning) = pruning {
             pruning.record(&self.name, self.files.len(), files.len());
         }
         if files.is_empty() {

@@ -197,6 +197,19 @@ impl EngineCollector {
                 },
             )?,
             counter(
+                "quiver_scan_pinned_batches_scanned_total",
+                "Batches of pinned tables read by finished queries.",
+                |s| {
+                    let t = totals(s);
+                    t.batches_total - t.batches_pruned
+                },
+            )?,
+            counter(
+                "quiver_scan_pinned_batches_pruned_total",
+                "Batches of pinned tables skipped by their min/max and null-count statistics.",
+                |s| totals(s).batches_pruned,
+            )?,
+            counter(
                 "quiver_scan_row_groups_scanned_total",
                 "Row groups read by finished queries.",
                 |s| totals(s).row_groups_scanned,

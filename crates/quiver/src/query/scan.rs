@@ -26,6 +26,10 @@ pub struct ScanSummary {
     pub files_total: u64,
     /// Files skipped by partition values.
     pub files_pruned_partition: u64,
+    /// Batches of the scanned pinned tables (`--pin-table`).
+    pub batches_total: u64,
+    /// Pinned batches skipped by their statistics.
+    pub batches_pruned: u64,
     /// Files skipped by file-level statistics.
     pub files_pruned_statistics: u64,
     /// Files opened.
@@ -69,6 +73,8 @@ impl ScanSummary {
         let mut summary = Self {
             files_total: pruning.files().0,
             files_pruned_partition: pruning.files().1,
+            batches_total: pruning.batches().0,
+            batches_pruned: pruning.batches().1,
             ..Self::default()
         };
         let mut pruned_limit = 0;
@@ -148,6 +154,8 @@ impl ScanSummary {
     pub fn add(&mut self, other: &Self) {
         self.files_total += other.files_total;
         self.files_pruned_partition += other.files_pruned_partition;
+        self.batches_total += other.batches_total;
+        self.batches_pruned += other.batches_pruned;
         self.files_pruned_statistics += other.files_pruned_statistics;
         self.files_scanned += other.files_scanned;
         self.row_groups_total += other.row_groups_total;
