@@ -491,6 +491,16 @@ pub struct ServeArgs {
     #[arg(long, env = "QUIVER_ENDPOINTS_PER_QUERY", default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=quiver::query::MAX_SLICES as u64))]
     pub endpoints_per_query: u64,
 
+    /// Memory for answers of repeated queries (dashboards), served without running them
+    /// again; `0` (the default) turns the cache off. An answer is kept under its
+    /// statement, its parameters and the versions of the tables it read, so files that
+    /// land make a new answer; answers of statements with now(), random() or any other
+    /// function whose value is not fixed by its arguments are never kept. Reserved from
+    /// --memory-limit; the least recently used answers go first. A ticket can opt out
+    /// (QueryTicket.no_result_cache).
+    #[arg(long, env = "QUIVER_RESULT_CACHE_SIZE", default_value = "0")]
+    pub result_cache_size: ByteSize,
+
     /// Flight SQL prepared statements each user keeps open at once (all clients
     /// together when authentication is off); creating one more closes that user's least
     /// recently used one, whose handle then fails with INVALID_ARGUMENT ("prepare it

@@ -129,6 +129,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         remote,
         cluster: cluster.as_ref().and_then(|c| c.planning.clone()),
         endpoints_per_query: args.endpoints_per_query as usize,
+        result_cache_size: args.result_cache_size.0,
     };
     let _audit_reopen = options.audit.clone().map(audit_reopen_loop);
     let memory_hard_limit = match args.memory_hard_limit {

@@ -73,7 +73,13 @@ pub struct HiveTable {
     pinned: Option<Arc<Pinned>>,
     /// The bucket, for a table on S3; `None` for local files.
     bucket: Option<Arc<Bucket>>,
+    /// Unique to this snapshot in this process: a refresh that publishes the table makes a
+    /// new snapshot with a new version (the result cache keys answers by it).
+    version: u64,
 }
+
+/// The version of the next snapshot made.
+static NEXT_VERSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// A pinned table's rows, with views as they are sent (`--view-types`), and the memory pool
 /// reservation that accounts for them.
@@ -120,6 +126,7 @@ impl HiveTable {
             files,
             pinned: None,
             bucket,
+            version: NEXT_VERSION.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
 
@@ -188,6 +195,11 @@ impl HiveTable {
             _messages: messages.map(|m| m.register(laid_out)),
         }));
         Ok(self)
+    }
+
+    /// This snapshot's version: unique in the process, new at every publish.
+    pub fn version(&self) -> u64 {
+        self.version
     }
 
     /// Bytes held in memory for a pinned table; 0 otherwise.

@@ -153,6 +153,7 @@ async fn run(
         id: ticket.query_id,
         caller,
         params,
+        no_result_cache: ticket.no_result_cache.unwrap_or(false),
     };
     // Compression makes new buffers: nothing is left to share.
     let zero_copy = options.path == SendPath::ZeroCopy && options.compression.is_none();

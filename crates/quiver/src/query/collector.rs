@@ -13,6 +13,7 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{Gauge, IntCounter, IntGauge};
 
+use super::result_cache::ResultCache;
 use super::{HeapGuard, MeteredPool, Progress, ScanSummary};
 use crate::catalog::Catalog;
 use crate::error::Result;
@@ -31,6 +32,8 @@ pub(crate) struct EngineSources {
     pub catalog: Arc<Catalog>,
     pub cpu: Arc<Progress>,
     pub heap: Arc<HeapGuard>,
+    /// The result cache, when on (`--result-cache-size`).
+    pub results: Option<Arc<ResultCache>>,
 }
 
 /// Reads a gauge's current value from the sources.
@@ -59,6 +62,16 @@ impl EngineCollector {
             Ok::<_, prometheus::Error>((IntCounter::new(name, help)?, read))
         };
         let gauges = vec![
+            gauge(
+                "quiver_result_cache_bytes",
+                "Bytes of query answers kept in the result cache (reserved from the query pool).",
+                |s| results(s, |c| c.size().0 as u64) as i64,
+            )?,
+            gauge(
+                "quiver_result_cache_entries",
+                "Query answers kept in the result cache.",
+                |s| results(s, |c| c.size().1 as u64) as i64,
+            )?,
             gauge(
                 "quiver_cache_bytes",
                 "Bytes of S3 object blocks in the local cache (--cache-dir).",
@@ -250,6 +263,21 @@ impl EngineCollector {
                 |s| mmap(s, |m| &m.evictions),
             )?,
             counter(
+                "quiver_result_cache_hits_total",
+                "Queries answered from the result cache.",
+                |s| results(s, |c| c.counts().0),
+            )?,
+            counter(
+                "quiver_result_cache_misses_total",
+                "Cacheable queries the result cache did not hold (run, and kept if they fit).",
+                |s| results(s, |c| c.counts().1),
+            )?,
+            counter(
+                "quiver_result_cache_evictions_total",
+                "Answers dropped from the result cache: least recently used, or read a table version a refresh replaced.",
+                |s| results(s, |c| c.counts().2),
+            )?,
+            counter(
                 "quiver_cache_hits_total",
                 "Blocks of S3 objects read from the local cache.",
                 |s| cache(s, |c| &c.hits),
@@ -324,6 +352,11 @@ fn mmap(s: &EngineSources, field: fn(&MmapStats) -> &AtomicU64) -> u64 {
     s.mmap
         .as_ref()
         .map_or(0, |m| field(m).load(Ordering::Relaxed))
+}
+
+/// A figure of the result cache; 0 when it is off.
+fn results(s: &EngineSources, read: fn(&ResultCache) -> u64) -> u64 {
+    s.results.as_deref().map_or(0, read)
 }
 
 /// A figure of the object cache; 0 when it is off.

@@ -22,6 +22,7 @@ mod memory;
 mod options;
 mod params;
 mod request;
+mod result_cache;
 mod running;
 mod runtime;
 mod scan;
@@ -65,6 +66,7 @@ use datafusion::execution::runtime_env::RuntimeEnv;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::execution::{SessionState, SessionStateBuilder};
 use datafusion::logical_expr::LogicalPlan;
+use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::physical_plan::{ExecutionPlan, execute_stream};
 use datafusion::prelude::{SessionConfig, SessionContext};
 
@@ -80,6 +82,7 @@ use admission::Admission;
 use collector::{EngineCollector, EngineSources};
 use distributed::Planners;
 use memory::QueryPool;
+use result_cache::ResultCache;
 
 /// Plans and runs read-only SQL over the catalog.
 pub struct QueryEngine {
@@ -102,6 +105,8 @@ pub struct QueryEngine {
     endpoints_per_query: usize,
     heap: Arc<HeapGuard>,
     audit: Option<Arc<AuditLog>>,
+    /// Answers of repeated queries (`--result-cache-size`); `None` when off.
+    result_cache: Option<Arc<ResultCache>>,
     /// When the last refresh started, and what it found (see [`Self::refresh`]).
     last_refresh: tokio::sync::Mutex<Option<(std::time::Instant, RefreshSummary)>>,
 }
@@ -190,7 +195,7 @@ impl QueryEngine {
             io,
             pinned,
             view_types: options.view_types,
-            pool,
+            pool: Arc::clone(&pool),
             scan_totals: Arc::default(),
             metrics,
             admission: Admission::new(options.admission),
@@ -200,6 +205,12 @@ impl QueryEngine {
             endpoints_per_query: options.endpoints_per_query.clamp(1, MAX_SLICES as usize),
             heap: Arc::default(),
             audit: options.audit,
+            result_cache: (options.result_cache_size > 0).then(|| {
+                Arc::new(ResultCache::new(
+                    options.result_cache_size,
+                    Arc::clone(&pool) as Arc<dyn MemoryPool>,
+                ))
+            }),
             last_refresh: tokio::sync::Mutex::default(),
         })
     }
@@ -222,6 +233,7 @@ impl QueryEngine {
             catalog: Arc::clone(&self.catalog),
             cpu: Arc::clone(self.cpu.progress()),
             heap: Arc::clone(&self.heap),
+            results: self.result_cache.clone(),
         })?;
         registry.register(Box::new(collector))?;
         if let Some(remote) = self.io.remote() {
@@ -244,6 +256,10 @@ impl QueryEngine {
         }
         let started = std::time::Instant::now();
         let summary = self.refresh_now().await;
+        // Answers that read a replaced table version can never be served again.
+        if let Some(cache) = &self.result_cache {
+            cache.retain_current(&self.catalog);
+        }
         *last = Some((started, summary.clone()));
         summary
     }
@@ -603,9 +619,16 @@ impl QueryEngine {
         let engine = Arc::clone(self);
         let (sql, params, access) = (request.sql, request.params, request.caller.tables);
         let (distribution, slice) = (request.distribution, request.slice);
+        let use_cache = !request.no_result_cache;
         let task = self.cpu.spawn(async move {
             match engine
-                .start(sql, params, &access, (distribution, slice), &query)
+                .start(
+                    sql,
+                    params,
+                    &access,
+                    (distribution, slice, use_cache),
+                    &query,
+                )
                 .await
             {
                 Ok((stream, report)) => Ok((stream, report, query)),
@@ -692,7 +715,7 @@ impl QueryEngine {
         sql: String,
         params: Vec<ScalarValue>,
         access: &TableAccess,
-        (distribution, slice): (Option<Distribution>, Option<Slice>),
+        (distribution, slice, use_cache): (Option<Distribution>, Option<Slice>, bool),
         query: &RunningQuery,
     ) -> Result<(SendableRecordBatchStream, ScanReport)> {
         // A slice is one node's part of a result split over endpoints: run it here.
@@ -703,6 +726,12 @@ impl QueryEngine {
         let (reserved, peak) = query.active().memory();
         let (reserved, peak) = (Arc::clone(reserved), Arc::clone(peak));
         let pruning = Arc::new(PartitionPruning::default());
+        // A slice is part of an answer: the cache keeps whole ones.
+        let cache = self
+            .result_cache
+            .as_ref()
+            .filter(|_| use_cache && slice.is_none());
+        let cache_params = cache.map(|_| params.clone());
         let df = self
             .plan_with(&sql, params, access, Arc::clone(&pruning), distribution)
             .await?;
@@ -710,6 +739,21 @@ impl QueryEngine {
             query
                 .active()
                 .set_tables(access::tables_read(df.logical_plan()));
+        }
+        // Planned for this caller first: a table they may not read has failed planning.
+        let cache_key =
+            cache_params.and_then(|params| result_cache::Key::of(&sql, &params, df.logical_plan()));
+        if let (Some(cache), Some(key)) = (cache, &cache_key)
+            && let Some(answer) = cache.get(key)
+        {
+            let scanned_nothing = Arc::new(EmptyExec::new(answer.schema()));
+            let report = ScanReport::new(
+                scanned_nothing,
+                pruning,
+                Arc::clone(&self.scan_totals),
+                &sql,
+            );
+            return Ok((answer.stream(), report));
         }
         let task = df.task_ctx();
         // The query's own view of the shared pool counts what it holds.
@@ -750,6 +794,9 @@ impl QueryEngine {
         let mut stream = execute_stream(Arc::clone(&plan), task)?;
         if explains {
             stream = explain::RelativePaths::new(self.catalog.roots()).wrap(stream);
+        }
+        if let (Some(cache), Some(key)) = (cache, cache_key) {
+            stream = cache.collect(key, stream);
         }
         let report = ScanReport::new(plan, pruning, Arc::clone(&self.scan_totals), &sql);
         Ok((stream, report))

@@ -47,6 +47,8 @@ pub struct QueryOptions {
     pub cluster: Option<ClusterPlanning>,
     /// Most `FlightEndpoint`s one query's result is split over (`--endpoints-per-query`).
     pub endpoints_per_query: usize,
+    /// Bytes of query answers the result cache keeps (`--result-cache-size`); 0: no cache.
+    pub result_cache_size: usize,
 }
 
 /// Time limits on a query; zero turns a limit off.
@@ -127,6 +129,7 @@ impl Default for QueryOptions {
             remote: None,
             cluster: None,
             endpoints_per_query: 1,
+            result_cache_size: 0,
         }
     }
 }

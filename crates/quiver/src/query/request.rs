@@ -27,6 +27,9 @@ pub struct QueryRequest {
     /// Values for the placeholders (`?` or `$1..$n`), cast to the types the statement
     /// needs; empty when it has none.
     pub params: Vec<ScalarValue>,
+    /// Run the query even if the result cache holds its answer, and keep none
+    /// (`QueryTicket.no_result_cache`).
+    pub no_result_cache: bool,
 }
 
 /// What a `FlightInfo` says of a statement's result.

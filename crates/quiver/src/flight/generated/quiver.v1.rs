@@ -40,6 +40,11 @@ pub struct QueryTicket {
     /// node can run the slice.
     #[prost(bytes = "vec", optional, tag = "10")]
     pub parameters: ::core::option::Option<::prost::alloc::vec::Vec<u8>>,
+    /// True: run the query even when the server's result cache (--result-cache-size) holds
+    /// its answer, and keep none of this one (for a caller that wants a fresh run, such as
+    /// a benchmark). Unset or false: the cache may answer.
+    #[prost(bool, optional, tag = "11")]
+    pub no_result_cache: ::core::option::Option<bool>,
 }
 /// How a query is planned in a cluster.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, ::prost::Enumeration)]
