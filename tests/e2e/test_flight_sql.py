@@ -53,7 +53,7 @@ def pack_any(type_url: str, value: bytes) -> bytes:
     return field_bytes(1, type_url.encode()) + field_bytes(2, value)
 
 
-def query_ticket(sql: str, timeout_ms=None, compression=None, distribution=None) -> bytes:
+def query_ticket(sql: str, timeout_ms=None, compression=None, distribution=None, no_result_cache=None) -> bytes:
     """quiver.v1.QueryTicket, as proto/quiver/v1/ticket.proto defines it."""
     body = field_varint(1, 1) + field_bytes(2, sql.encode())
     if timeout_ms is not None:
@@ -62,6 +62,8 @@ def query_ticket(sql: str, timeout_ms=None, compression=None, distribution=None)
         body += field_varint(5, compression)
     if distribution is not None:
         body += field_varint(6, distribution)
+    if no_result_cache is not None:
+        body += field_varint(11, int(no_result_cache))
     return pack_any(QUERY_TICKET, body)
 
 

@@ -14,28 +14,13 @@ import pyarrow.flight as flight
 import pytest
 
 from conftest import DAYS, Server, make_requests, requests_dataset, wait_for, write_atomically
+from test_flight_sql import query_ticket
 
-QUERY_TICKET = "type.googleapis.com/quiver.v1.QueryTicket"
-
-
-def varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def field(number: int, value: bytes) -> bytes:
-    return varint(number << 3 | 2) + varint(len(value)) + value
 
 
 def opt_out_ticket(sql: str) -> flight.Ticket:
-    """quiver.v1.QueryTicket {version 1, sql, no_result_cache = true} in its Any
-    (proto/quiver/v1/ticket.proto)."""
-    body = varint(1 << 3) + varint(1) + field(2, sql.encode()) + varint(11 << 3) + varint(1)
-    return flight.Ticket(field(1, QUERY_TICKET.encode()) + field(2, body))
+    """quiver.v1.QueryTicket {version 1, sql, no_result_cache = true} in its Any."""
+    return flight.Ticket(query_ticket(sql, no_result_cache=True))
 
 
 def oracle(root):
