@@ -126,6 +126,10 @@ def main() -> int:
     parser.add_argument("--queries", default="", help="comma-separated query numbers (default: all 22)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument(
+        "--variant", action="append", default=[], metavar="NAME=ARG[,ARG]",
+        help="another Quiver server run side by side, e.g. --variant=pushdown-all=--filter-pushdown=all",
+    )
+    parser.add_argument(
         "--quiver-arg", action="append", default=[],
         help="an extra `quiver serve` argument (repeatable), e.g. --quiver-arg=--datafusion-config=KEY=VALUE",
     )
@@ -143,6 +147,10 @@ def main() -> int:
         "datafusion-defaults": DataFusion(data, args.threads, defaults=True),
         "duckdb": DuckDB(data, args.threads),
     }
+    variants = dict(v.split("=", 1) for v in args.variant)
+    for name, extra in variants.items():
+        (workdir / name).mkdir()
+        systems[name] = Quiver(args.quiver, workdir / name, tpch_tables(data) + extra.split(","), args.threads)
     names = list(systems)
     times = {q: {name: [] for name in names} for q in numbers}
     failures = []
@@ -151,7 +159,7 @@ def main() -> int:
             sql = QUERIES[q]
             # Warm-up, and the correctness check against DuckDB.
             results = {name: system.run(sql) for name, system in systems.items()}
-            for name in ("quiver", "datafusion", "datafusion-defaults"):
+            for name in ("quiver", "datafusion", "datafusion-defaults", *variants):
                 problem = same(results["duckdb"], results[name])
                 if problem:
                     failures.append(f"Q{q} {name}: {problem}")
@@ -180,6 +188,23 @@ def main() -> int:
               f" | {m['duckdb'] * 1e3:.1f} | {ratios_df[-1]:.2f}x | {ratios_dfd[-1]:.2f}x | {ratios_duck[-1]:.2f}x |")
     print(f"| **geomean** | | | | | **{geomean(ratios_df):.2f}x** | **{geomean(ratios_dfd):.2f}x**"
           f" | **{geomean(ratios_duck):.2f}x** |")
+    if variants:
+        print("\nVariants, run side by side (ratios to DataFusion with its defaults):\n")
+        print("| query | quiver | " + " | ".join(variants) + " | quiver / best | "
+              + " | ".join(f"{v} / datafusion defaults" for v in variants) + " |")
+        print("|---|" + "---:|" * (2 + 2 * len(variants)))
+        by_variant = {v: [] for v in variants}
+        worst = []
+        for q in numbers:
+            m = medians[q]
+            best = min(m[n] for n in ("quiver", *variants))
+            worst.append(m["quiver"] / best)
+            for v in variants:
+                by_variant[v].append(m[v] / m["datafusion-defaults"])
+            print(f"| Q{q} | {m['quiver'] * 1e3:.1f} | " + " | ".join(f"{m[v] * 1e3:.1f}" for v in variants)
+                  + f" | {worst[-1]:.2f}x | " + " | ".join(f"{by_variant[v][-1]:.2f}x" for v in variants) + " |")
+        print(f"| **geomean** | | {' | ' * len(variants)}**{geomean(worst):.2f}x** | "
+              + " | ".join(f"**{geomean(r):.2f}x**" for r in by_variant.values()) + " |")
     if args.json:
         args.json.write_text(json.dumps({"scale": args.scale, "threads": args.threads, "runs": args.runs,
                                          "medians_seconds": medians, "failures": failures}, indent=2))

@@ -625,6 +625,15 @@ pub struct ServeArgs {
     #[arg(long, env = "QUIVER_VIEW_TYPES", default_value = "expand")]
     pub view_types: ViewTypesArg,
 
+    /// Which filters Parquet scans evaluate inside the decoder (late materialisation:
+    /// other columns decoded only for the rows that pass). `runtime`: the filters joins
+    /// and TopK build at run time, on scans the query does not filter itself; every
+    /// other filter after decoding, which is faster when filters are cheap or pass rows on
+    /// every page. `all`: every filter. `none`: none. Every filter prunes files, row
+    /// groups and pages by statistics either way.
+    #[arg(long, env = "QUIVER_FILTER_PUSHDOWN", default_value = "runtime")]
+    pub filter_pushdown: FilterPushdownArg,
+
     #[command(flatten)]
     pub tls: TlsArgs,
 
@@ -772,6 +781,17 @@ pub enum ViewTypesArg {
     Expand,
     /// As views, compacted when mostly unreferenced.
     Keep,
+}
+
+/// `--filter-pushdown`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FilterPushdownArg {
+    /// Runtime filters (joins, TopK) of scans the query does not filter itself.
+    Runtime,
+    /// Every filter.
+    All,
+    /// No filter.
+    None,
 }
 
 /// `--send-path`.

@@ -26,7 +26,7 @@ use quiver::query::spawn;
 use quiver::query::{
     AdmissionOptions, MemoryOptions, PoolKind, QueryEngine, QueryLimits, QueryOptions, SqlLimits,
 };
-use quiver::query::{ClusterPlanning, CpuRuntime, NodeLocations};
+use quiver::query::{ClusterPlanning, CpuRuntime, FilterPushdown, NodeLocations};
 use quiver::wire::views::ViewTypes;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -35,7 +35,8 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 use tonic_health::server::HealthReporter;
 
 use crate::cli::{
-    Http2Args, IpcCompression, MemoryPoolArg, SendPath, ServeArgs, TlsArgs, ViewTypesArg,
+    FilterPushdownArg, Http2Args, IpcCompression, MemoryPoolArg, SendPath, ServeArgs, TlsArgs,
+    ViewTypesArg,
 };
 use crate::demo;
 use crate::listener;
@@ -130,6 +131,11 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         cluster: cluster.as_ref().and_then(|c| c.planning.clone()),
         endpoints_per_query: args.endpoints_per_query as usize,
         result_cache_size: args.result_cache_size.0,
+        filter_pushdown: match args.filter_pushdown {
+            FilterPushdownArg::Runtime => FilterPushdown::Runtime,
+            FilterPushdownArg::All => FilterPushdown::All,
+            FilterPushdownArg::None => FilterPushdown::None,
+        },
     };
     let _audit_reopen = options.audit.clone().map(audit_reopen_loop);
     let memory_hard_limit = match args.memory_hard_limit {

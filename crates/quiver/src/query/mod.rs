@@ -21,6 +21,7 @@ mod limits;
 mod memory;
 mod options;
 mod params;
+mod pushdown;
 mod request;
 mod result_cache;
 mod running;
@@ -43,6 +44,7 @@ pub use options::{
     DEFAULT_MAX_FUNCTION_OUTPUT, MemoryOptions, PoolKind, QueryLimits, QueryOptions,
 };
 pub(crate) use params::cast_params;
+pub use pushdown::FilterPushdown;
 pub use request::{Described, Prepared, QueryRequest, TableListing, new_query_id};
 use running::QueryAudit;
 pub use running::RunningQuery;
@@ -161,12 +163,15 @@ impl QueryEngine {
                 }
             }
         }
-        let mut state = SessionStateBuilder::new()
+        let mut builder = SessionStateBuilder::new()
             .with_config(config)
             .with_runtime_env(runtime)
             .with_default_features()
-            .with_physical_optimizer_rule(Arc::new(coop::YieldAboveAmplifiers))
-            .build();
+            .with_physical_optimizer_rule(Arc::new(coop::YieldAboveAmplifiers));
+        if options.filter_pushdown == FilterPushdown::Runtime {
+            builder = builder.with_physical_optimizer_rule(Arc::new(pushdown::PushRuntimeFilters));
+        }
+        let mut state = builder.build();
         caps::install(&mut state, options.max_function_output)?;
         let cpu = CpuRuntime::new(options.cpu_threads, options.stack_size)?;
         // Footers are read on the CPU runtime like all file bytes (see `io::mmap`).
@@ -831,9 +836,16 @@ fn session_config(options: &QueryOptions) -> Result<SessionConfig> {
         .with_information_schema(true)
         .with_collect_statistics(true);
     let defaults = [
-        // Evaluate filters while decoding, so rows that fail are never materialised,
-        // cheapest and most selective filters first.
-        ("datafusion.execution.parquet.pushdown_filters", "true"),
+        // Filters evaluated while decoding (`--filter-pushdown`, see `pushdown`): rows
+        // that fail are never materialised, cheapest and most selective filters first.
+        (
+            "datafusion.execution.parquet.pushdown_filters",
+            if options.filter_pushdown.session_default() {
+                "true"
+            } else {
+                "false"
+            },
+        ),
         ("datafusion.execution.parquet.reorder_filters", "true"),
         ("datafusion.execution.parquet.enable_page_index", "true"),
         ("datafusion.execution.parquet.bloom_filter_on_read", "true"),

@@ -49,6 +49,8 @@ pub struct QueryOptions {
     pub endpoints_per_query: usize,
     /// Bytes of query answers the result cache keeps (`--result-cache-size`); 0: no cache.
     pub result_cache_size: usize,
+    /// Which filters Parquet scans evaluate while decoding (`--filter-pushdown`).
+    pub filter_pushdown: super::FilterPushdown,
 }
 
 /// Time limits on a query; zero turns a limit off.
@@ -130,6 +132,7 @@ impl Default for QueryOptions {
             cluster: None,
             endpoints_per_query: 1,
             result_cache_size: 0,
+            filter_pushdown: super::FilterPushdown::default(),
         }
     }
 }
