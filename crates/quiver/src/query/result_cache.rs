@@ -55,6 +55,14 @@ pub(crate) struct Key {
 }
 
 impl Key {
+    /// Bytes the key holds: an entry is charged for its key too, so answers of a few
+    /// bytes under statements of megabytes cannot hold more than the cache's size.
+    fn bytes(&self) -> usize {
+        self.sql.len()
+            + self.params.len()
+            + self.tables.iter().map(|(t, _)| t.len() + 8).sum::<usize>()
+    }
+
     /// The key of `plan` (the statement `sql` planned with `params` bound), or `None`
     /// when its answer may not be cached (see the module documentation).
     pub(crate) fn of(sql: &str, params: &[ScalarValue], plan: &LogicalPlan) -> Option<Self> {
@@ -354,6 +362,10 @@ impl Stream for Collecting {
             }
             Poll::Ready(Some(Err(_))) => self.stop(),
             Poll::Ready(None) => {
+                let key_bytes = self.key.as_ref().map_or(0, Key::bytes);
+                if self.key.is_some() && self.reservation.try_grow(key_bytes).is_err() {
+                    self.stop();
+                }
                 if let Some(key) = self.key.take() {
                     let batches = std::mem::take(&mut self.batches);
                     let reservation = self.reservation.take();
@@ -445,6 +457,22 @@ mod tests {
         run(&cache, "a", 1000).await;
         assert!(cache.get(&key("a")).is_none());
         assert_eq!(small.reserved(), 0);
+    }
+
+    #[tokio::test]
+    async fn keys_count_against_the_size() {
+        let pool: Arc<dyn MemoryPool> = Arc::new(GreedyMemoryPool::new(1 << 30));
+        let cache = Arc::new(ResultCache::new(100_000, Arc::clone(&pool)));
+        // 50 one-row answers under 10 kB statements: at most 10 fit.
+        for i in 0..50 {
+            run(&cache, &format!("{i:010000}"), 1).await;
+            let (bytes, entries) = cache.size();
+            assert!(bytes <= 100_000 && entries <= 10, "{bytes} {entries}");
+            assert_eq!(pool.reserved(), bytes);
+        }
+        // A statement longer than the whole cache is never kept.
+        run(&cache, &"x".repeat(200_000), 1).await;
+        assert!(cache.get(&key(&"x".repeat(200_000))).is_none());
     }
 
     #[test]
