@@ -33,11 +33,16 @@ def generate_tpch(scale: float, cache: Path) -> Path:
     return target
 
 
+def table_args(data: Path, tables: list[str]) -> list[str]:
+    """`quiver serve` arguments registering `tables`, one Parquet file each in `data`."""
+    return [arg for t in tables for arg in ("--table", f"{t}={data / (t + '.parquet')}")]
+
+
 def tpch_tables(data: Path) -> list[str]:
     """`quiver serve` arguments registering every TPC-H table of `data`."""
     from tpch_queries import TABLES
 
-    return [arg for t in TABLES for arg in ("--table", f"{t}={data / (t + '.parquet')}")]
+    return table_args(data, TABLES)
 
 
 def common_args(parser, smoke: str) -> None:

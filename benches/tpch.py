@@ -2,9 +2,12 @@
 
     .venv/bin/python benches/tpch.py --quiver target/release/quiver            # SF1, 5 runs
     .venv/bin/python benches/tpch.py --quiver target/release/quiver --smoke    # SF0.01, 1 run
+    .venv/bin/python benches/tpch.py --quiver target/release/quiver --dataset events
 
 Data: generated once by tpchgen-cli (the Rust TPC-H generator, from PyPI) as one Parquet
 file per table into --cache (default ~/.cache/quiver/tpch-sf<scale>); never committed.
+`--dataset events` runs the same comparison on a second dataset of another shape (one wide
+table sorted on its keys, long strings, low and high selectivity; benches/events_dataset.py).
 
 Systems, all on the same files and the same number of threads:
 - quiver: the real binary, queried with pyarrow.flight (`do_get(Ticket(sql)).read_all()`);
@@ -39,15 +42,16 @@ import duckdb
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Quiver, common_args, generate_tpch, geomean, rotate, tpch_tables  # noqa: E402
-from tpch_queries import QUERIES, TABLES  # noqa: E402
+import events_dataset  # noqa: E402
+import tpch_queries  # noqa: E402
+from harness import Quiver, common_args, generate_tpch, geomean, rotate, table_args  # noqa: E402
 
 
 class DuckDB:
-    def __init__(self, data: Path, threads: int):
+    def __init__(self, data: Path, threads: int, tables: list[str] = tpch_queries.TABLES):
         self.con = duckdb.connect()
         self.con.execute(f"SET threads = {threads}")
-        for t in TABLES:
+        for t in tables:
             self.con.execute(f"CREATE VIEW {t} AS SELECT * FROM read_parquet('{data / (t + '.parquet')}')")
 
     def run(self, sql: str) -> pa.Table:
@@ -68,7 +72,7 @@ class DataFusion:
         "datafusion.execution.collect_statistics": "true",
     }
 
-    def __init__(self, data: Path, threads: int, defaults: bool = False):
+    def __init__(self, data: Path, threads: int, defaults: bool = False, tables: list[str] = tpch_queries.TABLES):
         from datafusion import SessionConfig, SessionContext
 
         if defaults:
@@ -79,7 +83,7 @@ class DataFusion:
             for key, value in self.SETTINGS.items():
                 config = config.set(key, value)
             self.ctx = SessionContext(config)
-        for t in TABLES:
+        for t in tables:
             self.ctx.register_parquet(t, str(data / (t + ".parquet")))
 
     def run(self, sql: str) -> pa.Table:
@@ -120,10 +124,12 @@ def same(expected: pa.Table, got: pa.Table) -> str | None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common_args(parser, "SF0.01, one run: checks the harness and the results")
-    parser.add_argument("--scale", type=float, default=1.0)
+    parser.add_argument("--dataset", choices=["tpch", "events"], default="tpch")
+    parser.add_argument("--scale", type=float, default=1.0, help="TPC-H scale factor")
+    parser.add_argument("--rows", type=int, default=4_000_000, help="rows of the events dataset")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--queries", default="", help="comma-separated query numbers (default: all 22)")
+    parser.add_argument("--queries", default="", help="comma-separated query numbers (default: all)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument(
         "--variant", action="append", default=[], metavar="NAME=ARG[,ARG]",
@@ -135,28 +141,34 @@ def main() -> int:
     )
     args = parser.parse_args()
     if args.smoke:
-        args.scale, args.runs = 0.01, 1
-    numbers = [int(q) for q in args.queries.split(",") if q] or sorted(QUERIES)
+        args.scale, args.rows, args.runs = 0.01, 100_000, 1
 
     args.cache.mkdir(parents=True, exist_ok=True)
-    data = generate_tpch(args.scale, args.cache)
+    if args.dataset == "tpch":
+        data, tables, queries = generate_tpch(args.scale, args.cache), tpch_queries.TABLES, tpch_queries.QUERIES
+        title = f"TPC-H SF{args.scale:g}"
+    else:
+        data = events_dataset.generate_events(args.rows, args.cache)
+        tables, queries = events_dataset.TABLES, events_dataset.QUERIES
+        title = f"events ({args.rows} rows)"
+    numbers = [int(q) for q in args.queries.split(",") if q] or sorted(queries)
     workdir = Path(tempfile.mkdtemp(prefix="quiver-tpch-"))
     systems = {
-        "quiver": Quiver(args.quiver, workdir, tpch_tables(data) + args.quiver_arg, args.threads),
-        "datafusion": DataFusion(data, args.threads),
-        "datafusion-defaults": DataFusion(data, args.threads, defaults=True),
-        "duckdb": DuckDB(data, args.threads),
+        "quiver": Quiver(args.quiver, workdir, table_args(data, tables) + args.quiver_arg, args.threads),
+        "datafusion": DataFusion(data, args.threads, tables=tables),
+        "datafusion-defaults": DataFusion(data, args.threads, defaults=True, tables=tables),
+        "duckdb": DuckDB(data, args.threads, tables=tables),
     }
     variants = dict(v.split("=", 1) for v in args.variant)
     for name, extra in variants.items():
         (workdir / name).mkdir()
-        systems[name] = Quiver(args.quiver, workdir / name, tpch_tables(data) + extra.split(","), args.threads)
+        systems[name] = Quiver(args.quiver, workdir / name, table_args(data, tables) + extra.split(","), args.threads)
     names = list(systems)
     times = {q: {name: [] for name in names} for q in numbers}
     failures = []
     try:
         for q in numbers:
-            sql = QUERIES[q]
+            sql = queries[q]
             # Warm-up, and the correctness check against DuckDB.
             results = {name: system.run(sql) for name, system in systems.items()}
             for name in ("quiver", "datafusion", "datafusion-defaults", *variants):
@@ -174,7 +186,7 @@ def main() -> int:
             system.close()
 
     medians = {q: {n: statistics.median(ts) for n, ts in per.items()} for q, per in times.items()}
-    print(f"TPC-H SF{args.scale:g}, {args.threads} threads, {args.runs} runs, medians in ms\n")
+    print(f"{title}, {args.threads} threads, {args.runs} runs, medians in ms\n")
     print("| query | quiver | datafusion (our settings) | datafusion (defaults) | duckdb"
           " | quiver / datafusion | quiver / datafusion defaults | quiver / duckdb |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -206,7 +218,7 @@ def main() -> int:
         print(f"| **geomean** | | {' | ' * len(variants)}**{geomean(worst):.2f}x** | "
               + " | ".join(f"**{geomean(r):.2f}x**" for r in by_variant.values()) + " |")
     if args.json:
-        args.json.write_text(json.dumps({"scale": args.scale, "threads": args.threads, "runs": args.runs,
+        args.json.write_text(json.dumps({"dataset": title, "threads": args.threads, "runs": args.runs,
                                          "medians_seconds": medians, "failures": failures}, indent=2))
     for failure in failures:
         print(f"MISMATCH {failure}", file=sys.stderr)

@@ -10,9 +10,10 @@ import pytest
 from conftest import REPO, quiver_binary
 
 
-def run_bench(script: str, tmp_path) -> str:
+def run_bench(script: str, tmp_path, *extra: str) -> str:
     out = subprocess.run(
-        [sys.executable, str(REPO / "benches" / script), "--quiver", str(quiver_binary()), "--smoke", "--cache", str(tmp_path)],
+        [sys.executable, str(REPO / "benches" / script), "--quiver", str(quiver_binary()), "--smoke", "--cache", str(tmp_path),
+         *extra],
         capture_output=True,
         text=True,
         timeout=900,
@@ -25,6 +26,13 @@ def test_tpch_smoke_matches_duckdb(tmp_path):
     out = run_bench("tpch.py", tmp_path)
     assert all(f"| Q{q} |" in out for q in range(1, 23)), out
     assert "geomean" in out
+
+
+def test_events_smoke_matches_duckdb(tmp_path):
+    """The second dataset (wide strings, sorted keys, low and high selectivity)."""
+    out = run_bench("tpch.py", tmp_path, "--dataset", "events")
+    assert all(f"| Q{q} |" in out for q in range(1, 13)), out
+    assert "events (100000 rows)" in out and "geomean" in out
 
 
 def test_s3_smoke_matches_duckdb_cold_and_warm(tmp_path):

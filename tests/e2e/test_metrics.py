@@ -44,6 +44,7 @@ FAMILIES = [
     "quiver_scan_bytes_total",
     "quiver_scan_pinned_batches_scanned_total",
     "quiver_scan_pinned_batches_pruned_total",
+    "quiver_scan_pinned_rows_skipped_total",
     "quiver_result_cache_hits_total",
     "quiver_result_cache_misses_total",
     "quiver_result_cache_evictions_total",

@@ -171,7 +171,18 @@ def test_a_selective_query_skips_pinned_batches(tmp_path):
         # Statistics cannot decide `key % 1000 = 3`: every batch is read.
         assert summaries[3]["batches_pruned"] == 0, summaries[3]
         assert total - summaries[4]["batches_pruned"] <= 1, summaries[4]
+        # Within a batch read, the sorted key narrows the rows passed on to the range's:
+        # the rows skipped are those of the batches read minus the rows that match.
+        # Batches are the reader's (8192 rows, never across a row group of 50000).
+        batches = [(g + b, min(8192, 50_000 - b)) for g in range(0, n, 50_000) for b in range(0, 50_000, 8192)]
+        assert len(batches) == total
+        for summary, (lo, hi) in ((summaries[0], (120_000, 121_000)), (summaries[1], (49_990, 50_011))):
+            read = sum(size for start, size in batches if start < hi and start + size > lo)
+            assert summary["batch_rows_skipped"] == read - (hi - lo), summary
+        # The other filters bound no sorted column (an OR is not a range).
+        assert all(x["batch_rows_skipped"] == 0 for x in summaries[2:]), summaries
         m = s.metrics()
+        assert m.get("quiver_scan_pinned_rows_skipped_total") == sum(x["batch_rows_skipped"] for x in summaries)
         assert m.get("quiver_scan_pinned_batches_pruned_total") == sum(x["batches_pruned"] for x in summaries)
         assert m.get("quiver_scan_pinned_batches_scanned_total") == sum(
             x["batches_total"] - x["batches_pruned"] for x in summaries)

@@ -7,18 +7,26 @@
 //! evaluated over one container per batch. Data sorted on a key gets the most from it:
 //! each batch then covers a narrow range of the key, and a key-range query keeps only the
 //! batches that overlap its range.
+//!
+//! Within a batch kept, a column found sorted when the table was pinned (no nulls, never
+//! decreasing) narrows the batch further: a comparison of that column with a literal
+//! keeps only the rows of its range, as a slice of the batch. DataFusion's filter then
+//! passes every row it sees and hands the slice on without copying it, where filtering
+//! the whole batch copied each kept row (two thirds of a key-range query's CPU time on a
+//! sorted pinned table, measured with perf).
 
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{ArrayRef, BooleanArray, RecordBatch, UInt64Array};
+use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, Scalar, UInt64Array};
+use datafusion::arrow::compute::kernels::cmp::{lt, lt_eq};
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::catalog::Session;
 use datafusion::common::pruning::PruningStatistics;
 use datafusion::common::{Column, DFSchema};
 use datafusion::functions_aggregate::min_max::{MaxAccumulator, MinAccumulator};
-use datafusion::logical_expr::utils::conjunction;
-use datafusion::logical_expr::{Accumulator, Expr};
+use datafusion::logical_expr::utils::{conjunction, split_conjunction};
+use datafusion::logical_expr::{Accumulator, Between, BinaryExpr, Expr, Operator};
 use datafusion::physical_optimizer::pruning::PruningPredicateBuilder;
 use datafusion::scalar::ScalarValue;
 
@@ -42,6 +50,9 @@ pub(crate) struct Selected {
     pub total: usize,
     /// Batches kept.
     pub kept: usize,
+    /// Rows of the batches not skipped by their statistics that a sorted column put
+    /// outside a filter's range (not passed on).
+    pub rows_skipped: usize,
 }
 
 impl PinnedBatches {
@@ -60,25 +71,37 @@ impl PinnedBatches {
     }
 
     /// The batches that may hold rows passing every filter in `filters` (filters DataFusion
-    /// still applies to each row kept: this only skips batches that cannot match).
+    /// still applies to each row kept: this only skips rows that cannot match), each
+    /// narrowed to the rows its sorted columns allow.
     pub(crate) fn select(&self, state: &dyn Session, filters: &[Expr]) -> Selected {
         let total = self.statistics.containers;
-        let Some(keep) = self.keep(state, filters) else {
-            return Selected {
-                partitions: self.partitions.clone(),
-                total,
-                kept: total,
-            };
-        };
-        let mut keep = keep.into_iter();
+        let keep = self.keep(state, filters);
+        let ranges = KeyRange::from_filters(filters, &self.statistics.schema);
+        let mut index = 0;
+        let mut rows_skipped = 0;
         let partitions: Vec<Vec<RecordBatch>> = self
             .partitions
             .iter()
             .map(|batches| {
                 batches
                     .iter()
-                    .filter(|_| keep.next().unwrap_or(true))
-                    .cloned()
+                    .filter_map(|batch| {
+                        let at = index;
+                        index += 1;
+                        if !keep
+                            .as_ref()
+                            .is_none_or(|k| k.get(at).copied().unwrap_or(true))
+                        {
+                            return None;
+                        }
+                        let (start, end) = self.statistics.rows_in_range(at, batch, &ranges);
+                        rows_skipped += batch.num_rows() - (end - start);
+                        if start == 0 && end == batch.num_rows() {
+                            Some(batch.clone())
+                        } else {
+                            (start < end).then(|| batch.slice(start, end - start))
+                        }
+                    })
                     .collect()
             })
             .collect();
@@ -87,6 +110,7 @@ impl PinnedBatches {
             partitions,
             total,
             kept,
+            rows_skipped,
         }
     }
 
@@ -125,6 +149,8 @@ struct BatchStatistics {
     max: Vec<Option<ArrayRef>>,
     null_counts: Vec<ArrayRef>,
     rows: ArrayRef,
+    /// Per column, one flag per batch: the column has no nulls and never decreases in it.
+    sorted: Vec<Vec<bool>>,
 }
 
 impl BatchStatistics {
@@ -139,8 +165,10 @@ impl BatchStatistics {
         let mut min = Vec::with_capacity(schema.fields().len());
         let mut max = Vec::with_capacity(schema.fields().len());
         let mut null_counts = Vec::with_capacity(schema.fields().len());
+        let mut sorted = Vec::with_capacity(schema.fields().len());
         for (i, field) in schema.fields().iter().enumerate() {
             let columns = batches.clone().map(|b| b.column(i));
+            sorted.push(columns.clone().map(ascending).collect());
             null_counts.push(Arc::new(
                 columns
                     .clone()
@@ -157,7 +185,28 @@ impl BatchStatistics {
             max,
             null_counts,
             rows,
+            sorted,
         }
+    }
+
+    /// The rows `[start, end)` of batch `at` (`batch`) that `ranges` allow, from the
+    /// columns sorted in that batch; `start >= end` when none can match.
+    fn rows_in_range(&self, at: usize, batch: &RecordBatch, ranges: &[KeyRange]) -> (usize, usize) {
+        let (mut start, mut end) = (0, batch.num_rows());
+        for range in ranges {
+            if start >= end {
+                break;
+            }
+            if !self.sorted[range.column].get(at).copied().unwrap_or(false) {
+                continue;
+            }
+            let Some((from, to)) = range.rows(batch.column(range.column)) else {
+                continue;
+            };
+            start = start.max(from);
+            end = end.min(to);
+        }
+        (start, end.max(start))
     }
 
     fn bytes(&self) -> usize {
@@ -168,7 +217,8 @@ impl BatchStatistics {
             .flatten()
             .chain(&self.null_counts)
             .chain(std::iter::once(&self.rows));
-        arrays.map(|a| a.get_array_memory_size()).sum()
+        let flags: usize = self.sorted.iter().map(Vec::capacity).sum();
+        arrays.map(|a| a.get_array_memory_size()).sum::<usize>() + flags
     }
 
     fn column(&self, column: &Column) -> Option<usize> {
@@ -232,6 +282,115 @@ fn short_enough(value: &ScalarValue) -> bool {
         | ScalarValue::BinaryView(Some(b))
         | ScalarValue::FixedSizeBinary(_, Some(b)) => b.len() <= MAX_STATISTIC_BYTES,
         _ => true,
+    }
+}
+
+/// Whether `column` has no nulls and never decreases, for the types whose order the
+/// comparison kernels and SQL agree on (not floats: NaN; not intervals).
+fn ascending(column: &ArrayRef) -> bool {
+    let data_type = column.data_type();
+    let orderable = matches!(
+        data_type,
+        DataType::Utf8
+            | DataType::LargeUtf8
+            | DataType::Utf8View
+            | DataType::Binary
+            | DataType::LargeBinary
+            | DataType::BinaryView
+    ) || (data_type.is_primitive()
+        && !data_type.is_floating()
+        && !matches!(data_type, DataType::Interval(_)));
+    if !orderable || column.logical_null_count() != 0 {
+        return false;
+    }
+    let n = column.len();
+    if n < 2 {
+        return true;
+    }
+    lt_eq(&column.slice(0, n - 1), &column.slice(1, n - 1))
+        .is_ok_and(|ordered| ordered.true_count() == n - 1)
+}
+
+/// One comparison of a column with a literal of the column's own type, from a query's
+/// filters: on a batch where the column is sorted it bounds the rows that can pass.
+#[derive(Debug)]
+struct KeyRange {
+    column: usize,
+    /// `Eq`, `Lt`, `LtEq`, `Gt` or `GtEq`, with the column on the left.
+    op: Operator,
+    value: Scalar<ArrayRef>,
+}
+
+impl KeyRange {
+    /// The comparisons among the conjuncts of `filters` (`key >= 10`, `10 < key`,
+    /// `key BETWEEN 1 AND 5`, `key = 3`); anything else bounds nothing.
+    fn from_filters(filters: &[Expr], schema: &SchemaRef) -> Vec<Self> {
+        let mut ranges = vec![];
+        let mut push = |column: &Expr, op: Operator, value: &Expr| {
+            let (Expr::Column(column), Expr::Literal(value, _)) = (column, value) else {
+                return;
+            };
+            let Ok(index) = schema.index_of(column.name()) else {
+                return;
+            };
+            // No cast here: a literal of another type compares under rules of its own.
+            if value.is_null() || &value.data_type() != schema.field(index).data_type() {
+                return;
+            }
+            let Ok(array) = value.to_array() else {
+                return;
+            };
+            ranges.push(Self {
+                column: index,
+                op,
+                value: Scalar::new(array),
+            });
+        };
+        for conjunct in filters.iter().flat_map(split_conjunction) {
+            match conjunct {
+                Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
+                    if matches!(left.as_ref(), Expr::Column(_)) {
+                        push(left, *op, right);
+                    } else if let Some(swapped) = op.swap() {
+                        push(right, swapped, left);
+                    }
+                }
+                Expr::Between(Between {
+                    expr,
+                    negated: false,
+                    low,
+                    high,
+                }) => {
+                    push(expr, Operator::GtEq, low);
+                    push(expr, Operator::LtEq, high);
+                }
+                _ => {}
+            }
+        }
+        ranges.retain(|r| {
+            matches!(
+                r.op,
+                Operator::Eq | Operator::Lt | Operator::LtEq | Operator::Gt | Operator::GtEq
+            )
+        });
+        ranges
+    }
+
+    /// The rows `[from, to)` of `column`, sorted, that can pass; `None` if the comparison
+    /// kernel cannot compare them.
+    fn rows(&self, column: &ArrayRef) -> Option<(usize, usize)> {
+        // In a sorted column, the rows below the value (or up to it) come first.
+        let below = || Some(lt(column, &self.value).ok()?.true_count());
+        let up_to = || Some(lt_eq(column, &self.value).ok()?.true_count());
+        let all = column.len();
+        Some(match self.op {
+            Operator::Gt => (up_to()?, all),
+            Operator::GtEq => (below()?, all),
+            Operator::Lt => (0, below()?),
+            Operator::LtEq => (0, up_to()?),
+            Operator::Eq => (below()?, up_to()?),
+            _ => (0, all),
+        })
     }
 }
 
@@ -320,12 +479,13 @@ mod tests {
             &state,
             &[col("key").gt_eq(lit(12i64)), col("key").lt(lit(15i64))],
         );
-        assert_eq!(keys(&selected), vec![vec![10], Vec::<i64>::new()]);
+        // The first key of each batch kept: the batch of 10..19, from 12 on (sorted).
+        assert_eq!(keys(&selected), vec![vec![12], Vec::<i64>::new()]);
         assert_eq!((selected.total, selected.kept), (3, 1));
 
         // Across a batch boundary.
         let selected = pinned.select(&state, &[col("key").between(lit(9i64), lit(20i64))]);
-        assert_eq!(keys(&selected), vec![vec![0, 10], vec![20]]);
+        assert_eq!(keys(&selected), vec![vec![9, 10], vec![20]]);
 
         // Outside the table.
         let selected = pinned.select(&state, &[col("key").gt(lit(100i64))]);
@@ -338,7 +498,7 @@ mod tests {
         let pinned = sorted();
         let state = SessionContext::new().state();
         let selected = pinned.select(&state, &[col("name").eq(lit("n015"))]);
-        assert_eq!(keys(&selected), vec![vec![10], Vec::<i64>::new()]);
+        assert_eq!(keys(&selected), vec![vec![15], Vec::<i64>::new()]);
         // Only the last batch has NULL names.
         let selected = pinned.select(&state, &[col("name").is_null()]);
         assert_eq!(keys(&selected), vec![Vec::<i64>::new(), vec![20]]);
@@ -360,6 +520,105 @@ mod tests {
             let selected = pinned.select(&state, &filters);
             assert_eq!(keys(&selected), vec![vec![0, 10], vec![20]], "{filters:?}");
             assert_eq!(selected.kept, 3);
+        }
+    }
+
+    /// Every key of every batch selected, by partition.
+    fn all_keys(selected: &Selected) -> Vec<Vec<i64>> {
+        selected
+            .partitions
+            .iter()
+            .map(|p| {
+                p.iter()
+                    .flat_map(|b| {
+                        let keys = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+                        keys.values().to_vec()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_sorted_column_narrows_each_batch_to_its_range() {
+        let pinned = sorted();
+        let state = SessionContext::new().state();
+        // Filters, the keys passed on, and the rows skipped in batches the statistics kept.
+        let cases: Vec<(Vec<Expr>, Vec<Vec<i64>>, usize)> = vec![
+            (
+                vec![col("key").gt_eq(lit(12i64)), col("key").lt(lit(15i64))],
+                vec![vec![12, 13, 14], vec![]],
+                7,
+            ),
+            (
+                vec![col("key").gt(lit(7i64)).and(col("key").lt_eq(lit(21i64)))],
+                vec![
+                    vec![8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19],
+                    vec![20, 21],
+                ],
+                16,
+            ),
+            // The literal first.
+            (
+                vec![lit(27i64).lt(col("key"))],
+                vec![vec![], vec![28, 29]],
+                8,
+            ),
+            (vec![col("key").eq(lit(10i64))], vec![vec![10], vec![]], 9),
+            (
+                vec![col("key").between(lit(9i64), lit(10i64))],
+                vec![vec![9, 10], vec![]],
+                18,
+            ),
+            // Sorted strings narrow too.
+            (
+                vec![col("name").lt(lit("n002"))],
+                vec![vec![0, 1], vec![]],
+                8,
+            ),
+        ];
+        for (filters, expected, skipped) in cases {
+            let selected = pinned.select(&state, &filters);
+            assert_eq!(all_keys(&selected), expected, "{filters:?}");
+            assert_eq!(selected.rows_skipped, skipped, "{filters:?}");
+        }
+    }
+
+    #[test]
+    fn only_sorted_columns_and_matching_types_narrow() {
+        let state = SessionContext::new().state();
+        let schema = Arc::new(Schema::new(vec![Field::new("key", DataType::Int64, true)]));
+        let pin = |values: Vec<Option<i64>>| {
+            let batch = RecordBatch::try_new(
+                Arc::clone(&schema),
+                vec![Arc::new(Int64Array::from(values))],
+            )
+            .unwrap();
+            PinnedBatches::new(Arc::clone(&schema), vec![vec![batch]])
+        };
+        // Unsorted, or sorted with a NULL: the whole batch goes to the filter.
+        for values in [
+            vec![Some(3), Some(1), Some(2)],
+            vec![Some(1), Some(2), None],
+        ] {
+            let selected = pin(values).select(&state, &[col("key").gt(lit(1i64))]);
+            assert_eq!(selected.partitions[0][0].num_rows(), 3);
+            assert_eq!(selected.rows_skipped, 0);
+        }
+        // A literal of another type (no cast here) bounds nothing.
+        let pinned = pin(vec![Some(1), Some(2), Some(3)]);
+        let selected = pinned.select(&state, &[col("key").gt(lit(1i32))]);
+        assert_eq!(selected.partitions[0][0].num_rows(), 3);
+        // Sorted and of its type: narrowed.
+        let selected = pinned.select(&state, &[col("key").gt(lit(1i64))]);
+        assert_eq!(all_keys(&selected), vec![vec![2, 3]]);
+        // NOT BETWEEN and != are not ranges.
+        for filter in [
+            col("key").not_between(lit(1i64), lit(2i64)),
+            col("key").not_eq(lit(2i64)),
+        ] {
+            let selected = pinned.select(&state, &[filter]);
+            assert_eq!(selected.partitions[0][0].num_rows(), 3);
         }
     }
 

@@ -371,7 +371,7 @@ impl TableProvider for HiveTable {
             // the rows of the others.
             let selected = pinned.batches.select(state, filters);
             if let Some(pruning) = pruning {
-                pruning.record_batches(&self.name, selected.total, selected.kept);
+                pruning.record_batches(&self.name, &selected);
             }
             let plan = MemorySourceConfig::try_new_exec(
                 &selected.partitions,

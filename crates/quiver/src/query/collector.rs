@@ -223,6 +223,11 @@ impl EngineCollector {
                 |s| totals(s).batches_pruned,
             )?,
             counter(
+                "quiver_scan_pinned_rows_skipped_total",
+                "Rows of pinned batches read that a sorted column put outside a filter's range.",
+                |s| totals(s).batch_rows_skipped,
+            )?,
+            counter(
                 "quiver_scan_row_groups_scanned_total",
                 "Row groups read by finished queries.",
                 |s| totals(s).row_groups_scanned,

@@ -30,6 +30,9 @@ pub struct ScanSummary {
     pub batches_total: u64,
     /// Pinned batches skipped by their statistics.
     pub batches_pruned: u64,
+    /// Rows of the other pinned batches skipped because a sorted column put them outside
+    /// a filter's range.
+    pub batch_rows_skipped: u64,
     /// Files skipped by file-level statistics.
     pub files_pruned_statistics: u64,
     /// Files opened.
@@ -75,6 +78,7 @@ impl ScanSummary {
             files_pruned_partition: pruning.files().1,
             batches_total: pruning.batches().0,
             batches_pruned: pruning.batches().1,
+            batch_rows_skipped: pruning.batches().2,
             ..Self::default()
         };
         let mut pruned_limit = 0;
@@ -156,6 +160,7 @@ impl ScanSummary {
         self.files_pruned_partition += other.files_pruned_partition;
         self.batches_total += other.batches_total;
         self.batches_pruned += other.batches_pruned;
+        self.batch_rows_skipped += other.batch_rows_skipped;
         self.files_pruned_statistics += other.files_pruned_statistics;
         self.files_scanned += other.files_scanned;
         self.row_groups_total += other.row_groups_total;
