@@ -453,22 +453,20 @@ mod tests {
         )
     }
 
+    /// The keys of each batch selected, by partition.
+    fn batch_keys(selected: &Selected) -> Vec<Vec<Vec<i64>>> {
+        let keys = |b: &RecordBatch| {
+            let keys = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
+            keys.values().to_vec()
+        };
+        let partition = |p: &Vec<RecordBatch>| p.iter().map(keys).collect();
+        selected.partitions.iter().map(partition).collect()
+    }
+
+    /// The first key of each batch selected, by partition.
     fn keys(selected: &Selected) -> Vec<Vec<i64>> {
-        selected
-            .partitions
-            .iter()
-            .map(|p| {
-                p.iter()
-                    .map(|b| {
-                        b.column(0)
-                            .as_any()
-                            .downcast_ref::<Int64Array>()
-                            .unwrap()
-                            .value(0)
-                    })
-                    .collect()
-            })
-            .collect()
+        let first = |p: Vec<Vec<i64>>| p.into_iter().map(|b| b[0]).collect();
+        batch_keys(selected).into_iter().map(first).collect()
     }
 
     #[test]
@@ -525,18 +523,8 @@ mod tests {
 
     /// Every key of every batch selected, by partition.
     fn all_keys(selected: &Selected) -> Vec<Vec<i64>> {
-        selected
-            .partitions
-            .iter()
-            .map(|p| {
-                p.iter()
-                    .flat_map(|b| {
-                        let keys = b.column(0).as_any().downcast_ref::<Int64Array>().unwrap();
-                        keys.values().to_vec()
-                    })
-                    .collect()
-            })
-            .collect()
+        let flat = |p: Vec<Vec<i64>>| p.into_iter().flatten().collect();
+        batch_keys(selected).into_iter().map(flat).collect()
     }
 
     #[test]
