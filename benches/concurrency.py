@@ -12,6 +12,7 @@ server's peak RSS so far. Exits 1 on any error.
 """
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -22,7 +23,7 @@ from pathlib import Path
 import pyarrow.flight as flight
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import ArrowServer, Quiver, common_args, generate_tpch, tpch_tables  # noqa: E402
+from harness import ArrowServer, Quiver, common_args, generate_tpch, rotate, tpch_tables  # noqa: E402
 
 # The mixed workload: a point lookup, a selective aggregate, a group-by over a date range and a
 # small scan, as a dashboard would send them.
@@ -73,11 +74,21 @@ def level(addr: str, clients: int, per_client: int, make_ticket) -> dict:
     }
 
 
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process `pid` so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def key_ranges(a, data: Path, work: Path, quiver: Quiver, arrow: ArrowServer) -> bool:
     """100 concurrent clients, each fetching a different ~1 MB key range of lineitem
     (`WHERE l_orderkey >= lo AND l_orderkey < hi`; the file is sorted on l_orderkey), from
     Parquet and from a pinned copy, against the pyarrow C++ server slicing the same number
-    of rows at the same place. Returns whether any stream failed."""
+    of rows at the same place. Each server runs --rounds rounds of the 100 streams, the
+    order of the servers rotating each round; reported: the median of the rounds' mean
+    latencies, and the server's CPU time per stream (user + system, from /proc), which
+    the shared client process disturbs less than latency. Returns whether any stream
+    failed."""
     import pyarrow.parquet as pq
 
     keys = pq.read_table(data / "lineitem.parquet", columns=["l_orderkey"])["l_orderkey"].to_numpy()
@@ -111,11 +122,13 @@ def key_ranges(a, data: Path, work: Path, quiver: Quiver, arrow: ArrowServer) ->
                     failed = True
         del table
         print(f"\n100 concurrent clients, each a different key range of ~{MEGABYTE_ROWS} rows (~1 MB):\n")
-        print("| server | mean ms | p99 ms | vs pyarrow | errors | server peak RSS MB |")
-        print("|---|---:|---:|---:|---:|---:|")
+        print(f"{a.rounds} rounds, medians of the rounds' means:\n")
+        print("| server | mean ms | p99 ms | vs pyarrow | server CPU ms per stream | CPU vs pyarrow | errors"
+              " | server peak RSS MB |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|")
         runs = {
             "pyarrow C++ server (from memory, slices)": (
-                arrow.addr, lambda c, i: flight.Ticket(f"65536:{bounds[c][3]}:{bounds[c][2]}".encode()), None),
+                arrow.addr, lambda c, i: flight.Ticket(f"65536:{bounds[c][3]}:{bounds[c][2]}".encode()), arrow),
             "quiver (from Parquet)": (
                 quiver.addr, lambda c, i: flight.Ticket(sql.format(*bounds[c][:2]).encode()), quiver),
             "quiver (pinned table)": (
@@ -123,15 +136,29 @@ def key_ranges(a, data: Path, work: Path, quiver: Quiver, arrow: ArrowServer) ->
             "quiver (from Parquet), result cache on, repeated ranges (not a comparison)": (
                 cached.addr, lambda c, i: flight.Ticket(sql.format(*bounds[c][:2]).encode()), cached),
         }
-        baseline = None
-        for name, (addr, ticket, server) in runs.items():
+        means = {name: [] for name in runs}
+        p99s = {name: [] for name in runs}
+        cpu = {name: [] for name in runs}
+        errors = {name: 0 for name in runs}
+        for addr, ticket, _ in runs.values():
             level(addr, clients, 1, ticket)  # warm-up: connections, page cache, plans
-            r = level(addr, clients, 1, ticket)
-            baseline = baseline or r["mean"]
-            failed |= bool(r["errors"])
-            rss = f"{server.peak_rss() / 2**20:.0f}" if server else "-"
-            print(f"| {name} | {r['mean'] * 1e3:.1f} | {r['p99'] * 1e3:.1f} | {r['mean'] / baseline:.2f}x"
-                  f" | {len(r['errors'])} | {rss} |")
+        for round_ in range(a.rounds):
+            for name in rotate(list(runs), round_):
+                addr, ticket, server = runs[name]
+                before = cpu_seconds(server.proc.pid)
+                r = level(addr, clients, 1, ticket)
+                cpu[name].append((cpu_seconds(server.proc.pid) - before) / clients)
+                means[name].append(r["mean"])
+                p99s[name].append(r["p99"])
+                errors[name] += len(r["errors"])
+                failed |= bool(r["errors"])
+        base = "pyarrow C++ server (from memory, slices)"
+        baseline, baseline_cpu = statistics.median(means[base]), statistics.median(cpu[base])
+        for name, (_, _, server) in runs.items():
+            mean, used = statistics.median(means[name]), statistics.median(cpu[name])
+            rss = f"{server.peak_rss() / 2**20:.0f}" if server is not arrow else "-"
+            print(f"| {name} | {mean * 1e3:.1f} | {statistics.median(p99s[name]) * 1e3:.1f} | {mean / baseline:.2f}x"
+                  f" | {used * 1e3:.2f} | {used / baseline_cpu:.2f}x | {errors[name]} | {rss} |")
         if cached.metric("quiver_result_cache_hits_total") < clients:
             print("the result cache answered fewer than the repeated ranges", file=sys.stderr)
             failed = True
@@ -146,9 +173,10 @@ def main() -> int:
     common_args(p, "SF0.01, fewer queries")
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--per-client", type=int, default=20, help="queries each client runs per level")
+    p.add_argument("--rounds", type=int, default=9, help="rounds of the key-range comparison")
     a = p.parse_args()
     if a.smoke:
-        a.scale, a.per_client = 0.01, 2
+        a.scale, a.per_client, a.rounds = 0.01, 2, 2
     data = generate_tpch(a.scale, a.cache)
     work = Path(tempfile.mkdtemp(prefix="quiver-concurrency-"))
     quiver = Quiver(a.quiver, work / "quiver", tpch_tables(data))
