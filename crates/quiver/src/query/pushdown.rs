@@ -12,7 +12,12 @@
 //! So by default (`runtime`) a scan evaluates its query's own filters after decoding
 //! (they still prune files, row groups and pages by statistics, bloom filters and the
 //! page index), and a scan filtered only by runtime filters evaluates them in the
-//! decoder. `all` pushes every filter (Quiver's earlier default), `none` none.
+//! decoder. The exception is a query filter that DataFusion's statistics estimate to pass
+//! under [`SELECTIVE`] of the table's rows (a point lookup, a narrow key range): few rows
+//! can be scattered over many pages only if the table has that many, and on TPC-H and the
+//! events dataset such filters ran faster in the decoder (docs/benchmarks.md). Pushing
+//! that scan's filters leaves its `FilterExec` in place, which re-checks the few rows that
+//! pass. `all` pushes every filter (Quiver's earlier default), `none` none.
 //!
 //! The choice is made per scan, after DataFusion's own filter pushdown has placed the
 //! runtime filters; turning the decoder's filtering on for a scan is always correct: the
@@ -27,7 +32,10 @@ use datafusion::error::Result;
 use datafusion::physical_expr::utils::split_conjunction;
 use datafusion::physical_expr::{DynamicFilterTracking, PhysicalExpr};
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
-use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::execution_plan::replace_children_if_necessary;
+use datafusion::physical_plan::{ExecutionPlan, StatisticsArgs, StatisticsContext};
+use datafusion::physical_plan::filter::FilterExec;
+use datafusion::physical_plan::repartition::RepartitionExec;
 use datafusion_datasource::file::FileSource;
 use datafusion_datasource::file_scan_config::FileScanConfigBuilder;
 use datafusion_datasource::source::DataSourceExec;
@@ -53,6 +61,45 @@ impl FilterPushdown {
     }
 }
 
+/// A query filter estimated to pass less than this fraction of a scan's rows runs in the
+/// decoder under `runtime`. TPC-H Q6's filters, which lose 2x in the decoder, are
+/// estimated at about 1.4%; a 10000-key range of 4M sorted keys at 0.25%.
+const SELECTIVE: f64 = 0.005;
+
+/// The fraction of its input's rows that DataFusion's statistics (interval analysis of
+/// the predicate over the table's min/max) estimate `filter` passes; `None` without row
+/// counts.
+fn estimated_selectivity(filter: &FilterExec) -> Option<f64> {
+    let statistics = StatisticsContext::new();
+    let args = StatisticsArgs::new();
+    let passed = statistics.compute(filter, &args).ok()?.num_rows;
+    let read = statistics.compute(filter.input().as_ref(), &args).ok()?.num_rows;
+    let (passed, read) = (*passed.get_value()?, *read.get_value()?);
+    (read > 0).then(|| passed as f64 / read as f64)
+}
+
+/// `plan` with its decoder's filtering on, if it is a Parquet scan that does not filter
+/// while decoding yet, or a repartitioning of one (a scan of fewer files than threads).
+fn with_decoder_filters(plan: &Arc<dyn ExecutionPlan>) -> Option<Arc<dyn ExecutionPlan>> {
+    if plan.downcast_ref::<RepartitionExec>().is_some() {
+        let [input] = plan.children()[..] else {
+            return None;
+        };
+        let scan = with_decoder_filters(input)?;
+        return replace_children_if_necessary(Arc::clone(plan), vec![scan]).ok();
+    }
+    let exec = plan.downcast_ref::<DataSourceExec>()?;
+    let (scan, source) = exec.downcast_to_file_source::<ParquetSource>()?;
+    if source.filter().is_none() || source.table_parquet_options().global.pushdown_filters {
+        return None;
+    }
+    let source = source.clone().with_pushdown_filters(true);
+    let scan = FileScanConfigBuilder::from(scan.clone())
+        .with_source(Arc::new(source))
+        .build();
+    Some(DataSourceExec::from_data_source(scan))
+}
+
 /// Whether every conjunct of `filter` is a runtime filter. A scan whose query also
 /// filters it keeps that filter in its `FilterExec` above; pushing the scan's filters
 /// would evaluate that one twice (an expensive `LIKE` doubled cost TPC-H Q13 1.6x).
@@ -62,8 +109,9 @@ fn only_runtime(filter: &Arc<dyn PhysicalExpr>) -> bool {
         .all(|conjunct| DynamicFilterTracking::classify(conjunct).contains_dynamic_filter())
 }
 
-/// Turns the decoder's filtering on for the Parquet scans that receive a runtime filter;
-/// installed for [`FilterPushdown::Runtime`], runs after DataFusion's rules.
+/// Turns the decoder's filtering on for the Parquet scans that receive a runtime filter
+/// and those under a selective query filter; installed for [`FilterPushdown::Runtime`],
+/// runs after DataFusion's rules.
 #[derive(Debug, Default)]
 pub(crate) struct PushRuntimeFilters;
 
@@ -79,22 +127,28 @@ impl PhysicalOptimizerRule for PushRuntimeFilters {
             return Ok(plan);
         }
         plan.transform_up(|node| {
+            // A selective query filter directly above its scan.
+            if let Some(filter) = node.downcast_ref::<FilterExec>()
+                && estimated_selectivity(filter).is_some_and(|s| s < SELECTIVE)
+                && let Some(scan) = with_decoder_filters(filter.input())
+            {
+                let node = replace_children_if_necessary(Arc::clone(&node), vec![scan])?;
+                return Ok(Transformed::yes(node));
+            }
+            // A scan filtered only by runtime filters.
             let Some(exec) = node.downcast_ref::<DataSourceExec>() else {
                 return Ok(Transformed::no(node));
             };
-            let Some((scan, source)) = exec.downcast_to_file_source::<ParquetSource>() else {
+            let Some((_, source)) = exec.downcast_to_file_source::<ParquetSource>() else {
                 return Ok(Transformed::no(node));
             };
-            let runtime_filtered = source.filter().is_some_and(|filter| only_runtime(&filter));
-            if !runtime_filtered || source.table_parquet_options().global.pushdown_filters {
+            if !source.filter().is_some_and(|filter| only_runtime(&filter)) {
                 return Ok(Transformed::no(node));
             }
-            let source = source.clone().with_pushdown_filters(true);
-            let scan = FileScanConfigBuilder::from(scan.clone())
-                .with_source(Arc::new(source))
-                .build();
-            let node: Arc<dyn ExecutionPlan> = DataSourceExec::from_data_source(scan);
-            Ok(Transformed::yes(node))
+            Ok(match with_decoder_filters(&node) {
+                Some(scan) => Transformed::yes(scan),
+                None => Transformed::no(node),
+            })
         })
         .map(|t| t.data)
     }
