@@ -33,9 +33,9 @@ use datafusion::physical_expr::utils::split_conjunction;
 use datafusion::physical_expr::{DynamicFilterTracking, PhysicalExpr};
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
 use datafusion::physical_plan::execution_plan::replace_children_if_necessary;
-use datafusion::physical_plan::{ExecutionPlan, StatisticsArgs, StatisticsContext};
 use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::repartition::RepartitionExec;
+use datafusion::physical_plan::{ExecutionPlan, StatisticsArgs, StatisticsContext};
 use datafusion_datasource::file::FileSource;
 use datafusion_datasource::file_scan_config::FileScanConfigBuilder;
 use datafusion_datasource::source::DataSourceExec;
@@ -73,7 +73,10 @@ fn estimated_selectivity(filter: &FilterExec) -> Option<f64> {
     let statistics = StatisticsContext::new();
     let args = StatisticsArgs::new();
     let passed = statistics.compute(filter, &args).ok()?.num_rows;
-    let read = statistics.compute(filter.input().as_ref(), &args).ok()?.num_rows;
+    let read = statistics
+        .compute(filter.input().as_ref(), &args)
+        .ok()?
+        .num_rows;
     let (passed, read) = (*passed.get_value()?, *read.get_value()?);
     (read > 0).then(|| passed as f64 / read as f64)
 }
