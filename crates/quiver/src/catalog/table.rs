@@ -20,7 +20,7 @@ use datafusion::datasource::TableType;
 use datafusion::error::Result as DfResult;
 use datafusion::execution::object_store::ObjectStoreUrl;
 use datafusion::logical_expr::utils::conjunction;
-use datafusion::logical_expr::{Expr, TableProviderFilterPushDown, Volatility};
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::empty::EmptyExec;
 use datafusion::scalar::ScalarValue;
@@ -241,7 +241,7 @@ impl HiveTable {
             && refs
                 .iter()
                 .all(|c| self.partition_fields.iter().any(|f| f.name() == &c.name))
-            && !has_volatile(expr)
+            && !expr.is_volatile()
     }
 
     /// Files whose partition values can satisfy every partition filter. The filters are
@@ -308,22 +308,6 @@ impl HiveTable {
         pf
     }
 }
-
-fn has_volatile(expr: &Expr) -> bool {
-    let mut volatile = false;
-    let _ = expr.apply(|e| {
-        if let Expr::ScalarFunction(f) = e
-            && f.func.signature().volatility == Volatility::Volatile
-        {
-            volatile = true;
-            return Ok(datafusion::common::tree_node::TreeNodeRecursion::Stop);
-        }
-        Ok(datafusion::common::tree_node::TreeNodeRecursion::Continue)
-    });
-    volatile
-}
-
-use datafusion::common::tree_node::TreeNode;
 
 #[async_trait]
 impl TableProvider for HiveTable {

@@ -130,10 +130,11 @@ impl PhysicalOptimizerRule for PushRuntimeFilters {
             return Ok(plan);
         }
         plan.transform_up(|node| {
-            // A selective query filter directly above its scan.
+            // A selective query filter directly above its scan (the scan is checked first:
+            // estimating a filter above a join would walk the join's statistics).
             if let Some(filter) = node.downcast_ref::<FilterExec>()
-                && estimated_selectivity(filter).is_some_and(|s| s < SELECTIVE)
                 && let Some(scan) = with_decoder_filters(filter.input())
+                && estimated_selectivity(filter).is_some_and(|s| s < SELECTIVE)
             {
                 let node = replace_children_if_necessary(Arc::clone(&node), vec![scan])?;
                 return Ok(Transformed::yes(node));
