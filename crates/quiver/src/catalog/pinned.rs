@@ -330,6 +330,16 @@ impl KeyRange {
             let (Expr::Column(column), Expr::Literal(value, _)) = (column, value) else {
                 return;
             };
+            let range = [
+                Operator::Eq,
+                Operator::Lt,
+                Operator::LtEq,
+                Operator::Gt,
+                Operator::GtEq,
+            ];
+            if !range.contains(&op) {
+                return;
+            }
             let Ok(index) = schema.index_of(column.name()) else {
                 return;
             };
@@ -367,12 +377,6 @@ impl KeyRange {
                 _ => {}
             }
         }
-        ranges.retain(|r| {
-            matches!(
-                r.op,
-                Operator::Eq | Operator::Lt | Operator::LtEq | Operator::Gt | Operator::GtEq
-            )
-        });
         ranges
     }
 
