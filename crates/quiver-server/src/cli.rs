@@ -627,11 +627,13 @@ pub struct ServeArgs {
 
     /// Which filters Parquet scans evaluate inside the decoder (late materialisation:
     /// other columns decoded only for the rows that pass). `runtime`: the filters joins
-    /// and TopK build at run time, on scans the query does not filter itself, and query
-    /// filters that the table's statistics estimate to pass under 0.5% of the rows (point
-    /// lookups, narrow key ranges); every other filter after decoding, which is faster
-    /// when filters are cheap or pass rows on every page. `all`: every filter. `none`:
-    /// none. Every filter prunes files, row groups and pages by statistics either way.
+    /// and TopK build at run time, on scans the query does not filter itself, each
+    /// measured while it runs and no longer evaluated there while it passes over 2% of
+    /// the rows (the join or TopK still drops them); and query filters that the table's
+    /// statistics estimate to pass under 0.5% of the rows (point lookups, narrow key
+    /// ranges). Every other filter after decoding, which is faster when filters are
+    /// cheap or pass rows on every page. `all`: every filter, always. `none`: none. Every
+    /// filter prunes files, row groups and pages by statistics either way.
     #[arg(long, env = "QUIVER_FILTER_PUSHDOWN", default_value = "runtime")]
     pub filter_pushdown: FilterPushdownArg,
 

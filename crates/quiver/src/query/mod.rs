@@ -18,6 +18,7 @@ mod explain;
 mod guard;
 mod heap_guard;
 mod limits;
+mod measured;
 mod memory;
 mod options;
 mod params;

@@ -19,6 +19,11 @@
 //! that scan's filters leaves its `FilterExec` in place, which re-checks the few rows that
 //! pass. `all` pushes every filter (Quiver's earlier default), `none` none.
 //!
+//! A runtime filter in the decoder is [`Measured`] while the query runs: a join's filter
+//! that passes many of the rows (TPC-H Q5, Q8, Q9: 5-30% of lineitem) costs a hash
+//! lookup per row there and again in the join, so once it is seen to pass over 2% of
+//! the rows it is no longer evaluated in the decoder (`query::measured`).
+//!
 //! The choice is made per scan, after DataFusion's own filter pushdown has placed the
 //! runtime filters; turning the decoder's filtering on for a scan is always correct: the
 //! operators above still apply every filter it evaluates (the query's filters stay in
@@ -29,7 +34,7 @@ use std::sync::Arc;
 use datafusion::common::config::ConfigOptions;
 use datafusion::common::tree_node::{Transformed, TreeNode};
 use datafusion::error::Result;
-use datafusion::physical_expr::utils::split_conjunction;
+use datafusion::physical_expr::utils::{conjunction, split_conjunction};
 use datafusion::physical_expr::{DynamicFilterTracking, PhysicalExpr};
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
 use datafusion::physical_plan::execution_plan::replace_children_if_necessary;
@@ -40,6 +45,8 @@ use datafusion_datasource::file::FileSource;
 use datafusion_datasource::file_scan_config::FileScanConfigBuilder;
 use datafusion_datasource::source::DataSourceExec;
 use datafusion_datasource_parquet::source::ParquetSource;
+
+use super::measured::Measured;
 
 /// Which filters a Parquet scan evaluates while decoding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -93,14 +100,28 @@ fn with_decoder_filters(plan: &Arc<dyn ExecutionPlan>) -> Option<Arc<dyn Executi
     }
     let exec = plan.downcast_ref::<DataSourceExec>()?;
     let (scan, source) = exec.downcast_to_file_source::<ParquetSource>()?;
-    if source.filter().is_none() || source.table_parquet_options().global.pushdown_filters {
+    let filter = source.filter()?;
+    if source.table_parquet_options().global.pushdown_filters {
         return None;
     }
-    let source = source.clone().with_pushdown_filters(true);
+    let source = source
+        .with_predicate(measured_runtime_filters(&filter))
+        .with_pushdown_filters(true);
     let scan = FileScanConfigBuilder::from(scan.clone())
         .with_source(Arc::new(source))
         .build();
     Some(DataSourceExec::from_data_source(scan))
+}
+
+/// `filter` with each runtime filter among its conjuncts [`Measured`]: evaluated in the
+/// decoder only while it drops most rows.
+fn measured_runtime_filters(filter: &Arc<dyn PhysicalExpr>) -> Arc<dyn PhysicalExpr> {
+    conjunction(split_conjunction(filter).into_iter().map(|conjunct| {
+        match DynamicFilterTracking::classify(conjunct).contains_dynamic_filter() {
+            true => Measured::wrap(Arc::clone(conjunct)),
+            false => Arc::clone(conjunct),
+        }
+    }))
 }
 
 /// Whether every conjunct of `filter` is a runtime filter. A scan whose query also
