@@ -155,21 +155,27 @@ def test_least_recently_used_answers_go_first_and_the_size_holds(dataset, tmp_pa
         s.stop()
 
 
-def test_an_answer_is_only_served_to_callers_who_may_read_its_tables(dataset, tmp_path):
+def two_callers(dataset, tmp_path, *args):
+    """A server with two tokens: alice reads every table, svc only `services`; and a
+    function running a statement as one of them."""
     auth = tmp_path / "auth.toml"
     auth.write_text(
         f'[[tokens]]\nname = "alice"\nsha256 = "{hashlib.sha256(b"alice-token").hexdigest()}"\n'
         f'[[tokens]]\nname = "svc"\nsha256 = "{hashlib.sha256(b"svc-token").hexdigest()}"\ntables = ["services"]\n'
     )
-    s = Server(["--data-dir", str(dataset), "--auth-file", str(auth), "--result-cache-size", "64MiB"],
-               tmp_path / "server", connect=False)
+    s = Server(["--data-dir", str(dataset), "--auth-file", str(auth), *args], tmp_path / "server", connect=False)
+    client = flight.connect(f"grpc://{s.addr}")
+
+    def run(token, sql):
+        options = flight.FlightCallOptions(headers=[(b"authorization", b"Bearer " + token)])
+        return client.do_get(flight.Ticket(sql.encode()), options).read_all()
+
+    return s, run
+
+
+def test_an_answer_is_only_served_to_callers_who_may_read_its_tables(dataset, tmp_path):
+    s, run = two_callers(dataset, tmp_path, "--result-cache-size", "64MiB")
     try:
-        client = flight.connect(f"grpc://{s.addr}")
-
-        def run(token, sql):
-            options = flight.FlightCallOptions(headers=[(b"authorization", b"Bearer " + token)])
-            return client.do_get(flight.Ticket(sql.encode()), options).read_all()
-
         sql = "SELECT count(*) AS n FROM requests"
         expected = run(b"alice-token", sql)
         assert run(b"alice-token", sql).equals(expected)

@@ -501,6 +501,16 @@ pub struct ServeArgs {
     #[arg(long, env = "QUIVER_RESULT_CACHE_SIZE", default_value = "0")]
     pub result_cache_size: ByteSize,
 
+    /// Plans of repeated statements kept, so that a statement sent again (a dashboard's,
+    /// or a Flight SQL client's DoGet after its GetFlightInfo) skips parsing and logical
+    /// optimization; `0` turns it off. Kept under the statement, its parameters and the
+    /// caller's table access, and planned again when a table it reads gets a new
+    /// version; statements over 4 KiB (text and parameters) and those with now(),
+    /// random() or similar functions are never kept. Plans made for the cluster are not
+    /// kept.
+    #[arg(long, env = "QUIVER_PLAN_CACHE_ENTRIES", default_value_t = quiver::query::DEFAULT_PLAN_CACHE_ENTRIES)]
+    pub plan_cache_entries: u64,
+
     /// Flight SQL prepared statements each user keeps open at once (all clients
     /// together when authentication is off); creating one more closes that user's least
     /// recently used one, whose handle then fails with INVALID_ARGUMENT ("prepare it

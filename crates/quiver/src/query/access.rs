@@ -62,6 +62,19 @@ impl TableAccess {
         names
     }
 
+    /// The caller's table access as a string, equal for equal access (a cache key).
+    pub(crate) fn fingerprint(&self) -> String {
+        match self {
+            Self::All => "all".to_string(),
+            Self::Only(patterns) => {
+                format!(
+                    "{:?}",
+                    patterns.iter().map(|p| p.as_str()).collect::<Vec<_>>()
+                )
+            }
+        }
+    }
+
     /// Is every table readable?
     pub fn is_all(&self) -> bool {
         matches!(self, Self::All)

@@ -13,6 +13,7 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{Gauge, IntCounter, IntGauge};
 
+use super::plan_cache::PlanCache;
 use super::result_cache::ResultCache;
 use super::{HeapGuard, MeteredPool, Progress, ScanSummary};
 use crate::catalog::Catalog;
@@ -34,6 +35,8 @@ pub(crate) struct EngineSources {
     pub heap: Arc<HeapGuard>,
     /// The result cache, when on (`--result-cache-size`).
     pub results: Option<Arc<ResultCache>>,
+    /// The plan cache, when on (`--plan-cache-entries`).
+    pub plans: Option<Arc<PlanCache>>,
 }
 
 /// Reads a gauge's current value from the sources.
@@ -71,6 +74,11 @@ impl EngineCollector {
                 "quiver_result_cache_entries",
                 "Query answers kept in the result cache.",
                 |s| results(s, |c| c.size().1 as u64) as i64,
+            )?,
+            gauge(
+                "quiver_plan_cache_entries",
+                "Plans of statements kept in the plan cache (--plan-cache-entries).",
+                |s| s.plans.as_deref().map_or(0, PlanCache::entries) as i64,
             )?,
             gauge(
                 "quiver_cache_bytes",
@@ -281,6 +289,16 @@ impl EngineCollector {
                 "quiver_result_cache_evictions_total",
                 "Answers dropped from the result cache: least recently used, or read a table version a refresh replaced.",
                 |s| results(s, |c| c.counts().2),
+            )?,
+            counter(
+                "quiver_plan_cache_hits_total",
+                "Statements planned from the plan cache (no parsing or logical optimization).",
+                |s| s.plans.as_deref().map_or(0, |c| c.counts().0),
+            )?,
+            counter(
+                "quiver_plan_cache_misses_total",
+                "Statements planned in full and then kept in the plan cache (those never kept are not counted).",
+                |s| s.plans.as_deref().map_or(0, |c| c.counts().1),
             )?,
             counter(
                 "quiver_cache_hits_total",

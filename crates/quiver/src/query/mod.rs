@@ -22,6 +22,7 @@ mod measured;
 mod memory;
 mod options;
 mod params;
+mod plan_cache;
 mod pushdown;
 mod request;
 mod result_cache;
@@ -42,7 +43,8 @@ pub use heap_guard::{AllocatedBytes, HeapGuard};
 pub use limits::{DEFAULT_STACK_SIZE, SqlLimits};
 pub use memory::MeteredPool;
 pub use options::{
-    DEFAULT_MAX_FUNCTION_OUTPUT, MemoryOptions, PoolKind, QueryLimits, QueryOptions,
+    DEFAULT_MAX_FUNCTION_OUTPUT, DEFAULT_PLAN_CACHE_ENTRIES, MemoryOptions, PoolKind, QueryLimits,
+    QueryOptions,
 };
 pub(crate) use params::cast_params;
 pub use pushdown::FilterPushdown;
@@ -85,6 +87,7 @@ use admission::Admission;
 use collector::{EngineCollector, EngineSources};
 use distributed::Planners;
 use memory::QueryPool;
+use plan_cache::PlanCache;
 use result_cache::ResultCache;
 
 /// Plans and runs read-only SQL over the catalog.
@@ -110,6 +113,8 @@ pub struct QueryEngine {
     audit: Option<Arc<AuditLog>>,
     /// Answers of repeated queries (`--result-cache-size`); `None` when off.
     result_cache: Option<Arc<ResultCache>>,
+    /// Plans of repeated statements (`--plan-cache-entries`); `None` when off.
+    plans: Option<Arc<PlanCache>>,
     /// When the last refresh started, and what it found (see [`Self::refresh`]).
     last_refresh: tokio::sync::Mutex<Option<(std::time::Instant, RefreshSummary)>>,
 }
@@ -217,6 +222,8 @@ impl QueryEngine {
                     Arc::clone(&pool) as Arc<dyn MemoryPool>,
                 ))
             }),
+            plans: (options.plan_cache_entries > 0)
+                .then(|| Arc::new(PlanCache::new(options.plan_cache_entries))),
             last_refresh: tokio::sync::Mutex::default(),
         })
     }
@@ -240,6 +247,7 @@ impl QueryEngine {
             cpu: Arc::clone(self.cpu.progress()),
             heap: Arc::clone(&self.heap),
             results: self.result_cache.clone(),
+            plans: self.plans.clone(),
         })?;
         registry.register(Box::new(collector))?;
         if let Some(remote) = self.io.remote() {
@@ -389,29 +397,46 @@ impl QueryEngine {
 
     /// Parses, checks and plans `sql` without running it.
     pub async fn plan(&self, sql: &str) -> Result<DataFrame> {
-        self.plan_with(sql, vec![], &TableAccess::All, Arc::default(), None)
-            .await
+        let statement = self
+            .plan_statement(sql, vec![], &TableAccess::All, Arc::default(), None)
+            .await?;
+        Ok(statement.df)
     }
 
     /// [`Self::plan`] with `params` bound (cast to the placeholders' types), over the
     /// tables `access` lets the caller see, table scans reporting partition pruning to
-    /// `pruning`, spread over the cluster as `distribution` asks (`None`: the default).
-    async fn plan_with(
+    /// `pruning`, spread over the cluster as `distribution` asks (`None`: the default);
+    /// from the plan cache when it holds the statement's plan.
+    async fn plan_statement(
         &self,
         sql: &str,
         params: Vec<ScalarValue>,
         access: &TableAccess,
         pruning: Arc<PartitionPruning>,
         distribution: Option<Distribution>,
-    ) -> Result<DataFrame> {
+    ) -> Result<PlannedStatement> {
         self.sql_limits.check_text(sql)?;
-        let mut state = self
-            .planners
-            .as_ref()
-            .and_then(|p| p.state(distribution))
-            .unwrap_or_else(|| self.base.state());
+        let cluster_state = self.planners.as_ref().and_then(|p| p.state(distribution));
+        let distributed = cluster_state.is_some();
+        let mut state = cluster_state.unwrap_or_else(|| self.base.state());
         access.restrict(&mut state)?;
         state.config_mut().set_extension(pruning);
+        // Checked, planned and optimized before for a caller with the same access, over
+        // the same table versions: the same plan again.
+        let key = self
+            .plans
+            .as_ref()
+            .filter(|_| !distributed)
+            .and_then(|_| plan_cache::Key::new(sql, &params, access));
+        if let (Some(cache), Some(key)) = (&self.plans, &key)
+            && let Some(kept) = cache.get(key, &self.catalog)
+        {
+            return Ok(PlannedStatement {
+                df: DataFrame::new(state, kept.plan.clone()),
+                optimized: Some(kept.optimized.clone()),
+                keep: None,
+            });
+        }
         let dialect = state.config().options().sql_parser.dialect;
         let mut statement = state.sql_to_statement(sql, &dialect)?;
         // First: everything after it walks the statement recursively.
@@ -428,7 +453,32 @@ impl QueryEngine {
             let types = params::parameter_types(plan.get_parameter_types()?)?;
             plan.with_param_values(params::cast_params(params, &types)?)?
         };
-        Ok(DataFrame::new(state, plan))
+        Ok(PlannedStatement {
+            df: DataFrame::new(state, plan),
+            optimized: None,
+            keep: key,
+        })
+    }
+
+    /// The physical plan of `statement`: its optimized plan (kept in the plan cache when
+    /// it may be) planned by the session's query planner, as DataFusion's
+    /// `create_physical_plan` does.
+    async fn physical_plan(&self, statement: PlannedStatement) -> Result<Arc<dyn ExecutionPlan>> {
+        let (state, plan) = statement.df.into_parts();
+        let optimized = match statement.optimized {
+            Some(optimized) => optimized,
+            None => {
+                let optimized = state.optimize(&plan)?;
+                if let (Some(cache), Some(key)) = (&self.plans, statement.keep) {
+                    cache.insert(key, plan, optimized.clone());
+                }
+                optimized
+            }
+        };
+        Ok(state
+            .query_planner()
+            .create_physical_plan(&optimized, &state)
+            .await?)
     }
 
     /// The schema `sql` produces with `params` bound, from its plan. Planned like a
@@ -442,8 +492,9 @@ impl QueryEngine {
         let access = Arc::clone(&caller.tables);
         self.plan_admitted(caller.client_timeout, move |engine| async move {
             let df = engine
-                .plan_with(&sql, params, &access, Arc::default(), None)
-                .await?;
+                .plan_statement(&sql, params, &access, Arc::default(), None)
+                .await?
+                .df;
             Ok(Arc::clone(df.schema().inner()))
         })
         .await
@@ -472,14 +523,15 @@ impl QueryEngine {
         let max_slices = self.endpoints_per_query;
         self.plan_admitted(caller.client_timeout, move |engine| async move {
             let df = engine
-                .plan_with(
+                .plan_statement(
                     &sql,
                     params,
                     &access,
                     Arc::default(),
                     Some(Distribution::Off),
                 )
-                .await?;
+                .await?
+                .df;
             let schema = Arc::clone(df.schema().inner());
             let ordered = is_ordered(df.logical_plan());
             let pieces = match max_slices > 1 {
@@ -504,8 +556,9 @@ impl QueryEngine {
         let access = Arc::clone(&caller.tables);
         self.plan_admitted(caller.client_timeout, move |engine| async move {
             let df = engine
-                .plan_with(&sql, vec![], &access, Arc::default(), None)
-                .await?;
+                .plan_statement(&sql, vec![], &access, Arc::default(), None)
+                .await?
+                .df;
             let params = params::parameter_types(df.logical_plan().get_parameter_types()?)?;
             Ok(Prepared {
                 schema: Arc::clone(df.schema().inner()),
@@ -738,9 +791,10 @@ impl QueryEngine {
             .as_ref()
             .filter(|_| use_cache && slice.is_none());
         let cache_params = cache.map(|_| params.clone());
-        let df = self
-            .plan_with(&sql, params, access, Arc::clone(&pruning), distribution)
+        let statement = self
+            .plan_statement(&sql, params, access, Arc::clone(&pruning), distribution)
             .await?;
+        let df = &statement.df;
         if self.audit.is_some() {
             query
                 .active()
@@ -789,7 +843,7 @@ impl QueryEngine {
         };
         let mut plan: Arc<dyn ExecutionPlan> = match explained {
             Some(plan) => plan,
-            None => df.create_physical_plan().await?,
+            None => self.physical_plan(statement).await?,
         };
         if let Some(slice) = slice {
             plan = slice::restrict(plan, slice)?;
@@ -807,6 +861,16 @@ impl QueryEngine {
         let report = ScanReport::new(plan, pruning, Arc::clone(&self.scan_totals), &sql);
         Ok((stream, report))
     }
+}
+
+/// A statement planned for one caller.
+struct PlannedStatement {
+    df: DataFrame,
+    /// Its optimized plan, when the plan cache held it.
+    optimized: Option<LogicalPlan>,
+    /// Its key in the plan cache, to keep its plan under once optimized (`None`: not to
+    /// be kept, or already kept).
+    keep: Option<plan_cache::Key>,
 }
 
 /// Whether `plan` returns its rows in an order the statement asks for.

@@ -51,6 +51,8 @@ pub struct QueryOptions {
     pub result_cache_size: usize,
     /// Which filters Parquet scans evaluate while decoding (`--filter-pushdown`).
     pub filter_pushdown: super::FilterPushdown,
+    /// Plans of repeated statements kept (`--plan-cache-entries`); 0: none.
+    pub plan_cache_entries: u64,
 }
 
 /// Time limits on a query; zero turns a limit off.
@@ -133,9 +135,13 @@ impl Default for QueryOptions {
             endpoints_per_query: 1,
             result_cache_size: 0,
             filter_pushdown: super::FilterPushdown::default(),
+            plan_cache_entries: DEFAULT_PLAN_CACHE_ENTRIES,
         }
     }
 }
+
+/// Default of `--plan-cache-entries`.
+pub const DEFAULT_PLAN_CACHE_ENTRIES: u64 = 256;
 
 /// Default of `--max-function-output`.
 pub const DEFAULT_MAX_FUNCTION_OUTPUT: usize = 256 * 1024 * 1024;

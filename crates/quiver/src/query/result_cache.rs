@@ -55,6 +55,11 @@ pub(crate) struct Key {
 }
 
 impl Key {
+    /// (table, version) of every table the answer reads, sorted by table.
+    pub(crate) fn tables(&self) -> &[(String, u64)] {
+        &self.tables
+    }
+
     /// Bytes the key holds: an entry is charged for its key too, so answers of a few
     /// bytes under statements of megabytes cannot hold more than the cache's size.
     fn bytes(&self) -> usize {

@@ -1,0 +1,148 @@
+//! Plans of repeated statements (`--plan-cache-entries`), reused while the tables they
+//! read keep their version.
+//!
+//! A small query costs more to plan than to run: in the key-range workload (100 clients,
+//! ~1 MB each from a pinned table) parsing and planning the statement took about 17% of
+//! the server's CPU and DataFusion's logical optimizer about 10% more
+//! (docs/benchmarks.md). Dashboards and drivers send the same statements again and again
+//! (a Flight SQL client plans each one twice: `GetFlightInfo`, then `DoGet`).
+//!
+//! A statement's optimized logical plan is fixed by its text, its parameters, the tables
+//! its caller may read and the versions of the tables it reads; every setting is a
+//! process flag. So the engine keeps the plans of recent statements under those keys,
+//! on the result cache's conditions (`result_cache::Key::of`: a query over the catalog's
+//! tables, with no function whose value is not fixed by its arguments, so no `now()`
+//! folded into a constant). A plan whose tables have a new version is planned again.
+//! What is kept is the logical plan (with parameters bound) and its optimized form; the
+//! physical plan is made for each query, since its scans report to that query (pruning,
+//! metrics) and read that query's filters. Plans made for the cluster are not kept.
+//!
+//! Bounds: at most `--plan-cache-entries` plans (moka's TinyLFU admission and LRU
+//! eviction), and only statements whose text and parameters together fit in
+//! [`MAX_KEY_BYTES`]: the plan of a statement of a few KiB is a few tens of KiB, so the
+//! cache holds at most a few MiB outside the query pool however it is used.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use datafusion::common::ScalarValue;
+use datafusion::logical_expr::LogicalPlan;
+
+use super::access::TableAccess;
+use super::result_cache;
+use crate::catalog::Catalog;
+
+/// The longest statement (text plus parameters) whose plan is kept.
+pub(crate) const MAX_KEY_BYTES: usize = 4096;
+
+/// What fixes a plan, besides its tables' versions.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct Key {
+    sql: String,
+    /// The parameters, typed (`Int64(5)` and `Utf8("5")` differ).
+    params: String,
+    /// The tables the caller may read.
+    access: String,
+}
+
+impl Key {
+    /// The key of `sql` with `params` for a caller with `access`; `None` when the
+    /// statement is too long to keep.
+    pub(crate) fn new(sql: &str, params: &[ScalarValue], access: &TableAccess) -> Option<Self> {
+        if sql.len() > MAX_KEY_BYTES {
+            return None;
+        }
+        let params = format!("{params:?}");
+        if sql.len() + params.len() > MAX_KEY_BYTES {
+            return None;
+        }
+        Some(Self {
+            sql: sql.to_string(),
+            params,
+            access: access.fingerprint(),
+        })
+    }
+}
+
+/// A kept plan.
+#[derive(Debug)]
+pub(crate) struct Planned {
+    /// As planned for the caller, parameters bound (what the result cache and the audit
+    /// log read).
+    pub(crate) plan: LogicalPlan,
+    /// After DataFusion's analyzer and optimizer.
+    pub(crate) optimized: LogicalPlan,
+    /// (table, version) of every table it reads.
+    tables: Vec<(String, u64)>,
+}
+
+impl Planned {
+    /// Whether every table it reads still has the version it was planned with.
+    fn is_current(&self, catalog: &Catalog) -> bool {
+        self.tables
+            .iter()
+            .all(|(table, version)| catalog.get(table).is_some_and(|t| t.version() == *version))
+    }
+}
+
+/// The plans kept.
+#[derive(Debug)]
+pub(crate) struct PlanCache {
+    plans: moka::sync::Cache<Key, Arc<Planned>>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+}
+
+impl PlanCache {
+    /// A cache of at most `entries` plans.
+    pub(crate) fn new(entries: u64) -> Self {
+        Self {
+            plans: moka::sync::Cache::new(entries),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
+    }
+
+    /// The plan kept for `key`, if its tables are unchanged in `catalog`; counts a hit.
+    pub(crate) fn get(&self, key: &Key, catalog: &Catalog) -> Option<Arc<Planned>> {
+        let planned = self.plans.get(key)?;
+        if !planned.is_current(catalog) {
+            self.plans.invalidate(key);
+            return None;
+        }
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        Some(planned)
+    }
+
+    /// Keeps `plan` (the statement `key`, optimized as `optimized`), if it may be kept;
+    /// counts a miss when it is (a statement that is never kept is neither).
+    pub(crate) fn insert(&self, key: Key, plan: LogicalPlan, optimized: LogicalPlan) {
+        let Some(answer) = result_cache::Key::of(&key.sql, &[], &plan) else {
+            return;
+        };
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        let tables = answer.tables().to_vec();
+        self.plans.insert(
+            key,
+            Arc::new(Planned {
+                plan,
+                optimized,
+                tables,
+            }),
+        );
+    }
+
+    /// (hits, misses) so far.
+    pub(crate) fn counts(&self) -> (u64, u64) {
+        (
+            self.hits.load(Ordering::Relaxed),
+            self.misses.load(Ordering::Relaxed),
+        )
+    }
+
+    /// Plans kept now.
+    pub(crate) fn entries(&self) -> u64 {
+        self.plans.run_pending_tasks();
+        self.plans.entry_count()
+    }
+}

@@ -1,0 +1,124 @@
+"""`--plan-cache-entries`: a repeated statement skips parsing and logical optimization,
+and is never planned from a stale table version, for another caller's table access, or
+with a function whose value changes by itself. Oracle: DuckDB over pyarrow.dataset of the
+same files; what the cache did is read from the server's Prometheus metrics."""
+
+import random
+import shutil
+
+import adbc_driver_flightsql.dbapi as flightsql
+import pyarrow as pa
+import pytest
+
+from conftest import DAYS, Server, make_requests, wait_for, write_atomically
+from test_result_cache import oracle, rows, two_callers
+
+SQL = "SELECT service, count(*) AS n, max(latency_ms) AS worst FROM requests WHERE status >= 500 GROUP BY service ORDER BY service"
+
+
+def counts(s: Server) -> tuple:
+    m = s.metrics()
+    return tuple(m.get(f"quiver_plan_cache_{k}") for k in ("hits_total", "misses_total", "entries"))
+
+
+def test_a_repeated_statement_is_planned_once(dataset, tmp_path):
+    s = Server(["--data-dir", str(dataset)], tmp_path)
+    try:
+        expected = [tuple(r) for r in oracle(dataset).execute(SQL).fetchall()]
+        assert rows(s.query(SQL)) == expected
+        assert counts(s) == (0, 1, 1)
+        for _ in range(3):
+            assert rows(s.query(SQL)) == expected
+        assert counts(s) == (3, 1, 1)
+        # A plan is planned physically for each query: every run scanned the table.
+        assert s.metrics().get("quiver_table_scans_total", table="requests") == 4
+        other = "SELECT count(*) AS n FROM requests WHERE status = 503"
+        assert rows(s.query(other)) == [tuple(r) for r in oracle(dataset).execute(other).fetchall()]
+        assert counts(s) == (3, 2, 2)
+    finally:
+        s.stop()
+
+
+def test_zero_turns_it_off(dataset, tmp_path):
+    s = Server(["--data-dir", str(dataset), "--plan-cache-entries", "0"], tmp_path)
+    try:
+        for _ in range(2):
+            assert rows(s.query(SQL)) == [tuple(r) for r in oracle(dataset).execute(SQL).fetchall()]
+        assert counts(s) == (0, 0, 0)
+    finally:
+        s.stop()
+
+
+def test_parameters_are_part_of_the_key(dataset, tmp_path):
+    s = Server(["--data-dir", str(dataset)], tmp_path)
+    sql = "SELECT count(*) AS n FROM requests WHERE status = $1"
+    con = oracle(dataset)
+    try:
+        with flightsql.connect(f"grpc://{s.addr}") as conn, conn.cursor() as cur:
+            def run_all():
+                for status in (503, 200):
+                    cur.execute(sql, parameters=(status,))
+                    assert cur.fetchall() == con.execute(sql.replace("$1", str(status))).fetchall(), status
+            run_all()
+            hits, misses, entries = counts(s)
+            assert entries == 2, counts(s)
+            # The same two statements again: planned from the cache, answers unchanged.
+            run_all()
+            again = counts(s)
+            assert again[1] == misses and again[0] > hits and again[2] == 2, (again, hits, misses)
+    finally:
+        s.stop()
+
+
+def test_plans_with_values_that_change_by_themselves_are_never_kept(dataset, tmp_path):
+    s = Server(["--data-dir", str(dataset)], tmp_path)
+    try:
+        sql = "SELECT count(*) AS n, now() AS t FROM requests"
+        first = s.query(sql)
+        second = s.query(sql)
+        # now() is folded into a constant while optimizing: a kept plan would repeat it.
+        assert second["t"][0].as_py() > first["t"][0].as_py()
+        random_sql = "SELECT count(*) AS n FROM requests WHERE random() < 2"
+        s.query(random_sql)
+        s.query(random_sql)
+        hits, _, entries = counts(s)
+        assert (hits, entries) == (0, 0), counts(s)
+        # Too long to keep (over 4 KiB of text): planned each time, never counted.
+        long_sql = SQL + " " * 5000
+        assert rows(s.query(long_sql)) == rows(s.query(long_sql))
+        assert counts(s)[0] == 0 and counts(s)[2] == 0, counts(s)
+    finally:
+        s.stop()
+
+
+def test_a_new_table_version_is_planned_again(dataset, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(dataset / "requests", root / "requests")
+    s = Server(["--data-dir", str(root), "--refresh-interval", "1s"], tmp_path / "server")
+    try:
+        sql = "SELECT count(*) AS n FROM requests"
+        before = s.query(sql)["n"][0].as_py()
+        assert s.query(sql)["n"][0].as_py() == before
+        assert counts(s)[0] == 1
+        new = make_requests(random.Random(7), DAYS[-1], "billing", 1234, True)
+        write_atomically(new, root / "requests" / f"day={DAYS[-1]}" / "service=billing" / "part-0.parquet")
+        # A plan kept from the old version would scan the old file list forever.
+        wait_for(lambda: s.query(sql)["n"][0].as_py() == before + 1234, what="the new file in the answer")
+        assert s.query(sql)["n"][0].as_py() == oracle(root).execute(sql).fetchall()[0][0]
+    finally:
+        s.stop()
+
+
+def test_a_plan_is_only_reused_for_the_same_table_access(dataset, tmp_path):
+    s, run = two_callers(dataset, tmp_path)
+    try:
+        sql = "SELECT count(*) AS n FROM requests"
+        expected = run(b"alice-token", sql)
+        assert run(b"alice-token", sql).equals(expected)
+        assert counts(s)[0] == 1
+        # Same statement, a caller who may not read the table: missing for them.
+        with pytest.raises(pa.ArrowKeyError):
+            run(b"svc-token", sql)
+        assert counts(s)[0] == 1
+    finally:
+        s.stop()
