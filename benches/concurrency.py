@@ -102,6 +102,11 @@ def key_ranges(a, data: Path, work: Path, quiver: Quiver, arrow: ArrowServer) ->
         first = int(keys.searchsorted(lo, "left"))
         bounds.append((lo, hi, first, int(keys.searchsorted(hi, "left")) - first))
     pinned = Quiver(a.quiver, work / "pinned", [*tpch_tables(data), "--pin-table", "lineitem"])
+    # Each client sends the same statement every round, so the plan cache (on by default)
+    # plans each once; without it every statement is planned in full, as statements that
+    # never repeat are.
+    unplanned = Quiver(a.quiver, work / "unplanned",
+                       [*tpch_tables(data), "--pin-table", "lineitem", "--plan-cache-entries", "0"])
     # Reported apart: the same 100 ranges again, answered by the result cache (off in every
     # other run here, its default).
     cached = Quiver(a.quiver, work / "cached", [*tpch_tables(data), "--result-cache-size", "512MiB"])
@@ -133,6 +138,8 @@ def key_ranges(a, data: Path, work: Path, quiver: Quiver, arrow: ArrowServer) ->
                 quiver.addr, lambda c, i: flight.Ticket(sql.format(*bounds[c][:2]).encode()), quiver),
             "quiver (pinned table)": (
                 pinned.addr, lambda c, i: flight.Ticket(sql.format(*bounds[c][:2]).encode()), pinned),
+            "quiver (pinned table), --plan-cache-entries 0: every statement planned in full": (
+                unplanned.addr, lambda c, i: flight.Ticket(sql.format(*bounds[c][:2]).encode()), unplanned),
             "quiver (from Parquet), result cache on, repeated ranges (not a comparison)": (
                 cached.addr, lambda c, i: flight.Ticket(sql.format(*bounds[c][:2]).encode()), cached),
         }
@@ -164,6 +171,7 @@ def key_ranges(a, data: Path, work: Path, quiver: Quiver, arrow: ArrowServer) ->
             failed = True
     finally:
         pinned.close()
+        unplanned.close()
         cached.close()
     return failed
 
