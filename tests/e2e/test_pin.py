@@ -189,3 +189,32 @@ def test_a_selective_query_skips_pinned_batches(tmp_path):
         assert m.get("quiver_table_scans_total", table="keyed") == len(queries)
     finally:
         s.stop()
+
+
+def test_a_key_range_is_sent_as_the_pinned_slices_it_spans(tmp_path):
+    """A key range across two pinned batches reaches the client as those two slices (no
+    copy gathers them into one batch), while a filter keeping a few rows of every batch
+    still gathers them. Oracle: DuckDB over the same file."""
+    import pyarrow.parquet as pq
+
+    n = 50_000
+    table = pa.table({"key": pa.array(range(n), pa.int64()), "label": [f"label-{i % 977}" for i in range(n)]})
+    (tmp_path / "data" / "keyed").mkdir(parents=True)
+    path = tmp_path / "data" / "keyed" / "part-0.parquet"
+    pq.write_table(table, path)
+    s = Server(["--data-dir", str(tmp_path / "data"), "--pin-table", "keyed"], tmp_path / "server")
+    con = duckdb.connect()
+    try:
+        def check(sql):
+            got = s.query(sql)
+            expected = con.execute(sql.replace("FROM keyed", f"FROM read_parquet('{path}')") + " ORDER BY key")
+            assert sorted(got.to_pylist(), key=lambda r: r["key"]) == [
+                dict(zip(("key", "label"), r)) for r in expected.fetchall()], sql
+            return sorted(len(c) for c in got["key"].chunks)
+
+        # Batches of 8192 rows: keys 7000..8191 in the first, 8192..9999 in the second.
+        assert check("SELECT key, label FROM keyed WHERE key >= 7000 AND key < 10000") == [1192, 1808]
+        # 50 rows from each of 7 batches: gathered, not sent 7 times.
+        assert len(check("SELECT key, label FROM keyed WHERE key % 1000 = 3")) <= 2
+    finally:
+        s.stop()

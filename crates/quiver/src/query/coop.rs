@@ -14,12 +14,11 @@
 
 use std::sync::Arc;
 
-use datafusion::common::config::ConfigOptions;
-use datafusion::common::tree_node::{Transformed, TreeNode};
-use datafusion::error::Result;
-use datafusion::physical_optimizer::PhysicalOptimizerRule;
+use datafusion::common::tree_node::Transformed;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::coop::CooperativeExec;
+
+use super::node_rule::NodeRule;
 
 /// Operators whose output can be far larger than their input.
 const AMPLIFIERS: [&str; 5] = [
@@ -31,30 +30,13 @@ const AMPLIFIERS: [&str; 5] = [
 ];
 
 /// The rule; runs last among the physical optimizer rules.
-#[derive(Debug, Default)]
-pub(crate) struct YieldAboveAmplifiers;
-
-impl PhysicalOptimizerRule for YieldAboveAmplifiers {
-    fn optimize(
-        &self,
-        plan: Arc<dyn ExecutionPlan>,
-        _config: &ConfigOptions,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        plan.transform_up(|node| {
-            if AMPLIFIERS.contains(&node.name()) {
-                let wrapped: Arc<dyn ExecutionPlan> = Arc::new(CooperativeExec::new(node));
-                return Ok(Transformed::yes(wrapped));
-            }
-            Ok(Transformed::no(node))
-        })
-        .map(|t| t.data)
-    }
-
-    fn name(&self) -> &str {
-        "YieldAboveAmplifiers"
-    }
-
-    fn schema_check(&self) -> bool {
-        true
-    }
-}
+pub(crate) const YIELD_ABOVE_AMPLIFIERS: NodeRule = NodeRule {
+    name: "YieldAboveAmplifiers",
+    rewrite: |node| {
+        if AMPLIFIERS.contains(&node.name()) {
+            let wrapped: Arc<dyn ExecutionPlan> = Arc::new(CooperativeExec::new(node));
+            return Ok(Transformed::yes(wrapped));
+        }
+        Ok(Transformed::no(node))
+    },
+};

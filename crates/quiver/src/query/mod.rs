@@ -20,8 +20,10 @@ mod heap_guard;
 mod limits;
 mod measured;
 mod memory;
+mod node_rule;
 mod options;
 mod params;
+mod pinned_slices;
 mod plan_cache;
 mod pushdown;
 mod request;
@@ -173,7 +175,8 @@ impl QueryEngine {
             .with_config(config)
             .with_runtime_env(runtime)
             .with_default_features()
-            .with_physical_optimizer_rule(Arc::new(coop::YieldAboveAmplifiers));
+            .with_physical_optimizer_rule(Arc::new(pinned_slices::KEEP_PINNED_SLICES))
+            .with_physical_optimizer_rule(Arc::new(coop::YIELD_ABOVE_AMPLIFIERS));
         if options.filter_pushdown == FilterPushdown::Runtime {
             builder = builder.with_physical_optimizer_rule(Arc::new(pushdown::PushRuntimeFilters));
         }
