@@ -87,6 +87,12 @@ def test_plans_with_values_that_change_by_themselves_are_never_kept(dataset, tmp
         long_sql = SQL + " " * 5000
         assert rows(s.query(long_sql)) == rows(s.query(long_sql))
         assert counts(s)[0] == 0 and counts(s)[2] == 0, counts(s)
+        # Under 4 KiB, but a plan of 110 scans of 14 columns each: too heavy to keep.
+        heavy = "SELECT count(*) AS n FROM (" + " UNION ALL ".join(["SELECT * FROM requests"] * 110) + ")"
+        assert len(heavy) < 4096
+        expected = oracle(dataset).execute("SELECT count(*) * 110 FROM requests").fetchall()[0][0]
+        assert s.query(heavy)["n"][0].as_py() == s.query(heavy)["n"][0].as_py() == expected
+        assert counts(s)[0] == 0 and counts(s)[2] == 0, counts(s)
     finally:
         s.stop()
 

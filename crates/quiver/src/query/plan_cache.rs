@@ -17,15 +17,19 @@
 //! physical plan is made for each query, since its scans report to that query (pruning,
 //! metrics) and read that query's filters. Plans made for the cluster are not kept.
 //!
-//! Bounds: at most `--plan-cache-entries` plans (moka's TinyLFU admission and LRU
-//! eviction), and only statements whose text and parameters together fit in
-//! [`MAX_KEY_BYTES`]: the plan of a statement of a few KiB is a few tens of KiB, so the
-//! cache holds at most a few MiB outside the query pool however it is used.
+//! Bounds: a plan is weighed in units of about 100 bytes: one per schema field and per
+//! expression node of the plan and of its optimized form, and one per 64 bytes of
+//! statement and parameters. The cache holds `--plan-cache-entries` times [`UNITS_PER_ENTRY`]
+//! units (moka's TinyLFU admission and LRU eviction by weight), a plan over
+//! [`MAX_UNITS`] or a statement over [`MAX_KEY_BYTES`] is never kept. At the default 256
+//! entries that is at most about 65536 units (a few MiB outside the query pool) however
+//! clients use it: many small statements, or a few over tables of a thousand columns.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use datafusion::common::ScalarValue;
+use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
 use datafusion::logical_expr::LogicalPlan;
 
 use super::access::TableAccess;
@@ -34,6 +38,13 @@ use crate::catalog::Catalog;
 
 /// The longest statement (text plus parameters) whose plan is kept.
 pub(crate) const MAX_KEY_BYTES: usize = 4096;
+
+/// Units of weight the cache holds per `--plan-cache-entries` (a small query's plan,
+/// `SELECT *` filtered over a table of 16 columns, weighs about 120).
+pub(crate) const UNITS_PER_ENTRY: u64 = 256;
+
+/// The heaviest plan kept.
+pub(crate) const MAX_UNITS: usize = 4096;
 
 /// What fixes a plan, besides its tables' versions.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -74,6 +85,25 @@ pub(crate) struct Planned {
     pub(crate) optimized: LogicalPlan,
     /// (table, version) of every table it reads.
     tables: Vec<(String, u64)>,
+    /// Its weight in units (see the module documentation).
+    units: usize,
+}
+
+/// Schema fields and expression nodes of `plan`, its subqueries included.
+fn units(plan: &LogicalPlan) -> usize {
+    let mut units = 0;
+    // The closures never fail.
+    let _ = plan.apply_with_subqueries(|node| {
+        units += node.schema().fields().len();
+        let _ = node.apply_expressions(|expr| {
+            expr.apply(|_| {
+                units += 1;
+                Ok(TreeNodeRecursion::Continue)
+            })
+        });
+        Ok(TreeNodeRecursion::Continue)
+    });
+    units
 }
 
 impl Planned {
@@ -97,7 +127,12 @@ impl PlanCache {
     /// A cache of at most `entries` plans.
     pub(crate) fn new(entries: u64) -> Self {
         Self {
-            plans: moka::sync::Cache::new(entries),
+            plans: moka::sync::Cache::builder()
+                .max_capacity(entries.saturating_mul(UNITS_PER_ENTRY))
+                .weigher(|_, planned: &Arc<Planned>| {
+                    u32::try_from(planned.units).unwrap_or(u32::MAX)
+                })
+                .build(),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
         }
@@ -120,6 +155,13 @@ impl PlanCache {
         let Some(answer) = result_cache::Key::of(&key.sql, &[], &plan) else {
             return;
         };
+        let units = 1
+            + (key.sql.len() + key.params.len() + key.access.len()) / 64
+            + units(&plan)
+            + units(&optimized);
+        if units > MAX_UNITS {
+            return;
+        }
         self.misses.fetch_add(1, Ordering::Relaxed);
         let tables = answer.tables().to_vec();
         self.plans.insert(
@@ -128,6 +170,7 @@ impl PlanCache {
                 plan,
                 optimized,
                 tables,
+                units,
             }),
         );
     }
