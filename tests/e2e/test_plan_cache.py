@@ -128,3 +128,18 @@ def test_a_plan_is_only_reused_for_the_same_table_access(dataset, tmp_path):
         assert counts(s)[0] == 1
     finally:
         s.stop()
+
+
+def test_the_cache_holds_its_weight_and_no_more(dataset, tmp_path):
+    # One entry's room: 256 units. Each plan here weighs over 42 (its 14 columns scanned
+    # and filtered, as planned and as optimized), so at most 6 of the 12 fit at once.
+    s = Server(["--data-dir", str(dataset), "--plan-cache-entries", "1"], tmp_path)
+    con = oracle(dataset)
+    try:
+        for bound in range(0, 900, 75):
+            sql = f"SELECT count(*) AS n FROM requests WHERE latency_ms > {bound}"
+            assert rows(s.query(sql)) == [tuple(r) for r in con.execute(sql).fetchall()], sql
+        hits, misses, entries = counts(s)
+        assert hits == 0 and 1 <= entries <= 6, counts(s)
+    finally:
+        s.stop()
