@@ -282,6 +282,20 @@ pub struct ServeArgs {
     #[arg(long, env = "QUIVER_MMAP_MAX_BYTES", default_value = "64GiB")]
     pub mmap_max_bytes: ByteSize,
 
+    /// Bytes of decompressed Parquet column chunks kept in memory (mmap mode; `0`, the
+    /// default, off). A chunk is decompressed into it on its second read, and later scans
+    /// decode it without decompressing: for repeated small reads of hot files (key
+    /// ranges, point lookups), whose CPU goes mostly to decompressing dictionary and data
+    /// pages. Reserved from --memory-limit; least recently used chunks go first, a chunk
+    /// over an eighth of it is never kept. Metrics: quiver_page_cache_*
+    #[arg(
+        long,
+        env = "QUIVER_PAGE_CACHE_SIZE",
+        value_name = "SIZE",
+        default_value = "0"
+    )]
+    pub page_cache_size: ByteSize,
+
     /// Most bytes of S3 object blocks the local cache keeps on disk (in `--cache-dir`,
     /// least recently used evicted first); `0` turns the cache off (every read is a GET)
     /// [default: 10GiB, at most half the free space of the cache directory's file system].

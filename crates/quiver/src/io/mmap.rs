@@ -77,7 +77,7 @@ impl Default for MmapLimits {
 
 /// What makes a file version unique: a rename brings a new inode, an in-place
 /// rewrite a new size or mtime.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct FileIdentity {
     dev: u64,
     ino: u64,

@@ -15,10 +15,12 @@
 //! table scans as a session config extension.
 
 mod mmap;
+pub mod page_cache;
 pub(crate) mod reader;
 pub mod remote;
 
 pub use mmap::{FileIdentity, MappedFile, MmapError, MmapLimits, MmapStats, MmapStore};
+pub use page_cache::{PageCache, PageCacheStats};
 pub use reader::FileReaderFactory;
 
 use std::fmt::{self, Display};
@@ -70,6 +72,8 @@ pub struct IoOptions {
     pub mode: IoMode,
     /// Bounds of the mapping cache (mmap mode).
     pub mmap: MmapLimits,
+    /// Bytes of decompressed column chunks kept (mmap mode; `0` off); see [`PageCache`].
+    pub page_cache_size: u64,
 }
 
 /// The file system as the engine reads it.
@@ -78,6 +82,7 @@ pub struct Io {
     store: Arc<dyn ObjectStore>,
     mmap: Option<Arc<MmapStore>>,
     remote: Option<Arc<RemoteStores>>,
+    page_cache: Option<Arc<PageCache>>,
 }
 
 impl Io {
@@ -94,7 +99,22 @@ impl Io {
             store,
             mmap,
             remote,
+            page_cache: None,
         }
+    }
+
+    /// Keeps decompressed column chunks of local files in `cache` (mmap mode only: in
+    /// pread mode files are read as they are now, see [`IoMode::Pread`]).
+    pub fn with_page_cache(mut self, cache: Arc<PageCache>) -> Self {
+        if self.mmap.is_some() {
+            self.page_cache = Some(cache);
+        }
+        self
+    }
+
+    /// The page cache's counters, when it is on.
+    pub fn page_cache_stats(&self) -> Option<Arc<PageCacheStats>> {
+        self.page_cache.as_ref().map(|c| Arc::clone(c.stats()))
     }
 
     /// The object stores of S3 tables, when any are configured.
@@ -118,6 +138,12 @@ impl Io {
         metadata_cache: Arc<FileMetadataCache>,
         bucket: Option<Arc<Bucket>>,
     ) -> FileReaderFactory {
-        FileReaderFactory::new(self.store(), metadata_cache, self.mmap.clone(), bucket)
+        FileReaderFactory::new(
+            self.store(),
+            metadata_cache,
+            self.mmap.clone(),
+            bucket,
+            self.page_cache.clone(),
+        )
     }
 }

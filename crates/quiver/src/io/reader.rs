@@ -33,6 +33,7 @@ use parquet::errors::ParquetError;
 use parquet::file::metadata::ParquetMetaData;
 
 use super::mmap::{FileIdentity, MappedFile, MmapError, MmapStore, check_listed};
+use super::page_cache::{CachedFile, PageCache};
 use super::remote::object::ReadCounters;
 use super::remote::{Bucket, VersionedObject};
 use crate::error::Error;
@@ -47,16 +48,19 @@ pub struct FileReaderFactory {
     metadata_cache: Arc<FileMetadataCache>,
     /// The bucket, for a table on S3.
     bucket: Option<Arc<Bucket>>,
+    /// Decompressed chunks of local files (mmap mode), when on.
+    page_cache: Option<Arc<PageCache>>,
 }
 
 impl FileReaderFactory {
     /// Readers over `store` (metadata through `metadata_cache`), serving data from
-    /// `mmap` when given; or over the objects of `bucket`.
+    /// `mmap` (and chunks from `page_cache`) when given; or over the objects of `bucket`.
     pub fn new(
         store: Arc<dyn ObjectStore>,
         metadata_cache: Arc<FileMetadataCache>,
         mmap: Option<Arc<MmapStore>>,
         bucket: Option<Arc<Bucket>>,
+        page_cache: Option<Arc<PageCache>>,
     ) -> Self {
         Self {
             inner: CachedParquetFileReaderFactory::new(store, Arc::clone(&metadata_cache)),
@@ -64,6 +68,7 @@ impl FileReaderFactory {
             local: LocalFileSystem::new(),
             metadata_cache,
             bucket,
+            page_cache,
         }
     }
 
@@ -107,6 +112,7 @@ impl FileReaderFactory {
             path,
             mapped: None,
             bytes_scanned: None,
+            cached: None,
         }))
     }
 }
@@ -189,11 +195,16 @@ impl ParquetFileReaderFactory for FileReaderFactory {
             metadata_size_hint,
             metrics,
         )?;
+        let cached = match (&self.page_cache, &mapped) {
+            (Some(cache), Some(file)) => Some(CachedFile::new(Arc::clone(cache), file.clone())),
+            _ => None,
+        };
         Ok(Box::new(FileReader {
             inner,
             path,
             mapped,
             bytes_scanned,
+            cached,
         }))
     }
 }
@@ -205,6 +216,8 @@ struct FileReader {
     /// The pinned mapping, in mmap mode.
     mapped: Option<MappedFile>,
     bytes_scanned: Option<Count>,
+    /// Decompressed chunks, with `--page-cache-size` (mmap mode).
+    cached: Option<CachedFile>,
 }
 
 impl FileReader {
@@ -224,18 +237,28 @@ impl FileReader {
     }
 }
 
-/// Slices of the pinned mapping, counted as scanned.
+/// Slices of the pinned mapping (or of cached chunks), counted as scanned.
 fn slices(
     mapped: &MappedFile,
+    cached: Option<&mut CachedFile>,
     path: &str,
     bytes_scanned: Option<&Count>,
     ranges: &[Range<u64>],
 ) -> parquet::errors::Result<Vec<Bytes>> {
-    let slices = ranges
-        .iter()
-        .map(|r| mapped.slice(r.clone()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| ParquetError::External(Box::new(Error::file_read(path.into(), e.into()))))?;
+    let mut slices = Vec::with_capacity(ranges.len());
+    let mut cached = cached;
+    for range in ranges {
+        if let Some(cached) = cached.as_deref_mut()
+            && let Some(bytes) = cached.read(range).map_err(|e| FileReader::name(path, e))?
+        {
+            slices.push(bytes);
+            continue;
+        }
+        let slice = mapped.slice(range.clone()).map_err(|e| {
+            ParquetError::External(Box::new(Error::file_read(path.into(), e.into())))
+        })?;
+        slices.push(slice);
+    }
     if let Some(counter) = bytes_scanned {
         counter.add(slices.iter().map(Bytes::len).sum());
     }
@@ -244,10 +267,11 @@ fn slices(
 
 impl AsyncFileReader for FileReader {
     fn get_bytes(&mut self, range: Range<u64>) -> BoxFuture<'_, parquet::errors::Result<Bytes>> {
-        if let Some(mapped) = &self.mapped {
-            let result = slices(mapped, &self.path, self.bytes_scanned.as_ref(), &[range])
-                .map(|mut v| v.remove(0));
-            return futures::future::ready(result).boxed();
+        if self.mapped.is_some() {
+            return self
+                .get_byte_ranges(vec![range])
+                .map(|r| r.map(|mut v| v.remove(0)))
+                .boxed();
         }
         let path = Arc::clone(&self.path);
         self.inner
@@ -260,9 +284,47 @@ impl AsyncFileReader for FileReader {
         &mut self,
         ranges: Vec<Range<u64>>,
     ) -> BoxFuture<'_, parquet::errors::Result<Vec<Bytes>>> {
-        if let Some(mapped) = &self.mapped {
-            let result = slices(mapped, &self.path, self.bytes_scanned.as_ref(), &ranges);
-            return futures::future::ready(result).boxed();
+        if self.mapped.is_some() {
+            let Self {
+                inner,
+                path,
+                mapped: Some(mapped),
+                bytes_scanned,
+                cached,
+            } = self
+            else {
+                let e = ParquetError::General("the mapping is gone".into());
+                return futures::future::ready(Err(e)).boxed();
+            };
+            if !cached.as_ref().is_some_and(CachedFile::needs_original) {
+                let result = slices(
+                    mapped,
+                    cached.as_mut(),
+                    path,
+                    bytes_scanned.as_ref(),
+                    &ranges,
+                );
+                return futures::future::ready(result).boxed();
+            }
+            // A reader DataFusion made for decoding only (after another read the
+            // metadata): the page cache needs the file's own metadata to place chunks.
+            return async move {
+                let original = inner
+                    .get_metadata(None)
+                    .await
+                    .map_err(|e| Self::name(path, e))?;
+                if let Some(cached) = cached.as_mut() {
+                    cached.set_original(original);
+                }
+                slices(
+                    mapped,
+                    cached.as_mut(),
+                    path,
+                    bytes_scanned.as_ref(),
+                    &ranges,
+                )
+            }
+            .boxed();
         }
         let path = Arc::clone(&self.path);
         self.inner
@@ -276,9 +338,17 @@ impl AsyncFileReader for FileReader {
         options: Option<&'a ArrowReaderOptions>,
     ) -> BoxFuture<'a, parquet::errors::Result<Arc<ParquetMetaData>>> {
         let path = Arc::clone(&self.path);
-        self.inner
-            .get_metadata(options)
-            .map(move |r| r.map_err(|e| Self::name(&path, e)))
-            .boxed()
+        async move {
+            let metadata = self
+                .inner
+                .get_metadata(options)
+                .await
+                .map_err(|e| Self::name(&path, e))?;
+            match &mut self.cached {
+                Some(cached) => cached.metadata(metadata).map_err(|e| Self::name(&path, e)),
+                None => Ok(metadata),
+            }
+        }
+        .boxed()
     }
 }

@@ -18,8 +18,8 @@ use super::result_cache::ResultCache;
 use super::{HeapGuard, MeteredPool, Progress, ScanSummary};
 use crate::catalog::Catalog;
 use crate::error::Result;
-use crate::io::MmapStats;
 use crate::io::remote::CacheStats;
+use crate::io::{MmapStats, PageCacheStats};
 
 /// What the collector reads.
 #[derive(Debug)]
@@ -28,6 +28,8 @@ pub(crate) struct EngineSources {
     pub disk: Arc<DiskManager>,
     pub scan_totals: Arc<Mutex<ScanSummary>>,
     pub mmap: Option<Arc<MmapStats>>,
+    /// The page cache, when on (`--page-cache-size`).
+    pub pages: Option<Arc<PageCacheStats>>,
     /// The object cache of S3 tables, when on.
     pub cache: Option<Arc<CacheStats>>,
     pub catalog: Arc<Catalog>,
@@ -74,6 +76,11 @@ impl EngineCollector {
                 "quiver_result_cache_entries",
                 "Query answers kept in the result cache.",
                 |s| results(s, |c| c.size().1 as u64) as i64,
+            )?,
+            gauge(
+                "quiver_page_cache_bytes",
+                "Bytes of decompressed column chunks kept in the page cache (reserved from the query pool).",
+                |s| pages(s, |p| &p.bytes) as i64,
             )?,
             gauge(
                 "quiver_plan_cache_entries",
@@ -301,6 +308,26 @@ impl EngineCollector {
                 |s| s.plans.as_deref().map_or(0, |c| c.counts().1),
             )?,
             counter(
+                "quiver_page_cache_hits_total",
+                "Column chunks scans read decompressed from the page cache.",
+                |s| pages(s, |p| &p.hits),
+            )?,
+            counter(
+                "quiver_page_cache_misses_total",
+                "Compressed column chunks scans read from their files (with the page cache on).",
+                |s| pages(s, |p| &p.misses),
+            )?,
+            counter(
+                "quiver_page_cache_inserts_total",
+                "Column chunks decompressed into the page cache (on their second read).",
+                |s| pages(s, |p| &p.inserts),
+            )?,
+            counter(
+                "quiver_page_cache_evictions_total",
+                "Column chunks dropped from the page cache to stay under --page-cache-size.",
+                |s| pages(s, |p| &p.evictions),
+            )?,
+            counter(
                 "quiver_cache_hits_total",
                 "Blocks of S3 objects read from the local cache.",
                 |s| cache(s, |c| &c.hits),
@@ -387,6 +414,13 @@ fn cache(s: &EngineSources, field: fn(&CacheStats) -> &AtomicU64) -> u64 {
     s.cache
         .as_ref()
         .map_or(0, |c| field(c).load(Ordering::Relaxed))
+}
+
+/// A figure of the page cache; 0 when it is off.
+fn pages(s: &EngineSources, field: fn(&PageCacheStats) -> &AtomicU64) -> u64 {
+    s.pages
+        .as_ref()
+        .map_or(0, |p| field(p).load(Ordering::Relaxed))
 }
 
 fn tables_sum(s: &EngineSources, f: fn(&crate::catalog::HiveTable) -> u64) -> i64 {

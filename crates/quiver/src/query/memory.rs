@@ -7,8 +7,8 @@
 //! to its idle value when queries end, whichever way they end.
 
 use std::num::NonZeroUsize;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use datafusion::common::Result as DfResult;
 use datafusion::execution::memory_pool::{
@@ -21,14 +21,27 @@ use super::{MemoryOptions, PoolKind};
 /// Consumers named in a ResourceExhausted error: enough to see who took the memory.
 const TOP_CONSUMERS: usize = 5;
 
+/// Frees up to the given bytes of cached data held in the pool; returns the bytes freed.
+pub type Reclaim = Box<dyn Fn(usize) -> usize + Send + Sync>;
+
 /// A pool that counts what passes through it; the policy is the inner pool's.
-#[derive(Debug)]
 pub struct MeteredPool {
     inner: Box<dyn MemoryPool>,
     limit: usize,
     allocated: AtomicU64,
     freed: AtomicU64,
     peak: AtomicUsize,
+    /// Asked for memory when a query's grow is refused: a cache giving it back.
+    reclaim: OnceLock<(&'static str, Reclaim)>,
+}
+
+impl std::fmt::Debug for MeteredPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeteredPool")
+            .field("inner", &self.inner)
+            .field("limit", &self.limit)
+            .finish_non_exhaustive()
+    }
 }
 
 impl MeteredPool {
@@ -52,7 +65,14 @@ impl MeteredPool {
             allocated: AtomicU64::new(0),
             freed: AtomicU64::new(0),
             peak: AtomicUsize::new(0),
+            reclaim: OnceLock::new(),
         }
+    }
+
+    /// Lets the cache whose reservations are named `consumer` give memory back when a
+    /// grow of anyone else is refused: queries come before cached data. Set once.
+    pub fn set_reclaimer(&self, consumer: &'static str, reclaim: Reclaim) {
+        let _ = self.reclaim.set((consumer, reclaim));
     }
 
     /// Bytes all queries may reserve together.
@@ -112,7 +132,16 @@ impl MemoryPool for MeteredPool {
     }
 
     fn try_grow(&self, reservation: &MemoryReservation, additional: usize) -> DfResult<()> {
-        self.inner.try_grow(reservation, additional)?;
+        if let Err(refused) = self.inner.try_grow(reservation, additional) {
+            match self.reclaim.get() {
+                Some((cache, reclaim))
+                    if reservation.consumer().name() != *cache && reclaim(additional) > 0 =>
+                {
+                    self.inner.try_grow(reservation, additional)?;
+                }
+                _ => return Err(refused),
+            }
+        }
         self.granted(additional);
         Ok(())
     }

@@ -81,7 +81,7 @@ use crate::audit::AuditLog;
 use crate::catalog::PartitionPruning;
 use crate::catalog::{Catalog, RefreshSummary, TableDefinition, TableLocation};
 use crate::error::{Error, Result};
-use crate::io::{Io, MmapStats};
+use crate::io::{Io, MmapStats, PageCache, page_cache};
 use crate::metrics::{Outcome, QueryMetrics};
 use crate::wire::pinned::PinnedMessages;
 use crate::wire::views::ViewTypes;
@@ -146,13 +146,25 @@ impl std::fmt::Debug for QueryEngine {
 impl QueryEngine {
     /// Builds the session, starts the CPU runtime and loads every table.
     pub async fn new(tables: Vec<TableDefinition>, options: QueryOptions) -> Result<Self> {
-        let io = Arc::new(Io::new(options.io, options.remote.clone()));
+        let pool = Arc::new(MeteredPool::new(&options.memory));
+        let mut io = Io::new(options.io, options.remote.clone());
+        if options.io.page_cache_size > 0 {
+            let shared = Arc::clone(&pool) as Arc<dyn MemoryPool>;
+            let cache = Arc::new(PageCache::new(options.io.page_cache_size, &shared));
+            // Weak: the cache's reservation holds the pool.
+            let weak = Arc::downgrade(&cache);
+            pool.set_reclaimer(
+                page_cache::CONSUMER,
+                Box::new(move |bytes| weak.upgrade().map_or(0, |c| c.reclaim(bytes))),
+            );
+            io = io.with_page_cache(cache);
+        }
+        let io = Arc::new(io);
         let pinned = Arc::new(PinnedMessages::new(options.max_message_size));
         let config = session_config(&options)?
             .with_extension(Arc::clone(&io))
             .with_extension(Arc::clone(&pinned))
             .with_extension(Arc::new(options.view_types));
-        let pool = Arc::new(MeteredPool::new(&options.memory));
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_pool(Arc::clone(&pool) as Arc<dyn MemoryPool>)
             .with_disk_manager_builder(disk_manager(&options.memory))
@@ -241,6 +253,7 @@ impl QueryEngine {
             disk: Arc::clone(&self.base.runtime_env().disk_manager),
             scan_totals: Arc::clone(&self.scan_totals),
             mmap: self.io.mmap_stats(),
+            pages: self.io.page_cache_stats(),
             cache: self
                 .io
                 .remote()
