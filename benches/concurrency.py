@@ -35,8 +35,8 @@ MIXED = [
     "WHERE l_shipdate BETWEEN DATE '1995-01-01' AND DATE '1995-03-31' GROUP BY 1, 2",
     "SELECT c_name, c_acctbal FROM customer WHERE c_nationkey = {n} ORDER BY c_acctbal DESC LIMIT 20",
 ]
-# The page cache of the `--page-cache-size` row: lineitem SF1's chunks decompressed, with room.
-PAGE_CACHE = "1GiB"
+# The chunk cache of the `--chunk-cache-size` row: lineitem SF1's chunks decompressed, with room.
+CHUNK_CACHE = "1GiB"
 # About 1 MB of Arrow per stream.
 MEGABYTE_ROWS = 7_500
 
@@ -114,7 +114,7 @@ def key_ranges(a, data: Path, work: Path, quiver: Quiver, arrow: ArrowServer) ->
     cached = Quiver(a.quiver, work / "cached", [*tpch_tables(data), "--result-cache-size", "512MiB"])
     # Decompressed column chunks kept (off by default): the warm-up round reads each
     # range's chunks once, the first measured round puts them in the cache.
-    paged = Quiver(a.quiver, work / "paged", [*tpch_tables(data), "--page-cache-size", PAGE_CACHE])
+    chunked = Quiver(a.quiver, work / "chunked", [*tpch_tables(data), "--chunk-cache-size", CHUNK_CACHE])
     failed = False
     try:
         sql = "SELECT * FROM lineitem WHERE l_orderkey >= {} AND l_orderkey < {}"
@@ -135,7 +135,7 @@ def key_ranges(a, data: Path, work: Path, quiver: Quiver, arrow: ArrowServer) ->
                         wrong = True
             return wrong
 
-        failed |= mismatches([quiver, pinned, paged])
+        failed |= mismatches([quiver, pinned, chunked])
         print(f"\n100 concurrent clients, each a different key range of ~{MEGABYTE_ROWS} rows (~1 MB):\n")
         print(f"{a.rounds} rounds, medians of the rounds' means:\n")
         print("| server | mean ms | p99 ms | vs pyarrow | server CPU ms per stream | CPU vs pyarrow | errors"
@@ -146,8 +146,8 @@ def key_ranges(a, data: Path, work: Path, quiver: Quiver, arrow: ArrowServer) ->
                 arrow.addr, lambda c, i: flight.Ticket(f"65536:{bounds[c][3]}:{bounds[c][2]}".encode()), arrow),
             "quiver (from Parquet)": (
                 quiver.addr, lambda c, i: flight.Ticket(sql.format(*bounds[c][:2]).encode()), quiver),
-            f"quiver (from Parquet), --page-cache-size {PAGE_CACHE}": (
-                paged.addr, lambda c, i: flight.Ticket(sql.format(*bounds[c][:2]).encode()), paged),
+            f"quiver (from Parquet), --chunk-cache-size {CHUNK_CACHE}": (
+                chunked.addr, lambda c, i: flight.Ticket(sql.format(*bounds[c][:2]).encode()), chunked),
             "quiver (pinned table)": (
                 pinned.addr, lambda c, i: flight.Ticket(sql.format(*bounds[c][:2]).encode()), pinned),
             "quiver (pinned table), --plan-cache-entries 0: every statement planned in full": (
@@ -160,7 +160,7 @@ def key_ranges(a, data: Path, work: Path, quiver: Quiver, arrow: ArrowServer) ->
         cpu = {name: [] for name in runs}
         errors = {name: 0 for name in runs}
         for addr, ticket, _ in runs.values():
-            level(addr, clients, 1, ticket)  # warm-up: connections, page cache, plans
+            level(addr, clients, 1, ticket)  # warm-up: connections, chunk cache, plans
         for round_ in range(a.rounds):
             for name in rotate(list(runs), round_):
                 addr, ticket, server = runs[name]
@@ -171,8 +171,8 @@ def key_ranges(a, data: Path, work: Path, quiver: Quiver, arrow: ArrowServer) ->
                 p99s[name].append(r["p99"])
                 errors[name] += len(r["errors"])
                 failed |= bool(r["errors"])
-        # Again once the page cache holds the chunks: answers from decompressed chunks.
-        failed |= mismatches([paged])
+        # Again once the chunk cache holds the chunks: answers from decompressed chunks.
+        failed |= mismatches([chunked])
         del table
         base = "pyarrow C++ server (from memory, slices)"
         baseline, baseline_cpu = statistics.median(means[base]), statistics.median(cpu[base])
@@ -186,7 +186,7 @@ def key_ranges(a, data: Path, work: Path, quiver: Quiver, arrow: ArrowServer) ->
             failed = True
     finally:
         pinned.close()
-        paged.close()
+        chunked.close()
         unplanned.close()
         cached.close()
     return failed

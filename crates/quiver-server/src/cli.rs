@@ -287,14 +287,14 @@ pub struct ServeArgs {
     /// decode it without decompressing: for repeated small reads of hot files (key
     /// ranges, point lookups), whose CPU goes mostly to decompressing dictionary and data
     /// pages. Reserved from --memory-limit; least recently used chunks go first, a chunk
-    /// over an eighth of it is never kept. Metrics: quiver_page_cache_*
+    /// over an eighth of it is never kept. Metrics: quiver_chunk_cache_*
     #[arg(
         long,
-        env = "QUIVER_PAGE_CACHE_SIZE",
+        env = "QUIVER_CHUNK_CACHE_SIZE",
         value_name = "SIZE",
         default_value = "0"
     )]
-    pub page_cache_size: ByteSize,
+    pub chunk_cache_size: ByteSize,
 
     /// Most bytes of S3 object blocks the local cache keeps on disk (in `--cache-dir`,
     /// least recently used evicted first); `0` turns the cache off (every read is a GET)

@@ -107,7 +107,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
                 max_files: args.mmap_max_files,
                 max_bytes: args.mmap_max_bytes.0 as u64,
             },
-            page_cache_size: args.page_cache_size.0 as u64,
+            chunk_cache_size: args.chunk_cache_size.0 as u64,
         },
         max_message_size: args.max_flight_data_size.0,
         view_types: match args.view_types {

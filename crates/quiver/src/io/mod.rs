@@ -4,7 +4,8 @@
 //! ```text
 //!  ParquetSource ── FileReaderFactory ── open: check against the listing, pin mapping
 //!                        │                          │
-//!                        │ metadata (cached)        │ data ranges: slices of the mapping
+//!                        │ metadata (cached)        │ data ranges: slices of the mapping,
+//!                        │                          │ or of decompressed chunks (ChunkCache)
 //!                        ▼                          ▼
 //!              ObjectStore for file://  ──  MmapStore (mapping cache)  |  LocalFileSystem
 //!
@@ -14,13 +15,13 @@
 //! [`Io`] is built once per engine, registers the store for `file://` and travels to
 //! table scans as a session config extension.
 
+pub mod chunk_cache;
 mod mmap;
-pub mod page_cache;
 pub(crate) mod reader;
 pub mod remote;
 
+pub use chunk_cache::{ChunkCache, ChunkCacheStats};
 pub use mmap::{FileIdentity, MappedFile, MmapError, MmapLimits, MmapStats, MmapStore};
-pub use page_cache::{PageCache, PageCacheStats};
 pub use reader::FileReaderFactory;
 
 use std::fmt::{self, Display};
@@ -72,8 +73,8 @@ pub struct IoOptions {
     pub mode: IoMode,
     /// Bounds of the mapping cache (mmap mode).
     pub mmap: MmapLimits,
-    /// Bytes of decompressed column chunks kept (mmap mode; `0` off); see [`PageCache`].
-    pub page_cache_size: u64,
+    /// Bytes of decompressed column chunks kept (mmap mode; `0` off); see [`ChunkCache`].
+    pub chunk_cache_size: u64,
 }
 
 /// The file system as the engine reads it.
@@ -82,7 +83,7 @@ pub struct Io {
     store: Arc<dyn ObjectStore>,
     mmap: Option<Arc<MmapStore>>,
     remote: Option<Arc<RemoteStores>>,
-    page_cache: Option<Arc<PageCache>>,
+    chunk_cache: Option<Arc<ChunkCache>>,
 }
 
 impl Io {
@@ -99,22 +100,22 @@ impl Io {
             store,
             mmap,
             remote,
-            page_cache: None,
+            chunk_cache: None,
         }
     }
 
     /// Keeps decompressed column chunks of local files in `cache` (mmap mode only: in
     /// pread mode files are read as they are now, see [`IoMode::Pread`]).
-    pub fn with_page_cache(mut self, cache: Arc<PageCache>) -> Self {
+    pub fn with_chunk_cache(mut self, cache: Arc<ChunkCache>) -> Self {
         if self.mmap.is_some() {
-            self.page_cache = Some(cache);
+            self.chunk_cache = Some(cache);
         }
         self
     }
 
-    /// The page cache's counters, when it is on.
-    pub fn page_cache_stats(&self) -> Option<Arc<PageCacheStats>> {
-        self.page_cache.as_ref().map(|c| Arc::clone(c.stats()))
+    /// The chunk cache's counters, when it is on.
+    pub fn chunk_cache_stats(&self) -> Option<Arc<ChunkCacheStats>> {
+        self.chunk_cache.as_ref().map(|c| Arc::clone(c.stats()))
     }
 
     /// The object stores of S3 tables, when any are configured.
@@ -143,7 +144,7 @@ impl Io {
             metadata_cache,
             self.mmap.clone(),
             bucket,
-            self.page_cache.clone(),
+            self.chunk_cache.clone(),
         )
     }
 }

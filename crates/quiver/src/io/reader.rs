@@ -32,8 +32,8 @@ use parquet::arrow::async_reader::AsyncFileReader;
 use parquet::errors::ParquetError;
 use parquet::file::metadata::ParquetMetaData;
 
+use super::chunk_cache::{CachedFile, ChunkCache};
 use super::mmap::{FileIdentity, MappedFile, MmapError, MmapStore, check_listed};
-use super::page_cache::{CachedFile, PageCache};
 use super::remote::object::ReadCounters;
 use super::remote::{Bucket, VersionedObject};
 use crate::error::Error;
@@ -49,18 +49,18 @@ pub struct FileReaderFactory {
     /// The bucket, for a table on S3.
     bucket: Option<Arc<Bucket>>,
     /// Decompressed chunks of local files (mmap mode), when on.
-    page_cache: Option<Arc<PageCache>>,
+    chunk_cache: Option<Arc<ChunkCache>>,
 }
 
 impl FileReaderFactory {
     /// Readers over `store` (metadata through `metadata_cache`), serving data from
-    /// `mmap` (and chunks from `page_cache`) when given; or over the objects of `bucket`.
+    /// `mmap` (and chunks from `chunk_cache`) when given; or over the objects of `bucket`.
     pub fn new(
         store: Arc<dyn ObjectStore>,
         metadata_cache: Arc<FileMetadataCache>,
         mmap: Option<Arc<MmapStore>>,
         bucket: Option<Arc<Bucket>>,
-        page_cache: Option<Arc<PageCache>>,
+        chunk_cache: Option<Arc<ChunkCache>>,
     ) -> Self {
         Self {
             inner: CachedParquetFileReaderFactory::new(store, Arc::clone(&metadata_cache)),
@@ -68,7 +68,7 @@ impl FileReaderFactory {
             local: LocalFileSystem::new(),
             metadata_cache,
             bucket,
-            page_cache,
+            chunk_cache,
         }
     }
 
@@ -195,7 +195,7 @@ impl ParquetFileReaderFactory for FileReaderFactory {
             metadata_size_hint,
             metrics,
         )?;
-        let cached = match (&self.page_cache, &mapped) {
+        let cached = match (&self.chunk_cache, &mapped) {
             (Some(cache), Some(file)) => Some(CachedFile::new(Arc::clone(cache), file.clone())),
             _ => None,
         };
@@ -216,7 +216,7 @@ struct FileReader {
     /// The pinned mapping, in mmap mode.
     mapped: Option<MappedFile>,
     bytes_scanned: Option<Count>,
-    /// Decompressed chunks, with `--page-cache-size` (mmap mode).
+    /// Decompressed chunks, with `--chunk-cache-size` (mmap mode).
     cached: Option<CachedFile>,
 }
 
@@ -307,7 +307,7 @@ impl AsyncFileReader for FileReader {
                 return futures::future::ready(result).boxed();
             }
             // A reader DataFusion made for decoding only (after another read the
-            // metadata): the page cache needs the file's own metadata to place chunks.
+            // metadata): the chunk cache needs the file's own metadata to place chunks.
             return async move {
                 let original = inner
                     .get_metadata(None)

@@ -19,7 +19,7 @@ use super::{HeapGuard, MeteredPool, Progress, ScanSummary};
 use crate::catalog::Catalog;
 use crate::error::Result;
 use crate::io::remote::CacheStats;
-use crate::io::{MmapStats, PageCacheStats};
+use crate::io::{ChunkCacheStats, MmapStats};
 
 /// What the collector reads.
 #[derive(Debug)]
@@ -28,8 +28,8 @@ pub(crate) struct EngineSources {
     pub disk: Arc<DiskManager>,
     pub scan_totals: Arc<Mutex<ScanSummary>>,
     pub mmap: Option<Arc<MmapStats>>,
-    /// The page cache, when on (`--page-cache-size`).
-    pub pages: Option<Arc<PageCacheStats>>,
+    /// The chunk cache, when on (`--chunk-cache-size`).
+    pub pages: Option<Arc<ChunkCacheStats>>,
     /// The object cache of S3 tables, when on.
     pub cache: Option<Arc<CacheStats>>,
     pub catalog: Arc<Catalog>,
@@ -78,8 +78,8 @@ impl EngineCollector {
                 |s| results(s, |c| c.size().1 as u64) as i64,
             )?,
             gauge(
-                "quiver_page_cache_bytes",
-                "Bytes of decompressed column chunks kept in the page cache (reserved from the query pool).",
+                "quiver_chunk_cache_bytes",
+                "Bytes of decompressed column chunks kept in the chunk cache (reserved from the query pool).",
                 |s| pages(s, |p| &p.bytes) as i64,
             )?,
             gauge(
@@ -308,23 +308,23 @@ impl EngineCollector {
                 |s| s.plans.as_deref().map_or(0, |c| c.counts().1),
             )?,
             counter(
-                "quiver_page_cache_hits_total",
-                "Column chunks scans read decompressed from the page cache.",
+                "quiver_chunk_cache_hits_total",
+                "Column chunks scans read decompressed from the chunk cache.",
                 |s| pages(s, |p| &p.hits),
             )?,
             counter(
-                "quiver_page_cache_misses_total",
-                "Compressed column chunks scans read from their files (with the page cache on).",
+                "quiver_chunk_cache_misses_total",
+                "Compressed column chunks scans read from their files (with the chunk cache on).",
                 |s| pages(s, |p| &p.misses),
             )?,
             counter(
-                "quiver_page_cache_inserts_total",
-                "Column chunks decompressed into the page cache (on their second read).",
+                "quiver_chunk_cache_inserts_total",
+                "Column chunks decompressed into the chunk cache (on their second read).",
                 |s| pages(s, |p| &p.inserts),
             )?,
             counter(
-                "quiver_page_cache_evictions_total",
-                "Column chunks dropped from the page cache to stay under --page-cache-size.",
+                "quiver_chunk_cache_evictions_total",
+                "Column chunks dropped from the chunk cache to stay under --chunk-cache-size.",
                 |s| pages(s, |p| &p.evictions),
             )?,
             counter(
@@ -416,8 +416,8 @@ fn cache(s: &EngineSources, field: fn(&CacheStats) -> &AtomicU64) -> u64 {
         .map_or(0, |c| field(c).load(Ordering::Relaxed))
 }
 
-/// A figure of the page cache; 0 when it is off.
-fn pages(s: &EngineSources, field: fn(&PageCacheStats) -> &AtomicU64) -> u64 {
+/// A figure of the chunk cache; 0 when it is off.
+fn pages(s: &EngineSources, field: fn(&ChunkCacheStats) -> &AtomicU64) -> u64 {
     s.pages
         .as_ref()
         .map_or(0, |p| field(p).load(Ordering::Relaxed))

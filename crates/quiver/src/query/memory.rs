@@ -244,6 +244,40 @@ mod tests {
     }
 
     #[test]
+    fn a_refused_grow_takes_memory_back_from_the_cache_first() {
+        for kind in [PoolKind::Fair, PoolKind::Greedy] {
+            let pool = pool(kind, 1000);
+            let cache = Arc::new(parking_lot::Mutex::new(
+                MemoryConsumer::new("cache").register(&pool),
+            ));
+            cache.lock().try_grow(800).unwrap();
+            let query = MemoryConsumer::new("query").register(&pool);
+            // No reclaimer yet: refused.
+            assert!(query.try_grow(500).is_err());
+            let held = Arc::clone(&cache);
+            metered(&pool).set_reclaimer(
+                "cache",
+                Box::new(move |bytes| {
+                    let mut cache = held.lock();
+                    let freed = bytes.min(cache.size());
+                    cache.shrink(freed);
+                    freed
+                }),
+            );
+            query.try_grow(500).unwrap();
+            assert_eq!(cache.lock().size(), 300);
+            assert_eq!(pool.reserved(), 800);
+            // The cache is never asked to give to itself; a grow that does not fit even
+            // with the cache emptied is still refused (the cache gave what it had).
+            assert!(cache.lock().try_grow(400).is_err());
+            assert_eq!(cache.lock().size(), 300);
+            assert!(query.try_grow(1000).is_err());
+            assert_eq!(cache.lock().size(), 0);
+            assert_eq!(query.size(), 500);
+        }
+    }
+
+    #[test]
     fn every_grow_and_shrink_is_counted_and_they_balance() {
         for kind in [PoolKind::Fair, PoolKind::Greedy] {
             let pool = pool(kind, 1000);

@@ -81,7 +81,7 @@ use crate::audit::AuditLog;
 use crate::catalog::PartitionPruning;
 use crate::catalog::{Catalog, RefreshSummary, TableDefinition, TableLocation};
 use crate::error::{Error, Result};
-use crate::io::{Io, MmapStats, PageCache, page_cache};
+use crate::io::{ChunkCache, Io, MmapStats, chunk_cache};
 use crate::metrics::{Outcome, QueryMetrics};
 use crate::wire::pinned::PinnedMessages;
 use crate::wire::views::ViewTypes;
@@ -148,16 +148,16 @@ impl QueryEngine {
     pub async fn new(tables: Vec<TableDefinition>, options: QueryOptions) -> Result<Self> {
         let pool = Arc::new(MeteredPool::new(&options.memory));
         let mut io = Io::new(options.io, options.remote.clone());
-        if options.io.page_cache_size > 0 {
+        if options.io.chunk_cache_size > 0 {
             let shared = Arc::clone(&pool) as Arc<dyn MemoryPool>;
-            let cache = Arc::new(PageCache::new(options.io.page_cache_size, &shared));
+            let cache = Arc::new(ChunkCache::new(options.io.chunk_cache_size, &shared));
             // Weak: the cache's reservation holds the pool.
             let weak = Arc::downgrade(&cache);
             pool.set_reclaimer(
-                page_cache::CONSUMER,
+                chunk_cache::CONSUMER,
                 Box::new(move |bytes| weak.upgrade().map_or(0, |c| c.reclaim(bytes))),
             );
-            io = io.with_page_cache(cache);
+            io = io.with_chunk_cache(cache);
         }
         let io = Arc::new(io);
         let pinned = Arc::new(PinnedMessages::new(options.max_message_size));
@@ -253,7 +253,7 @@ impl QueryEngine {
             disk: Arc::clone(&self.base.runtime_env().disk_manager),
             scan_totals: Arc::clone(&self.scan_totals),
             mmap: self.io.mmap_stats(),
-            pages: self.io.page_cache_stats(),
+            pages: self.io.chunk_cache_stats(),
             cache: self
                 .io
                 .remote()

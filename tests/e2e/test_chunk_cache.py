@@ -1,4 +1,4 @@
-"""`--page-cache-size`: decompressed column chunks kept for later scans. Every answer, read
+"""`--chunk-cache-size`: decompressed column chunks kept for later scans. Every answer, read
 from the file, from the cache, or from a mix of both, equals DuckDB's over the same file;
 what the cache did is read from the server's Prometheus metrics."""
 
@@ -74,14 +74,14 @@ def answer_after_refresh(s: Server, sql: str):
 def stats(s: Server) -> dict:
     m = s.metrics()
     names = ("hits_total", "misses_total", "inserts_total", "evictions_total", "bytes")
-    return {n: m.get(f"quiver_page_cache_{n}") for n in names}
+    return {n: m.get(f"quiver_chunk_cache_{n}") for n in names}
 
 
 @pytest.mark.parametrize("compression,page_version", [("snappy", "1.0"), ("zstd", "2.0")])
 def test_answers_from_the_cache_equal_duckdb(tmp_path, compression, page_version):
     path = tmp_path / "t.parquet"
     write(make_table(1), path, compression, page_version)
-    s = Server(["--table", f"t={path}", "--page-cache-size", "64MiB"], tmp_path / "server")
+    s = Server(["--table", f"t={path}", "--chunk-cache-size", "64MiB"], tmp_path / "server")
     try:
         # The file is scanned as two byte ranges (each row group belongs to the range
         # holding its first column's first page): cached chunks must not move a row group
@@ -110,7 +110,7 @@ def test_answers_from_the_cache_equal_duckdb(tmp_path, compression, page_version
         now = stats(s)
         assert now["misses_total"] == before["misses_total"], (before, now)
         # Four columns of each row group (the first, k, stays in its file, see
-        # page_cache.rs: FIXED_COLUMN).
+        # chunk_cache.rs: FIXED_COLUMN).
         assert now["hits_total"] == before["hits_total"] + 4 * (ROWS // ROW_GROUP), (before, now)
     finally:
         s.stop()
@@ -131,7 +131,7 @@ def test_off_by_default(tmp_path):
 def test_a_replaced_file_is_never_answered_from_old_chunks(tmp_path):
     path = tmp_path / "t.parquet"
     write(make_table(3), path, "snappy", "1.0")
-    s = Server(["--table", f"t={path}", "--page-cache-size", "64MiB", "--refresh-interval", "1s"], tmp_path / "server")
+    s = Server(["--table", f"t={path}", "--chunk-cache-size", "64MiB", "--refresh-interval", "1s"], tmp_path / "server")
     sql = QUERIES[2]
     try:
         for _ in range(3):
@@ -152,7 +152,7 @@ def test_the_cache_holds_its_size(tmp_path):
     path = tmp_path / "t.parquet"
     write(make_table(5), path, "zstd", "1.0", row_group=10_000)
     size = 768 << 10
-    s = Server(["--table", f"t={path}", "--page-cache-size", str(size)], tmp_path / "server")
+    s = Server(["--table", f"t={path}", "--chunk-cache-size", str(size)], tmp_path / "server")
     try:
         sql = "SELECT * FROM t ORDER BY k"
         want = expected(path, sql)
@@ -172,7 +172,7 @@ def test_queries_take_memory_back_from_the_cache(tmp_path):
     path = tmp_path / "t.parquet"
     write(make_table(6), path, "zstd", "1.0")
     s = Server(
-        ["--table", f"t={path}", "--page-cache-size", "8MiB", "--memory-limit", "18MiB"],
+        ["--table", f"t={path}", "--chunk-cache-size", "8MiB", "--memory-limit", "18MiB"],
         tmp_path / "server",
     )
     try:
