@@ -258,7 +258,7 @@ mod tests {
             metered(&pool).set_reclaimer(
                 "cache",
                 Box::new(move |bytes| {
-                    let mut cache = held.lock();
+                    let cache = held.lock();
                     let freed = bytes.min(cache.size());
                     cache.shrink(freed);
                     freed
