@@ -184,16 +184,19 @@ impl ChunkCache {
         freed
     }
 
+    /// The largest chunk kept: an eighth of the cache.
+    fn chunk_limit(&self) -> u64 {
+        (self.capacity / 8).min(MAX_CHUNK - 1)
+    }
+
     /// Decompresses chunk `key` into the cache, unless another query did already.
     /// Returns whether it is kept; a chunk that cannot be kept (too large, the pool
     /// said no, damaged pages) is simply read from the file as before.
     fn admit(&self, key: ChunkKey, file: &MappedFile, metadata: &ParquetMetaData) -> bool {
+        let limit = self.chunk_limit();
         let built = self.chunks.try_get_with(key, || {
-            let chunk = decompress(file, metadata, key.row_group, key.column)?;
+            let chunk = decompress(file, metadata, key.row_group, key.column, limit)?;
             let len = chunk.bytes.len();
-            if len as u64 > self.capacity / 8 || len as u64 >= MAX_CHUNK {
-                return Err(ParquetError::General("chunk too large to cache".into()));
-            }
             self.reservation
                 .lock()
                 .try_grow(len)
@@ -217,12 +220,13 @@ impl ChunkCache {
 }
 
 /// `row_group`'s chunk of `column`, its pages read (decompressed) by parquet's page
-/// reader and written back uncompressed by its page writer.
+/// reader and written back uncompressed by its page writer; at most `limit` bytes.
 fn decompress(
     file: &MappedFile,
     metadata: &ParquetMetaData,
     row_group: usize,
     column: usize,
+    limit: u64,
 ) -> Result<Chunk> {
     let group = metadata.row_group(row_group);
     let meta = group.column(column);
@@ -235,8 +239,15 @@ fn decompress(
         .map_err(|e| ParquetError::External(Box::new(e)))?;
     let rows = usize::try_from(group.num_rows())?;
     let mut reader = SerializedPageReader::new(Arc::new(whole), meta, rows, original.clone())?;
-    let capacity = usize::try_from(meta.uncompressed_size())?;
-    let mut sink = TrackedWrite::new(Vec::with_capacity(capacity + 4096));
+    // The footer's sizes are the file's word, not a fact: neither allocates more than
+    // `limit`, and the rewrite stops as soon as it passes it.
+    let too_large =
+        || ParquetError::General(format!("chunk over the {limit} bytes a chunk may keep"));
+    let claimed = u64::try_from(meta.uncompressed_size()).unwrap_or(u64::MAX);
+    if claimed > limit {
+        return Err(too_large());
+    }
+    let mut sink = TrackedWrite::new(Vec::with_capacity(usize::try_from(claimed)? + 4096));
     let mut data_offset = None;
     let mut pages = vec![];
     {
@@ -245,6 +256,9 @@ fn decompress(
             let dictionary = matches!(page, Page::DictionaryPage { .. });
             let size = page.buffer().len();
             let spec = writer.write_page(CompressedPage::new(page, size))?;
+            if spec.offset + spec.bytes_written > limit {
+                return Err(too_large());
+            }
             if dictionary {
                 continue;
             }
@@ -453,7 +467,10 @@ impl CachedFile {
                 // decompressed again (the same pages make the same bytes).
                 let chunk = match self.cache.chunks.get(&self.key(g, c)) {
                     Some(chunk) => chunk,
-                    None => Arc::new(decompress(&self.file, &original, g, c)?),
+                    None => {
+                        let limit = self.cache.chunk_limit();
+                        Arc::new(decompress(&self.file, &original, g, c, limit)?)
+                    }
                 };
                 self.held.insert((g, c), Arc::clone(&chunk));
                 chunk
