@@ -37,6 +37,8 @@ MIXED = [
 ]
 # The chunk cache of the `--chunk-cache-size` row: lineitem SF1's chunks decompressed, with room.
 CHUNK_CACHE = "1GiB"
+# The row group cache of the `--row-group-cache-size` row: room for lineitem SF1 decoded.
+ROW_GROUP_CACHE = "3GiB"
 # About 1 MB of Arrow per stream.
 MEGABYTE_ROWS = 7_500
 
@@ -115,6 +117,9 @@ def key_ranges(a, data: Path, work: Path, quiver: Quiver, arrow: ArrowServer) ->
     # Decompressed column chunks kept (off by default): the warm-up round reads each
     # range's chunks once, the first measured round puts them in the cache.
     chunked = Quiver(a.quiver, work / "chunked", [*tpch_tables(data), "--chunk-cache-size", CHUNK_CACHE])
+    # Decoded row groups kept (off by default): the warm-up round reads each range's row
+    # group once, the first measured round decodes it into the cache.
+    decoded = Quiver(a.quiver, work / "decoded", [*tpch_tables(data), "--row-group-cache-size", ROW_GROUP_CACHE])
     failed = False
     try:
         sql = "SELECT * FROM lineitem WHERE l_orderkey >= {} AND l_orderkey < {}"
@@ -135,7 +140,7 @@ def key_ranges(a, data: Path, work: Path, quiver: Quiver, arrow: ArrowServer) ->
                         wrong = True
             return wrong
 
-        failed |= mismatches([quiver, pinned, chunked])
+        failed |= mismatches([quiver, pinned, chunked, decoded])
         print(f"\n100 concurrent clients, each a different key range of ~{MEGABYTE_ROWS} rows (~1 MB):\n")
         print(f"{a.rounds} rounds, medians of the rounds' means:\n")
         print("| server | mean ms | p99 ms | vs pyarrow | server CPU ms per stream | CPU vs pyarrow | errors"
@@ -148,6 +153,8 @@ def key_ranges(a, data: Path, work: Path, quiver: Quiver, arrow: ArrowServer) ->
                 quiver.addr, lambda c, i: flight.Ticket(sql.format(*bounds[c][:2]).encode()), quiver),
             f"quiver (from Parquet), --chunk-cache-size {CHUNK_CACHE}": (
                 chunked.addr, lambda c, i: flight.Ticket(sql.format(*bounds[c][:2]).encode()), chunked),
+            f"quiver (from Parquet), --row-group-cache-size {ROW_GROUP_CACHE}": (
+                decoded.addr, lambda c, i: flight.Ticket(sql.format(*bounds[c][:2]).encode()), decoded),
             "quiver (pinned table)": (
                 pinned.addr, lambda c, i: flight.Ticket(sql.format(*bounds[c][:2]).encode()), pinned),
             "quiver (pinned table), --plan-cache-entries 0: every statement planned in full": (
@@ -171,8 +178,12 @@ def key_ranges(a, data: Path, work: Path, quiver: Quiver, arrow: ArrowServer) ->
                 p99s[name].append(r["p99"])
                 errors[name] += len(r["errors"])
                 failed |= bool(r["errors"])
-        # Again once the chunk cache holds the chunks: answers from decompressed chunks.
-        failed |= mismatches([chunked])
+        # Again once the caches hold the chunks and row groups: answers from decompressed
+        # chunks, and from decoded row groups.
+        failed |= mismatches([chunked, decoded])
+        if decoded.metric("quiver_row_group_cache_hits_total") < clients:
+            print("the row group cache answered fewer than the repeated ranges", file=sys.stderr)
+            failed = True
         del table
         base = "pyarrow C++ server (from memory, slices)"
         baseline, baseline_cpu = statistics.median(means[base]), statistics.median(cpu[base])
@@ -187,6 +198,7 @@ def key_ranges(a, data: Path, work: Path, quiver: Quiver, arrow: ArrowServer) ->
     finally:
         pinned.close()
         chunked.close()
+        decoded.close()
         unplanned.close()
         cached.close()
     return failed

@@ -132,6 +132,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         cluster: cluster.as_ref().and_then(|c| c.planning.clone()),
         endpoints_per_query: args.endpoints_per_query as usize,
         result_cache_size: args.result_cache_size.0,
+        row_group_cache_size: args.row_group_cache_size.0 as u64,
         plan_cache_entries: args.plan_cache_entries,
         filter_pushdown: match args.filter_pushdown {
             FilterPushdownArg::Runtime => FilterPushdown::Runtime,

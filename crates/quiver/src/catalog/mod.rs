@@ -15,6 +15,7 @@ mod config;
 mod discover;
 mod pinned;
 mod pruning;
+pub mod row_group_cache;
 mod table;
 
 pub use config::{
@@ -23,6 +24,7 @@ pub use config::{
 };
 pub use discover::{HIVE_NULL_PARTITION, PartitionType};
 pub use pruning::PartitionPruning;
+pub use row_group_cache::{RowGroupCache, RowGroupCacheStats, RowGroupCaching};
 pub use table::HiveTable;
 
 use parking_lot::{Mutex, RwLock};

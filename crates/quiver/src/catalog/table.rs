@@ -19,16 +19,22 @@ use datafusion::common::{ColumnStatistics, DFSchema, Statistics};
 use datafusion::datasource::TableType;
 use datafusion::error::Result as DfResult;
 use datafusion::execution::object_store::ObjectStoreUrl;
-use datafusion::logical_expr::utils::conjunction;
+use datafusion::logical_expr::utils::{conjunction, split_conjunction};
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
-use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_optimizer::pruning::{PruningPredicate, PruningPredicateBuilder};
 use datafusion::physical_plan::empty::EmptyExec;
+use datafusion::physical_plan::metrics::ExecutionPlanMetricsSet;
+use datafusion::physical_plan::union::UnionExec;
+use datafusion::physical_plan::{ExecutionPlan, collect};
 use datafusion::scalar::ScalarValue;
 use datafusion_datasource::file_groups::FileGroup;
 use datafusion_datasource::file_scan_config::FileScanConfigBuilder;
 use datafusion_datasource::source::DataSourceExec;
 use datafusion_datasource::{PartitionedFile, TableSchema, compute_all_files_statistics};
 use datafusion_datasource_parquet::source::ParquetSource;
+use datafusion_datasource_parquet::{
+    ParquetAccessPlan, ParquetFileMetrics, ParquetFileReaderFactory, RowGroupAccessPlanFilter,
+};
 use object_store::ObjectMeta;
 
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
@@ -38,8 +44,9 @@ use datafusion_datasource::memory::MemorySourceConfig;
 
 use super::PartitionPruning;
 use super::pinned::PinnedBatches;
+use super::row_group_cache::{LOADS_PER_SCAN, Lookup, RowGroupCache, RowGroupCaching, RowGroupKey};
 use crate::io::remote::Bucket;
-use crate::io::{Io, IoMode, IoOptions};
+use crate::io::{FileReaderFactory, Io, IoMode, IoOptions};
 use crate::wire::frames::split;
 use crate::wire::pinned::{PinnedMessages, Registration, lay_out};
 use crate::wire::views::ViewTypes;
@@ -246,14 +253,14 @@ impl HiveTable {
 
     /// Files whose partition values can satisfy every partition filter. The filters are
     /// evaluated once, vectorised, over a batch holding one row of partition values per file.
-    fn prune(&self, state: &dyn Session, filters: &[Expr]) -> DfResult<Vec<&TableFile>> {
+    fn prune(&self, state: &dyn Session, filters: &[Expr]) -> DfResult<Vec<(usize, &TableFile)>> {
         let partition_filters: Vec<Expr> = filters
             .iter()
             .filter(|f| self.is_partition_filter(f))
             .cloned()
             .collect();
         let Some(predicate) = conjunction(partition_filters) else {
-            return Ok(self.files.iter().collect());
+            return Ok(self.files.iter().enumerate().collect());
         };
         if self.files.is_empty() {
             return Ok(vec![]);
@@ -279,7 +286,6 @@ impl HiveTable {
             .enumerate()
             // NULL means the filter does not hold: SQL semantics.
             .filter(|(i, _)| mask.is_valid(*i) && mask.value(*i))
-            .map(|(_, f)| f)
             .collect())
     }
 
@@ -368,20 +374,53 @@ impl TableProvider for HiveTable {
         if let Some(pruning) = pruning {
             pruning.record(&self.name, self.files.len(), files.len());
         }
-        if files.is_empty() {
+        // With `--row-group-cache-size`, the row groups of local files held decoded in
+        // memory are taken from there, and the Parquet scan skips them.
+        let cache = match &self.bucket {
+            None => state
+                .config()
+                .get_extension::<RowGroupCaching>()
+                .and_then(|c| c.0.clone()),
+            Some(_) => None,
+        };
+        let (files, cached) = match cache {
+            Some(cache) => self.take_cached(state, &cache, files, filters).await?,
+            None => (
+                files
+                    .into_iter()
+                    .map(|(_, f)| self.partitioned_file(f))
+                    .collect(),
+                vec![],
+            ),
+        };
+        let mut inputs = vec![];
+        if !files.is_empty() {
+            inputs.push(self.parquet_scan(state, files, projection, limit)?);
+        }
+        if !cached.is_empty() {
+            inputs.push(self.cached_scan(state, cached, projection)?);
+        }
+        if inputs.is_empty() {
             let schema = match projection {
                 Some(p) => Arc::new(self.schema.project(p)?),
                 None => Arc::clone(&self.schema),
             };
             return Ok(Arc::new(EmptyExec::new(schema)));
         }
+        UnionExec::try_new(inputs)
+    }
+}
 
-        let group = FileGroup::new(
-            files
-                .into_iter()
-                .map(|f| self.partitioned_file(f))
-                .collect(),
-        );
+impl HiveTable {
+    /// DataFusion's Parquet scan of `files`.
+    fn parquet_scan(
+        &self,
+        state: &dyn Session,
+        files: Vec<PartitionedFile>,
+        projection: Option<&Vec<usize>>,
+        limit: Option<usize>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let group = FileGroup::new(files);
         let groups = group.split_files(state.config().target_partitions());
         let (groups, statistics) = compute_all_files_statistics(
             groups,
@@ -392,19 +431,7 @@ impl TableProvider for HiveTable {
 
         let options = state.table_options().parquet.clone();
         let metadata_size_hint = options.global.metadata_size_hint;
-        let cache = state.runtime_env().cache_manager.get_file_metadata_cache();
-        // The engine's I/O (mmap or pread); a session without one (a test building its
-        // own) reads through pread.
-        let io = state.config().get_extension::<Io>().unwrap_or_else(|| {
-            Arc::new(Io::new(
-                IoOptions {
-                    mode: IoMode::Pread,
-                    ..IoOptions::default()
-                },
-                None,
-            ))
-        });
-        let readers = io.reader_factory(cache, self.bucket.clone());
+        let readers = self.readers(state);
         let mut source = ParquetSource::new(
             TableSchema::builder(Arc::clone(&self.file_schema))
                 .with_table_partition_cols(self.partition_fields.clone())
@@ -426,5 +453,199 @@ impl TableProvider for HiveTable {
             .with_limit(limit)
             .build();
         Ok(DataSourceExec::from_data_source(config))
+    }
+
+    /// The readers of this table's files: the engine's I/O (mmap or pread); a session
+    /// without one (a test building its own) reads through pread.
+    fn readers(&self, state: &dyn Session) -> FileReaderFactory {
+        let cache = state.runtime_env().cache_manager.get_file_metadata_cache();
+        let io = state.config().get_extension::<Io>().unwrap_or_else(|| {
+            Arc::new(Io::new(
+                IoOptions {
+                    mode: IoMode::Pread,
+                    ..IoOptions::default()
+                },
+                None,
+            ))
+        });
+        io.reader_factory(cache, self.bucket.clone())
+    }
+
+    /// Splits a scan of `files` between `cache` and the files: returns the files to read
+    /// (each skipping the row groups the cache holds) and the cached rows that may pass
+    /// `filters` (batches skipped by their statistics, sorted columns cut to a key
+    /// range). A row group read for the second time is decoded into the cache here.
+    async fn take_cached(
+        &self,
+        state: &dyn Session,
+        cache: &RowGroupCache,
+        files: Vec<(usize, &TableFile)>,
+        filters: &[Expr],
+    ) -> DfResult<(Vec<PartitionedFile>, Vec<RecordBatch>)> {
+        let predicate = self.file_predicate(state, filters);
+        let readers = self.readers(state);
+        let hint = state.table_options().parquet.global.metadata_size_hint;
+        let mut scans = Vec::with_capacity(files.len());
+        let mut cached = vec![];
+        let mut loads = 0;
+        for (index, file) in files {
+            let mut partitioned = self.partitioned_file(file);
+            let metrics = ExecutionPlanMetricsSet::new();
+            // A footer that cannot be read here is reported by the Parquet scan, as
+            // without the cache.
+            let metadata = match readers.create_reader(0, partitioned.clone(), hint, &metrics) {
+                Ok(mut reader) => reader.get_metadata(None).await.ok(),
+                Err(_) => None,
+            };
+            let Some(metadata) = metadata else {
+                scans.push(partitioned);
+                continue;
+            };
+            let groups = metadata.row_groups();
+            // The row groups the scan would read: those the filters leave.
+            let mut read = RowGroupAccessPlanFilter::new(ParquetAccessPlan::new_all(groups.len()));
+            if let Some(predicate) = &predicate {
+                let name = partitioned.object_meta.location.to_string();
+                read.prune_by_statistics(
+                    &self.file_schema,
+                    metadata.file_metadata().schema_descr(),
+                    groups,
+                    predicate,
+                    &ParquetFileMetrics::new(0, &name, &metrics),
+                );
+            }
+            let mut access = ParquetAccessPlan::new_all(groups.len());
+            let mut from_cache = 0;
+            for row_group in read.row_group_indexes() {
+                let key = RowGroupKey {
+                    version: self.version,
+                    file: index,
+                    row_group,
+                };
+                let group = match cache.lookup(key) {
+                    Lookup::Hit(group) => group,
+                    Lookup::Miss => continue,
+                    Lookup::Load if loads == LOADS_PER_SCAN => {
+                        // Seen again by a later scan.
+                        cache.abandon(key);
+                        continue;
+                    }
+                    Lookup::Load => {
+                        loads += 1;
+                        // The footer's size is the file's word: checked before decoding,
+                        // and the decoded size again before keeping.
+                        let claimed = u64::try_from(groups[row_group].total_byte_size());
+                        if claimed.is_ok_and(|c| c > cache.entry_limit()) {
+                            cache.refuse(key);
+                            continue;
+                        }
+                        match self
+                            .decode_row_group(state, &partitioned, groups.len(), row_group)
+                            .await
+                        {
+                            Ok(batches) => {
+                                match cache.insert(key, Arc::clone(&self.schema), batches) {
+                                    Some(group) => group,
+                                    None => continue,
+                                }
+                            }
+                            Err(e) => {
+                                tracing::debug!(error = %e, "row group not cached");
+                                cache.refuse(key);
+                                continue;
+                            }
+                        }
+                    }
+                };
+                cached.extend(
+                    group
+                        .select(state, filters)
+                        .partitions
+                        .into_iter()
+                        .flatten(),
+                );
+                access.skip(row_group);
+                from_cache += 1;
+            }
+            if from_cache == 0 {
+                scans.push(partitioned);
+                continue;
+            }
+            if access.row_group_index_iter().next().is_none() {
+                continue;
+            }
+            // The file's statistics count the rows the cache now serves too.
+            partitioned.statistics = partitioned
+                .statistics
+                .map(|s| Arc::new(Statistics::clone(&s).to_inexact()));
+            partitioned.extensions.insert(access);
+            scans.push(partitioned);
+        }
+        Ok((scans, cached))
+    }
+
+    /// The filters that name only file columns, as a predicate over row-group
+    /// statistics; `None` when none can be used.
+    fn file_predicate(
+        &self,
+        state: &dyn Session,
+        filters: &[Expr],
+    ) -> Option<Arc<PruningPredicate>> {
+        let usable = filters
+            .iter()
+            .flat_map(|f| split_conjunction(f))
+            .filter(|f| {
+                !f.is_volatile()
+                    && f.column_refs()
+                        .iter()
+                        .all(|c| self.file_schema.index_of(&c.name).is_ok())
+            })
+            .cloned()
+            .collect::<Vec<_>>();
+        let predicate = conjunction(usable)?;
+        let df_schema = DFSchema::try_from(Arc::clone(&self.file_schema)).ok()?;
+        let physical = state.create_physical_expr(predicate, &df_schema).ok()?;
+        PruningPredicateBuilder::new()
+            .with_file_schema(Arc::clone(&self.file_schema))
+            .build(physical)
+    }
+
+    /// Every row of row group `row_group` of `file` (of `row_groups`), decoded by
+    /// DataFusion's Parquet scan, with the table's schema (partition columns included).
+    async fn decode_row_group(
+        &self,
+        state: &dyn Session,
+        file: &PartitionedFile,
+        row_groups: usize,
+        row_group: usize,
+    ) -> DfResult<Vec<RecordBatch>> {
+        let mut access = ParquetAccessPlan::new_none(row_groups);
+        access.scan(row_group);
+        let mut file = file.clone();
+        file.range = None;
+        file.statistics = None;
+        file.extensions.insert(access);
+        let plan = self.parquet_scan(state, vec![file], None, None)?;
+        collect(plan, state.task_ctx()).await
+    }
+
+    /// A scan of rows taken from the row group cache.
+    fn cached_scan(
+        &self,
+        state: &dyn Session,
+        batches: Vec<RecordBatch>,
+        projection: Option<&Vec<usize>>,
+    ) -> DfResult<Arc<dyn ExecutionPlan>> {
+        let count = state.config().target_partitions().clamp(1, batches.len());
+        let mut partitions = vec![Vec::new(); count];
+        for (i, batch) in batches.into_iter().enumerate() {
+            partitions[i % count].push(batch);
+        }
+        let plan = MemorySourceConfig::try_new_exec(
+            &partitions,
+            Arc::clone(&self.schema),
+            projection.cloned(),
+        )?;
+        Ok(plan)
     }
 }

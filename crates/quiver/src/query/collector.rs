@@ -17,6 +17,7 @@ use super::plan_cache::PlanCache;
 use super::result_cache::ResultCache;
 use super::{HeapGuard, MeteredPool, Progress, ScanSummary};
 use crate::catalog::Catalog;
+use crate::catalog::RowGroupCacheStats;
 use crate::error::Result;
 use crate::io::remote::CacheStats;
 use crate::io::{ChunkCacheStats, MmapStats};
@@ -30,6 +31,8 @@ pub(crate) struct EngineSources {
     pub mmap: Option<Arc<MmapStats>>,
     /// The chunk cache, when on (`--chunk-cache-size`).
     pub pages: Option<Arc<ChunkCacheStats>>,
+    /// The row group cache, when on (`--row-group-cache-size`).
+    pub row_groups: Option<Arc<RowGroupCacheStats>>,
     /// The object cache of S3 tables, when on.
     pub cache: Option<Arc<CacheStats>>,
     pub catalog: Arc<Catalog>,
@@ -81,6 +84,11 @@ impl EngineCollector {
                 "quiver_chunk_cache_bytes",
                 "Bytes of decompressed column chunks kept in the chunk cache (reserved from the query pool).",
                 |s| pages(s, |p| &p.bytes) as i64,
+            )?,
+            gauge(
+                "quiver_row_group_cache_bytes",
+                "Bytes of decoded row groups kept in the row group cache (reserved from the query pool).",
+                |s| row_groups(s, |r| &r.bytes) as i64,
             )?,
             gauge(
                 "quiver_plan_cache_entries",
@@ -328,6 +336,26 @@ impl EngineCollector {
                 |s| pages(s, |p| &p.evictions),
             )?,
             counter(
+                "quiver_row_group_cache_hits_total",
+                "Row groups scans took decoded from the row group cache.",
+                |s| row_groups(s, |r| &r.hits),
+            )?,
+            counter(
+                "quiver_row_group_cache_misses_total",
+                "Row groups scans read from their files (with the row group cache on).",
+                |s| row_groups(s, |r| &r.misses),
+            )?,
+            counter(
+                "quiver_row_group_cache_inserts_total",
+                "Row groups decoded into the row group cache (on their second read).",
+                |s| row_groups(s, |r| &r.inserts),
+            )?,
+            counter(
+                "quiver_row_group_cache_evictions_total",
+                "Row groups dropped from the row group cache to stay under --row-group-cache-size.",
+                |s| row_groups(s, |r| &r.evictions),
+            )?,
+            counter(
                 "quiver_cache_hits_total",
                 "Blocks of S3 objects read from the local cache.",
                 |s| cache(s, |c| &c.hits),
@@ -421,6 +449,13 @@ fn pages(s: &EngineSources, field: fn(&ChunkCacheStats) -> &AtomicU64) -> u64 {
     s.pages
         .as_ref()
         .map_or(0, |p| field(p).load(Ordering::Relaxed))
+}
+
+/// A figure of the row group cache; 0 when it is off.
+fn row_groups(s: &EngineSources, field: fn(&RowGroupCacheStats) -> &AtomicU64) -> u64 {
+    s.row_groups
+        .as_ref()
+        .map_or(0, |r| field(r).load(Ordering::Relaxed))
 }
 
 fn tables_sum(s: &EngineSources, f: fn(&crate::catalog::HiveTable) -> u64) -> i64 {

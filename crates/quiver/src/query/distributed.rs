@@ -24,6 +24,7 @@ use datafusion_distributed::{
     display_plan_ascii,
 };
 
+use crate::catalog::RowGroupCaching;
 use crate::error::{Error, Result};
 
 /// Whether a query is spread over the cluster's workers.
@@ -143,6 +144,11 @@ impl Planners {
             // the halves the distributed planner splits at.
             let execution = &mut state.config_mut().options_mut().execution;
             execution.target_partitions = execution.target_partitions.max(2);
+            // Plans for workers scan their files: a worker reads its share itself, and
+            // rows from this node's row group cache would travel inside the plan.
+            state
+                .config_mut()
+                .set_extension(Arc::new(RowGroupCaching(None)));
             Ok(state)
         };
         Ok(Self {

@@ -7,14 +7,15 @@
 //! to its idle value when queries end, whichever way they end.
 
 use std::num::NonZeroUsize;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
 
 use datafusion::common::Result as DfResult;
 use datafusion::execution::memory_pool::{
     FairSpillPool, GreedyMemoryPool, MemoryConsumer, MemoryLimit, MemoryPool, MemoryReservation,
     TrackConsumersPool,
 };
+use parking_lot::RwLock;
 
 use super::{MemoryOptions, PoolKind};
 
@@ -31,8 +32,8 @@ pub struct MeteredPool {
     allocated: AtomicU64,
     freed: AtomicU64,
     peak: AtomicUsize,
-    /// Asked for memory when a query's grow is refused: a cache giving it back.
-    reclaim: OnceLock<(&'static str, Reclaim)>,
+    /// Asked for memory, in turn, when a query's grow is refused: caches giving it back.
+    reclaim: RwLock<Vec<(&'static str, Reclaim)>>,
 }
 
 impl std::fmt::Debug for MeteredPool {
@@ -65,14 +66,14 @@ impl MeteredPool {
             allocated: AtomicU64::new(0),
             freed: AtomicU64::new(0),
             peak: AtomicUsize::new(0),
-            reclaim: OnceLock::new(),
+            reclaim: RwLock::default(),
         }
     }
 
     /// Lets the cache whose reservations are named `consumer` give memory back when a
-    /// grow of anyone else is refused: queries come before cached data. Set once.
-    pub fn set_reclaimer(&self, consumer: &'static str, reclaim: Reclaim) {
-        let _ = self.reclaim.set((consumer, reclaim));
+    /// grow of anything but a cache is refused: queries come before cached data.
+    pub fn add_reclaimer(&self, consumer: &'static str, reclaim: Reclaim) {
+        self.reclaim.write().push((consumer, reclaim));
     }
 
     /// Bytes all queries may reserve together.
@@ -133,14 +134,23 @@ impl MemoryPool for MeteredPool {
 
     fn try_grow(&self, reservation: &MemoryReservation, additional: usize) -> DfResult<()> {
         if let Err(refused) = self.inner.try_grow(reservation, additional) {
-            match self.reclaim.get() {
-                Some((cache, reclaim))
-                    if reservation.consumer().name() != *cache && reclaim(additional) > 0 =>
-                {
-                    self.inner.try_grow(reservation, additional)?;
-                }
-                _ => return Err(refused),
+            let caches = self.reclaim.read();
+            // A cache does not take memory from another cache (nor from itself).
+            let name = reservation.consumer().name();
+            if caches.iter().any(|(cache, _)| name == *cache) {
+                return Err(refused);
             }
+            let mut result = Err(refused);
+            for (_, reclaim) in caches.iter() {
+                if reclaim(additional) == 0 {
+                    continue;
+                }
+                result = self.inner.try_grow(reservation, additional);
+                if result.is_ok() {
+                    break;
+                }
+            }
+            result?;
         }
         self.granted(additional);
         Ok(())
@@ -255,7 +265,7 @@ mod tests {
             // No reclaimer yet: refused.
             assert!(query.try_grow(500).is_err());
             let held = Arc::clone(&cache);
-            metered(&pool).set_reclaimer(
+            metered(&pool).add_reclaimer(
                 "cache",
                 Box::new(move |bytes| {
                     let cache = held.lock();

@@ -78,8 +78,8 @@ use datafusion::physical_plan::{ExecutionPlan, execute_stream};
 use datafusion::prelude::{SessionConfig, SessionContext};
 
 use crate::audit::AuditLog;
-use crate::catalog::PartitionPruning;
 use crate::catalog::{Catalog, RefreshSummary, TableDefinition, TableLocation};
+use crate::catalog::{PartitionPruning, RowGroupCache, RowGroupCaching, row_group_cache};
 use crate::error::{Error, Result};
 use crate::io::{ChunkCache, Io, MmapStats, chunk_cache};
 use crate::metrics::{Outcome, QueryMetrics};
@@ -153,7 +153,7 @@ impl QueryEngine {
             let cache = Arc::new(ChunkCache::new(options.io.chunk_cache_size, &shared));
             // Weak: the cache's reservation holds the pool.
             let weak = Arc::downgrade(&cache);
-            pool.set_reclaimer(
+            pool.add_reclaimer(
                 chunk_cache::CONSUMER,
                 Box::new(move |bytes| weak.upgrade().map_or(0, |c| c.reclaim(bytes))),
             );
@@ -165,6 +165,18 @@ impl QueryEngine {
             .with_extension(Arc::clone(&io))
             .with_extension(Arc::clone(&pinned))
             .with_extension(Arc::new(options.view_types));
+        // Tables find the row group cache in their session (`HiveTable::scan`).
+        let row_groups = (options.row_group_cache_size > 0).then(|| {
+            let shared = Arc::clone(&pool) as Arc<dyn MemoryPool>;
+            let cache = Arc::new(RowGroupCache::new(options.row_group_cache_size, &shared));
+            let weak = Arc::downgrade(&cache);
+            pool.add_reclaimer(
+                row_group_cache::CONSUMER,
+                Box::new(move |bytes| weak.upgrade().map_or(0, |c| c.reclaim(bytes))),
+            );
+            cache
+        });
+        let config = config.with_extension(Arc::new(RowGroupCaching(row_groups)));
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_pool(Arc::clone(&pool) as Arc<dyn MemoryPool>)
             .with_disk_manager_builder(disk_manager(&options.memory))
@@ -254,6 +266,12 @@ impl QueryEngine {
             scan_totals: Arc::clone(&self.scan_totals),
             mmap: self.io.mmap_stats(),
             pages: self.io.chunk_cache_stats(),
+            row_groups: self
+                .base
+                .state()
+                .config()
+                .get_extension::<RowGroupCaching>()
+                .and_then(|c| c.0.as_ref().map(|c| Arc::clone(c.stats()))),
             cache: self
                 .io
                 .remote()

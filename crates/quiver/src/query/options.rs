@@ -49,6 +49,8 @@ pub struct QueryOptions {
     pub endpoints_per_query: usize,
     /// Bytes of query answers the result cache keeps (`--result-cache-size`); 0: no cache.
     pub result_cache_size: usize,
+    /// Bytes of decoded row groups of local files kept (`--row-group-cache-size`); 0: none.
+    pub row_group_cache_size: u64,
     /// Which filters Parquet scans evaluate while decoding (`--filter-pushdown`).
     pub filter_pushdown: super::FilterPushdown,
     /// Plans of repeated statements kept (`--plan-cache-entries`); 0: none.
@@ -134,6 +136,7 @@ impl Default for QueryOptions {
             cluster: None,
             endpoints_per_query: 1,
             result_cache_size: 0,
+            row_group_cache_size: 0,
             filter_pushdown: super::FilterPushdown::default(),
             plan_cache_entries: DEFAULT_PLAN_CACHE_ENTRIES,
         }

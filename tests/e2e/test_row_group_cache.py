@@ -1,0 +1,185 @@
+"""`--row-group-cache-size`: row groups read twice are decoded into memory, and later scans
+take their rows from there (the Parquet scan skipping them). Every answer, from the files,
+from the cache, or from a mix of both, equals DuckDB's over the same files; what the cache
+did is read from the server's Prometheus metrics."""
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from conftest import Server, requests_dataset, wait_for, write_atomically
+# The same table, oracle and client as the chunk cache's tests.
+from test_chunk_cache import ROW_GROUP, ROWS, answer, expected, make_table
+
+# Key ranges on the sorted key (one row group each, then one across two), whole-table
+# aggregates (a count with no filter must not count cached rows twice), string filters.
+QUERIES = [
+    "SELECT * FROM t WHERE k >= 10000 AND k < 10750 ORDER BY k",
+    "SELECT * FROM t WHERE k >= 61000 AND k < 61400 ORDER BY k",
+    "SELECT * FROM t WHERE k >= 29500 AND k < 30600 ORDER BY k",
+    "SELECT count(*) AS n FROM t",
+    "SELECT count(*) AS n, count(note) AS notes, sum(price) AS s, min(word) AS lo, max(word) AS hi,"
+    " count(DISTINCT word) AS words, sum(CAST(flag AS INT)) AS flags FROM t",
+    "SELECT word, count(*) AS n, sum(k) AS ks FROM t WHERE k < 45000 GROUP BY word ORDER BY word LIMIT 20",
+    "SELECT k, note FROM t WHERE note LIKE '%77%' AND k BETWEEN 5000 AND 40000 ORDER BY k",
+    "SELECT k FROM t WHERE k = 90001",
+]
+
+
+def write(table: pa.Table, path, row_group: int = ROW_GROUP) -> None:
+    write_atomically(table, path, compression="snappy", row_group_size=row_group, write_page_index=True)
+
+
+def stats(s: Server) -> dict:
+    m = s.metrics()
+    names = ("hits_total", "misses_total", "inserts_total", "evictions_total", "bytes")
+    return {n: m.get(f"quiver_row_group_cache_{n}") for n in names}
+
+
+def test_answers_from_the_cache_equal_duckdb(tmp_path):
+    path = tmp_path / "t.parquet"
+    write(make_table(1), path)
+    s = Server(["--table", f"t={path}", "--row-group-cache-size", "256MiB"], tmp_path / "server")
+    try:
+        for sql in QUERIES:
+            want = expected(path, sql)
+            # First read: remembered; second: decoded into the cache; third: from it.
+            for run in range(3):
+                assert answer(s, sql) == want, (sql, run)
+        # Every query again, now that the cache holds what the others read too: scans
+        # that take some row groups from memory and the others from the file.
+        for sql in QUERIES:
+            assert answer(s, sql) == expected(path, sql), sql
+        after = stats(s)
+        assert after["inserts_total"] >= 2 and after["hits_total"] > 0, after
+        assert 0 < after["bytes"] <= 256 * 2**20, after
+        # The cache's bytes are reserved from the query pool while kept.
+        assert s.metrics().get("quiver_memory_pool_reserved_bytes") >= after["bytes"]
+        # The whole table is cached now (the count read every row group twice): a scan
+        # of it reads no row group from the file.
+        assert after["inserts_total"] == ROWS // ROW_GROUP, after
+        sql = QUERIES[4]
+        assert answer(s, sql) == expected(path, sql)
+        now = stats(s)
+        assert now["misses_total"] == after["misses_total"], (after, now)
+        assert now["hits_total"] == after["hits_total"] + ROWS // ROW_GROUP, (after, now)
+        # A key range reads only its own row group (pruned by the footer's statistics).
+        assert answer(s, QUERIES[0]) == expected(path, QUERIES[0])
+        assert stats(s)["hits_total"] == now["hits_total"] + 1
+    finally:
+        s.stop()
+
+
+def test_a_partitioned_table_with_evolving_schema_equals_duckdb(dataset, tmp_path):
+    """Partition columns, a NULL partition and files without a later column, all from the
+    cache."""
+    oracle = duckdb.connect()
+    oracle.execute("SET TimeZone = 'UTC'")
+    requests = requests_dataset(dataset)  # noqa: F841 (DuckDB finds Python variables by name)
+    oracle.register("requests", requests)
+    queries = [
+        "SELECT day, service, count(*) AS n, sum(status) AS st, count(retries) AS r FROM requests"
+        " GROUP BY day, service ORDER BY day NULLS FIRST, service",
+        "SELECT request_id, retries, day FROM requests WHERE service = 'api' AND status = 503"
+        " ORDER BY request_id",
+        "SELECT count(*) AS n FROM requests",
+        "SELECT count(*) AS n FROM requests WHERE day IS NULL",
+    ]
+    s = Server(
+        ["--data-dir", str(dataset), "--row-group-cache-size", "256MiB"],
+        tmp_path / "server",
+    )
+    try:
+        for sql in queries:
+            want = oracle.execute(sql).fetchall()
+            for run in range(3):
+                assert answer(s, sql) == want, (sql, run)
+        assert stats(s)["hits_total"] > 0
+    finally:
+        s.stop()
+
+
+def test_off_by_default(tmp_path):
+    path = tmp_path / "t.parquet"
+    write(make_table(2), path)
+    s = Server(["--table", f"t={path}"], tmp_path / "server")
+    try:
+        for _ in range(3):
+            assert answer(s, QUERIES[0]) == expected(path, QUERIES[0])
+        assert set(stats(s).values()) == {0}
+    finally:
+        s.stop()
+
+
+def test_new_files_are_answered_at_once(tmp_path):
+    """A refresh that publishes files makes a new table version: nothing cached for the
+    old one answers for it."""
+    root = tmp_path / "data" / "t"
+    write(make_table(3), root / "part-0.parquet")
+    s = Server(
+        ["--table", f"t={root}", "--row-group-cache-size", "256MiB", "--refresh-interval", "1s"],
+        tmp_path / "server",
+    )
+    sql = "SELECT count(*) AS n, sum(price) AS s FROM t"
+    try:
+        for _ in range(3):
+            old = answer(s, sql)
+        assert stats(s)["hits_total"] > 0
+        write(make_table(4), root / "part-1.parquet")
+        con = duckdb.connect()
+        new = con.execute(f"SELECT count(*) AS n, sum(price) AS s FROM read_parquet('{root}/*.parquet')").fetchall()
+        assert new != old
+        wait_for(lambda: answer(s, sql) == new, what="the new file's rows")
+        for _ in range(3):
+            assert answer(s, sql) == new
+    finally:
+        s.stop()
+
+
+def test_the_cache_holds_its_size(tmp_path):
+    path = tmp_path / "t.parquet"
+    write(make_table(5), path, row_group=10_000)
+    size = 12 << 20
+    s = Server(["--table", f"t={path}", "--row-group-cache-size", str(size)], tmp_path / "server")
+    try:
+        sql = "SELECT * FROM t ORDER BY k"
+        want = expected(path, sql)
+        # Two row groups go in per scan.
+        for _ in range(10):
+            assert answer(s, sql) == want
+        # 12 row groups of about 1.3 MB decoded (under an eighth of the cache each), 15 MB
+        # in all: the cache keeps some, evicts others, and stays under its size.
+        after = wait_for(lambda: (lambda st: st if st["evictions_total"] > 0 else None)(stats(s)), what="evictions")
+        assert after["inserts_total"] > 0, after
+        assert wait_for(lambda: stats(s)["bytes"] <= size, what=f"the cache under its size: {stats(s)}")
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("pool", ["fair", "greedy"])
+def test_queries_take_memory_back_from_the_cache(tmp_path, pool):
+    path = tmp_path / "t.parquet"
+    write(make_table(6), path)
+    s = Server(
+        [
+            "--table", f"t={path}",
+            "--row-group-cache-size", "64MiB",
+            "--memory-limit", "24MiB",
+            "--memory-pool", pool,
+        ],
+        tmp_path / "server",
+    )
+    try:
+        scan = "SELECT * FROM t"
+        for _ in range(3):
+            assert s.query(scan).num_rows == ROWS
+        held = stats(s)
+        assert held["bytes"] > 10 * 2**20 and held["evictions_total"] == 0, held
+        # Grouping by every note takes more of the pool than the cache left free: the
+        # cache gives row groups back instead of the query spilling or failing.
+        sql = "SELECT note, count(*) AS n FROM t GROUP BY note ORDER BY n DESC, note LIMIT 5"
+        assert answer(s, sql) == expected(path, sql)
+        after = stats(s)
+        assert after["evictions_total"] > 0 and after["bytes"] < held["bytes"], (held, after)
+    finally:
+        s.stop()
