@@ -514,9 +514,11 @@ impl HiveTable {
                     &ParquetFileMetrics::new(0, &name, &metrics),
                 );
             }
-            let mut access = ParquetAccessPlan::new_all(groups.len());
+            let wanted = read.row_group_indexes().collect::<Vec<_>>();
+            // What is left to read from the file: neither pruned nor cached.
+            let mut access = read.build();
             let mut from_cache = 0;
-            for row_group in read.row_group_indexes() {
+            for row_group in wanted {
                 let key = RowGroupKey {
                     version: self.version,
                     file: index,
@@ -568,6 +570,7 @@ impl HiveTable {
                 from_cache += 1;
             }
             if from_cache == 0 {
+                // As without the cache (DataFusion prunes, and counts what it pruned).
                 scans.push(partitioned);
                 continue;
             }
