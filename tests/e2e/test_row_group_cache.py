@@ -5,6 +5,7 @@ did is read from the server's Prometheus metrics."""
 
 import duckdb
 import pyarrow as pa
+import pyarrow.flight as flight
 import pytest
 
 from conftest import Server, requests_dataset, wait_for, write_atomically
@@ -181,5 +182,27 @@ def test_queries_take_memory_back_from_the_cache(tmp_path, pool):
         assert answer(s, sql) == expected(path, sql)
         after = stats(s)
         assert after["evictions_total"] > 0 and after["bytes"] < held["bytes"], (held, after)
+    finally:
+        s.stop()
+
+
+def test_results_split_over_endpoints_read_their_files(dataset, tmp_path):
+    """A result split over endpoints is planned again at each DoGet and must find the
+    same pieces: its scans read the files, whatever the cache holds meanwhile."""
+    from test_endpoints import SCAN, fetch_each, oracle, rows
+
+    s = Server(
+        ["--data-dir", str(dataset), "--endpoints-per-query", "4", "--row-group-cache-size", "256MiB"],
+        tmp_path / "server",
+    )
+    try:
+        expected = rows(oracle(dataset))
+        for _ in range(3):
+            # Unsplit statements over the same row groups fill the cache in between.
+            assert s.query(SCAN).num_rows == len(expected)
+            info = s.client.get_flight_info(flight.FlightDescriptor.for_command(SCAN.encode()))
+            assert len(info.endpoints) == 4
+            assert rows(pa.concat_tables(fetch_each(s.client, info))) == expected
+        assert stats(s)["hits_total"] > 0
     finally:
         s.stop()

@@ -432,7 +432,7 @@ impl QueryEngine {
     /// Parses, checks and plans `sql` without running it.
     pub async fn plan(&self, sql: &str) -> Result<DataFrame> {
         let statement = self
-            .plan_statement(sql, vec![], &TableAccess::All, Arc::default(), None)
+            .plan_statement(sql, vec![], &TableAccess::All, Arc::default(), None, false)
             .await?;
         Ok(statement.df)
     }
@@ -440,7 +440,9 @@ impl QueryEngine {
     /// [`Self::plan`] with `params` bound (cast to the placeholders' types), over the
     /// tables `access` lets the caller see, table scans reporting partition pruning to
     /// `pruning`, spread over the cluster as `distribution` asks (`None`: the default);
-    /// from the plan cache when it holds the statement's plan.
+    /// from the plan cache when it holds the statement's plan. `sliced`: the plan is (or
+    /// may be) split over endpoints, so its scans read their files, not the row group
+    /// cache: each slice is planned again at its `DoGet` and must find the same pieces.
     async fn plan_statement(
         &self,
         sql: &str,
@@ -448,6 +450,7 @@ impl QueryEngine {
         access: &TableAccess,
         pruning: Arc<PartitionPruning>,
         distribution: Option<Distribution>,
+        sliced: bool,
     ) -> Result<PlannedStatement> {
         self.sql_limits.check_text(sql)?;
         let cluster_state = self.planners.as_ref().and_then(|p| p.state(distribution));
@@ -455,6 +458,11 @@ impl QueryEngine {
         let mut state = cluster_state.unwrap_or_else(|| self.base.state());
         access.restrict(&mut state)?;
         state.config_mut().set_extension(pruning);
+        if sliced {
+            state
+                .config_mut()
+                .set_extension(Arc::new(RowGroupCaching(None)));
+        }
         // Checked, planned and optimized before for a caller with the same access, over
         // the same table versions: the same plan again.
         let key = self
@@ -526,7 +534,7 @@ impl QueryEngine {
         let access = Arc::clone(&caller.tables);
         self.plan_admitted(caller.client_timeout, move |engine| async move {
             let df = engine
-                .plan_statement(&sql, params, &access, Arc::default(), None)
+                .plan_statement(&sql, params, &access, Arc::default(), None, false)
                 .await?
                 .df;
             Ok(Arc::clone(df.schema().inner()))
@@ -563,6 +571,7 @@ impl QueryEngine {
                     &access,
                     Arc::default(),
                     Some(Distribution::Off),
+                    max_slices > 1,
                 )
                 .await?
                 .df;
@@ -590,7 +599,7 @@ impl QueryEngine {
         let access = Arc::clone(&caller.tables);
         self.plan_admitted(caller.client_timeout, move |engine| async move {
             let df = engine
-                .plan_statement(&sql, vec![], &access, Arc::default(), None)
+                .plan_statement(&sql, vec![], &access, Arc::default(), None, false)
                 .await?
                 .df;
             let params = params::parameter_types(df.logical_plan().get_parameter_types()?)?;
@@ -826,7 +835,14 @@ impl QueryEngine {
             .filter(|_| use_cache && slice.is_none());
         let cache_params = cache.map(|_| params.clone());
         let statement = self
-            .plan_statement(&sql, params, access, Arc::clone(&pruning), distribution)
+            .plan_statement(
+                &sql,
+                params,
+                access,
+                Arc::clone(&pruning),
+                distribution,
+                slice.is_some(),
+            )
             .await?;
         let df = &statement.df;
         if self.audit.is_some() {
