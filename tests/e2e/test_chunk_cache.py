@@ -71,10 +71,39 @@ def answer_after_refresh(s: Server, sql: str):
         return None
 
 
-def stats(s: Server) -> dict:
+def cache_stats(s: Server, family: str) -> dict:
+    """A cache's counters (`quiver_{family}_...`) from one scrape."""
     m = s.metrics()
     names = ("hits_total", "misses_total", "inserts_total", "evictions_total", "bytes")
-    return {n: m.get(f"quiver_chunk_cache_{n}") for n in names}
+    return {n: m.get(f"quiver_{family}_{n}") for n in names}
+
+
+def stats(s: Server) -> dict:
+    return cache_stats(s, "chunk_cache")
+
+
+def assert_evicts_and_holds_its_size(s: Server, family: str, size: int) -> None:
+    """The cache has kept some entries, dropped others, and is back under its size (moka
+    evicts just after inserts)."""
+    after = wait_for(
+        lambda: (lambda st: st if st["evictions_total"] > 0 else None)(cache_stats(s, family)), what="evictions"
+    )
+    assert after["inserts_total"] > 0, after
+    assert wait_for(lambda: cache_stats(s, family)["bytes"] <= size, what=f"the cache under its size: {cache_stats(s, family)}")
+
+
+def assert_a_query_takes_memory_back(s: Server, family: str, path, min_held: int) -> None:
+    """Three scans of `t` fill the cache past `min_held` bytes; grouping by every note
+    then needs more of the pool than the cache left free: the cache gives memory back
+    instead of the query spilling or failing, and the answer equals DuckDB's."""
+    for _ in range(3):
+        assert s.query("SELECT * FROM t").num_rows == ROWS
+    held = cache_stats(s, family)
+    assert held["bytes"] > min_held and held["evictions_total"] == 0, held
+    sql = "SELECT note, count(*) AS n FROM t GROUP BY note ORDER BY n DESC, note LIMIT 5"
+    assert answer(s, sql) == expected(path, sql)
+    after = cache_stats(s, family)
+    assert after["evictions_total"] > 0 and after["bytes"] < held["bytes"], (held, after)
 
 
 @pytest.mark.parametrize("compression,page_version", [("snappy", "1.0"), ("zstd", "2.0")])
@@ -159,11 +188,8 @@ def test_the_cache_holds_its_size(tmp_path):
         for _ in range(4):
             assert answer(s, sql) == want
         # 12 row groups, each with about 97 KB of chunks up to an eighth of the cache
-        # (price, word, flag; note is larger and never kept): the cache keeps some,
-        # evicts others, and comes back under its size (moka evicts just after inserts).
-        after = wait_for(lambda: (lambda st: st if st["evictions_total"] > 0 else None)(stats(s)), what="evictions")
-        assert after["inserts_total"] > 0, after
-        assert wait_for(lambda: stats(s)["bytes"] <= size, what=f"the cache under its size: {stats(s)}")
+        # (price, word, flag; note is larger and never kept).
+        assert_evicts_and_holds_its_size(s, "chunk_cache", size)
     finally:
         s.stop()
 
@@ -176,16 +202,7 @@ def test_queries_take_memory_back_from_the_cache(tmp_path):
         tmp_path / "server",
     )
     try:
-        scan = "SELECT * FROM t"
-        for _ in range(3):
-            assert s.query(scan).num_rows == ROWS
-        held = stats(s)
-        assert held["bytes"] > 2 * 2**20 and held["evictions_total"] == 0, held
-        # Grouping by every note takes about 16 MiB of the pool, more than the cache left
-        # free: the cache gives chunks back instead of the query spilling or failing.
-        sql = "SELECT note, count(*) AS n FROM t GROUP BY note ORDER BY n DESC, note LIMIT 5"
-        assert answer(s, sql) == expected(path, sql)
-        after = stats(s)
-        assert after["evictions_total"] > 0 and after["bytes"] < held["bytes"], (held, after)
+        # Grouping by every note takes about 16 MiB of the pool.
+        assert_a_query_takes_memory_back(s, "chunk_cache", path, 2 * 2**20)
     finally:
         s.stop()

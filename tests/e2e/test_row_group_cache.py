@@ -10,7 +10,16 @@ import pytest
 
 from conftest import Server, requests_dataset, wait_for, write_atomically
 # The same table, oracle and client as the chunk cache's tests.
-from test_chunk_cache import ROW_GROUP, ROWS, answer, expected, make_table
+from test_chunk_cache import (
+    ROW_GROUP,
+    ROWS,
+    answer,
+    assert_a_query_takes_memory_back,
+    assert_evicts_and_holds_its_size,
+    cache_stats,
+    expected,
+    make_table,
+)
 
 # Key ranges on the sorted key (one row group each, then one across two), whole-table
 # aggregates (a count with no filter must not count cached rows twice), string filters.
@@ -32,9 +41,7 @@ def write(table: pa.Table, path, row_group: int = ROW_GROUP) -> None:
 
 
 def stats(s: Server) -> dict:
-    m = s.metrics()
-    names = ("hits_total", "misses_total", "inserts_total", "evictions_total", "bytes")
-    return {n: m.get(f"quiver_row_group_cache_{n}") for n in names}
+    return cache_stats(s, "row_group_cache")
 
 
 def test_answers_from_the_cache_equal_duckdb(tmp_path):
@@ -149,10 +156,8 @@ def test_the_cache_holds_its_size(tmp_path):
         for _ in range(10):
             assert answer(s, sql) == want
         # 12 row groups of about 1.3 MB decoded (under an eighth of the cache each), 15 MB
-        # in all: the cache keeps some, evicts others, and stays under its size.
-        after = wait_for(lambda: (lambda st: st if st["evictions_total"] > 0 else None)(stats(s)), what="evictions")
-        assert after["inserts_total"] > 0, after
-        assert wait_for(lambda: stats(s)["bytes"] <= size, what=f"the cache under its size: {stats(s)}")
+        # in all.
+        assert_evicts_and_holds_its_size(s, "row_group_cache", size)
     finally:
         s.stop()
 
@@ -171,17 +176,7 @@ def test_queries_take_memory_back_from_the_cache(tmp_path, pool):
         tmp_path / "server",
     )
     try:
-        scan = "SELECT * FROM t"
-        for _ in range(3):
-            assert s.query(scan).num_rows == ROWS
-        held = stats(s)
-        assert held["bytes"] > 10 * 2**20 and held["evictions_total"] == 0, held
-        # Grouping by every note takes more of the pool than the cache left free: the
-        # cache gives row groups back instead of the query spilling or failing.
-        sql = "SELECT note, count(*) AS n FROM t GROUP BY note ORDER BY n DESC, note LIMIT 5"
-        assert answer(s, sql) == expected(path, sql)
-        after = stats(s)
-        assert after["evictions_total"] > 0 and after["bytes"] < held["bytes"], (held, after)
+        assert_a_query_takes_memory_back(s, "row_group_cache", path, 10 * 2**20)
     finally:
         s.stop()
 

@@ -27,7 +27,7 @@ use datafusion::common::{Column, DFSchema};
 use datafusion::functions_aggregate::min_max::{MaxAccumulator, MinAccumulator};
 use datafusion::logical_expr::utils::{conjunction, split_conjunction};
 use datafusion::logical_expr::{Accumulator, Between, BinaryExpr, Expr, Operator};
-use datafusion::physical_optimizer::pruning::PruningPredicateBuilder;
+use datafusion::physical_optimizer::pruning::{PruningPredicate, PruningPredicateBuilder};
 use datafusion::scalar::ScalarValue;
 
 /// A string or binary min/max longer than this is not kept (the batch's bound for that
@@ -74,9 +74,14 @@ impl PinnedBatches {
     /// still applies to each row kept: this only skips rows that cannot match), each
     /// narrowed to the rows its sorted columns allow.
     pub(crate) fn select(&self, state: &dyn Session, filters: &[Expr]) -> Selected {
+        self.select_with(&Selector::new(state, filters, &self.statistics.schema))
+    }
+
+    /// [`Self::select`] with the filters prepared once (a scan over many sets of batches
+    /// of one schema, such as the row group cache's).
+    pub(crate) fn select_with(&self, selector: &Selector) -> Selected {
         let total = self.statistics.containers;
-        let keep = self.keep(state, filters);
-        let ranges = KeyRange::from_filters(filters, &self.statistics.schema);
+        let keep = selector.keep(&self.statistics);
         let mut index = 0;
         let mut rows_skipped = 0;
         let partitions: Vec<Vec<RecordBatch>> = self
@@ -94,7 +99,8 @@ impl PinnedBatches {
                         {
                             return None;
                         }
-                        let (start, end) = self.statistics.rows_in_range(at, batch, &ranges);
+                        let (start, end) =
+                            self.statistics.rows_in_range(at, batch, &selector.ranges);
                         rows_skipped += batch.num_rows() - (end - start);
                         if start == 0 && end == batch.num_rows() {
                             Some(batch.clone())
@@ -113,10 +119,30 @@ impl PinnedBatches {
             rows_skipped,
         }
     }
+}
 
-    /// One flag per batch (in partition order): false where the statistics prove no row
-    /// passes the filters. `None` when nothing can be proven (no usable filter).
-    fn keep(&self, state: &dyn Session, filters: &[Expr]) -> Option<Vec<bool>> {
+/// A query's filters, prepared for selecting batches of one schema: the predicate over
+/// their statistics, and the key ranges sorted columns can be cut to.
+pub(crate) struct Selector {
+    pruning: Option<Arc<PruningPredicate>>,
+    ranges: Vec<KeyRange>,
+}
+
+impl Selector {
+    pub(crate) fn new(state: &dyn Session, filters: &[Expr], schema: &SchemaRef) -> Self {
+        Self {
+            pruning: Self::pruning(state, filters, schema),
+            ranges: KeyRange::from_filters(filters, schema),
+        }
+    }
+
+    /// The predicate over batch statistics; `None` when nothing can be proven (no usable
+    /// filter).
+    fn pruning(
+        state: &dyn Session,
+        filters: &[Expr],
+        schema: &SchemaRef,
+    ) -> Option<Arc<PruningPredicate>> {
         // A volatile filter (random()) gives a different answer on every evaluation: it
         // cannot be decided from statistics.
         let usable = filters
@@ -125,16 +151,20 @@ impl PinnedBatches {
             .cloned()
             .collect::<Vec<_>>();
         let predicate = conjunction(usable)?;
-        let schema = Arc::clone(&self.statistics.schema);
-        let df_schema = DFSchema::try_from(Arc::clone(&schema)).ok()?;
+        let df_schema = DFSchema::try_from(Arc::clone(schema)).ok()?;
         // A filter DataFusion cannot turn into a physical expression here (a subquery)
         // only loses the skipping: DataFusion still applies it above the scan.
         let physical = state.create_physical_expr(predicate, &df_schema).ok()?;
-        let pruning = PruningPredicateBuilder::new()
-            .with_file_schema(schema)
-            .build(physical)?;
-        let keep = pruning.prune(&self.statistics).ok()?;
-        (keep.len() == self.statistics.containers).then_some(keep)
+        PruningPredicateBuilder::new()
+            .with_file_schema(Arc::clone(schema))
+            .build(physical)
+    }
+
+    /// One flag per batch of `statistics` (in partition order): false where they prove no
+    /// row passes the filters. `None` when nothing can be proven.
+    fn keep(&self, statistics: &BatchStatistics) -> Option<Vec<bool>> {
+        let keep = self.pruning.as_ref()?.prune(statistics).ok()?;
+        (keep.len() == statistics.containers).then_some(keep)
     }
 }
 

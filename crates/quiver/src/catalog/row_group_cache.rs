@@ -28,12 +28,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use datafusion::arrow::array::RecordBatch;
-use datafusion::catalog::Session;
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool, MemoryReservation};
-use datafusion::logical_expr::Expr;
 use parking_lot::Mutex;
 
-use super::pinned::{PinnedBatches, Selected};
+use super::pinned::{PinnedBatches, Selected, Selector};
 
 /// The cache's name in the memory pool.
 pub const CONSUMER: &str = "row group cache";
@@ -67,9 +65,10 @@ pub(crate) struct CachedRowGroup {
 }
 
 impl CachedRowGroup {
-    /// The batches that may hold rows passing `filters`, narrowed by sorted columns.
-    pub(crate) fn select(&self, state: &dyn Session, filters: &[Expr]) -> Selected {
-        self.batches.select(state, filters)
+    /// The batches that may hold rows passing the selector's filters, narrowed by
+    /// sorted columns.
+    pub(crate) fn select(&self, selector: &Selector) -> Selected {
+        self.batches.select_with(selector)
     }
 }
 
@@ -254,18 +253,7 @@ impl RowGroupCache {
     /// empty); returns the bytes returned. Queries come first: the pool calls this when
     /// it cannot grant a query's reservation (see `MeteredPool::add_reclaimer`).
     pub fn reclaim(&self, bytes: usize) -> usize {
-        let mut freed = 0;
-        for (key, group) in self.entries.iter() {
-            if freed >= bytes {
-                break;
-            }
-            // The eviction listener returns the group's bytes to the pool.
-            if self.entries.remove(&*key).is_some() {
-                freed += group.bytes;
-            }
-        }
-        self.entries.run_pending_tasks();
-        freed
+        crate::io::remove_until(&self.entries, bytes, |group| group.bytes)
     }
 }
 

@@ -43,7 +43,7 @@ use datafusion::physical_plan::collect_partitioned;
 use datafusion_datasource::memory::MemorySourceConfig;
 
 use super::PartitionPruning;
-use super::pinned::PinnedBatches;
+use super::pinned::{PinnedBatches, Selector};
 use super::row_group_cache::{LOADS_PER_SCAN, Lookup, RowGroupCache, RowGroupCaching, RowGroupKey};
 use crate::io::remote::Bucket;
 use crate::io::{FileReaderFactory, Io, IoMode, IoOptions};
@@ -483,6 +483,8 @@ impl HiveTable {
         filters: &[Expr],
     ) -> DfResult<(Vec<PartitionedFile>, Vec<RecordBatch>)> {
         let predicate = self.file_predicate(state, filters);
+        // Cached row groups have the table's schema: one selector for all of them.
+        let selector = Selector::new(state, filters, &self.schema);
         let readers = self.readers(state);
         let hint = state.table_options().parquet.global.metadata_size_hint;
         let mut scans = Vec::with_capacity(files.len());
@@ -559,13 +561,7 @@ impl HiveTable {
                         }
                     }
                 };
-                cached.extend(
-                    group
-                        .select(state, filters)
-                        .partitions
-                        .into_iter()
-                        .flatten(),
-                );
+                cached.extend(group.select(&selector).partitions.into_iter().flatten());
                 access.skip(row_group);
                 from_cache += 1;
             }

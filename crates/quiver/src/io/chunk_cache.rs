@@ -171,17 +171,7 @@ impl ChunkCache {
     /// empty); returns the bytes returned. Queries come first: the pool calls this when
     /// it cannot grant a query's reservation (see `MeteredPool::set_reclaimer`).
     pub fn reclaim(&self, bytes: usize) -> usize {
-        let mut freed = 0;
-        for (key, chunk) in self.chunks.iter() {
-            if freed >= bytes {
-                break;
-            }
-            // The eviction listener returns the chunk's bytes to the pool.
-            if self.chunks.remove(&*key).is_some() {
-                freed += chunk.bytes.len();
-            }
-        }
-        freed
+        super::remove_until(&self.chunks, bytes, |chunk| chunk.bytes.len())
     }
 
     /// The largest chunk kept: an eighth of the cache.

@@ -66,6 +66,31 @@ impl Display for IoMode {
     }
 }
 
+/// Removes entries of `cache` until at least `bytes` of them (each weighed by `size`) are
+/// gone, or it is empty; returns the bytes removed. For the caches that hold memory of the
+/// query pool: their eviction listeners give it back (see `MeteredPool::add_reclaimer`).
+pub(crate) fn remove_until<K, V>(
+    cache: &moka::sync::Cache<K, V>,
+    bytes: usize,
+    size: impl Fn(&V) -> usize,
+) -> usize
+where
+    K: std::hash::Hash + Eq + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    let mut freed = 0;
+    for (key, value) in cache.iter() {
+        if freed >= bytes {
+            break;
+        }
+        if cache.remove(&*key).is_some() {
+            freed += size(&value);
+        }
+    }
+    cache.run_pending_tasks();
+    freed
+}
+
 /// I/O settings of an engine.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct IoOptions {
