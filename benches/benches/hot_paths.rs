@@ -195,7 +195,14 @@ fn expand_views(c: &mut Criterion) {
     group.throughput(Throughput::Bytes(batch_bytes(&plain) as u64));
     baseline_memcpy(&mut group, batch_bytes(&plain));
     group.bench_function("utf8view_to_utf8", |b| {
-        b.iter(|| views::expand_batch(black_box(viewed.clone()), &expanded).unwrap())
+        b.iter(|| views::expand_batch(black_box(viewed.clone()), &expanded, None).unwrap())
+    });
+    // The row group cache's rows: view columns with offset twins, sent as their slices.
+    let twins = Arc::new(views::ViewTwins::default());
+    let (twinned, _registration) = twins.twin(vec![viewed.clone()]).unwrap();
+    let twinned = twinned.into_iter().next().unwrap();
+    group.bench_function("utf8view_to_utf8_twinned", |b| {
+        b.iter(|| views::expand_batch(black_box(twinned.clone()), &expanded, Some(&twins)).unwrap())
     });
     group.finish();
 }

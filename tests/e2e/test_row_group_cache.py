@@ -33,6 +33,9 @@ QUERIES = [
     "SELECT word, count(*) AS n, sum(k) AS ks FROM t WHERE k < 45000 GROUP BY word ORDER BY word LIMIT 20",
     "SELECT k, note FROM t WHERE note LIKE '%77%' AND k BETWEEN 5000 AND 40000 ORDER BY k",
     "SELECT k FROM t WHERE k = 90001",
+    # Cached string columns go out as slices of offset arrays kept beside them
+    # (`wire::views::ViewTwins`); NULLIF keeps a column's views with other validity.
+    "SELECT k, NULLIF(word, 'word-0001-x') AS w, note FROM t WHERE k >= 20000 AND k < 20300 ORDER BY k",
 ]
 
 

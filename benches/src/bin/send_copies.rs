@@ -136,7 +136,7 @@ fn read(path: &PathBuf, rows: usize) -> anyhow::Result<Vec<RecordBatch>> {
         .build()?;
     let expanded = views::expand_schema(&reader.schema());
     reader
-        .map(|batch| Ok(views::expand_batch(batch?, &expanded)?))
+        .map(|batch| Ok(views::expand_batch(batch?, &expanded, None)?))
         .collect::<anyhow::Result<Vec<_>>>()
         .context("reading the Parquet file")
 }

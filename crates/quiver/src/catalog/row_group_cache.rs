@@ -32,6 +32,7 @@ use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool, MemoryReser
 use parking_lot::Mutex;
 
 use super::pinned::{PinnedBatches, Selected, Selector};
+use crate::wire::views::{TwinRegistration, ViewTwins};
 
 /// The cache's name in the memory pool.
 pub const CONSUMER: &str = "row group cache";
@@ -62,6 +63,8 @@ pub(crate) struct CachedRowGroup {
     batches: PinnedBatches,
     /// Bytes reserved for it.
     bytes: usize,
+    /// Its string and binary columns as sent (`wire::views::ViewTwins`), forgotten with it.
+    _twins: TwinRegistration,
 }
 
 impl CachedRowGroup {
@@ -100,6 +103,8 @@ pub struct RowGroupCache {
     refused: moka::sync::Cache<RowGroupKey, ()>,
     reservation: Arc<Mutex<MemoryReservation>>,
     stats: Arc<RowGroupCacheStats>,
+    /// Offset twins of the cached view columns, for the send path.
+    twins: Arc<ViewTwins>,
 }
 
 impl std::fmt::Debug for RowGroupCache {
@@ -160,7 +165,14 @@ impl RowGroupCache {
                 .build(),
             reservation,
             stats,
+            twins: Arc::default(),
         }
+    }
+
+    /// Offset twins of the view columns of cached rows: the send path takes a slice of
+    /// one where it would cast (`wire::views`).
+    pub fn view_twins(&self) -> &Arc<ViewTwins> {
+        &self.twins
     }
 
     /// The cache's counters.
@@ -210,10 +222,23 @@ impl RowGroupCache {
             .into_iter()
             .filter(|b| b.num_rows() > 0)
             .collect::<Vec<_>>();
+        // String values are copied once, into the offset arrays the send path sends.
+        let (batches, twins) = match self.twins.twin(batches) {
+            Ok(twinned) => twinned,
+            Err(e) => {
+                tracing::debug!(?key, error = %e, "row group not cached");
+                self.refused.insert(key, ());
+                return None;
+            }
+        };
         let rows_bytes: usize = batches.iter().map(RecordBatch::get_array_memory_size).sum();
         let batches = PinnedBatches::new(schema, vec![batches]);
-        let bytes = rows_bytes + batches.statistics_bytes();
-        let group = Arc::new(CachedRowGroup { batches, bytes });
+        let bytes = rows_bytes + twins.bytes + batches.statistics_bytes();
+        let group = Arc::new(CachedRowGroup {
+            batches,
+            bytes,
+            _twins: twins,
+        });
         if bytes as u64 > self.entry_limit() {
             tracing::debug!(
                 ?key,

@@ -288,6 +288,7 @@ async fn start(engine: &Arc<QueryEngine>, request: QueryRequest) -> Result<Start
         deadline,
     } = engine.execute(request).await?;
     let view_types = engine.view_types();
+    let twins = engine.view_twins().cloned();
     let schema = view_types.schema(&stream.schema());
     let batch_schema = Arc::clone(&schema);
     let batches = stream.map(move |batch| {
@@ -295,7 +296,7 @@ async fn start(engine: &Arc<QueryEngine>, request: QueryRequest) -> Result<Start
             .map_err(|e| FlightError::Tonic(Box::new(Status::from(Error::from(e)))))
             .and_then(|b| {
                 view_types
-                    .batch(b, &batch_schema)
+                    .batch_with_twins(b, &batch_schema, twins.as_deref())
                     .map_err(FlightError::Arrow)
             })
     });

@@ -84,7 +84,7 @@ use crate::error::{Error, Result};
 use crate::io::{ChunkCache, Io, MmapStats, chunk_cache};
 use crate::metrics::{Outcome, QueryMetrics};
 use crate::wire::pinned::PinnedMessages;
-use crate::wire::views::ViewTypes;
+use crate::wire::views::{ViewTwins, ViewTypes};
 use admission::Admission;
 use collector::{EngineCollector, EngineSources};
 use distributed::Planners;
@@ -103,6 +103,8 @@ pub struct QueryEngine {
     /// Pinned tables' batches as the messages that send them.
     pinned: Arc<PinnedMessages>,
     view_types: ViewTypes,
+    /// The row group cache's view twins, when it is on.
+    view_twins: Option<Arc<ViewTwins>>,
     pool: Arc<MeteredPool>,
     scan_totals: Arc<Mutex<ScanSummary>>,
     metrics: QueryMetrics,
@@ -176,6 +178,7 @@ impl QueryEngine {
             );
             cache
         });
+        let view_twins = row_groups.as_ref().map(|c| Arc::clone(c.view_twins()));
         let config = config.with_extension(Arc::new(RowGroupCaching(row_groups)));
         let runtime = RuntimeEnvBuilder::new()
             .with_memory_pool(Arc::clone(&pool) as Arc<dyn MemoryPool>)
@@ -233,6 +236,7 @@ impl QueryEngine {
             io,
             pinned,
             view_types: options.view_types,
+            view_twins,
             pool: Arc::clone(&pool),
             scan_totals: Arc::default(),
             metrics,
@@ -360,6 +364,11 @@ impl QueryEngine {
     /// How string and binary views are sent.
     pub fn view_types(&self) -> ViewTypes {
         self.view_types
+    }
+
+    /// Offset twins of cached rows' view columns, for the send path (`wire::views`).
+    pub fn view_twins(&self) -> Option<&Arc<ViewTwins>> {
+        self.view_twins.as_ref()
     }
 
     /// Pinned tables' batches as their messages, for the send path (`wire::pinned`).
