@@ -218,3 +218,50 @@ def test_a_key_range_is_sent_as_the_pinned_slices_it_spans(tmp_path):
         assert len(check("SELECT key, label FROM keyed WHERE key % 1000 = 3")) <= 2
     finally:
         s.stop()
+
+
+def test_key_ranges_on_a_sorted_pinned_column_are_applied_by_the_table(tmp_path):
+    """Comparisons of a column sorted in every pinned batch with a literal of its type are
+    applied by the table itself, which cuts each batch to exactly the rows in range: the
+    plan has no filter above the scan. Keys repeat (runs across batch boundaries), every
+    operator and both operand orders are tried. Oracle: DuckDB over the same file."""
+    import pyarrow.parquet as pq
+
+    n = 30_000
+    table = pa.table({
+        "key": pa.array([i // 3 for i in range(n)], pa.int64()),
+        "label": [f"label-{i % 977}" for i in range(n)],
+    })
+    (tmp_path / "data" / "keyed").mkdir(parents=True)
+    path = tmp_path / "data" / "keyed" / "part-0.parquet"
+    pq.write_table(table, path, row_group_size=4_000)
+    s = Server(["--data-dir", str(tmp_path / "data"), "--pin-table", "keyed"], tmp_path / "server")
+    con = duckdb.connect()
+    # 8192-row batches: key 2730 spans the first two (rows 8190..8192).
+    exact = [
+        f"key {op} {v}" for v in (-1, 0, 2730, 2731, 5000, 9999, 10000) for op in ("=", "<", "<=", ">", ">=")
+    ] + [f"{v} {op} key" for v in (2730, 9999) for op in ("<", ">=")] + [
+        "key BETWEEN 2729 AND 2731",
+        "key >= 100 AND key < 6000",
+    ]
+    others = [
+        "key >= 100 AND label = 'label-5'",
+        "key % 7 = 3",
+        "key = 5 OR key = 9000",
+        "key <> 2730",
+        "key >= 100.5",
+    ]
+    try:
+        def check(where):
+            sql = f"SELECT key, label FROM keyed WHERE {where} ORDER BY key, label"
+            got = [tuple(r.values()) for r in s.query(sql).to_pylist()]
+            assert got == con.execute(sql.replace("FROM keyed", f"FROM read_parquet('{path}')")).fetchall(), where
+            plan = " ".join(s.query(f"EXPLAIN {sql}").column("plan").to_pylist())
+            return "FilterExec" in plan
+
+        for where in exact:
+            assert not check(where), f"{where}: filtered again above the table"
+        for where in others:
+            assert check(where), f"{where}: no filter above the table"
+    finally:
+        s.stop()

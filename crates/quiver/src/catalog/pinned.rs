@@ -18,8 +18,11 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, BooleanArray, RecordBatch, Scalar, UInt64Array};
-use datafusion::arrow::compute::kernels::cmp::{lt, lt_eq};
+use datafusion::arrow::array::{
+    Array, ArrayRef, BooleanArray, Datum, RecordBatch, Scalar, UInt64Array, make_comparator,
+};
+use datafusion::arrow::compute::SortOptions;
+use datafusion::arrow::compute::kernels::cmp::lt_eq;
 use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::catalog::Session;
 use datafusion::common::pruning::PruningStatistics;
@@ -68,6 +71,27 @@ impl PinnedBatches {
     /// Bytes held by the statistics (the batches are accounted for by their owner).
     pub(crate) fn statistics_bytes(&self) -> usize {
         self.statistics.bytes()
+    }
+
+    /// Whether [`Self::select`] applies `filter` exactly, so that DataFusion need not
+    /// filter the rows it passes on: each conjunct a comparison (`=`, `<`, `<=`, `>`,
+    /// `>=`, `BETWEEN`) of a column with literals of the column's own type, not floating
+    /// point, the column sorted in every batch (so each batch is cut to exactly the rows
+    /// that pass, and the batches skipped hold none).
+    pub(crate) fn applies_exactly(&self, filter: &Expr) -> bool {
+        let schema = &self.statistics.schema;
+        split_conjunction(filter).into_iter().all(|conjunct| {
+            let comparisons = match conjunct {
+                Expr::Between(_) => 2,
+                _ => 1,
+            };
+            let ranges = KeyRange::from_filters(std::slice::from_ref(conjunct), schema);
+            ranges.len() == comparisons
+                && ranges.iter().all(|range| {
+                    !schema.field(range.column).data_type().is_floating()
+                        && self.statistics.sorted[range.column].iter().all(|s| *s)
+                })
+        })
     }
 
     /// The batches that may hold rows passing every filter in `filters` (filters DataFusion
@@ -410,22 +434,39 @@ impl KeyRange {
         ranges
     }
 
-    /// The rows `[from, to)` of `column`, sorted, that can pass; `None` if the comparison
-    /// kernel cannot compare them.
+    /// The rows `[from, to)` of `column`, sorted, that can pass; `None` if the column
+    /// and the value cannot be compared. Binary searches: a batch costs a few
+    /// comparisons, not one per row.
     fn rows(&self, column: &ArrayRef) -> Option<(usize, usize)> {
-        // In a sorted column, the rows below the value (or up to it) come first.
-        let below = || Some(lt(column, &self.value).ok()?.true_count());
-        let up_to = || Some(lt_eq(column, &self.value).ok()?.true_count());
+        let compare =
+            make_comparator(column.as_ref(), self.value.get().0, SortOptions::default()).ok()?;
         let all = column.len();
+        // In a sorted column, the rows below the value (or up to it) come first.
+        let below = || partition_point(all, |i| compare(i, 0).is_lt());
+        let up_to = || partition_point(all, |i| compare(i, 0).is_le());
         Some(match self.op {
-            Operator::Gt => (up_to()?, all),
-            Operator::GtEq => (below()?, all),
-            Operator::Lt => (0, below()?),
-            Operator::LtEq => (0, up_to()?),
-            Operator::Eq => (below()?, up_to()?),
+            Operator::Gt => (up_to(), all),
+            Operator::GtEq => (below(), all),
+            Operator::Lt => (0, below()),
+            Operator::LtEq => (0, up_to()),
+            Operator::Eq => (below(), up_to()),
             _ => (0, all),
         })
     }
+}
+
+/// The first of `0..len` for which `before` is false, `before` being true for a prefix.
+fn partition_point(len: usize, before: impl Fn(usize) -> bool) -> usize {
+    let (mut low, mut high) = (0, len);
+    while low < high {
+        let middle = low + (high - low) / 2;
+        if before(middle) {
+            low = middle + 1;
+        } else {
+            high = middle;
+        }
+    }
+    low
 }
 
 impl PruningStatistics for BatchStatistics {
@@ -523,6 +564,105 @@ mod tests {
         let selected = pinned.select(&state, &[col("key").gt(lit(100i64))]);
         assert_eq!(keys(&selected), vec![Vec::<i64>::new(), vec![]]);
         assert_eq!(selected.kept, 0);
+    }
+
+    #[test]
+    fn exact_key_ranges_select_exactly_the_rows_that_pass() {
+        // Sorted keys with runs of duplicates, some across batch boundaries.
+        let schema = Arc::new(Schema::new(vec![Field::new("key", DataType::Int64, false)]));
+        let batch = |keys: &[i64]| {
+            let keys = Int64Array::from(keys.to_vec());
+            RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(keys)]).unwrap()
+        };
+        let batches = vec![
+            vec![batch(&[0, 0, 1, 2, 2, 2, 3]), batch(&[3, 3, 4, 5, 5])],
+            vec![batch(&[5, 6, 7, 7])],
+        ];
+        let all: Vec<i64> = batches
+            .iter()
+            .flatten()
+            .flat_map(|b| {
+                b.column(0)
+                    .as_any()
+                    .downcast_ref::<Int64Array>()
+                    .unwrap()
+                    .values()
+                    .to_vec()
+            })
+            .collect();
+        let pinned = PinnedBatches::new(Arc::clone(&schema), batches);
+        let state = SessionContext::new().state();
+        type Check = fn(i64, i64) -> bool;
+        type Make = fn(Expr, Expr) -> Expr;
+        let ops: [(&str, Make, Check); 5] = [
+            ("=", |c, v| c.eq(v), |k, v| k == v),
+            ("<", |c, v| c.lt(v), |k, v| k < v),
+            ("<=", |c, v| c.lt_eq(v), |k, v| k <= v),
+            (">", |c, v| c.gt(v), |k, v| k > v),
+            (">=", |c, v| c.gt_eq(v), |k, v| k >= v),
+        ];
+        let rows = |filter: &Expr| -> Vec<i64> {
+            assert!(pinned.applies_exactly(filter), "{filter}");
+            let selected = pinned.select(&state, std::slice::from_ref(filter));
+            batch_keys(&selected)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .collect()
+        };
+        let passing = |pass: &dyn Fn(i64) -> bool| -> Vec<i64> {
+            all.iter().copied().filter(|&k| pass(k)).collect()
+        };
+        for value in -1..=8 {
+            for (op, make, check) in ops {
+                // `key OP value`, and `value OP key`.
+                let filter = make(col("key"), lit(value));
+                assert_eq!(rows(&filter), passing(&|k| check(k, value)), "{op}");
+                let filter = make(lit(value), col("key"));
+                assert_eq!(rows(&filter), passing(&|k| check(value, k)), "{op}");
+            }
+            let filter = col("key").between(lit(value), lit(value + 2));
+            let want = passing(&|k| (value..=value + 2).contains(&k));
+            assert_eq!(rows(&filter), want, "{filter}");
+        }
+    }
+
+    #[test]
+    fn only_comparisons_on_columns_sorted_everywhere_are_exact() {
+        let pinned = sorted();
+        let exact = [
+            col("key").gt_eq(lit(12i64)).and(col("key").lt(lit(15i64))),
+            col("key").between(lit(1i64), lit(4i64)),
+        ];
+        for filter in exact {
+            assert!(pinned.applies_exactly(&filter), "{filter}");
+        }
+        let not_exact = [
+            // Not sorted in every batch (the last has NULL names).
+            col("name").eq(lit("n015")),
+            // A literal of another type, another column, other operators.
+            col("key").gt_eq(lit(12i32)),
+            col("key").gt_eq(col("key")),
+            col("key").not_eq(lit(3i64)),
+            col("key").eq(lit(3i64)).or(col("key").eq(lit(5i64))),
+            col("key").not_between(lit(1i64), lit(4i64)),
+            col("key").between(lit(1i64), col("key")),
+            col("key").gt(lit(ScalarValue::Int64(None))),
+            col("key")
+                .gt_eq(lit(12i64))
+                .and(col("name").eq(lit("n015"))),
+        ];
+        for filter in not_exact {
+            assert!(!pinned.applies_exactly(&filter), "{filter}");
+        }
+        // Floating point keys are never exact, sorted or not.
+        let schema = Arc::new(Schema::new(vec![Field::new("f", DataType::Float64, false)]));
+        let floats = Arc::new(datafusion::arrow::array::Float64Array::from(vec![
+            0.0, 1.0, 2.0,
+        ]));
+        let batch = RecordBatch::try_new(Arc::clone(&schema), vec![floats]).unwrap();
+        let pinned = PinnedBatches::new(schema, vec![vec![batch]]);
+        assert!(!pinned.applies_exactly(&col("f").gt(lit(1.0))));
     }
 
     #[test]

@@ -338,8 +338,13 @@ impl TableProvider for HiveTable {
         Ok(filters
             .iter()
             .map(|f| {
-                // A pinned table applies no filter itself: DataFusion filters its rows.
-                if self.pinned.is_none() && self.is_partition_filter(f) {
+                // A pinned table applies key ranges on its sorted columns exactly (no
+                // filter over the slices it passes on); DataFusion filters the rest.
+                let exact = match &self.pinned {
+                    Some(pinned) => pinned.batches.applies_exactly(f),
+                    None => self.is_partition_filter(f),
+                };
+                if exact {
                     TableProviderFilterPushDown::Exact
                 } else {
                     TableProviderFilterPushDown::Inexact
@@ -357,8 +362,9 @@ impl TableProvider for HiveTable {
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
         let pruning = state.config().get_extension::<PartitionPruning>();
         if let Some(pinned) = &self.pinned {
-            // Skip the batches whose statistics rule every filter out; DataFusion filters
-            // the rows of the others.
+            // Skip the batches whose statistics rule every filter out and cut sorted
+            // columns to their key ranges; DataFusion filters the rows of the others by
+            // the filters not applied exactly (`supports_filters_pushdown`).
             let selected = pinned.batches.select(state, filters);
             if let Some(pruning) = pruning {
                 pruning.record_batches(&self.name, &selected);
