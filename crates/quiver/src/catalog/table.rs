@@ -369,12 +369,7 @@ impl TableProvider for HiveTable {
             if let Some(pruning) = pruning {
                 pruning.record_batches(&self.name, &selected);
             }
-            let plan = MemorySourceConfig::try_new_exec(
-                &selected.partitions,
-                Arc::clone(&pinned.schema),
-                projection.cloned(),
-            )?;
-            return Ok(plan);
+            return memory_scan(selected.partitions, &pinned.schema, projection);
         }
         let files = self.prune(state, filters)?;
         if let Some(pruning) = pruning {
@@ -646,11 +641,57 @@ impl HiveTable {
         for (i, batch) in batches.into_iter().enumerate() {
             partitions[i % count].push(batch);
         }
-        let plan = MemorySourceConfig::try_new_exec(
-            &partitions,
-            Arc::clone(&self.schema),
-            projection.cloned(),
-        )?;
-        Ok(plan)
+        memory_scan(partitions, &self.schema, projection)
+    }
+}
+
+/// A scan of batches held in memory that pass on fewer rows than this runs as one
+/// partition: a key range's slice or two is then one stream, with no partitions to merge
+/// (a task and a channel each) above it.
+const ONE_PARTITION_ROWS: usize = 32 * 1024;
+
+/// DataFusion's scan of batches held in memory (a pinned table's, the row group cache's).
+fn memory_scan(
+    partitions: Vec<Vec<RecordBatch>>,
+    schema: &SchemaRef,
+    projection: Option<&Vec<usize>>,
+) -> DfResult<Arc<dyn ExecutionPlan>> {
+    let rows: usize = partitions.iter().flatten().map(RecordBatch::num_rows).sum();
+    let partitions = if rows < ONE_PARTITION_ROWS {
+        vec![partitions.into_iter().flatten().collect()]
+    } else {
+        partitions
+    };
+    let plan =
+        MemorySourceConfig::try_new_exec(&partitions, Arc::clone(schema), projection.cloned())?;
+    Ok(plan)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datafusion::arrow::array::Int64Array;
+    use datafusion::arrow::datatypes::{DataType, Field};
+
+    #[test]
+    fn small_memory_scans_are_one_partition() {
+        let schema = Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, false)]));
+        let batch = |rows: i64| {
+            let column = Arc::new(Int64Array::from_iter_values(0..rows));
+            RecordBatch::try_new(Arc::clone(&schema), vec![column]).unwrap()
+        };
+        let partitions = |plan: Arc<dyn ExecutionPlan>| {
+            plan.properties().output_partitioning().partition_count()
+        };
+        // A key range's two slices, from two partitions: one stream.
+        let small = vec![vec![batch(3_000)], vec![batch(4_500)], vec![]];
+        assert_eq!(partitions(memory_scan(small, &schema, None).unwrap()), 1);
+        assert_eq!(
+            partitions(memory_scan(vec![vec![]], &schema, None).unwrap()),
+            1
+        );
+        // Enough rows to be worth the parallelism: partitions kept.
+        let large = vec![vec![batch(20_000)], vec![batch(20_000)]];
+        assert_eq!(partitions(memory_scan(large, &schema, None).unwrap()), 2);
     }
 }
