@@ -484,8 +484,9 @@ impl HiveTable {
         filters: &[Expr],
     ) -> DfResult<(Vec<PartitionedFile>, Vec<RecordBatch>)> {
         let predicate = self.file_predicate(state, filters);
-        // Cached row groups have the table's schema: one selector for all of them.
-        let selector = Selector::new(state, filters, &self.schema);
+        // Cached row groups have the table's schema: one selector for all of them, made
+        // at the first one (a scan that finds none in the cache plans no selection).
+        let mut selector = None;
         let readers = self.readers(state);
         let hint = state.table_options().parquet.global.metadata_size_hint;
         let mut scans = Vec::with_capacity(files.len());
@@ -562,7 +563,9 @@ impl HiveTable {
                         }
                     }
                 };
-                cached.extend(group.select(&selector).partitions.into_iter().flatten());
+                let selector =
+                    selector.get_or_insert_with(|| Selector::new(state, filters, &self.schema));
+                cached.extend(group.select(selector).partitions.into_iter().flatten());
                 access.skip(row_group);
                 from_cache += 1;
             }
