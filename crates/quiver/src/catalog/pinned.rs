@@ -23,11 +23,13 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, BooleanArray, Datum, RecordBatch, Scalar, UInt64Array, make_comparator,
+    Array, ArrayRef, AsArray, BooleanArray, Datum, RecordBatch, Scalar, UInt64Array,
+    make_comparator,
 };
 use datafusion::arrow::compute::SortOptions;
-use datafusion::arrow::compute::kernels::cmp::lt_eq;
-use datafusion::arrow::datatypes::{DataType, SchemaRef};
+use datafusion::arrow::compute::kernels::cmp::{self, lt_eq};
+use datafusion::arrow::datatypes::{DataType, SchemaRef, UInt64Type};
+use datafusion::arrow::error::ArrowError;
 use datafusion::catalog::Session;
 use datafusion::common::pruning::PruningStatistics;
 use datafusion::common::{Column, DFSchema};
@@ -83,18 +85,12 @@ impl PinnedBatches {
     /// point, the column sorted in every batch (so each batch is cut to exactly the rows
     /// that pass, and the batches skipped hold none).
     pub(crate) fn applies_exactly(&self, filter: &Expr) -> bool {
-        let schema = &self.statistics.schema;
         split_conjunction(filter).into_iter().all(|conjunct| {
-            let comparisons = match conjunct {
-                Expr::Between(_) => 2,
-                _ => 1,
-            };
-            let ranges = KeyRange::from_filters(std::slice::from_ref(conjunct), schema);
-            ranges.len() == comparisons
-                && ranges.iter().all(|range| {
-                    !schema.field(range.column).data_type().is_floating()
-                        && self.statistics.sorted[range.column].iter().all(|s| *s)
-                })
+            KeyRange::only(conjunct, &self.statistics.schema).is_some_and(|ranges| {
+                ranges
+                    .iter()
+                    .all(|range| self.statistics.sorted[range.column].iter().all(|s| *s))
+            })
         })
     }
 
@@ -152,15 +148,32 @@ impl PinnedBatches {
 /// A query's filters, prepared for selecting batches of one schema: the predicate over
 /// their statistics, and the key ranges sorted columns can be cut to.
 pub(crate) struct Selector {
+    /// DataFusion's pruning predicate, for filters other than key ranges; `None` when
+    /// nothing can be proven from them, or when every filter is a key range.
     pruning: Option<Arc<PruningPredicate>>,
     ranges: Vec<KeyRange>,
+    /// Every filter is a key range of `ranges` on a column that is not floating point:
+    /// the batches are kept by comparing each range with the batches' minimums and
+    /// maximums, without building a pruning predicate (a tenth of a point query's CPU
+    /// time on a pinned table, measured with perf).
+    by_ranges: bool,
 }
 
 impl Selector {
     pub(crate) fn new(state: &dyn Session, filters: &[Expr], schema: &SchemaRef) -> Self {
+        let ranges = KeyRange::from_filters(filters, schema);
+        let by_ranges = !filters.is_empty()
+            && filters
+                .iter()
+                .flat_map(split_conjunction)
+                .all(|conjunct| KeyRange::only(conjunct, schema).is_some());
         Self {
-            pruning: Self::pruning(state, filters, schema),
-            ranges: KeyRange::from_filters(filters, schema),
+            pruning: match by_ranges {
+                true => None,
+                false => Self::pruning(state, filters, schema),
+            },
+            ranges,
+            by_ranges,
         }
     }
 
@@ -191,6 +204,9 @@ impl Selector {
     /// One flag per batch of `statistics` (in partition order): false where they prove no
     /// row passes the filters. `None` when nothing can be proven.
     fn keep(&self, statistics: &BatchStatistics) -> Option<Vec<bool>> {
+        if self.by_ranges {
+            return statistics.overlapping(&self.ranges);
+        }
         let keep = self.pruning.as_ref()?.prune(statistics).ok()?;
         (keep.len() == statistics.containers).then_some(keep)
     }
@@ -245,6 +261,44 @@ impl BatchStatistics {
             rows,
             sorted,
         }
+    }
+
+    /// One flag per batch: false where a batch's minimum or maximum puts every row
+    /// outside one of `ranges`, or the range's column is NULL in every row (a batch
+    /// without a bound is otherwise kept). `None` when no range can be compared.
+    fn overlapping(&self, ranges: &[KeyRange]) -> Option<Vec<bool>> {
+        let mut keep: Option<Vec<bool>> = None;
+        for range in ranges {
+            // A comparison with NULL is never true: a batch of only NULLs has no row in it.
+            let nulls = self.null_counts[range.column].as_primitive::<UInt64Type>();
+            let rows = self.rows.as_primitive::<UInt64Type>();
+            if nulls.len() == self.containers && rows.len() == self.containers {
+                let keep = keep.get_or_insert_with(|| vec![true; self.containers]);
+                for (i, k) in keep.iter_mut().enumerate() {
+                    *k &= nulls.value(i) != rows.value(i);
+                }
+            }
+            let (min, max) = (&self.min[range.column], &self.max[range.column]);
+            // The range's rows can be in a batch only if its bound allows them.
+            let (bound, compare): (_, fn(&dyn Datum, &dyn Datum) -> _) = match range.op {
+                Operator::Lt => (min, cmp::lt),
+                Operator::LtEq => (min, cmp::lt_eq),
+                Operator::Gt => (max, cmp::gt),
+                Operator::GtEq => (max, cmp::gt_eq),
+                Operator::Eq => {
+                    for (bound, compare) in [
+                        (min, cmp::lt_eq as fn(&dyn Datum, &dyn Datum) -> _),
+                        (max, cmp::gt_eq),
+                    ] {
+                        narrow(&mut keep, bound, compare, range, self.containers);
+                    }
+                    continue;
+                }
+                _ => continue,
+            };
+            narrow(&mut keep, bound, compare, range, self.containers);
+        }
+        keep
     }
 
     /// The rows `[start, end)` of batch `at` (`batch`) that `ranges` allow, from the
@@ -438,6 +492,18 @@ impl KeyRange {
         ranges
     }
 
+    /// The ranges `conjunct` is, when it is nothing else: one comparison (two for
+    /// `BETWEEN`) of a column that is not floating point with a literal of its type.
+    fn only(conjunct: &Expr, schema: &SchemaRef) -> Option<Vec<Self>> {
+        let comparisons = match conjunct {
+            Expr::Between(_) => 2,
+            _ => 1,
+        };
+        let ranges = Self::from_filters(std::slice::from_ref(conjunct), schema);
+        let floating = |r: &Self| schema.field(r.column).data_type().is_floating();
+        (ranges.len() == comparisons && !ranges.iter().any(floating)).then_some(ranges)
+    }
+
     /// The rows `[from, to)` of `column`, sorted, that can pass; `None` if the column
     /// and the value cannot be compared. Binary searches: a batch costs a few
     /// comparisons, not one per row.
@@ -471,6 +537,31 @@ fn partition_point(len: usize, before: impl Fn(usize) -> bool) -> usize {
         }
     }
     low
+}
+
+/// Clears the flags in `keep` of batches whose `bound` (one per batch) does not satisfy
+/// `compare(bound, range's value)`; a batch with no bound keeps its flag.
+fn narrow(
+    keep: &mut Option<Vec<bool>>,
+    bound: &Option<ArrayRef>,
+    compare: fn(&dyn Datum, &dyn Datum) -> Result<BooleanArray, ArrowError>,
+    range: &KeyRange,
+    containers: usize,
+) {
+    let Some(bound) = bound else {
+        return;
+    };
+    let Ok(allows) = compare(bound, &range.value) else {
+        return;
+    };
+    if allows.len() != containers {
+        return;
+    }
+    let keep = keep.get_or_insert_with(|| vec![true; containers]);
+    for (k, allowed) in keep.iter_mut().zip(&allows) {
+        // NULL: the batch has no bound for the column, and proves nothing.
+        *k &= allowed.unwrap_or(true);
+    }
 }
 
 impl PruningStatistics for BatchStatistics {
@@ -568,6 +659,91 @@ mod tests {
         let selected = pinned.select(&state, &[col("key").gt(lit(100i64))]);
         assert_eq!(keys(&selected), vec![Vec::<i64>::new(), vec![]]);
         assert_eq!(selected.kept, 0);
+    }
+
+    #[test]
+    fn key_ranges_keep_what_a_pruning_predicate_keeps() {
+        // Keys not sorted in any batch, so only the bounds decide; one batch of NULL names.
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("key", DataType::Int64, false),
+            Field::new("name", DataType::Utf8, true),
+        ]));
+        let batch = |keys: &[i64], named: bool| {
+            let names =
+                StringArray::from_iter(keys.iter().map(|k| named.then(|| format!("n{k:03}"))));
+            let keys = Int64Array::from(keys.to_vec());
+            RecordBatch::try_new(Arc::clone(&schema), vec![Arc::new(keys), Arc::new(names)])
+                .unwrap()
+        };
+        let pinned = PinnedBatches::new(
+            Arc::clone(&schema),
+            vec![
+                vec![batch(&[5, 1, 9], true), batch(&[12, 3, 7], false)],
+                vec![batch(&[20, 15, 30], true)],
+            ],
+        );
+        let batches: Vec<&RecordBatch> = pinned.partitions.iter().flatten().collect();
+        let state = SessionContext::new().state();
+        type Make = fn(Expr, Expr) -> Expr;
+        let ops: [Make; 5] = [
+            |c, v| c.eq(v),
+            |c, v| c.lt(v),
+            |c, v| c.lt_eq(v),
+            |c, v| c.gt(v),
+            |c, v| c.gt_eq(v),
+        ];
+        let mut filters = vec![];
+        for value in 0..=32i64 {
+            for make in ops {
+                filters.push(vec![make(col("key"), lit(value))]);
+                filters.push(vec![make(lit(value), col("key"))]);
+                filters.push(vec![make(col("name"), lit(format!("n{value:03}")))]);
+            }
+            filters.push(vec![col("key").between(lit(value), lit(value + 4))]);
+            filters.push(vec![
+                col("key").gt(lit(value)),
+                col("name").lt_eq(lit(format!("n{:03}", value + 6))),
+            ]);
+        }
+        for filters in filters {
+            let selector = Selector::new(&state, &filters, &schema);
+            assert!(selector.by_ranges, "{filters:?}");
+            let keep = selector
+                .keep(&pinned.statistics)
+                .unwrap_or_else(|| vec![true; 3]);
+            // The oracle: DataFusion's pruning predicate over the same statistics.
+            let oracle = Selector::pruning(&state, &filters, &schema)
+                .unwrap()
+                .prune(&pinned.statistics)
+                .unwrap();
+            for (i, batch) in batches.iter().enumerate() {
+                assert_eq!(keep[i], oracle[i], "{filters:?}: batch {i}");
+                // And every batch with a row that passes is kept.
+                let df_schema = DFSchema::try_from(Arc::clone(&schema)).unwrap();
+                let predicate = conjunction(filters.clone()).unwrap();
+                let physical = state.create_physical_expr(predicate, &df_schema).unwrap();
+                let passes = physical
+                    .evaluate(batch)
+                    .unwrap()
+                    .into_array(batch.num_rows())
+                    .unwrap();
+                if passes
+                    .as_any()
+                    .downcast_ref::<BooleanArray>()
+                    .unwrap()
+                    .true_count()
+                    > 0
+                {
+                    assert!(keep[i], "{filters:?}: batch {i} has a passing row");
+                }
+            }
+        }
+        // A filter that is not a key range is decided by the predicate.
+        let like = [col("name").like(lit("n01%"))];
+        assert!(!Selector::new(&state, &like, &schema).by_ranges);
+        let float = Arc::new(Schema::new(vec![Field::new("x", DataType::Float64, false)]));
+        let on_float = [col("x").lt(lit(1.0f64))];
+        assert!(!Selector::new(&state, &on_float, &float).by_ranges);
     }
 
     #[test]

@@ -7,16 +7,21 @@
 //!    Flight SQL CommandPreparedStatementQuery ─────────────────▶ run(its SQL, bound values)
 //!    Flight SQL metadata command (GetTables, ...) ─────────────▶ one batch from the catalog
 //!
-//!  network runtime                      CPU runtime
-//!  ───────────────                      ───────────
-//!  run ── engine.execute(request) ─────▶ admit (slot or queue), plan, execute_stream()
-//!                                       │ poll batches (Parquet decode, filters, ...)
-//!                                       │ views as --view-types says
-//!                                       │ encode: FrameEncoder (zero-copy, the default) or
-//!                                       │   arrow-flight + prost (--send-path standard, compression)
-//!  response stream ◀── bounded channel ─┘ tx.send().await  (backpressure)
+//!  network runtime                          CPU runtime: one task per query
+//!  ───────────────                          ───────────────────────────────
+//!  run ── engine.execute_then(request)
+//!         admit (slot or queue) ── spawn ──▶ plan, execute_stream()
+//!  response ◀── watch (once planned) ───────┤ views as --view-types says
+//!                                           │ encode: FrameEncoder (zero-copy, the default) or
+//!                                           │   arrow-flight + prost (--send-path standard, compression)
+//!                                           │ poll batches (Parquet decode, filters, ...)
+//!  response stream ◀── bounded channel ─────┘ tx.send().await  (backpressure)
 //!        then the task's error, if it stopped early
 //! ```
+//!
+//! The task that plans the query also sends it: a query crosses to the CPU runtime once
+//! and back once when planned (a round trip to plan and another spawn to send cost a
+//! tenth of a millisecond of thread wake-ups per query, docs/benchmarks.md).
 //!
 //! Both encoders produce [`Frame`]s (a gRPC message as a chain of `Bytes`), which
 //! `route::DoGetRoute` writes to the HTTP/2 stream. The send task stops at the first of:
@@ -31,7 +36,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arrow_flight::FlightData;
 use arrow_flight::encode::{DictionaryHandling, FlightDataEncoderBuilder};
 use arrow_flight::error::FlightError;
 use arrow_flight::sql;
@@ -44,6 +48,7 @@ use futures::{FutureExt, Stream, StreamExt};
 use std::panic::AssertUnwindSafe;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::task::AbortOnDropHandle;
 use tonic::Status;
 
 use super::sql::FlightSql;
@@ -55,6 +60,7 @@ use crate::query::{
 };
 use crate::wire::frames::{self, Frame, FrameEncoder};
 use datafusion::common::ScalarValue;
+use std::future::Future;
 
 /// A stream of encoded messages for the client, ending with the query's error if any.
 pub type MessageStream = Pin<Box<dyn Stream<Item = Result<Frame, Status>> + Send>>;
@@ -158,12 +164,31 @@ async fn run(
     // Compression makes new buffers: nothing is left to share.
     let zero_copy = options.path == SendPath::ZeroCopy && options.compression.is_none();
     tracing::debug!(sql = %request.sql, zero_copy, "query");
-    let started = start(engine, request).await?;
-    if zero_copy {
-        zero_copy_stream(engine, started, options)
-    } else {
-        standard_stream(engine, started, options)
-    }
+    let (tx, rx) = mpsc::channel::<Result<Frame, Status>>(options.channel_depth.max(1));
+    let sender = Arc::clone(engine);
+    // Planned, encoded and sent by one task on the CPU runtime; this side gets what it
+    // watches the stream with once the query is planned.
+    let (watch, task) = engine
+        .execute_then(request, move |execution, planned| async move {
+            let started = start(&sender, execution);
+            let encoded = match zero_copy {
+                true => zero_copy_frames(&sender, started, options),
+                false => standard_frames(started, options),
+            };
+            match encoded {
+                Ok((execution, encoded, keepalive)) => {
+                    let (watch, sending) = sending(&sender, execution, encoded, keepalive, tx);
+                    planned.ready(watch);
+                    sending.await
+                }
+                Err(e) => {
+                    planned.fail(e);
+                    None
+                }
+            }
+        })
+        .await?;
+    Ok(respond(rx, task, watch))
 }
 
 /// A result that is one batch already computed (Flight SQL metadata), as frames.
@@ -187,29 +212,26 @@ fn flight_status(e: FlightError) -> Status {
     }
 }
 
+/// Encoded messages, errors as Flight errors.
+type EncodedStream =
+    Pin<Box<dyn Stream<Item = std::result::Result<Frame, FlightError>> + Send + 'static>>;
+
 /// The zero-copy send path: each message a chain of the batch's own buffers
 /// (`wire::frames`), pinned tables' batches sent as the messages they were laid out as.
-fn zero_copy_stream(
+fn zero_copy_frames(
     engine: &Arc<QueryEngine>,
     started: Started,
     options: SendOptions,
-) -> Result<MessageStream> {
-    let keepalive = empty_batch(&started.schema, &IpcWriteOptions::default(), options)?
-        .map(|message| Frame::from_flight_data(&message));
+) -> Result<(Running, EncodedStream, Option<Keepalive>)> {
+    let keepalive = Keepalive::new(&started.schema, IpcWriteOptions::default(), options);
     let encoder = FrameEncoder::try_new(
         &started.schema,
         IpcWriteOptions::default(),
         options.max_flight_data_size,
     )?
     .with_pinned_messages(Arc::clone(engine.pinned_messages()) as _);
-    let encoded = encode_frames(encoder, started.batches);
-    Ok(stream_messages(
-        engine,
-        started.execution,
-        encoded,
-        options,
-        keepalive,
-    ))
+    let encoded = Box::pin(encode_frames(encoder, started.batches));
+    Ok((started.execution, encoded, keepalive))
 }
 
 /// Frames for `batches`: the schema at once (the client's `do_get` returns when it
@@ -278,15 +300,14 @@ struct Running {
     deadline: Deadline,
 }
 
-/// Admits, plans and starts a query; its batches come with views as they are sent
-/// (`--view-types`).
-async fn start(engine: &Arc<QueryEngine>, request: QueryRequest) -> Result<Started> {
+/// A planned query's batches with views as they are sent (`--view-types`).
+fn start(engine: &Arc<QueryEngine>, execution: Execution) -> Started {
     let Execution {
         stream,
         report,
         query,
         deadline,
-    } = engine.execute(request).await?;
+    } = execution;
     let view_types = engine.view_types();
     let twins = engine.view_twins().cloned();
     let schema = view_types.schema(&stream.schema());
@@ -300,7 +321,7 @@ async fn start(engine: &Arc<QueryEngine>, request: QueryRequest) -> Result<Start
                     .map_err(FlightError::Arrow)
             })
     });
-    Ok(Started {
+    Started {
         execution: Running {
             report,
             query,
@@ -308,46 +329,53 @@ async fn start(engine: &Arc<QueryEngine>, request: QueryRequest) -> Result<Start
         },
         schema,
         batches: Box::pin(batches),
-    })
+    }
 }
 
 /// The keep-alive message: a record batch of no rows, which clients read as an empty
-/// batch (arrow-flight's encoder drops empty batches, so it is encoded here). `None`
+/// batch (arrow-flight's encoder drops empty batches, so it is encoded here). Encoded
+/// when a stream has been quiet for `--stream-keepalive`, which most never are. `None`
 /// when keep-alives are off, or the result has dictionary columns: their batches need
 /// the dictionaries sent with the rows, and an empty one would replace them.
-fn empty_batch(
-    schema: &SchemaRef,
-    ipc: &IpcWriteOptions,
-    options: SendOptions,
-) -> Result<Option<FlightData>> {
-    if options.keepalive.is_zero() {
-        return Ok(None);
+struct Keepalive {
+    every: Duration,
+    schema: SchemaRef,
+    ipc: IpcWriteOptions,
+}
+
+impl Keepalive {
+    fn new(schema: &SchemaRef, ipc: IpcWriteOptions, options: SendOptions) -> Option<Self> {
+        let dictionaries = schema
+            .flattened_fields()
+            .iter()
+            .any(|f| matches!(f.data_type(), DataType::Dictionary(..)));
+        (!options.keepalive.is_zero() && !dictionaries).then(|| Self {
+            every: options.keepalive,
+            schema: Arc::clone(schema),
+            ipc,
+        })
     }
-    let dictionaries = schema
-        .flattened_fields()
-        .iter()
-        .any(|f| matches!(f.data_type(), DataType::Dictionary(..)));
-    if dictionaries {
-        return Ok(None);
+
+    /// The message, framed as the standard path frames one.
+    fn message(&self) -> std::result::Result<Frame, FlightError> {
+        let (_, batch) = IpcDataGenerator::default().encode(
+            &RecordBatch::new_empty(Arc::clone(&self.schema)),
+            &mut DictionaryTracker::new(false),
+            &self.ipc,
+            &mut Default::default(),
+        )?;
+        Ok(Frame::from_flight_data(&batch.into()))
     }
-    let (_, batch) = IpcDataGenerator::default().encode(
-        &RecordBatch::new_empty(Arc::clone(schema)),
-        &mut DictionaryTracker::new(false),
-        ipc,
-        &mut Default::default(),
-    )?;
-    Ok(Some(batch.into()))
 }
 
 /// The standard send path: arrow-flight's encoder, each message then encoded by prost
 /// into one buffer as tonic's codec does (`--send-path standard`, and compressed results).
-fn standard_stream(
-    engine: &Arc<QueryEngine>,
+fn standard_frames(
     started: Started,
     options: SendOptions,
-) -> Result<MessageStream> {
+) -> Result<(Running, EncodedStream, Option<Keepalive>)> {
     let ipc = IpcWriteOptions::default().try_with_compression(options.compression)?;
-    let keepalive = empty_batch(&started.schema, &ipc, options)?;
+    let keepalive = Keepalive::new(&started.schema, ipc.clone(), options);
     // Split here, by the bytes the rows reference: arrow-flight splits by the capacity of
     // the buffers, which for a pinned table's batches (slices of one allocation, see
     // `wire::pinned`) is the whole allocation per column, and would cut each batch
@@ -369,32 +397,26 @@ fn standard_stream(
         .with_max_flight_data_size(usize::MAX)
         .build(pieces)
         .map(|message| message.map(|m| Frame::from_flight_data(&m)));
-    let keepalive = keepalive.map(|message| Frame::from_flight_data(&message));
-    Ok(stream_messages(
-        engine,
-        started.execution,
-        encoded,
-        options,
-        keepalive,
-    ))
+    Ok((started.execution, Box::pin(encoded), keepalive))
 }
 
-/// Runs the send loop on the CPU runtime, handing `encoded` messages to the returned
-/// stream through a bounded channel, and `keepalive` whenever `options.keepalive` passes
-/// without one.
-fn stream_messages(
+/// The send loop, to run on the CPU runtime (in the task that planned the query): it
+/// hands `encoded` messages to the response through `tx`, a bounded channel, and the
+/// keep-alive whenever `--stream-keepalive` passes without one. Returns what the network
+/// side watches the stream with, and the loop, whose output is the error that ended the
+/// stream early, if any.
+fn sending(
     engine: &Arc<QueryEngine>,
     execution: Running,
-    encoded: impl Stream<Item = std::result::Result<Frame, FlightError>> + Send + Unpin + 'static,
-    options: SendOptions,
-    keepalive: Option<Frame>,
-) -> MessageStream {
+    encoded: EncodedStream,
+    keepalive: Option<Keepalive>,
+    tx: mpsc::Sender<Result<Frame, Status>>,
+) -> (Watch, impl Future<Output = Option<Status>> + Send + 'static) {
     let Running {
         report,
         query,
         deadline,
     } = execution;
-    let (tx, rx) = mpsc::channel::<Result<Frame, Status>>(options.channel_depth.max(1));
     let first_batch = deadline.clone().earliest(Deadline::after(
         tokio::time::Instant::from_std(query.started()),
         engine.limits().first_batch_timeout,
@@ -409,11 +431,11 @@ fn stream_messages(
         first_batch,
         query: deadline,
         idle: engine.limits().stream_idle_timeout,
-        keepalive: keepalive.map(|m| (options.keepalive, m)),
+        keepalive,
     };
-    let task = engine.cpu().spawn(async move {
-        // `report` is dropped with the task however it ends, so the scan summary is
-        // always recorded; `encoded` (the plan's stream, and its memory) with `send`.
+    let sending = async move {
+        // `report` is dropped however this ends, so the scan summary is always recorded;
+        // `encoded` (the plan's stream, and its memory) with `send`.
         let mut query = query;
         let sent = AssertUnwindSafe(send(encoded, &tx, &mut query, &limits))
             .catch_unwind()
@@ -437,14 +459,23 @@ fn stream_messages(
                 Some(status)
             }
         }
-    });
+    };
+    (watch, sending)
+}
 
+/// The response: the messages from `rx`, then the error that ended the query's `task`
+/// early, if any.
+fn respond(
+    rx: mpsc::Receiver<Result<Frame, Status>>,
+    task: AbortOnDropHandle<Option<Option<Status>>>,
+    watch: Watch,
+) -> MessageStream {
     // The stream owns the task: dropping the response aborts the query. After the last
     // message, a query that failed ends the stream with its error: in the trailers,
     // never as a silently short result.
     let last = futures::stream::once(async move {
         match task.await {
-            Ok(failed) => failed.map(Err),
+            Ok(failed) => failed.flatten().map(Err),
             Err(join) => Some(Err(Status::from(Error::Internal(format!(
                 "the query task failed: {join}"
             ))))),
@@ -521,7 +552,7 @@ struct Limits {
     /// Longest wait for the client to take the next message.
     idle: Duration,
     /// How long the query may compute without a message, and the message sent then.
-    keepalive: Option<(Duration, Frame)>,
+    keepalive: Option<Keepalive>,
 }
 
 /// How a query's stream ended early: its outcome and the status the client gets.
@@ -550,7 +581,7 @@ async fn send(
         // `next()` is cancel-safe: dropping it loses nothing.
         let quiet = async {
             match &limits.keepalive {
-                Some((every, _)) => tokio::time::sleep(*every).await,
+                Some(keepalive) => tokio::time::sleep(keepalive.every).await,
                 None => std::future::pending::<()>().await,
             }
         };
@@ -559,7 +590,7 @@ async fn send(
             () = cancel.cancelled() => return Err(cancelled()),
             () = deadline.expired() => return Err(stop(deadline.error(stage))),
             next = encoded.next() => next,
-            () = quiet => limits.keepalive.as_ref().map(|(_, m)| Ok(m.clone())),
+            () = quiet => limits.keepalive.as_ref().map(Keepalive::message),
         };
         let data = match next {
             None => return Ok(()),

@@ -61,6 +61,7 @@ use parking_lot::Mutex;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio_util::task::AbortOnDropHandle;
 
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::ScalarValue;
@@ -134,6 +135,23 @@ pub struct Execution {
     pub query: RunningQuery,
     /// When the whole query must be done.
     pub deadline: Deadline,
+}
+
+/// How the task that planned a query hands its caller what starts the response
+/// ([`QueryEngine::execute_then`]).
+#[derive(Debug)]
+pub struct Planned<W>(tokio::sync::oneshot::Sender<Result<W>>);
+
+impl<W> Planned<W> {
+    /// The query is planned and running: the caller gets `what`.
+    pub fn ready(self, what: W) {
+        let _ = self.0.send(Ok(what));
+    }
+
+    /// The query cannot start after all: the caller gets `error`.
+    pub fn fail(self, error: Error) {
+        let _ = self.0.send(Err(error));
+    }
 }
 
 impl std::fmt::Debug for QueryEngine {
@@ -663,11 +681,37 @@ impl QueryEngine {
 
     /// Admits, plans and starts a query on the CPU runtime. The stream must be polled on
     /// the CPU runtime too (see `flight::do_get`): DataFusion does its work inside `poll`.
+    /// For callers that only collect the result (tests); `flight::do_get` uses
+    /// [`Self::execute_then`], which keeps the work on the task that planned it.
+    pub async fn execute(self: &Arc<Self>, request: impl Into<QueryRequest>) -> Result<Execution> {
+        let (execution, _done) = self
+            .execute_then(request, |execution, planned| async move {
+                planned.ready(execution);
+            })
+            .await?;
+        Ok(execution)
+    }
+
+    /// Admits a query, then plans it and runs `then` on one task of the CPU runtime: a
+    /// query costs one hop to the CPU runtime and one back (when planned), not a round trip
+    /// to plan and another to run. `then` gets the execution and hands the caller what
+    /// it needs to start the response with [`Planned::ready`] (or fails it); this returns
+    /// that, with the task's handle (dropping it aborts the query), once it is handed over.
     ///
     /// The query is listed (and cancellable) from the start; it waits for a slot within
     /// `--queue-timeout`, plans within `--planning-timeout`, and all of it within its
     /// deadline. Every way this fails is counted in `quiver_queries_total`.
-    pub async fn execute(self: &Arc<Self>, request: impl Into<QueryRequest>) -> Result<Execution> {
+    pub async fn execute_then<W, T, F, Fut>(
+        self: &Arc<Self>,
+        request: impl Into<QueryRequest>,
+        then: F,
+    ) -> Result<(W, AbortOnDropHandle<Option<T>>)>
+    where
+        W: Send + 'static,
+        T: Send + 'static,
+        F: FnOnce(Execution, Planned<W>) -> Fut + Send + 'static,
+        Fut: Future<Output = T> + Send + 'static,
+    {
         let request = request.into();
         let arrived = tokio::time::Instant::now();
         let mut deadline = Deadline::after(arrived, self.limits.query_timeout, "--query-timeout");
@@ -718,10 +762,10 @@ impl QueryEngine {
         }
         active.set_state(QueryState::Planning);
 
-        // Planning, on the CPU runtime. The task owns the query (its listing and slot)
-        // until it hands back the execution, so neither is released while planning
-        // still runs; the deadline and cancellation are watched from here, so they fire
-        // even if planning never yields, and the abort takes effect at its next yield.
+        // Planning, then `then`, on the CPU runtime. The task owns the query (its listing
+        // and slot) throughout, so neither is released while planning still runs; the
+        // planning deadline and cancellation are watched from here, so they fire even if
+        // planning never yields, and the abort takes effect at its next yield.
         let planning = deadline.clone().earliest(Deadline::after(
             tokio::time::Instant::now(),
             self.limits.planning_timeout,
@@ -731,8 +775,9 @@ impl QueryEngine {
         let (sql, params, access) = (request.sql, request.params, request.caller.tables);
         let (distribution, slice) = (request.distribution, request.slice);
         let use_cache = !request.no_result_cache;
+        let (handed, handed_over) = tokio::sync::oneshot::channel();
         let task = self.cpu.spawn(async move {
-            match engine
+            let started = engine
                 .start(
                     sql,
                     params,
@@ -740,32 +785,36 @@ impl QueryEngine {
                     (distribution, slice, use_cache),
                     &query,
                 )
-                .await
-            {
-                Ok((stream, report)) => Ok((stream, report, query)),
+                .await;
+            match started {
+                Ok((stream, report)) => {
+                    query.planned();
+                    query.active().set_state(QueryState::Running);
+                    let execution = Execution {
+                        stream,
+                        report,
+                        query,
+                        deadline,
+                    };
+                    Some(then(execution, Planned(handed)).await)
+                }
                 Err(e) => {
                     query.finish(engine.outcome_of(query.active(), &e));
-                    Err(e)
+                    let _ = handed.send(Err(e));
+                    None
                 }
             }
         });
         let planned = tokio::select! {
             planned = planning.run("planning", async move {
-                task.await.map_err(|e| Error::Internal(format!("planning task failed: {e}")))?
+                handed_over.await.map_err(|_| {
+                    Error::Internal("the query task ended before the query was planned".into())
+                })?
             }) => planned,
             () = cancel.cancelled() => Err(active.cancel_error()),
         };
         match planned {
-            Ok((stream, report, query)) => {
-                query.planned();
-                active.set_state(QueryState::Running);
-                Ok(Execution {
-                    stream,
-                    report,
-                    query,
-                    deadline,
-                })
-            }
+            Ok(handed) => Ok((handed, task)),
             Err(e) => {
                 // The task may still be unwinding: it records this outcome when it drops.
                 active.set_outcome(self.outcome_of(&active, &e));
