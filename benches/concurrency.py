@@ -39,6 +39,8 @@ MIXED = [
 CHUNK_CACHE = "1GiB"
 # The row group cache of the `--row-group-cache-size` row: room for lineitem SF1 decoded.
 ROW_GROUP_CACHE = "3GiB"
+# Rows of clients that keep their connection from round to round.
+KEPT = ", connections kept"
 # About 1 MB of Arrow per stream.
 MEGABYTE_ROWS = 7_500
 
@@ -48,12 +50,14 @@ def percentile(xs, p):
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
-def level(addr: str, clients: int, per_client: int, make_ticket) -> dict:
-    """`clients` threads, each on its own connection, each running `per_client` queries."""
+def level(addr: str, clients: int, per_client: int, make_ticket, kept=None) -> dict:
+    """`clients` threads, each on its own connection, each running `per_client` queries.
+    Each connects anew and closes at the end, unless `kept` holds a connection per client
+    (made once, used for every level: as a service keeps its Flight client)."""
     latencies, errors = [], []
 
     def client(c: int):
-        conn = flight.connect(f"grpc://{addr}")
+        conn = kept[c] if kept else flight.connect(f"grpc://{addr}")
         try:
             for i in range(per_client):
                 started = time.perf_counter()
@@ -63,7 +67,8 @@ def level(addr: str, clients: int, per_client: int, make_ticket) -> dict:
                 except flight.FlightError as e:
                     errors.append(str(e))
         finally:
-            conn.close()
+            if not kept:
+                conn.close()
 
     started = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
@@ -121,6 +126,8 @@ def key_ranges(a, data: Path, work: Path, quiver: Quiver, arrow: ArrowServer) ->
     # group once, the first measured round decodes it into the cache.
     decoded = Quiver(a.quiver, work / "decoded", [*tpch_tables(data), "--row-group-cache-size", ROW_GROUP_CACHE])
     failed = False
+    # Connections kept across rounds, by row.
+    keep = {}
     try:
         sql = "SELECT * FROM lineitem WHERE l_orderkey >= {} AND l_orderkey < {}"
         # Each range's answer equals the same rows sliced by pyarrow (the oracle).
@@ -146,8 +153,9 @@ def key_ranges(a, data: Path, work: Path, quiver: Quiver, arrow: ArrowServer) ->
         print("| server | mean ms | p99 ms | vs pyarrow | server CPU ms per stream | CPU vs pyarrow | errors"
               " | server peak RSS MB |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        base_name = "pyarrow C++ server (from memory, slices)"
         runs = {
-            "pyarrow C++ server (from memory, slices)": (
+            base_name: (
                 arrow.addr, lambda c, i: flight.Ticket(f"65536:{bounds[c][3]}:{bounds[c][2]}".encode()), arrow),
             "quiver (from Parquet)": (
                 quiver.addr, lambda c, i: flight.Ticket(sql.format(*bounds[c][:2]).encode()), quiver),
@@ -162,17 +170,24 @@ def key_ranges(a, data: Path, work: Path, quiver: Quiver, arrow: ArrowServer) ->
             "quiver (from Parquet), result cache on, repeated ranges (not a comparison)": (
                 cached.addr, lambda c, i: flight.Ticket(sql.format(*bounds[c][:2]).encode()), cached),
         }
+        # The same clients again on connections kept from round to round, as a service
+        # or a notebook keeps its Flight client: no TCP and HTTP/2 handshake per stream.
+        # Compared with pyarrow's server on kept connections too.
+        for name in [base_name, "quiver (pinned table)", f"quiver (from Parquet), --row-group-cache-size {ROW_GROUP_CACHE}"]:
+            addr, ticket, server = runs[name]
+            runs[name + KEPT] = (addr, ticket, server)
+            keep[name + KEPT] = [flight.connect(f"grpc://{addr}") for _ in range(clients)]
         means = {name: [] for name in runs}
         p99s = {name: [] for name in runs}
         cpu = {name: [] for name in runs}
         errors = {name: 0 for name in runs}
-        for addr, ticket, _ in runs.values():
-            level(addr, clients, 1, ticket)  # warm-up: connections, chunk cache, plans
+        for name, (addr, ticket, _) in runs.items():
+            level(addr, clients, 1, ticket, keep.get(name))  # warm-up: connections, chunk cache, plans
         for round_ in range(a.rounds):
             for name in rotate(list(runs), round_):
                 addr, ticket, server = runs[name]
                 before = cpu_seconds(server.proc.pid)
-                r = level(addr, clients, 1, ticket)
+                r = level(addr, clients, 1, ticket, keep.get(name))
                 cpu[name].append((cpu_seconds(server.proc.pid) - before) / clients)
                 means[name].append(r["mean"])
                 p99s[name].append(r["p99"])
@@ -185,9 +200,9 @@ def key_ranges(a, data: Path, work: Path, quiver: Quiver, arrow: ArrowServer) ->
             print("the row group cache answered fewer than the repeated ranges", file=sys.stderr)
             failed = True
         del table
-        base = "pyarrow C++ server (from memory, slices)"
-        baseline, baseline_cpu = statistics.median(means[base]), statistics.median(cpu[base])
         for name, (_, _, server) in runs.items():
+            base = base_name + KEPT if name.endswith(KEPT) else base_name
+            baseline, baseline_cpu = statistics.median(means[base]), statistics.median(cpu[base])
             mean, used = statistics.median(means[name]), statistics.median(cpu[name])
             rss = f"{server.peak_rss() / 2**20:.0f}" if server is not arrow else "-"
             print(f"| {name} | {mean * 1e3:.1f} | {statistics.median(p99s[name]) * 1e3:.1f} | {mean / baseline:.2f}x"
@@ -196,6 +211,9 @@ def key_ranges(a, data: Path, work: Path, quiver: Quiver, arrow: ArrowServer) ->
             print("the result cache answered fewer than the repeated ranges", file=sys.stderr)
             failed = True
     finally:
+        for conns in keep.values():
+            for conn in conns:
+                conn.close()
         pinned.close()
         chunked.close()
         decoded.close()
