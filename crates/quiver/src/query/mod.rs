@@ -776,7 +776,7 @@ impl QueryEngine {
         let (distribution, slice) = (request.distribution, request.slice);
         let use_cache = !request.no_result_cache;
         let (handed, handed_over) = tokio::sync::oneshot::channel();
-        let task = self.cpu.spawn(async move {
+        let mut task = self.cpu.spawn(async move {
             let started = engine
                 .start(
                     sql,
@@ -806,10 +806,15 @@ impl QueryEngine {
             }
         });
         let planned = tokio::select! {
-            planned = planning.run("planning", async move {
-                handed_over.await.map_err(|_| {
-                    Error::Internal("the query task ended before the query was planned".into())
-                })?
+            planned = planning.run("planning", async {
+                match handed_over.await {
+                    Ok(handed) => handed,
+                    // Nothing handed over: the task panicked (or `then` dropped `Planned`).
+                    Err(_) => Err(Error::Internal(match (&mut task).await {
+                        Err(join) => format!("the query task failed while planning: {join}"),
+                        Ok(_) => "the query task ended before the query was planned".into(),
+                    })),
+                }
             }) => planned,
             () = cancel.cancelled() => Err(active.cancel_error()),
         };

@@ -238,3 +238,54 @@ async fn function_outputs_are_capped_before_they_are_allocated() {
         "SELECT count(*) FROM (SELECT 'a' || CAST(NULL AS VARCHAR) || 'b' AS s) WHERE s IS NULL";
     assert_eq!(run(&engine, sql).await.unwrap(), (1, 1));
 }
+
+/// What runs after planning on the query's task (`execute_then`) hands over what it
+/// prepared; when it hands nothing over, or panics first, the caller gets an internal error
+/// saying so (with the panic), the query is not left listed, and the engine goes on.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_continuation_that_hands_nothing_over_fails_the_query_cleanly() {
+    let engine = engine(64 << 20, PoolKind::Fair, false).await;
+    let (rows, _done) = engine
+        .execute_then("SELECT 1 AS one", |execution, planned| async move {
+            let schema = execution.stream.schema();
+            planned.ready(schema.fields().len());
+        })
+        .await
+        .unwrap();
+    assert_eq!(rows, 1);
+
+    let dropped = engine
+        .execute_then(
+            "SELECT 1 AS one",
+            |_execution, planned: Planned<()>| async move {
+                drop(planned);
+            },
+        )
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        dropped
+            .to_string()
+            .contains("ended before the query was planned"),
+        "{dropped}"
+    );
+
+    let panicked = engine
+        .execute_then(
+            "SELECT 1 AS one",
+            |_execution, _planned: Planned<()>| async move {
+                panic!("a continuation that panics");
+            },
+        )
+        .await
+        .err()
+        .unwrap();
+    let message = panicked.to_string();
+    assert!(message.contains("failed while planning"), "{message}");
+    assert!(message.contains("panic"), "{message}");
+
+    // Nothing is left listed, and the next query runs.
+    assert_eq!(run(&engine, "SELECT 7").await.unwrap(), (1, 7));
+    assert!(engine.active_queries().is_empty());
+}
