@@ -267,36 +267,31 @@ impl BatchStatistics {
     /// outside one of `ranges`, or the range's column is NULL in every row (a batch
     /// without a bound is otherwise kept). `None` when no range can be compared.
     fn overlapping(&self, ranges: &[KeyRange]) -> Option<Vec<bool>> {
+        type Compare = fn(&dyn Datum, &dyn Datum) -> Result<BooleanArray, ArrowError>;
         let mut keep: Option<Vec<bool>> = None;
+        let rows = self.rows.as_primitive::<UInt64Type>();
         for range in ranges {
             // A comparison with NULL is never true: a batch of only NULLs has no row in it.
             let nulls = self.null_counts[range.column].as_primitive::<UInt64Type>();
-            let rows = self.rows.as_primitive::<UInt64Type>();
             if nulls.len() == self.containers && rows.len() == self.containers {
                 let keep = keep.get_or_insert_with(|| vec![true; self.containers]);
                 for (i, k) in keep.iter_mut().enumerate() {
                     *k &= nulls.value(i) != rows.value(i);
                 }
             }
+            // The range's rows can be in a batch only if its bounds allow them.
             let (min, max) = (&self.min[range.column], &self.max[range.column]);
-            // The range's rows can be in a batch only if its bound allows them.
-            let (bound, compare): (_, fn(&dyn Datum, &dyn Datum) -> _) = match range.op {
-                Operator::Lt => (min, cmp::lt),
-                Operator::LtEq => (min, cmp::lt_eq),
-                Operator::Gt => (max, cmp::gt),
-                Operator::GtEq => (max, cmp::gt_eq),
-                Operator::Eq => {
-                    for (bound, compare) in [
-                        (min, cmp::lt_eq as fn(&dyn Datum, &dyn Datum) -> _),
-                        (max, cmp::gt_eq),
-                    ] {
-                        narrow(&mut keep, bound, compare, range, self.containers);
-                    }
-                    continue;
-                }
-                _ => continue,
+            let checks: &[(&Option<ArrayRef>, Compare)] = match range.op {
+                Operator::Lt => &[(min, cmp::lt)],
+                Operator::LtEq => &[(min, cmp::lt_eq)],
+                Operator::Gt => &[(max, cmp::gt)],
+                Operator::GtEq => &[(max, cmp::gt_eq)],
+                Operator::Eq => &[(min, cmp::lt_eq), (max, cmp::gt_eq)],
+                _ => &[],
             };
-            narrow(&mut keep, bound, compare, range, self.containers);
+            for (bound, compare) in checks {
+                narrow(&mut keep, bound, *compare, range, self.containers);
+            }
         }
         keep
     }
