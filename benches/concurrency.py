@@ -16,6 +16,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -50,14 +51,27 @@ def percentile(xs, p):
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
+# Whether the clients of a level start their first query together (`--together`) or each as
+# soon as its thread exists (the default, as in every run in docs/benchmarks.md).
+TOGETHER = False
+
+
 def level(addr: str, clients: int, per_client: int, make_ticket, kept=None) -> dict:
     """`clients` threads, each on its own connection, each running `per_client` queries.
     Each connects anew and closes at the end, unless `kept` holds a connection per client
-    (made once, used for every level: as a service keeps its Flight client)."""
+    (made once, used for every level: as a service keeps its Flight client). Each client
+    starts as soon as its thread exists (creating 100 Python threads takes ~10 ms, as long
+    as a dozen of the key-range streams, so the first clients run nearly alone and each
+    stream's own latency weighs), or, with `TOGETHER`, all send their first query at once
+    (a burst: the mean then mostly measures how fast the one client process drains 100
+    streams, which brings every server's ratio towards 1x)."""
     latencies, errors = [], []
+    ready = threading.Barrier(clients) if TOGETHER else None
 
     def client(c: int):
         conn = kept[c] if kept else flight.connect(f"grpc://{addr}")
+        if ready is not None:
+            ready.wait(timeout=120)
         try:
             for i in range(per_client):
                 started = time.perf_counter()
@@ -96,8 +110,9 @@ def key_ranges(a, data: Path, work: Path, quiver: Quiver, arrow: ArrowServer) ->
     of rows at the same place. Each server runs --rounds rounds of the 100 streams, the
     order of the servers rotating each round; reported: the median of the rounds' mean
     latencies, and the server's CPU time per stream (user + system, from /proc), which
-    the shared client process disturbs less than latency. Returns whether any stream
-    failed."""
+    the shared client process disturbs less than latency: all rounds' CPU over all their
+    streams, since /proc counts in 10 ms ticks (0.1 ms a stream in one round of 100).
+    Returns whether any stream failed."""
     import pyarrow.parquet as pq
 
     keys = pq.read_table(data / "lineitem.parquet", columns=["l_orderkey"])["l_orderkey"].to_numpy()
@@ -149,7 +164,8 @@ def key_ranges(a, data: Path, work: Path, quiver: Quiver, arrow: ArrowServer) ->
 
         failed |= mismatches([quiver, pinned, chunked, decoded])
         print(f"\n100 concurrent clients, each a different key range of ~{MEGABYTE_ROWS} rows (~1 MB):\n")
-        print(f"{a.rounds} rounds, medians of the rounds' means:\n")
+        print(f"{a.rounds} rounds, medians of the rounds' means, CPU over all rounds;"
+              f" clients {'start together' if TOGETHER else 'staggered'}:\n")
         print("| server | mean ms | p99 ms | vs pyarrow | server CPU ms per stream | CPU vs pyarrow | errors"
               " | server peak RSS MB |")
         print("|---|---:|---:|---:|---:|---:|---:|---:|")
@@ -188,7 +204,7 @@ def key_ranges(a, data: Path, work: Path, quiver: Quiver, arrow: ArrowServer) ->
                 addr, ticket, server = runs[name]
                 before = cpu_seconds(server.proc.pid)
                 r = level(addr, clients, 1, ticket, keep.get(name))
-                cpu[name].append((cpu_seconds(server.proc.pid) - before) / clients)
+                cpu[name].append(cpu_seconds(server.proc.pid) - before)
                 means[name].append(r["mean"])
                 p99s[name].append(r["p99"])
                 errors[name] += len(r["errors"])
@@ -202,8 +218,8 @@ def key_ranges(a, data: Path, work: Path, quiver: Quiver, arrow: ArrowServer) ->
         del table
         for name, (_, _, server) in runs.items():
             base = base_name + KEPT if name.endswith(KEPT) else base_name
-            baseline, baseline_cpu = statistics.median(means[base]), statistics.median(cpu[base])
-            mean, used = statistics.median(means[name]), statistics.median(cpu[name])
+            baseline, baseline_cpu = statistics.median(means[base]), sum(cpu[base]) / (clients * a.rounds)
+            mean, used = statistics.median(means[name]), sum(cpu[name]) / (clients * a.rounds)
             rss = f"{server.peak_rss() / 2**20:.0f}" if server is not arrow else "-"
             print(f"| {name} | {mean * 1e3:.1f} | {statistics.median(p99s[name]) * 1e3:.1f} | {mean / baseline:.2f}x"
                   f" | {used * 1e3:.2f} | {used / baseline_cpu:.2f}x | {errors[name]} | {rss} |")
@@ -228,7 +244,11 @@ def main() -> int:
     p.add_argument("--scale", type=float, default=1.0)
     p.add_argument("--per-client", type=int, default=20, help="queries each client runs per level")
     p.add_argument("--rounds", type=int, default=9, help="rounds of the key-range comparison")
+    p.add_argument("--together", action="store_true",
+                   help="the clients of a level send their first query at once (a burst), not each as its thread starts")
     a = p.parse_args()
+    global TOGETHER
+    TOGETHER = a.together
     if a.smoke:
         a.scale, a.per_client, a.rounds = 0.01, 2, 2
     data = generate_tpch(a.scale, a.cache)
