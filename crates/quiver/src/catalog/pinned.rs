@@ -148,32 +148,39 @@ impl PinnedBatches {
 /// A query's filters, prepared for selecting batches of one schema: the predicate over
 /// their statistics, and the key ranges sorted columns can be cut to.
 pub(crate) struct Selector {
-    /// DataFusion's pruning predicate, for filters other than key ranges; `None` when
-    /// nothing can be proven from them, or when every filter is a key range.
-    pruning: Option<Arc<PruningPredicate>>,
+    keep: Keep,
     ranges: Vec<KeyRange>,
-    /// Every filter is a key range of `ranges` on a column that is not floating point:
-    /// the batches are kept by comparing each range with the batches' minimums and
-    /// maximums, without building a pruning predicate (a tenth of a point query's CPU
-    /// time on a pinned table, measured with perf).
-    by_ranges: bool,
+}
+
+/// How a [`Selector`] tells which batches may hold a passing row.
+enum Keep {
+    /// Every filter is a key range of the selector's `ranges` on a column that is not
+    /// floating point: by comparing each range with the batches' minimums and maximums,
+    /// without building a pruning predicate (a tenth of a point query's CPU time on a
+    /// pinned table, measured with perf).
+    ByRanges,
+    /// DataFusion's pruning predicate over the batches' statistics; `None` when nothing
+    /// can be proven from the filters.
+    Pruning(Option<Arc<PruningPredicate>>),
 }
 
 impl Selector {
     pub(crate) fn new(state: &dyn Session, filters: &[Expr], schema: &SchemaRef) -> Self {
-        let ranges = KeyRange::from_filters(filters, schema);
-        let by_ranges = !filters.is_empty()
-            && filters
-                .iter()
-                .flat_map(split_conjunction)
-                .all(|conjunct| KeyRange::only(conjunct, schema).is_some());
-        Self {
-            pruning: match by_ranges {
-                true => None,
-                false => Self::pruning(state, filters, schema),
+        // Each conjunct's ranges, when every conjunct is nothing but key ranges.
+        let only_ranges: Option<Vec<Vec<KeyRange>>> = filters
+            .iter()
+            .flat_map(split_conjunction)
+            .map(|conjunct| KeyRange::only(conjunct, schema))
+            .collect();
+        match only_ranges {
+            Some(ranges) if !filters.is_empty() => Self {
+                keep: Keep::ByRanges,
+                ranges: ranges.into_iter().flatten().collect(),
             },
-            ranges,
-            by_ranges,
+            _ => Self {
+                keep: Keep::Pruning(Self::pruning(state, filters, schema)),
+                ranges: KeyRange::from_filters(filters, schema),
+            },
         }
     }
 
@@ -204,11 +211,13 @@ impl Selector {
     /// One flag per batch of `statistics` (in partition order): false where they prove no
     /// row passes the filters. `None` when nothing can be proven.
     fn keep(&self, statistics: &BatchStatistics) -> Option<Vec<bool>> {
-        if self.by_ranges {
-            return statistics.overlapping(&self.ranges);
+        match &self.keep {
+            Keep::ByRanges => statistics.overlapping(&self.ranges),
+            Keep::Pruning(pruning) => {
+                let keep = pruning.as_ref()?.prune(statistics).ok()?;
+                (keep.len() == statistics.containers).then_some(keep)
+            }
         }
-        let keep = self.pruning.as_ref()?.prune(statistics).ok()?;
-        (keep.len() == statistics.containers).then_some(keep)
     }
 }
 
@@ -702,7 +711,7 @@ mod tests {
         }
         for filters in filters {
             let selector = Selector::new(&state, &filters, &schema);
-            assert!(selector.by_ranges, "{filters:?}");
+            assert!(matches!(selector.keep, Keep::ByRanges), "{filters:?}");
             let keep = selector
                 .keep(&pinned.statistics)
                 .unwrap_or_else(|| vec![true; 3]);
@@ -735,10 +744,11 @@ mod tests {
         }
         // A filter that is not a key range is decided by the predicate.
         let like = [col("name").like(lit("n01%"))];
-        assert!(!Selector::new(&state, &like, &schema).by_ranges);
+        let by_ranges = |s: Selector| matches!(s.keep, Keep::ByRanges);
+        assert!(!by_ranges(Selector::new(&state, &like, &schema)));
         let float = Arc::new(Schema::new(vec![Field::new("x", DataType::Float64, false)]));
         let on_float = [col("x").lt(lit(1.0f64))];
-        assert!(!Selector::new(&state, &on_float, &float).by_ranges);
+        assert!(!by_ranges(Selector::new(&state, &on_float, &float)));
     }
 
     #[test]
