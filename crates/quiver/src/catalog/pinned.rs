@@ -276,7 +276,6 @@ impl BatchStatistics {
     /// outside one of `ranges`, or the range's column is NULL in every row (a batch
     /// without a bound is otherwise kept). `None` when no range can be compared.
     fn overlapping(&self, ranges: &[KeyRange]) -> Option<Vec<bool>> {
-        type Compare = fn(&dyn Datum, &dyn Datum) -> Result<BooleanArray, ArrowError>;
         let mut keep: Option<Vec<bool>> = None;
         let rows = self.rows.as_primitive::<UInt64Type>();
         for range in ranges {
@@ -543,12 +542,15 @@ fn partition_point(len: usize, before: impl Fn(usize) -> bool) -> usize {
     low
 }
 
+/// One of arrow's comparison kernels (`cmp::lt`, ...).
+type Compare = fn(&dyn Datum, &dyn Datum) -> Result<BooleanArray, ArrowError>;
+
 /// Clears the flags in `keep` of batches whose `bound` (one per batch) does not satisfy
 /// `compare(bound, range's value)`; a batch with no bound keeps its flag.
 fn narrow(
     keep: &mut Option<Vec<bool>>,
     bound: &Option<ArrayRef>,
-    compare: fn(&dyn Datum, &dyn Datum) -> Result<BooleanArray, ArrowError>,
+    compare: Compare,
     range: &KeyRange,
     containers: usize,
 ) {
