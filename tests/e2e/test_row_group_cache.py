@@ -110,13 +110,75 @@ def test_a_partitioned_table_with_evolving_schema_equals_duckdb(dataset, tmp_pat
         s.stop()
 
 
-def test_off_by_default(tmp_path):
+def test_scan_counters_count_row_groups_read_from_the_cache(tmp_path):
+    """A query reads the same row groups whether they come from the file, are decoded
+    into the cache by it, or come from the cache: the scan counters say so, with the
+    row groups the footer's statistics rule out as pruned (the oracle: pyarrow's footer
+    statistics), and bytes read from the file only while some row group is not cached."""
+    import pyarrow.parquet as pq
+
     path = tmp_path / "t.parquet"
-    write(make_table(2), path)
+    write(make_table(4), path)
+    lo, hi = 29500, 30600
+    sql = f"SELECT * FROM t WHERE k >= {lo} AND k < {hi} ORDER BY k"
+    metadata = pq.ParquetFile(path).metadata
+    groups = [metadata.row_group(i).column(0).statistics for i in range(metadata.num_row_groups)]
+    overlapping = sum(1 for g in groups if g.max >= lo and g.min < hi)
+    assert overlapping == 2 and len(groups) == 4
     s = Server(["--table", f"t={path}"], tmp_path / "server")
     try:
+        want = expected(path, sql)
+        counters = ("files_scanned", "row_groups_scanned", "row_groups_pruned", "bytes")
+        for run in range(4):
+            before = s.metrics()
+            assert answer(s, sql) == want, run
+            after = wait_for(
+                lambda: (m := s.metrics()).get("quiver_queries_total", outcome="success")
+                > before.get("quiver_queries_total", outcome="success") and m,
+                what="the query's counters",
+            )
+            delta = {c: after.get(f"quiver_scan_{c}_total") - before.get(f"quiver_scan_{c}_total") for c in counters}
+            cache = {c: after.get(f"quiver_row_group_cache_{c}_total") - before.get(f"quiver_row_group_cache_{c}_total")
+                     for c in ("hits", "inserts")}
+            # File ranges as DataFusion opens them (it splits a file over its partitions);
+            # a file whose row groups all come from the cache counts once.
+            assert delta["files_scanned"] >= 1, (run, delta)
+            assert delta["row_groups_scanned"] == overlapping, (run, delta)
+            assert delta["row_groups_pruned"] == len(groups) - overlapping, (run, delta)
+            # Read from the file (runs 0 and 1: the second decodes both into the cache),
+            # then from the cache alone.
+            assert cache == [{"hits": 0, "inserts": 0}, {"hits": 0, "inserts": 2},
+                             {"hits": 2, "inserts": 0}, {"hits": 2, "inserts": 0}][run], (run, cache)
+            assert (delta["bytes"] > 0) == (run < 2), (run, delta)
+    finally:
+        s.stop()
+
+
+def test_on_by_default_with_a_quarter_of_the_memory_limit(tmp_path):
+    """Without the flag the cache holds up to a quarter of --memory-limit, and keeps no
+    row group over an eighth of that: a row group of 10,000 rows (over 0.75 MB decoded)
+    is kept under 64 MiB (16 MiB, an eighth 2 MiB), not under 24 MiB (6 MiB, an eighth
+    0.75 MiB). `0` turns the cache off."""
+    path = tmp_path / "t.parquet"
+    write(make_table(2), path, row_group=10_000)
+    sql = QUERIES[0]  # one row group
+    want = expected(path, sql)
+    for limit, kept in [("64MiB", True), ("24MiB", False)]:
+        s = Server(["--table", f"t={path}", "--memory-limit", limit], tmp_path / f"server-{limit}")
+        try:
+            for _ in range(3):
+                assert answer(s, sql) == want
+            now = stats(s)
+            assert now["inserts_total"] == (1 if kept else 0), (limit, now)
+            assert now["hits_total"] == (1 if kept else 0), (limit, now)
+            if kept:
+                assert 0.75 * 2**20 < now["bytes"] <= 2 * 2**20, now
+        finally:
+            s.stop()
+    s = Server(["--table", f"t={path}", "--row-group-cache-size", "0"], tmp_path / "server-off")
+    try:
         for _ in range(3):
-            assert answer(s, QUERIES[0]) == expected(path, QUERIES[0])
+            assert answer(s, sql) == want
         assert set(stats(s).values()) == {0}
     finally:
         s.stop()

@@ -44,6 +44,7 @@ use datafusion_datasource::memory::MemorySourceConfig;
 
 use super::PartitionPruning;
 use super::pinned::{PinnedBatches, Selector};
+use super::pruning::CachedFile;
 use super::row_group_cache::{LOADS_PER_SCAN, Lookup, RowGroupCache, RowGroupCaching, RowGroupKey};
 use crate::io::remote::Bucket;
 use crate::io::{FileReaderFactory, Io, IoMode, IoOptions};
@@ -483,6 +484,7 @@ impl HiveTable {
         files: Vec<(usize, &TableFile)>,
         filters: &[Expr],
     ) -> DfResult<(Vec<PartitionedFile>, Vec<RecordBatch>)> {
+        let pruning = state.config().get_extension::<PartitionPruning>();
         let predicate = self.file_predicate(state, filters);
         // Cached row groups have the table's schema: one selector for all of them, made
         // at the first one (a scan that finds none in the cache plans no selection).
@@ -519,6 +521,7 @@ impl HiveTable {
                 );
             }
             let wanted = read.row_group_indexes().collect::<Vec<_>>();
+            let wanted_count = wanted.len();
             // What is left to read from the file: neither pruned nor cached.
             let mut access = read.build();
             let mut from_cache = 0;
@@ -549,7 +552,10 @@ impl HiveTable {
                             .decode_row_group(state, &partitioned, groups.len(), row_group)
                             .await
                         {
-                            Ok(batches) => {
+                            Ok((batches, bytes)) => {
+                                if let Some(pruning) = &pruning {
+                                    pruning.record_loaded(bytes);
+                                }
                                 match cache.insert(key, Arc::clone(&self.schema), batches) {
                                     Some(group) => group,
                                     None => continue,
@@ -574,7 +580,16 @@ impl HiveTable {
                 scans.push(partitioned);
                 continue;
             }
-            if access.row_group_index_iter().next().is_none() {
+            let to_read = access.row_group_index_iter().count();
+            if let Some(pruning) = &pruning {
+                pruning.record_cached(CachedFile {
+                    no_file_scan: to_read == 0,
+                    row_groups: groups.len() - to_read,
+                    pruned: groups.len() - wanted_count,
+                    from_cache,
+                });
+            }
+            if to_read == 0 {
                 continue;
             }
             // The file's statistics count the rows the cache now serves too.
@@ -614,14 +629,15 @@ impl HiveTable {
     }
 
     /// Every row of row group `row_group` of `file` (of `row_groups`), decoded by
-    /// DataFusion's Parquet scan, with the table's schema (partition columns included).
+    /// DataFusion's Parquet scan, with the table's schema (partition columns included),
+    /// and the bytes the scan read from the file.
     async fn decode_row_group(
         &self,
         state: &dyn Session,
         file: &PartitionedFile,
         row_groups: usize,
         row_group: usize,
-    ) -> DfResult<Vec<RecordBatch>> {
+    ) -> DfResult<(Vec<RecordBatch>, usize)> {
         let mut access = ParquetAccessPlan::new_none(row_groups);
         access.scan(row_group);
         let mut file = file.clone();
@@ -629,7 +645,12 @@ impl HiveTable {
         file.statistics = None;
         file.extensions.insert(access);
         let plan = self.parquet_scan(state, vec![file], None, None)?;
-        collect(plan, state.task_ctx()).await
+        let batches = collect(Arc::clone(&plan), state.task_ctx()).await?;
+        let bytes = plan
+            .metrics()
+            .and_then(|m| m.sum_by_name("bytes_scanned"))
+            .map_or(0, |v| v.as_usize());
+        Ok((batches, bytes))
     }
 
     /// A scan of rows taken from the row group cache.

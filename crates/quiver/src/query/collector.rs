@@ -252,7 +252,7 @@ impl EngineCollector {
             )?,
             counter(
                 "quiver_scan_row_groups_scanned_total",
-                "Row groups read by finished queries.",
+                "Row groups read by finished queries, from their files or the row group cache.",
                 |s| totals(s).row_groups_scanned,
             )?,
             counter(

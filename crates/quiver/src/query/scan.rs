@@ -46,8 +46,11 @@ pub struct ScanSummary {
     /// Row groups skipped because a LIMIT was already satisfied or a dynamic filter
     /// (e.g. from a join or TopK) excluded them.
     pub row_groups_pruned_other: u64,
-    /// Row groups read.
+    /// Row groups read, from their files or decoded from the row group cache.
     pub row_groups_scanned: u64,
+    /// Of them, taken decoded from the row group cache (found there, or read into it by
+    /// this query).
+    pub row_groups_from_cache: u64,
     /// Pages skipped by the page index.
     pub pages_pruned: u64,
     /// Rows in pages skipped by the page index.
@@ -145,6 +148,13 @@ impl ScanSummary {
         if summary.stages > 0 {
             summary.stages += 1;
         }
+        // What the row group cache planned, which the Parquet scans skipped unseen.
+        let cached = pruning.cached();
+        summary.files_scanned += cached.files_read;
+        summary.row_groups_total += cached.row_groups;
+        summary.row_groups_pruned_statistics += cached.row_groups_pruned;
+        summary.row_groups_from_cache = cached.row_groups_from_cache;
+        summary.bytes_scanned += cached.bytes_loaded;
         summary.row_groups_pruned_other += pruned_limit;
         summary.row_groups_scanned = summary.row_groups_total.saturating_sub(
             summary.row_groups_pruned_statistics
@@ -168,6 +178,7 @@ impl ScanSummary {
         self.row_groups_pruned_bloom_filter += other.row_groups_pruned_bloom_filter;
         self.row_groups_pruned_other += other.row_groups_pruned_other;
         self.row_groups_scanned += other.row_groups_scanned;
+        self.row_groups_from_cache += other.row_groups_from_cache;
         self.pages_pruned += other.pages_pruned;
         self.rows_pruned_page_index += other.rows_pruned_page_index;
         self.rows_pruned_filter += other.rows_pruned_filter;
