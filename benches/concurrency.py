@@ -38,8 +38,8 @@ MIXED = [
 ]
 # The chunk cache of the `--chunk-cache-size` row: lineitem SF1's chunks decompressed, with room.
 CHUNK_CACHE = "1GiB"
-# The row of Quiver started without flags.
-DEFAULTS = "quiver (from Parquet), defaults: row group cache on"
+# The row group cache of the `--row-group-cache-size` row: room for lineitem SF1 decoded.
+ROW_GROUP_CACHE = "3GiB"
 # Rows of clients that keep their connection from round to round.
 KEPT = ", connections kept"
 # About 1 MB of Arrow per stream.
@@ -137,10 +137,9 @@ def key_ranges(a, data: Path, work: Path, quiver: Quiver, arrow: ArrowServer) ->
     # Decompressed column chunks kept (off by default): the warm-up round reads each
     # range's chunks once, the first measured round puts them in the cache.
     chunked = Quiver(a.quiver, work / "chunked", [*tpch_tables(data), "--chunk-cache-size", CHUNK_CACHE])
-    # Quiver as it starts without flags: decoded row groups kept (a quarter of
-    # --memory-limit, room for lineitem SF1 here). The warm-up round reads each range's row
+    # Decoded row groups kept (off by default): the warm-up round reads each range's row
     # group once, the first measured round decodes it into the cache.
-    decoded = Quiver(a.quiver, work / "decoded", tpch_tables(data), caches=True)
+    decoded = Quiver(a.quiver, work / "decoded", [*tpch_tables(data), "--row-group-cache-size", ROW_GROUP_CACHE])
     failed = False
     # Connections kept across rounds, by row.
     keep = {}
@@ -174,12 +173,12 @@ def key_ranges(a, data: Path, work: Path, quiver: Quiver, arrow: ArrowServer) ->
         runs = {
             base_name: (
                 arrow.addr, lambda c, i: flight.Ticket(f"65536:{bounds[c][3]}:{bounds[c][2]}".encode()), arrow),
-            DEFAULTS: (
-                decoded.addr, lambda c, i: flight.Ticket(sql.format(*bounds[c][:2]).encode()), decoded),
-            "quiver (from Parquet), no caches (--row-group-cache-size 0)": (
+            "quiver (from Parquet)": (
                 quiver.addr, lambda c, i: flight.Ticket(sql.format(*bounds[c][:2]).encode()), quiver),
             f"quiver (from Parquet), --chunk-cache-size {CHUNK_CACHE}": (
                 chunked.addr, lambda c, i: flight.Ticket(sql.format(*bounds[c][:2]).encode()), chunked),
+            f"quiver (from Parquet), --row-group-cache-size {ROW_GROUP_CACHE}": (
+                decoded.addr, lambda c, i: flight.Ticket(sql.format(*bounds[c][:2]).encode()), decoded),
             "quiver (pinned table)": (
                 pinned.addr, lambda c, i: flight.Ticket(sql.format(*bounds[c][:2]).encode()), pinned),
             "quiver (pinned table), --plan-cache-entries 0: every statement planned in full": (
@@ -190,7 +189,7 @@ def key_ranges(a, data: Path, work: Path, quiver: Quiver, arrow: ArrowServer) ->
         # The same clients again on connections kept from round to round, as a service
         # or a notebook keeps its Flight client: no TCP and HTTP/2 handshake per stream.
         # Compared with pyarrow's server on kept connections too.
-        for name in [base_name, "quiver (pinned table)", DEFAULTS]:
+        for name in [base_name, "quiver (pinned table)", f"quiver (from Parquet), --row-group-cache-size {ROW_GROUP_CACHE}"]:
             addr, ticket, server = runs[name]
             runs[name + KEPT] = (addr, ticket, server)
             keep[name + KEPT] = [flight.connect(f"grpc://{addr}") for _ in range(clients)]

@@ -143,17 +143,6 @@ class Metrics:
     def names(self) -> set:
         return {name for name, _ in self.samples}
 
-    def held_by_queries(self) -> float:
-        """Bytes of the query pool reserved by queries: all reserved but what the row
-        group cache (on by default) keeps there."""
-        return self.get("quiver_memory_pool_reserved_bytes") - self.get("quiver_row_group_cache_bytes")
-
-    def books_balance(self) -> bool:
-        """Every byte the pool granted was freed, or is still reserved."""
-        return self.get("quiver_memory_pool_allocated_bytes_total") - self.get(
-            "quiver_memory_pool_freed_bytes_total"
-        ) == self.get("quiver_memory_pool_reserved_bytes")
-
 
 def rss_bytes(pid: int) -> int:
     """Resident set size of a process, as the kernel reports it."""

@@ -28,7 +28,7 @@ def assert_idle(server: Server):
     m = wait_for(
         lambda: (m := server.metrics()).get("quiver_queries_active") == 0
         and m.get("quiver_queries_queued") == 0
-        and m.held_by_queries() == 0
+        and m.get("quiver_memory_pool_reserved_bytes") == 0
         and m.get("quiver_cpu_runtime_alive_tasks") == 0
         and m,
         what="the server to return to idle",

@@ -12,9 +12,6 @@ import pytest
 from conftest import Server, wait_for, write_atomically
 
 ROWS = 120_000
-# The row group cache (on by default) sits above this one: a row group it holds decoded is
-# not read from the file at all, so these tests turn it off.
-NO_ROW_GROUP_CACHE = ["--row-group-cache-size", "0"]
 ROW_GROUP = 30_000
 
 QUERIES = [
@@ -113,7 +110,7 @@ def assert_a_query_takes_memory_back(s: Server, family: str, path, min_held: int
 def test_answers_from_the_cache_equal_duckdb(tmp_path, compression, page_version):
     path = tmp_path / "t.parquet"
     write(make_table(1), path, compression, page_version)
-    s = Server(["--table", f"t={path}", "--chunk-cache-size", "64MiB", *NO_ROW_GROUP_CACHE], tmp_path / "server")
+    s = Server(["--table", f"t={path}", "--chunk-cache-size", "64MiB"], tmp_path / "server")
     try:
         # The file is scanned as two byte ranges (each row group belongs to the range
         # holding its first column's first page): cached chunks must not move a row group
@@ -163,7 +160,7 @@ def test_off_by_default(tmp_path):
 def test_a_replaced_file_is_never_answered_from_old_chunks(tmp_path):
     path = tmp_path / "t.parquet"
     write(make_table(3), path, "snappy", "1.0")
-    s = Server(["--table", f"t={path}", "--chunk-cache-size", "64MiB", "--refresh-interval", "1s", *NO_ROW_GROUP_CACHE], tmp_path / "server")
+    s = Server(["--table", f"t={path}", "--chunk-cache-size", "64MiB", "--refresh-interval", "1s"], tmp_path / "server")
     sql = QUERIES[2]
     try:
         for _ in range(3):
@@ -184,7 +181,7 @@ def test_the_cache_holds_its_size(tmp_path):
     path = tmp_path / "t.parquet"
     write(make_table(5), path, "zstd", "1.0", row_group=10_000)
     size = 768 << 10
-    s = Server(["--table", f"t={path}", "--chunk-cache-size", str(size), *NO_ROW_GROUP_CACHE], tmp_path / "server")
+    s = Server(["--table", f"t={path}", "--chunk-cache-size", str(size)], tmp_path / "server")
     try:
         sql = "SELECT * FROM t ORDER BY k"
         want = expected(path, sql)
@@ -201,7 +198,7 @@ def test_queries_take_memory_back_from_the_cache(tmp_path):
     path = tmp_path / "t.parquet"
     write(make_table(6), path, "zstd", "1.0")
     s = Server(
-        ["--table", f"t={path}", "--chunk-cache-size", "8MiB", "--memory-limit", "18MiB", *NO_ROW_GROUP_CACHE],
+        ["--table", f"t={path}", "--chunk-cache-size", "8MiB", "--memory-limit", "18MiB"],
         tmp_path / "server",
     )
     try:

@@ -54,9 +54,7 @@ def tables(tmp_path_factory):
 
 
 def run(tables, tmp_path, mode):
-    # The row group cache (on by default) would answer repeated reads without the Parquet
-    # decoder these tests are about.
-    args = ["--data-dir", str(tables), "--log-filter", "quiver=debug,info", "--row-group-cache-size", "0"]
+    args = ["--data-dir", str(tables), "--log-filter", "quiver=debug,info"]
     if mode:
         args += ["--filter-pushdown", mode]
     s = Server(args, tmp_path / (mode or "default"))

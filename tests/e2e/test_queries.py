@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pytest
 
-from conftest import Server, requests_dataset
+from conftest import requests_dataset
 
 # (name, SQL for Quiver, SQL for DuckDB if the dialects differ, ordered?)
 QUERIES = [
@@ -177,17 +177,7 @@ def test_types_are_what_pyarrow_reads(server, dataset):
             assert ours.field(field.name).type == field.type, field.name
 
 
-@pytest.fixture(scope="module")
-def parquet_server(dataset, tmp_path_factory):
-    """A server that reads every row group from its file: EXPLAIN of a scan whose row
-    groups the row group cache holds (on by default) shows a memory scan instead."""
-    s = Server(["--data-dir", str(dataset), "--row-group-cache-size", "0"], tmp_path_factory.mktemp("parquet"))
-    yield s
-    s.stop()
-
-
-def test_explain_analyze_shows_pruning(parquet_server, dataset):
-    server = parquet_server
+def test_explain_analyze_shows_pruning(server, dataset):
     plan = server.query(
         "EXPLAIN ANALYZE SELECT COUNT(*) FROM requests WHERE day = DATE '2026-01-02' AND status = 500"
     )
@@ -202,8 +192,7 @@ def test_explain_analyze_shows_pruning(parquet_server, dataset):
     assert on_disk and scanned == on_disk, (scanned, on_disk)
 
 
-def test_explain_shows_partition_and_data_predicates(parquet_server, dataset):
-    server = parquet_server
+def test_explain_shows_partition_and_data_predicates(server, dataset):
     plan = server.query("EXPLAIN SELECT request_id FROM requests WHERE service = 'api' AND latency_ms > 800")
     text = "\n".join(str(v) for v in plan.column("plan").to_pylist())
     assert "latency_ms" in text and "predicate" in text, text

@@ -296,18 +296,22 @@ pub struct ServeArgs {
     )]
     pub chunk_cache_size: ByteSize,
 
-    /// Bytes of decoded row groups of local Parquet files kept in memory; `0` turns the
-    /// cache off [default: a quarter of --memory-limit]. A row group is decoded whole
-    /// into Arrow batches the second time a query reads it; later queries take its rows
-    /// from memory like a pinned table's (batches skipped by their min/max, sorted
-    /// columns cut to a key range) and the Parquet scan skips it: for repeated small
-    /// reads of hot row groups (key ranges, point lookups, dashboards over recent data).
-    /// Kept per table version (a refresh that publishes files starts afresh). Reserved
-    /// from --memory-limit and given back to queries that need it, so it only holds
-    /// memory no query is asking for; least recently used row groups go first, one over
-    /// an eighth of it is never kept. Metrics: quiver_row_group_cache_*
-    #[arg(long, env = "QUIVER_ROW_GROUP_CACHE_SIZE", value_name = "SIZE")]
-    pub row_group_cache_size: Option<ByteSize>,
+    /// Bytes of decoded row groups of local Parquet files kept in memory (`0`, the
+    /// default, off). A row group is decoded whole into Arrow batches the second time a
+    /// query reads it; later queries take its rows from memory like a pinned table's
+    /// (batches skipped by their min/max, sorted columns cut to a key range) and the
+    /// Parquet scan skips it: for repeated small reads of hot row groups (key ranges,
+    /// point lookups, dashboards over recent data). Kept per table version (a refresh
+    /// that publishes files starts afresh). Reserved from --memory-limit and given back
+    /// to queries that need it; least recently used row groups go first, one over an
+    /// eighth of it is never kept. Metrics: quiver_row_group_cache_*
+    #[arg(
+        long,
+        env = "QUIVER_ROW_GROUP_CACHE_SIZE",
+        value_name = "SIZE",
+        default_value = "0"
+    )]
+    pub row_group_cache_size: ByteSize,
 
     /// Most bytes of S3 object blocks the local cache keeps on disk (in `--cache-dir`,
     /// least recently used evicted first); `0` turns the cache off (every read is a GET)

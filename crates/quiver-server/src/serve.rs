@@ -132,9 +132,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         cluster: cluster.as_ref().and_then(|c| c.planning.clone()),
         endpoints_per_query: args.endpoints_per_query as usize,
         result_cache_size: args.result_cache_size.0,
-        row_group_cache_size: args
-            .row_group_cache_size
-            .map_or(args.memory_limit.bytes() as u64 / 4, |size| size.0 as u64),
+        row_group_cache_size: args.row_group_cache_size.0 as u64,
         plan_cache_entries: args.plan_cache_entries,
         filter_pushdown: match args.filter_pushdown {
             FilterPushdownArg::Runtime => FilterPushdown::Runtime,
@@ -162,7 +160,6 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_queued_queries = options.admission.max_queued,
         memory_hard_limit,
         max_function_output = options.max_function_output,
-        row_group_cache_size = options.row_group_cache_size,
         "limits"
     );
     let engine = Arc::new(QueryEngine::new(tables, options).await?);
