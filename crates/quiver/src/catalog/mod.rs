@@ -13,6 +13,7 @@
 
 mod config;
 mod discover;
+mod memory_scan;
 mod pinned;
 mod pruning;
 pub mod row_group_cache;
@@ -23,6 +24,7 @@ pub use config::{
     tables_in_data_dir,
 };
 pub use discover::{HIVE_NULL_PARTITION, PartitionType};
+pub(crate) use memory_scan::memory_source;
 pub use pruning::PartitionPruning;
 pub use row_group_cache::{RowGroupCache, RowGroupCacheStats, RowGroupCaching};
 pub use table::HiveTable;

@@ -39,6 +39,8 @@ use datafusion::logical_expr::{Accumulator, Between, BinaryExpr, Expr, Operator}
 use datafusion::physical_optimizer::pruning::{PruningPredicate, PruningPredicateBuilder};
 use datafusion::scalar::ScalarValue;
 
+use super::memory_scan::{Bounds, ColumnBounds};
+
 /// A string or binary min/max longer than this is not kept (the batch's bound for that
 /// column is unknown): a table of long texts would otherwise hold a copy of two texts per
 /// batch. Parquet writers truncate their statistics to the same order of size.
@@ -77,6 +79,13 @@ impl PinnedBatches {
     /// Bytes held by the statistics (the batches are accounted for by their owner).
     pub(crate) fn statistics_bytes(&self) -> usize {
         self.statistics.bytes()
+    }
+
+    /// Each column's minimum and maximum over the whole table, where every batch has
+    /// one: what DataFusion estimates a filter's selectivity from (and so a join's sides),
+    /// as it does from a Parquet file's footer.
+    pub(crate) fn bounds(&self) -> &Bounds {
+        &self.statistics.table_bounds
     }
 
     /// Whether [`Self::select`] applies `filter` exactly, so that DataFusion need not
@@ -234,6 +243,9 @@ struct BatchStatistics {
     rows: ArrayRef,
     /// Per column, one flag per batch: the column has no nulls and never decreases in it.
     sorted: Vec<Vec<bool>>,
+    /// Per column, the least minimum and greatest maximum of the batches, `None` where a
+    /// batch has no bound.
+    table_bounds: Vec<ColumnBounds>,
 }
 
 impl BatchStatistics {
@@ -261,6 +273,18 @@ impl BatchStatistics {
             min.push(bounds(field.data_type(), columns.clone(), Bound::Min));
             max.push(bounds(field.data_type(), columns, Bound::Max));
         }
+        let table_bounds = schema
+            .fields()
+            .iter()
+            .zip(min.iter().zip(&max))
+            .map(|(field, (min, max))| {
+                let whole = |bounds: &Option<ArrayRef>, bound| {
+                    let bounds = bounds.as_ref().filter(|b| b.null_count() == 0)?;
+                    extreme(field.data_type(), bounds, bound).filter(|v| !v.is_null())
+                };
+                (whole(min, Bound::Min), whole(max, Bound::Max))
+            })
+            .collect();
         Self {
             schema,
             containers,
@@ -269,6 +293,7 @@ impl BatchStatistics {
             null_counts,
             rows,
             sorted,
+            table_bounds,
         }
     }
 
@@ -333,7 +358,14 @@ impl BatchStatistics {
             .chain(&self.null_counts)
             .chain(std::iter::once(&self.rows));
         let flags: usize = self.sorted.iter().map(Vec::capacity).sum();
-        arrays.map(|a| a.get_array_memory_size()).sum::<usize>() + flags
+        let bounds: usize = self
+            .table_bounds
+            .iter()
+            .flat_map(|(min, max)| [min, max])
+            .flatten()
+            .map(ScalarValue::size)
+            .sum();
+        arrays.map(|a| a.get_array_memory_size()).sum::<usize>() + flags + bounds
     }
 
     fn column(&self, column: &Column) -> Option<usize> {
@@ -627,6 +659,46 @@ mod tests {
                 vec![batch(20, false)],
             ],
         )
+    }
+
+    #[test]
+    fn table_bounds_span_the_batches_and_are_unknown_where_a_batch_has_none() {
+        let pinned = sorted();
+        // The oracle: the keys are 0..30; every batch has a key bound.
+        assert_eq!(
+            pinned.bounds()[0],
+            (
+                Some(ScalarValue::Int64(Some(0))),
+                Some(ScalarValue::Int64(Some(29)))
+            )
+        );
+        // The last batch's names are all NULL: it has no bound, so the table has none.
+        assert_eq!(pinned.bounds()[1], (None, None));
+
+        let schema = Arc::new(Schema::new(vec![Field::new("name", DataType::Utf8, false)]));
+        let batch = |names: &[&str]| {
+            let names = Arc::new(StringArray::from(names.to_vec()));
+            RecordBatch::try_new(Arc::clone(&schema), vec![names]).unwrap()
+        };
+        let names = PinnedBatches::new(
+            Arc::clone(&schema),
+            vec![
+                vec![batch(&["m", "q"]), batch(&["b", "k"])],
+                vec![batch(&["z", "c"])],
+            ],
+        );
+        assert_eq!(
+            names.bounds()[0],
+            (Some(ScalarValue::from("b")), Some(ScalarValue::from("z")))
+        );
+        // A batch whose maximum is too long to keep leaves the table's maximum unknown,
+        // not the greatest of the others.
+        let long = "y".repeat(MAX_STATISTIC_BYTES + 1);
+        let names = PinnedBatches::new(
+            Arc::clone(&schema),
+            vec![vec![batch(&["m", "q"]), batch(&["b", &long])]],
+        );
+        assert_eq!(names.bounds()[0], (Some(ScalarValue::from("b")), None));
     }
 
     /// The keys of each batch selected, by partition.

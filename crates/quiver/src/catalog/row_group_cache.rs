@@ -31,6 +31,7 @@ use datafusion::arrow::array::RecordBatch;
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool, MemoryReservation};
 use parking_lot::Mutex;
 
+use super::memory_scan::Bounds;
 use super::pinned::{PinnedBatches, Selected, Selector};
 use crate::wire::views::{TwinRegistration, ViewTwins};
 
@@ -72,6 +73,11 @@ impl CachedRowGroup {
     /// sorted columns.
     pub(crate) fn select(&self, selector: &Selector) -> Selected {
         self.batches.select_with(selector)
+    }
+
+    /// Its columns' minimum and maximum (`PinnedBatches::bounds`).
+    pub(crate) fn bounds(&self) -> &Bounds {
+        self.batches.bounds()
     }
 }
 

@@ -40,9 +40,9 @@ use object_store::ObjectMeta;
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryReservation};
 use datafusion::execution::session_state::SessionState;
 use datafusion::physical_plan::collect_partitioned;
-use datafusion_datasource::memory::MemorySourceConfig;
 
 use super::PartitionPruning;
+use super::memory_scan::{Bounds, ColumnBounds, memory_scan, widen};
 use super::pinned::{PinnedBatches, Selector};
 use super::pruning::CachedFile;
 use super::row_group_cache::{LOADS_PER_SCAN, Lookup, RowGroupCache, RowGroupCaching, RowGroupKey};
@@ -370,7 +370,12 @@ impl TableProvider for HiveTable {
             if let Some(pruning) = pruning {
                 pruning.record_batches(&self.name, &selected);
             }
-            return memory_scan(selected.partitions, &pinned.schema, projection);
+            return memory_scan(
+                selected.partitions,
+                &pinned.schema,
+                projection,
+                Some(pinned.batches.bounds()),
+            );
         }
         let files = self.prune(state, filters)?;
         if let Some(pruning) = pruning {
@@ -385,7 +390,7 @@ impl TableProvider for HiveTable {
                 .and_then(|c| c.0.clone()),
             Some(_) => None,
         };
-        let (files, cached) = match cache {
+        let (files, cached, bounds) = match cache {
             Some(cache) => self.take_cached(state, &cache, files, filters).await?,
             None => (
                 files
@@ -393,6 +398,7 @@ impl TableProvider for HiveTable {
                     .map(|(_, f)| self.partitioned_file(f))
                     .collect(),
                 vec![],
+                None,
             ),
         };
         let mut inputs = vec![];
@@ -400,7 +406,7 @@ impl TableProvider for HiveTable {
             inputs.push(self.parquet_scan(state, files, projection, limit)?);
         }
         if !cached.is_empty() {
-            inputs.push(self.cached_scan(state, cached, projection)?);
+            inputs.push(self.cached_scan(state, cached, projection, bounds.as_deref())?);
         }
         if inputs.is_empty() {
             let schema = match projection {
@@ -476,14 +482,19 @@ impl HiveTable {
     /// Splits a scan of `files` between `cache` and the files: returns the files to read
     /// (each skipping the row groups the cache holds) and the cached rows that may pass
     /// `filters` (batches skipped by their statistics, sorted columns cut to a key
-    /// range). A row group read for the second time is decoded into the cache here.
+    /// range), with their columns' bounds. A row group read for the second time is
+    /// decoded into the cache here.
     async fn take_cached(
         &self,
         state: &dyn Session,
         cache: &RowGroupCache,
         files: Vec<(usize, &TableFile)>,
         filters: &[Expr],
-    ) -> DfResult<(Vec<PartitionedFile>, Vec<RecordBatch>)> {
+    ) -> DfResult<(
+        Vec<PartitionedFile>,
+        Vec<RecordBatch>,
+        Option<Vec<ColumnBounds>>,
+    )> {
         let pruning = state.config().get_extension::<PartitionPruning>();
         let predicate = self.file_predicate(state, filters);
         // Cached row groups have the table's schema: one selector for all of them, made
@@ -493,6 +504,7 @@ impl HiveTable {
         let hint = state.table_options().parquet.global.metadata_size_hint;
         let mut scans = Vec::with_capacity(files.len());
         let mut cached = vec![];
+        let mut bounds: Option<Vec<ColumnBounds>> = None;
         let mut loads = 0;
         for (index, file) in files {
             let mut partitioned = self.partitioned_file(file);
@@ -572,6 +584,10 @@ impl HiveTable {
                 let selector =
                     selector.get_or_insert_with(|| Selector::new(state, filters, &self.schema));
                 cached.extend(group.select(selector).partitions.into_iter().flatten());
+                match &mut bounds {
+                    Some(bounds) => widen(bounds, group.bounds()),
+                    None => bounds = Some(group.bounds().to_vec()),
+                }
                 access.skip(row_group);
                 from_cache += 1;
             }
@@ -599,7 +615,7 @@ impl HiveTable {
             partitioned.extensions.insert(access);
             scans.push(partitioned);
         }
-        Ok((scans, cached))
+        Ok((scans, cached, bounds))
     }
 
     /// The filters that name only file columns, as a predicate over row-group
@@ -653,69 +669,19 @@ impl HiveTable {
         Ok((batches, bytes))
     }
 
-    /// A scan of rows taken from the row group cache.
+    /// A scan of rows taken from the row group cache, whose columns have `bounds`.
     fn cached_scan(
         &self,
         state: &dyn Session,
         batches: Vec<RecordBatch>,
         projection: Option<&Vec<usize>>,
+        bounds: Option<&Bounds>,
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
         let count = state.config().target_partitions().clamp(1, batches.len());
         let mut partitions = vec![Vec::new(); count];
         for (i, batch) in batches.into_iter().enumerate() {
             partitions[i % count].push(batch);
         }
-        memory_scan(partitions, &self.schema, projection)
-    }
-}
-
-/// A scan of batches held in memory that pass on fewer rows than this runs as one
-/// partition: a key range's slice or two is then one stream, with no partitions to merge
-/// (a task and a channel each) above it.
-const ONE_PARTITION_ROWS: usize = 32 * 1024;
-
-/// DataFusion's scan of batches held in memory (a pinned table's, the row group cache's).
-fn memory_scan(
-    partitions: Vec<Vec<RecordBatch>>,
-    schema: &SchemaRef,
-    projection: Option<&Vec<usize>>,
-) -> DfResult<Arc<dyn ExecutionPlan>> {
-    let rows: usize = partitions.iter().flatten().map(RecordBatch::num_rows).sum();
-    let partitions = if rows < ONE_PARTITION_ROWS {
-        vec![partitions.into_iter().flatten().collect()]
-    } else {
-        partitions
-    };
-    let plan =
-        MemorySourceConfig::try_new_exec(&partitions, Arc::clone(schema), projection.cloned())?;
-    Ok(plan)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use datafusion::arrow::array::Int64Array;
-    use datafusion::arrow::datatypes::{DataType, Field};
-
-    #[test]
-    fn small_memory_scans_are_one_partition() {
-        let schema = Arc::new(Schema::new(vec![Field::new("k", DataType::Int64, false)]));
-        let batch = |rows: i64| {
-            let column = Arc::new(Int64Array::from_iter_values(0..rows));
-            RecordBatch::try_new(Arc::clone(&schema), vec![column]).unwrap()
-        };
-        let partitions = |plan: Arc<dyn ExecutionPlan>| {
-            plan.properties().output_partitioning().partition_count()
-        };
-        // A key range's two slices, from two partitions: one stream.
-        let small = vec![vec![batch(3_000)], vec![batch(4_500)], vec![]];
-        assert_eq!(partitions(memory_scan(small, &schema, None).unwrap()), 1);
-        assert_eq!(
-            partitions(memory_scan(vec![vec![]], &schema, None).unwrap()),
-            1
-        );
-        // Enough rows to be worth the parallelism: partitions kept.
-        let large = vec![vec![batch(20_000)], vec![batch(20_000)]];
-        assert_eq!(partitions(memory_scan(large, &schema, None).unwrap()), 2);
+        memory_scan(partitions, &self.schema, projection, bounds)
     }
 }

@@ -13,13 +13,12 @@
 use std::sync::Arc;
 
 use datafusion::common::tree_node::Transformed;
-use datafusion::datasource::memory::MemorySourceConfig;
 use datafusion::physical_plan::ExecutionPlan;
 use datafusion::physical_plan::filter::FilterExec;
 use datafusion::physical_plan::repartition::RepartitionExec;
-use datafusion_datasource::source::DataSourceExec;
 
 use super::node_rule::NodeRule;
+use crate::catalog::memory_source;
 
 /// Rows a filter over a pinned scan gathers its output into.
 const TARGET_ROWS: usize = 2048;
@@ -33,11 +32,7 @@ fn scans_memory(plan: &Arc<dyn ExecutionPlan>) -> bool {
             .first()
             .is_some_and(|input| scans_memory(input));
     }
-    plan.downcast_ref::<DataSourceExec>().is_some_and(|exec| {
-        exec.data_source()
-            .downcast_ref::<MemorySourceConfig>()
-            .is_some()
-    })
+    memory_source(plan.as_ref()).is_some()
 }
 
 /// The rule; runs after DataFusion's.

@@ -32,6 +32,8 @@ use datafusion::physical_plan::empty::EmptyExec;
 use datafusion_datasource::file_groups::FileGroup;
 use datafusion_datasource::file_scan_config::{FileScanConfig, FileScanConfigBuilder};
 use datafusion_datasource::memory::MemorySourceConfig;
+
+use crate::catalog::memory_source;
 use datafusion_datasource::source::DataSourceExec;
 
 use crate::error::{Error, Result};
@@ -148,7 +150,7 @@ fn scan_pieces(exec: &DataSourceExec) -> Option<Vec<Piece>> {
                 .collect(),
         );
     }
-    if let Some(memory) = source.downcast_ref::<MemorySourceConfig>() {
+    if let Some(memory) = memory_source(exec) {
         let batches = memory
             .partitions()
             .iter()
@@ -251,7 +253,7 @@ pub fn restrict(plan: Arc<dyn ExecutionPlan>, slice: Slice) -> Result<Arc<dyn Ex
             let exec: Arc<dyn ExecutionPlan> = DataSourceExec::from_data_source(config);
             return Ok(Transformed::yes(exec));
         }
-        if let Some(memory) = source.downcast_ref::<MemorySourceConfig>() {
+        if let Some(memory) = memory_source(exec) {
             let partitions: Vec<Vec<_>> = memory
                 .partitions()
                 .iter()
