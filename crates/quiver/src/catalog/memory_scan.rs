@@ -5,8 +5,9 @@
 //! over a pinned table at its default selectivity, and chose join sides from that: with
 //! lineitem and orders pinned, TPC-H Q4 built its hash table from 3.8M lineitem rows
 //! instead of 57K orders and ran 2.4x slower than from Parquet, Q18 2.6x
-//! (docs/benchmarks.md). [`PinnedSource`] is the same source with each column's minimum
-//! and maximum over the table's batches (inexact: a scan may keep only some of them).
+//! (docs/benchmarks.md). [`BoundedMemorySource`] is the same source with each column's
+//! minimum and maximum over the table's batches (inexact: a scan may keep only some of
+//! them); the row group cache's scans use it too, with the bounds of the row groups read.
 
 use std::cmp::Ordering;
 use std::fmt;
@@ -85,31 +86,33 @@ pub(crate) fn memory_scan(
         column.min_value = min.clone().map_or(Precision::Absent, Precision::Inexact);
         column.max_value = max.clone().map_or(Precision::Absent, Precision::Inexact);
     }
-    Ok(DataSourceExec::from_data_source(PinnedSource {
+    Ok(DataSourceExec::from_data_source(BoundedMemorySource {
         inner: source,
         statistics: Arc::new(statistics),
     }))
 }
 
-/// The memory source of a scan of batches in memory, with or without [`PinnedSource`]'s
-/// statistics; `None` for any other plan.
+/// The memory source of a scan of batches in memory, with or without
+/// [`BoundedMemorySource`]'s statistics; `None` for any other plan.
 pub(crate) fn memory_source(plan: &dyn ExecutionPlan) -> Option<&MemorySourceConfig> {
     let source = plan.downcast_ref::<DataSourceExec>()?.data_source();
-    source
-        .downcast_ref::<MemorySourceConfig>()
-        .or_else(|| source.downcast_ref::<PinnedSource>().map(|p| &p.inner))
+    source.downcast_ref::<MemorySourceConfig>().or_else(|| {
+        source
+            .downcast_ref::<BoundedMemorySource>()
+            .map(|p| &p.inner)
+    })
 }
 
 /// `MemorySourceConfig` with the statistics of the whole scan (all partitions) given.
 /// Everything but those statistics is the inner source's; a change of the scan itself
 /// (a limit, a projection, a sort order, a partitioning) is the inner source's alone.
 #[derive(Debug, Clone)]
-pub(crate) struct PinnedSource {
+pub(crate) struct BoundedMemorySource {
     inner: MemorySourceConfig,
     statistics: Arc<Statistics>,
 }
 
-impl DataSource for PinnedSource {
+impl DataSource for BoundedMemorySource {
     fn open(
         &self,
         partition: usize,

@@ -533,7 +533,7 @@ impl HiveTable {
                 );
             }
             let wanted = read.row_group_indexes().collect::<Vec<_>>();
-            let wanted_count = wanted.len();
+            let pruned = groups.len() - wanted.len();
             // What is left to read from the file: neither pruned nor cached.
             let mut access = read.build();
             let mut from_cache = 0;
@@ -601,7 +601,7 @@ impl HiveTable {
                 pruning.record_cached(CachedFile {
                     no_file_scan: to_read == 0,
                     row_groups: groups.len() - to_read,
-                    pruned: groups.len() - wanted_count,
+                    pruned,
                     from_cache,
                 });
             }
