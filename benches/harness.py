@@ -76,12 +76,25 @@ class ArrowServer:
 
 class Quiver(QuiverProcess):
     """`quiver serve` on 127.0.0.1:0 with `args`, and a pyarrow Flight client, started by
-    the launcher the tests use (tests/quiver_process.py)."""
+    the launcher the tests use (tests/quiver_process.py).
+
+    The row group cache (on by default for lookups: decoded row groups of key ranges read
+    again kept in memory) is turned off unless `caches` or `args` ask for it: the engines
+    Quiver is compared with read their files on every query, so a comparison does too,
+    and a cached run is a row of its own, named so."""
 
     def __init__(
-        self, binary: str, workdir: Path, args: list[str], threads: int | None = None, env: dict | None = None
+        self,
+        binary: str,
+        workdir: Path,
+        args: list[str],
+        threads: int | None = None,
+        env: dict | None = None,
+        caches: bool = False,
     ):
         threads_args = ["--cpu-threads", str(threads)] if threads else []
+        if not caches and not any(a.split("=")[0] == "--row-group-cache-size" for a in args):
+            args = [*args, "--row-group-cache-size", "0"]
         super().__init__([*threads_args, *args], workdir, binary=binary, env=env)
 
     def run(self, sql: str) -> pa.Table:

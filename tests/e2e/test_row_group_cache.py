@@ -1,7 +1,9 @@
 """`--row-group-cache-size`: row groups read twice are decoded into memory, and later scans
 take their rows from there (the Parquet scan skipping them). Every answer, from the files,
 from the cache, or from a mix of both, equals DuckDB's over the same files; what the cache
-did is read from the server's Prometheus metrics."""
+did is read from the server's Prometheus metrics. By default only lookups (scans that read
+at most an eighth of a file's row groups) use it; most tests here let every scan in
+(`--row-group-cache-admit all`)."""
 
 import duckdb
 import pyarrow as pa
@@ -39,6 +41,10 @@ QUERIES = [
 ]
 
 
+# Every scan fills and uses the cache.
+ALL = ["--row-group-cache-admit", "all"]
+
+
 def write(table: pa.Table, path, row_group: int = ROW_GROUP) -> None:
     write_atomically(table, path, compression="snappy", row_group_size=row_group, write_page_index=True)
 
@@ -50,7 +56,7 @@ def stats(s: Server) -> dict:
 def test_answers_from_the_cache_equal_duckdb(tmp_path):
     path = tmp_path / "t.parquet"
     write(make_table(1), path)
-    s = Server(["--table", f"t={path}", "--row-group-cache-size", "256MiB"], tmp_path / "server")
+    s = Server(["--table", f"t={path}", "--row-group-cache-size", "256MiB", *ALL], tmp_path / "server")
     try:
         for sql in QUERIES:
             want = expected(path, sql)
@@ -97,7 +103,7 @@ def test_a_partitioned_table_with_evolving_schema_equals_duckdb(dataset, tmp_pat
         "SELECT count(*) AS n FROM requests WHERE day IS NULL",
     ]
     s = Server(
-        ["--data-dir", str(dataset), "--row-group-cache-size", "256MiB"],
+        ["--data-dir", str(dataset), "--row-group-cache-size", "256MiB", *ALL],
         tmp_path / "server",
     )
     try:
@@ -125,7 +131,7 @@ def test_scan_counters_count_row_groups_read_from_the_cache(tmp_path):
     groups = [metadata.row_group(i).column(0).statistics for i in range(metadata.num_row_groups)]
     overlapping = sum(1 for g in groups if g.max >= lo and g.min < hi)
     assert overlapping == 2 and len(groups) == 4
-    s = Server(["--table", f"t={path}", "--row-group-cache-size", "256MiB"], tmp_path / "server")
+    s = Server(["--table", f"t={path}", "--row-group-cache-size", "256MiB", *ALL], tmp_path / "server")
     try:
         want = expected(path, sql)
         counters = ("files_scanned", "row_groups_scanned", "row_groups_pruned", "bytes")
@@ -154,16 +160,40 @@ def test_scan_counters_count_row_groups_read_from_the_cache(tmp_path):
         s.stop()
 
 
-def test_off_by_default(tmp_path):
+def test_lookups_only_by_default(tmp_path):
+    """Without flags the cache is on for lookups: a key range within one of 16 row groups
+    is decoded at its second read and served from memory at its third; scans that read
+    more than an eighth of the row groups (a wider range, the whole table) never touch
+    it. `--row-group-cache-size 0` turns it off."""
     path = tmp_path / "t.parquet"
-    write(make_table(2), path)
+    write(make_table(2), path, row_group=ROWS // 16)
+    lookup = "SELECT * FROM t WHERE k >= 10000 AND k < 10750 ORDER BY k"
+    # Four row groups of 16 (the keys are 0..ROWS, sorted).
+    wide = "SELECT * FROM t WHERE k >= 7000 AND k < 24000 ORDER BY k"
+    whole = "SELECT count(*) AS n, sum(price) AS s, max(word) AS w FROM t"
     s = Server(["--table", f"t={path}"], tmp_path / "server")
+    off = Server(["--table", f"t={path}", "--row-group-cache-size", "0"], tmp_path / "off")
     try:
+        for sql in (wide, whole):
+            for _ in range(3):
+                assert answer(s, sql) == expected(path, sql), sql
+        assert set(stats(s).values()) == {0}, stats(s)
+        want = expected(path, lookup)
+        seen = []
         for _ in range(3):
-            assert answer(s, QUERIES[0]) == expected(path, QUERIES[0])
-        assert set(stats(s).values()) == {0}
+            assert answer(s, lookup) == want
+            seen.append({k: stats(s)[k] for k in ("hits_total", "inserts_total")})
+        assert seen == [{"hits_total": 0, "inserts_total": 0}, {"hits_total": 0, "inserts_total": 1},
+                        {"hits_total": 1, "inserts_total": 1}], seen
+        # The whole table, with one row group cached: still read from the file alone.
+        assert answer(s, whole) == expected(path, whole)
+        assert stats(s)["hits_total"] == 1
+        for _ in range(3):
+            assert answer(off, lookup) == want
+        assert set(stats(off).values()) == {0}, stats(off)
     finally:
         s.stop()
+        off.stop()
 
 
 def test_new_files_are_answered_at_once(tmp_path):
@@ -172,7 +202,7 @@ def test_new_files_are_answered_at_once(tmp_path):
     root = tmp_path / "data" / "t"
     write(make_table(3), root / "part-0.parquet")
     s = Server(
-        ["--table", f"t={root}", "--row-group-cache-size", "256MiB", "--refresh-interval", "1s"],
+        ["--table", f"t={root}", "--row-group-cache-size", "256MiB", *ALL, "--refresh-interval", "1s"],
         tmp_path / "server",
     )
     sql = "SELECT count(*) AS n, sum(price) AS s FROM t"
@@ -195,7 +225,7 @@ def test_the_cache_holds_its_size(tmp_path):
     path = tmp_path / "t.parquet"
     write(make_table(5), path, row_group=10_000)
     size = 12 << 20
-    s = Server(["--table", f"t={path}", "--row-group-cache-size", str(size)], tmp_path / "server")
+    s = Server(["--table", f"t={path}", "--row-group-cache-size", str(size), *ALL], tmp_path / "server")
     try:
         sql = "SELECT * FROM t ORDER BY k"
         want = expected(path, sql)
@@ -216,7 +246,7 @@ def test_queries_take_memory_back_from_the_cache(tmp_path, pool):
     s = Server(
         [
             "--table", f"t={path}",
-            "--row-group-cache-size", "64MiB",
+            "--row-group-cache-size", "64MiB", *ALL,
             "--memory-limit", "24MiB",
             "--memory-pool", pool,
         ],
@@ -234,7 +264,7 @@ def test_results_split_over_endpoints_read_their_files(dataset, tmp_path):
     from test_endpoints import SCAN, fetch_each, oracle, rows
 
     s = Server(
-        ["--data-dir", str(dataset), "--endpoints-per-query", "4", "--row-group-cache-size", "256MiB"],
+        ["--data-dir", str(dataset), "--endpoints-per-query", "4", "--row-group-cache-size", "256MiB", *ALL],
         tmp_path / "server",
     )
     try:

@@ -296,22 +296,31 @@ pub struct ServeArgs {
     )]
     pub chunk_cache_size: ByteSize,
 
-    /// Bytes of decoded row groups of local Parquet files kept in memory (`0`, the
-    /// default, off). A row group is decoded whole into Arrow batches the second time a
-    /// query reads it; later queries take its rows from memory like a pinned table's
-    /// (batches skipped by their min/max, sorted columns cut to a key range) and the
-    /// Parquet scan skips it: for repeated small reads of hot row groups (key ranges,
-    /// point lookups, dashboards over recent data). Kept per table version (a refresh
-    /// that publishes files starts afresh). Reserved from --memory-limit and given back
-    /// to queries that need it; least recently used row groups go first, one over an
-    /// eighth of it is never kept. Metrics: quiver_row_group_cache_*
+    /// Bytes of decoded row groups of local Parquet files kept in memory; `0` turns the
+    /// cache off [default: a quarter of --memory-limit]. A row group is decoded whole
+    /// into Arrow batches the second time a scan the cache admits reads it (see
+    /// --row-group-cache-admit); later scans take its rows from memory like a pinned
+    /// table's (batches skipped by their min/max, sorted columns cut to a key range) and
+    /// the Parquet scan skips it. Kept per table version (a refresh that publishes files
+    /// starts afresh). Reserved from --memory-limit and given back to queries that need
+    /// it, so it only holds memory no query asks for; least recently used row groups go
+    /// first, one over an eighth of it is never kept. Metrics: quiver_row_group_cache_*
+    #[arg(long, env = "QUIVER_ROW_GROUP_CACHE_SIZE", value_name = "SIZE")]
+    pub row_group_cache_size: Option<ByteSize>,
+
+    /// Which scans fill and use the row group cache. `lookups`: scans whose filters
+    /// leave at most an eighth of a file's row groups (key ranges and point lookups on a
+    /// column the file is ordered by; repeated, they are served from memory); every
+    /// other scan reads its files as without the cache. `all`: every scan (dashboards
+    /// repeating whole-table queries; the second read of a row group decodes all its
+    /// columns while the query plans).
     #[arg(
         long,
-        env = "QUIVER_ROW_GROUP_CACHE_SIZE",
-        value_name = "SIZE",
-        default_value = "0"
+        env = "QUIVER_ROW_GROUP_CACHE_ADMIT",
+        value_name = "SCANS",
+        default_value = "lookups"
     )]
-    pub row_group_cache_size: ByteSize,
+    pub row_group_cache_admit: RowGroupAdmitArg,
 
     /// Most bytes of S3 object blocks the local cache keeps on disk (in `--cache-dir`,
     /// least recently used evicted first); `0` turns the cache off (every read is a GET)
@@ -838,6 +847,15 @@ pub enum FilterPushdownArg {
     All,
     /// No filter.
     None,
+}
+
+/// `--row-group-cache-admit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RowGroupAdmitArg {
+    /// Scans that read at most an eighth of a file's row groups.
+    Lookups,
+    /// Every scan.
+    All,
 }
 
 /// `--send-path`.

@@ -9,7 +9,8 @@ use anyhow::{Context, bail};
 use prometheus::Registry;
 use quiver::audit::AuditLog;
 use quiver::catalog::{
-    CatalogFile, TableDefinition, TableLocation, parse_table_flag, tables_in_data_dir,
+    CatalogFile, RowGroupAdmission, TableDefinition, TableLocation, parse_table_flag,
+    tables_in_data_dir,
 };
 use quiver::cluster::{
     ClusterChannels, ClusterMetrics, ClusterMetricsLayer, ClusterSecret, TaskAdmission,
@@ -35,8 +36,8 @@ use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 use tonic_health::server::HealthReporter;
 
 use crate::cli::{
-    FilterPushdownArg, Http2Args, IpcCompression, MemoryPoolArg, SendPath, ServeArgs, TlsArgs,
-    ViewTypesArg,
+    FilterPushdownArg, Http2Args, IpcCompression, MemoryPoolArg, RowGroupAdmitArg, SendPath,
+    ServeArgs, TlsArgs, ViewTypesArg,
 };
 use crate::demo;
 use crate::listener;
@@ -132,7 +133,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         cluster: cluster.as_ref().and_then(|c| c.planning.clone()),
         endpoints_per_query: args.endpoints_per_query as usize,
         result_cache_size: args.result_cache_size.0,
-        row_group_cache_size: args.row_group_cache_size.0 as u64,
+        row_group_cache_size: args
+            .row_group_cache_size
+            .map_or(args.memory_limit.bytes() as u64 / 4, |size| size.0 as u64),
+        row_group_cache_admission: match args.row_group_cache_admit {
+            RowGroupAdmitArg::Lookups => RowGroupAdmission::Lookups,
+            RowGroupAdmitArg::All => RowGroupAdmission::All,
+        },
         plan_cache_entries: args.plan_cache_entries,
         filter_pushdown: match args.filter_pushdown {
             FilterPushdownArg::Runtime => FilterPushdown::Runtime,
@@ -160,6 +167,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         max_queued_queries = options.admission.max_queued,
         memory_hard_limit,
         max_function_output = options.max_function_output,
+        row_group_cache_size = options.row_group_cache_size,
         "limits"
     );
     let engine = Arc::new(QueryEngine::new(tables, options).await?);

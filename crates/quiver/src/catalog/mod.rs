@@ -26,7 +26,7 @@ pub use config::{
 pub use discover::{HIVE_NULL_PARTITION, PartitionType};
 pub(crate) use memory_scan::memory_source;
 pub use pruning::PartitionPruning;
-pub use row_group_cache::{RowGroupCache, RowGroupCacheStats, RowGroupCaching};
+pub use row_group_cache::{RowGroupAdmission, RowGroupCache, RowGroupCacheStats, RowGroupCaching};
 pub use table::HiveTable;
 
 use parking_lot::{Mutex, RwLock};

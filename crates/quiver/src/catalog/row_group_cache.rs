@@ -16,6 +16,12 @@
 //! the ones left. A scan that would read a row group the cache holds gets a Parquet
 //! access plan that skips it, and a second input with the cached rows.
 //!
+//! Which scans use the cache ([`RowGroupAdmission`]): by default only *lookups*, scans whose
+//! filters leave at most an eighth of a file's row groups (key ranges and point lookups
+//! on a column the file is ordered by); every other scan reads its files as without the
+//! cache, so queries that read whole tables never pay for filling it nor take a plan of
+//! another shape. `--row-group-cache-admit all` lets every scan fill and use it.
+//!
 //! Keys are the table snapshot's version, the file and the row group: a refresh that
 //! publishes a new snapshot starts afresh (old entries age out), so the cache never
 //! answers from another version of a table. Every byte kept is reserved from the query
@@ -47,6 +53,31 @@ pub(crate) const LOADS_PER_SCAN: usize = 2;
 
 /// How long a row group that could not be kept is read from the file before another try.
 const REFUSED_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// A scan is a lookup when its filters leave at most one in this many of a file's row
+/// groups: the file is ordered (or clustered) by a filtered column, and the scan reads a
+/// narrow part of it.
+pub(crate) const LOOKUP_SHARE: usize = 8;
+
+/// Which scans fill and use the cache (`--row-group-cache-admit`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RowGroupAdmission {
+    /// Lookups only: scans that read at most an eighth of a file's row groups.
+    #[default]
+    Lookups,
+    /// Every scan.
+    All,
+}
+
+impl RowGroupAdmission {
+    /// Whether a scan reading `read` of a file's `row_groups` row groups uses the cache.
+    pub(crate) fn admits(self, read: usize, row_groups: usize) -> bool {
+        match self {
+            Self::All => true,
+            Self::Lookups => read * LOOKUP_SHARE <= row_groups,
+        }
+    }
+}
 
 /// One row group of one file of one table snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -86,7 +117,7 @@ impl CachedRowGroup {
 pub struct RowGroupCacheStats {
     /// Row groups a scan took from the cache.
     pub hits: AtomicU64,
-    /// Row groups a scan read from the file.
+    /// Row groups a scan the cache admits read from the file.
     pub misses: AtomicU64,
     /// Row groups decoded into the cache.
     pub inserts: AtomicU64,
@@ -99,6 +130,7 @@ pub struct RowGroupCacheStats {
 /// The cache; see the module documentation.
 pub struct RowGroupCache {
     capacity: u64,
+    admission: RowGroupAdmission,
     entries: moka::sync::Cache<RowGroupKey, Arc<CachedRowGroup>>,
     /// Row groups read once and not (yet) kept.
     seen: moka::sync::Cache<RowGroupKey, ()>,
@@ -141,8 +173,9 @@ pub(crate) enum Lookup {
 }
 
 impl RowGroupCache {
-    /// A cache of at most `capacity` bytes of decoded rows, reserved from `pool`.
-    pub fn new(capacity: u64, pool: &Arc<dyn MemoryPool>) -> Self {
+    /// A cache of at most `capacity` bytes of decoded rows, reserved from `pool`, used
+    /// by the scans `admission` lets in.
+    pub fn new(capacity: u64, admission: RowGroupAdmission, pool: &Arc<dyn MemoryPool>) -> Self {
         let reservation = Arc::new(Mutex::new(MemoryConsumer::new(CONSUMER).register(pool)));
         let stats = Arc::new(RowGroupCacheStats::default());
         let entries = {
@@ -162,6 +195,7 @@ impl RowGroupCache {
         };
         Self {
             capacity,
+            admission,
             entries,
             seen: moka::sync::Cache::new(SEEN_KEYS),
             loading: Mutex::default(),
@@ -179,6 +213,11 @@ impl RowGroupCache {
     /// one where it would cast (`wire::views`).
     pub fn view_twins(&self) -> &Arc<ViewTwins> {
         &self.twins
+    }
+
+    /// Which scans use the cache.
+    pub(crate) fn admission(&self) -> RowGroupAdmission {
+        self.admission
     }
 
     /// The cache's counters.
@@ -313,7 +352,7 @@ mod tests {
     #[test]
     fn a_row_group_is_loaded_on_its_second_read_and_then_hit() {
         let pool: Arc<dyn MemoryPool> = Arc::new(GreedyMemoryPool::new(1 << 30));
-        let cache = RowGroupCache::new(1 << 24, &pool);
+        let cache = RowGroupCache::new(1 << 24, RowGroupAdmission::All, &pool);
         assert!(matches!(cache.lookup(key(0)), Lookup::Miss));
         assert!(matches!(cache.lookup(key(0)), Lookup::Load));
         // Another scan meanwhile reads it from the file.
@@ -332,7 +371,7 @@ mod tests {
     fn the_bytes_kept_stay_under_the_capacity_and_reclaim_returns_them() {
         let pool: Arc<dyn MemoryPool> = Arc::new(GreedyMemoryPool::new(1 << 30));
         // Each group is about 80 KB: the capacity holds about 8 of them (entry limit 100 KB).
-        let cache = RowGroupCache::new(800_000, &pool);
+        let cache = RowGroupCache::new(800_000, RowGroupAdmission::All, &pool);
         for group in 0..40 {
             let (schema, rows) = batch(10_000);
             cache.insert(key(group), schema, vec![rows]);
@@ -351,14 +390,14 @@ mod tests {
     #[test]
     fn a_group_over_the_entry_limit_or_refused_by_the_pool_is_not_kept() {
         let pool: Arc<dyn MemoryPool> = Arc::new(GreedyMemoryPool::new(1 << 30));
-        let cache = RowGroupCache::new(80_000, &pool);
+        let cache = RowGroupCache::new(80_000, RowGroupAdmission::All, &pool);
         let (schema, rows) = batch(10_000);
         assert!(cache.insert(key(0), schema, vec![rows]).is_none());
         assert_eq!(pool.reserved(), 0);
         assert_eq!(cache.stats().inserts.load(Ordering::Relaxed), 0);
 
         let small: Arc<dyn MemoryPool> = Arc::new(GreedyMemoryPool::new(1000));
-        let cache = RowGroupCache::new(1 << 30, &small);
+        let cache = RowGroupCache::new(1 << 30, RowGroupAdmission::All, &small);
         let (schema, rows) = batch(10_000);
         cache.lookup(key(0));
         assert!(matches!(cache.lookup(key(0)), Lookup::Load));
@@ -367,5 +406,17 @@ mod tests {
         // Not decoded again at once.
         assert!(matches!(cache.lookup(key(0)), Lookup::Miss));
         assert!(matches!(cache.lookup(key(0)), Lookup::Miss));
+    }
+
+    #[test]
+    fn lookups_read_at_most_an_eighth_of_a_file() {
+        let lookups = RowGroupAdmission::Lookups;
+        assert!(lookups.admits(1, 8));
+        assert!(lookups.admits(2, 16));
+        assert!(!lookups.admits(2, 15));
+        // A file of one row group is never looked up: its one row group is the file.
+        assert!(!lookups.admits(1, 1));
+        assert!(RowGroupAdmission::All.admits(1, 1));
+        assert!(RowGroupAdmission::All.admits(40, 40));
     }
 }

@@ -45,7 +45,9 @@ use super::PartitionPruning;
 use super::memory_scan::{Bounds, ColumnBounds, memory_scan, widen};
 use super::pinned::{PinnedBatches, Selector};
 use super::pruning::CachedFile;
-use super::row_group_cache::{LOADS_PER_SCAN, Lookup, RowGroupCache, RowGroupCaching, RowGroupKey};
+use super::row_group_cache::{
+    LOADS_PER_SCAN, Lookup, RowGroupAdmission, RowGroupCache, RowGroupCaching, RowGroupKey,
+};
 use crate::io::remote::Bucket;
 use crate::io::{FileReaderFactory, Io, IoMode, IoOptions};
 use crate::wire::frames::split;
@@ -483,7 +485,8 @@ impl HiveTable {
     /// (each skipping the row groups the cache holds) and the cached rows that may pass
     /// `filters` (batches skipped by their statistics, sorted columns cut to a key
     /// range), with their columns' bounds. A row group read for the second time is
-    /// decoded into the cache here.
+    /// decoded into the cache here. Files the cache does not admit the scan for (not a
+    /// lookup, `RowGroupAdmission`) are read whole, as without the cache.
     async fn take_cached(
         &self,
         state: &dyn Session,
@@ -497,6 +500,12 @@ impl HiveTable {
     )> {
         let pruning = state.config().get_extension::<PartitionPruning>();
         let predicate = self.file_predicate(state, filters);
+        let admission = cache.admission();
+        if predicate.is_none() && admission == RowGroupAdmission::Lookups {
+            // Nothing prunes row groups: no file is looked up.
+            let scans = files.into_iter().map(|(_, f)| self.partitioned_file(f));
+            return Ok((scans.collect(), vec![], None));
+        }
         // Cached row groups have the table's schema: one selector for all of them, made
         // at the first one (a scan that finds none in the cache plans no selection).
         let mut selector = None;
@@ -533,6 +542,11 @@ impl HiveTable {
                 );
             }
             let wanted = read.row_group_indexes().collect::<Vec<_>>();
+            if !admission.admits(wanted.len(), groups.len()) {
+                // Not a lookup: read as without the cache.
+                scans.push(partitioned);
+                continue;
+            }
             let pruned = groups.len() - wanted.len();
             // What is left to read from the file: neither pruned nor cached.
             let mut access = read.build();

@@ -342,7 +342,7 @@ impl EngineCollector {
             )?,
             counter(
                 "quiver_row_group_cache_misses_total",
-                "Row groups scans read from their files (with the row group cache on).",
+                "Row groups read from their files by scans the row group cache admits.",
                 |s| row_groups(s, |r| &r.misses),
             )?,
             counter(

@@ -188,7 +188,11 @@ impl QueryEngine {
         // Tables find the row group cache in their session (`HiveTable::scan`).
         let row_groups = (options.row_group_cache_size > 0).then(|| {
             let shared = Arc::clone(&pool) as Arc<dyn MemoryPool>;
-            let cache = Arc::new(RowGroupCache::new(options.row_group_cache_size, &shared));
+            let cache = Arc::new(RowGroupCache::new(
+                options.row_group_cache_size,
+                options.row_group_cache_admission,
+                &shared,
+            ));
             let weak = Arc::downgrade(&cache);
             pool.add_reclaimer(
                 row_group_cache::CONSUMER,

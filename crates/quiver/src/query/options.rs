@@ -7,6 +7,7 @@ use super::admission::AdmissionOptions;
 use super::distributed::ClusterPlanning;
 use super::limits::{DEFAULT_STACK_SIZE, SqlLimits};
 use crate::audit::AuditLog;
+use crate::catalog::RowGroupAdmission;
 use crate::io::IoOptions;
 use crate::io::remote::RemoteStores;
 use crate::wire::views::ViewTypes;
@@ -51,6 +52,8 @@ pub struct QueryOptions {
     pub result_cache_size: usize,
     /// Bytes of decoded row groups of local files kept (`--row-group-cache-size`); 0: none.
     pub row_group_cache_size: u64,
+    /// Which scans fill and use the row group cache (`--row-group-cache-admit`).
+    pub row_group_cache_admission: RowGroupAdmission,
     /// Which filters Parquet scans evaluate while decoding (`--filter-pushdown`).
     pub filter_pushdown: super::FilterPushdown,
     /// Plans of repeated statements kept (`--plan-cache-entries`); 0: none.
@@ -137,6 +140,7 @@ impl Default for QueryOptions {
             endpoints_per_query: 1,
             result_cache_size: 0,
             row_group_cache_size: 0,
+            row_group_cache_admission: RowGroupAdmission::default(),
             filter_pushdown: super::FilterPushdown::default(),
             plan_cache_entries: DEFAULT_PLAN_CACHE_ENTRIES,
         }
