@@ -20,7 +20,11 @@ use datafusion::common::stats::Precision;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::common::{Result, Statistics};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
+use datafusion::logical_expr::utils::split_conjunction;
+use datafusion::logical_expr::{Between, BinaryExpr as LogicalBinary, Expr, Operator};
+use datafusion::physical_expr::expressions::{BinaryExpr, Column, Literal};
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_plan::filter_pushdown::{FilterPushdownPropagation, PushedDown};
 use datafusion::physical_plan::projection::ProjectionExprs;
 use datafusion::physical_plan::{DisplayFormatType, ExecutionPlan, Partitioning};
 use datafusion::scalar::ScalarValue;
@@ -66,6 +70,21 @@ pub(crate) fn memory_scan(
     projection: Option<&Vec<usize>>,
     bounds: Option<&Bounds>,
 ) -> Result<Arc<dyn ExecutionPlan>> {
+    memory_scan_passing(partitions, schema, projection, bounds, &[])
+}
+
+/// [`memory_scan`] of rows that all pass `passing`: comparisons of columns with literals
+/// (as `PinnedBatches::applies_exactly` accepts) that the rows were cut to exactly. A
+/// `FilterExec` above the scan hands such comparisons down to it (DataFusion's filter
+/// pushdown) and drops them: cached rows cut to a key range are passed on, not filtered
+/// (and copied) again.
+pub(crate) fn memory_scan_passing(
+    partitions: Vec<Vec<RecordBatch>>,
+    schema: &SchemaRef,
+    projection: Option<&Vec<usize>>,
+    bounds: Option<&Bounds>,
+    passing: &[Expr],
+) -> Result<Arc<dyn ExecutionPlan>> {
     let rows: usize = partitions.iter().flatten().map(RecordBatch::num_rows).sum();
     let partitions = if rows < ONE_PARTITION_ROWS {
         vec![partitions.into_iter().flatten().collect()]
@@ -73,23 +92,74 @@ pub(crate) fn memory_scan(
         partitions
     };
     let source = MemorySourceConfig::try_new(&partitions, Arc::clone(schema), projection.cloned())?;
-    let Some(bounds) = bounds else {
+    let passing: Arc<[Comparison]> = passing.iter().flat_map(comparisons).collect();
+    if bounds.is_none() && passing.is_empty() {
         return Ok(DataSourceExec::from_data_source(source));
-    };
+    }
     let mut statistics = Arc::unwrap_or_clone(source.partition_statistics(None)?);
-    let columns: Vec<usize> = match projection {
-        Some(p) => p.clone(),
-        None => (0..schema.fields().len()).collect(),
-    };
-    for (column, index) in statistics.column_statistics.iter_mut().zip(columns) {
-        let (min, max) = &bounds[index];
-        column.min_value = min.clone().map_or(Precision::Absent, Precision::Inexact);
-        column.max_value = max.clone().map_or(Precision::Absent, Precision::Inexact);
+    if let Some(bounds) = bounds {
+        let columns: Vec<usize> = match projection {
+            Some(p) => p.clone(),
+            None => (0..schema.fields().len()).collect(),
+        };
+        for (column, index) in statistics.column_statistics.iter_mut().zip(columns) {
+            let (min, max) = &bounds[index];
+            column.min_value = min.clone().map_or(Precision::Absent, Precision::Inexact);
+            column.max_value = max.clone().map_or(Precision::Absent, Precision::Inexact);
+        }
     }
     Ok(DataSourceExec::from_data_source(BoundedMemorySource {
         inner: source,
         statistics: Arc::new(statistics),
+        passing,
     }))
+}
+
+/// A column compared with a literal: `(column, op, value)`, the column on the left.
+type Comparison = (String, Operator, ScalarValue);
+
+/// The comparisons of a conjunction of `column op literal` (either side) and `BETWEEN`;
+/// other conjuncts give none.
+fn comparisons(filter: &Expr) -> Vec<Comparison> {
+    let one = |column: &Expr, op: Operator, value: &Expr| match (column, value) {
+        (Expr::Column(c), Expr::Literal(v, _)) => Some((c.name.clone(), op, v.clone())),
+        _ => None,
+    };
+    split_conjunction(filter)
+        .into_iter()
+        .flat_map(|conjunct| match conjunct {
+            Expr::BinaryExpr(LogicalBinary { left, op, right }) => {
+                let swapped = || one(right, op.swap()?, left);
+                vec![one(left, *op, right).or_else(swapped)]
+            }
+            Expr::Between(Between {
+                expr,
+                negated: false,
+                low,
+                high,
+            }) => vec![
+                one(expr, Operator::GtEq, low),
+                one(expr, Operator::LtEq, high),
+            ],
+            _ => vec![],
+        })
+        .flatten()
+        .collect()
+}
+
+/// `filter` as a comparison of a column with a literal, the column on the left.
+fn physical_comparison(filter: &Arc<dyn PhysicalExpr>) -> Option<Comparison> {
+    let binary = filter.downcast_ref::<BinaryExpr>()?;
+    let side = |e: &Arc<dyn PhysicalExpr>| e.downcast_ref::<Column>().map(|c| c.name().to_owned());
+    let value = |e: &Arc<dyn PhysicalExpr>| e.downcast_ref::<Literal>().map(|l| l.value().clone());
+    match (side(binary.left()), value(binary.right())) {
+        (Some(column), Some(value)) => Some((column, *binary.op(), value)),
+        _ => Some((
+            side(binary.right())?,
+            binary.op().swap()?,
+            value(binary.left())?,
+        )),
+    }
 }
 
 /// The memory source of a scan of batches in memory, with or without
@@ -110,6 +180,8 @@ pub(crate) fn memory_source(plan: &dyn ExecutionPlan) -> Option<&MemorySourceCon
 pub(crate) struct BoundedMemorySource {
     inner: MemorySourceConfig,
     statistics: Arc<Statistics>,
+    /// Comparisons every row passes (`memory_scan_passing`).
+    passing: Arc<[Comparison]>,
 }
 
 impl DataSource for BoundedMemorySource {
@@ -176,10 +248,21 @@ impl DataSource for BoundedMemorySource {
         &self,
         filters: Vec<Arc<dyn PhysicalExpr>>,
         config: &ConfigOptions,
-    ) -> Result<
-        datafusion::physical_plan::filter_pushdown::FilterPushdownPropagation<Arc<dyn DataSource>>,
-    > {
-        self.inner.try_pushdown_filters(filters, config)
+    ) -> Result<FilterPushdownPropagation<Arc<dyn DataSource>>> {
+        if self.passing.is_empty() {
+            return self.inner.try_pushdown_filters(filters, config);
+        }
+        // A filter every row passes is as good as applied; the others stay above.
+        let pushed = filters
+            .iter()
+            .map(|f| match physical_comparison(f) {
+                Some(c) if self.passing.contains(&c) => PushedDown::Yes,
+                _ => PushedDown::No,
+            })
+            .collect();
+        Ok(FilterPushdownPropagation::with_parent_pushdown_result(
+            pushed,
+        ))
     }
 
     fn try_pushdown_sort(
@@ -243,12 +326,17 @@ mod tests {
         );
     }
 
-    #[test]
-    fn the_bounds_given_are_the_scans_statistics_and_its_source_is_found() {
-        let schema = Arc::new(Schema::new(vec![
+    /// Columns `a` and `k`, both Int64.
+    fn two_columns() -> SchemaRef {
+        Arc::new(Schema::new(vec![
             Field::new("a", DataType::Int64, false),
             Field::new("k", DataType::Int64, false),
-        ]));
+        ]))
+    }
+
+    #[test]
+    fn the_bounds_given_are_the_scans_statistics_and_its_source_is_found() {
+        let schema = two_columns();
         let column = Arc::new(Int64Array::from_iter_values(5..105));
         let batch =
             RecordBatch::try_new(Arc::clone(&schema), vec![column.clone(), column]).unwrap();
@@ -300,5 +388,55 @@ mod tests {
             bounds,
             vec![(int(3), int(10)), (text("a"), None), (None, int(9))]
         );
+    }
+
+    #[test]
+    fn a_filter_above_drops_the_comparisons_every_row_passes() {
+        use datafusion::physical_expr::expressions::{binary, col, lit};
+        use datafusion::physical_optimizer::PhysicalOptimizerRule;
+        use datafusion::physical_optimizer::filter_pushdown::FilterPushdown;
+        use datafusion::physical_plan::filter::FilterExec;
+        use datafusion::prelude::{col as column, lit as value};
+
+        let schema = two_columns();
+        let keys = Arc::new(Int64Array::from_iter_values(10..20));
+        let batch = RecordBatch::try_new(Arc::clone(&schema), vec![keys.clone(), keys]).unwrap();
+        // `k >= 10 AND k < 20 AND a > 12`, as DataFusion plans it above the scan.
+        let compare = |name, op, v: i64| binary(col(name, &schema).unwrap(), op, lit(v), &schema);
+        let predicate = [
+            compare("k", Operator::GtEq, 10).unwrap(),
+            compare("k", Operator::Lt, 20).unwrap(),
+            compare("a", Operator::Gt, 12).unwrap(),
+        ]
+        .into_iter()
+        .reduce(|l, r| binary(l, Operator::And, r, &schema).unwrap())
+        .unwrap();
+        let optimized = |passing: &[Expr]| {
+            let scan = memory_scan_passing(vec![vec![batch.clone()]], &schema, None, None, passing)
+                .unwrap();
+            let filter = Arc::new(FilterExec::try_new(Arc::clone(&predicate), scan).unwrap());
+            let plan = FilterPushdown::new()
+                .optimize(filter, &ConfigOptions::default())
+                .unwrap();
+            plan.downcast_ref::<FilterExec>()
+                .map(|f| f.predicate().to_string())
+        };
+        // The rows were cut to the key range (written either way round): only `a > 12`
+        // is left to filter.
+        let range = value(10i64)
+            .lt_eq(column("k"))
+            .and(column("k").lt(value(20i64)));
+        assert_eq!(optimized(&[range]).as_deref(), Some("a@0 > 12"));
+        // A bound of another value, or none: everything stays.
+        let other = column("k").gt_eq(value(11i64));
+        let all = "k@1 >= 10 AND k@1 < 20 AND a@0 > 12";
+        assert_eq!(optimized(&[other]).as_deref(), Some(all));
+        assert_eq!(optimized(&[]).as_deref(), Some(all));
+        // Every comparison passed: no filter at all.
+        let every = column("k")
+            .between(value(10i64), value(19i64))
+            .and(column("a").gt(value(12i64)));
+        let partial = optimized(&[every, column("k").lt(value(20i64))]);
+        assert_eq!(partial, None);
     }
 }

@@ -35,6 +35,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use datafusion::arrow::array::RecordBatch;
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool, MemoryReservation};
+use datafusion::logical_expr::Expr;
 use parking_lot::Mutex;
 
 use super::memory_scan::Bounds;
@@ -104,6 +105,12 @@ impl CachedRowGroup {
     /// sorted columns.
     pub(crate) fn select(&self, selector: &Selector) -> Selected {
         self.batches.select_with(selector)
+    }
+
+    /// Whether its rows that [`Self::select`] passes on all pass `filter`
+    /// (`PinnedBatches::applies_exactly`).
+    pub(crate) fn applies_exactly(&self, filter: &Expr) -> bool {
+        self.batches.applies_exactly(filter)
     }
 
     /// Its columns' minimum and maximum (`PinnedBatches::bounds`).

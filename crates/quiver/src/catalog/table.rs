@@ -42,7 +42,7 @@ use datafusion::execution::session_state::SessionState;
 use datafusion::physical_plan::collect_partitioned;
 
 use super::PartitionPruning;
-use super::memory_scan::{Bounds, ColumnBounds, memory_scan, widen};
+use super::memory_scan::{Bounds, ColumnBounds, memory_scan, memory_scan_passing, widen};
 use super::pinned::{PinnedBatches, Selector};
 use super::pruning::CachedFile;
 use super::row_group_cache::{
@@ -53,6 +53,19 @@ use crate::io::{FileReaderFactory, Io, IoMode, IoOptions};
 use crate::wire::frames::split;
 use crate::wire::pinned::{PinnedMessages, Registration, lay_out};
 use crate::wire::views::ViewTypes;
+
+/// A scan split between the row group cache and the files (`HiveTable::take_cached`).
+#[derive(Debug, Default)]
+struct CacheSplit {
+    /// The files to read, each skipping the row groups the cache serves.
+    files: Vec<PartitionedFile>,
+    /// The cached rows that may pass the scan's filters.
+    cached: Vec<RecordBatch>,
+    /// Their columns' bounds.
+    bounds: Option<Vec<ColumnBounds>>,
+    /// The filters' conjuncts every cached row passes (cut to exactly).
+    passing: Vec<Expr>,
+}
 
 /// One validated data file of a table.
 #[derive(Debug, Clone)]
@@ -392,23 +405,24 @@ impl TableProvider for HiveTable {
                 .and_then(|c| c.0.clone()),
             Some(_) => None,
         };
-        let (files, cached, bounds) = match cache {
+        let split = match cache {
             Some(cache) => self.take_cached(state, &cache, files, filters).await?,
-            None => (
-                files
+            None => CacheSplit {
+                files: files
                     .into_iter()
                     .map(|(_, f)| self.partitioned_file(f))
                     .collect(),
-                vec![],
-                None,
-            ),
+                ..CacheSplit::default()
+            },
         };
         let mut inputs = vec![];
-        if !files.is_empty() {
-            inputs.push(self.parquet_scan(state, files, projection, limit)?);
+        if !split.files.is_empty() {
+            inputs.push(self.parquet_scan(state, split.files, projection, limit)?);
         }
-        if !cached.is_empty() {
-            inputs.push(self.cached_scan(state, cached, projection, bounds.as_deref())?);
+        if !split.cached.is_empty() {
+            let bounds = split.bounds.as_deref();
+            let batches = split.cached;
+            inputs.push(self.cached_scan(state, batches, projection, bounds, &split.passing)?);
         }
         if inputs.is_empty() {
             let schema = match projection {
@@ -493,19 +507,22 @@ impl HiveTable {
         cache: &RowGroupCache,
         files: Vec<(usize, &TableFile)>,
         filters: &[Expr],
-    ) -> DfResult<(
-        Vec<PartitionedFile>,
-        Vec<RecordBatch>,
-        Option<Vec<ColumnBounds>>,
-    )> {
+    ) -> DfResult<CacheSplit> {
         let pruning = state.config().get_extension::<PartitionPruning>();
         let predicate = self.file_predicate(state, filters);
         let admission = cache.admission();
         if predicate.is_none() && admission == RowGroupAdmission::Lookups {
             // Nothing prunes row groups: no file is looked up.
             let scans = files.into_iter().map(|(_, f)| self.partitioned_file(f));
-            return Ok((scans.collect(), vec![], None));
+            return Ok(CacheSplit {
+                files: scans.collect(),
+                ..CacheSplit::default()
+            });
         }
+        // The filters' conjuncts, and whether every cached row group taken so far
+        // applies each exactly.
+        let conjuncts: Vec<&Expr> = filters.iter().flat_map(split_conjunction).collect();
+        let mut exact = vec![true; conjuncts.len()];
         // Cached row groups have the table's schema: one selector for all of them, made
         // at the first one (a scan that finds none in the cache plans no selection).
         let mut selector = None;
@@ -598,6 +615,9 @@ impl HiveTable {
                 let selector =
                     selector.get_or_insert_with(|| Selector::new(state, filters, &self.schema));
                 cached.extend(group.select(selector).partitions.into_iter().flatten());
+                for (exact, conjunct) in exact.iter_mut().zip(&conjuncts) {
+                    *exact = *exact && group.applies_exactly(conjunct);
+                }
                 match &mut bounds {
                     Some(bounds) => widen(bounds, group.bounds()),
                     None => bounds = Some(group.bounds().to_vec()),
@@ -629,7 +649,18 @@ impl HiveTable {
             partitioned.extensions.insert(access);
             scans.push(partitioned);
         }
-        Ok((scans, cached, bounds))
+        let passing = conjuncts
+            .into_iter()
+            .zip(exact)
+            .filter(|(_, exact)| *exact)
+            .map(|(conjunct, _)| conjunct.clone())
+            .collect();
+        Ok(CacheSplit {
+            files: scans,
+            cached,
+            bounds,
+            passing,
+        })
     }
 
     /// The filters that name only file columns, as a predicate over row-group
@@ -683,19 +714,21 @@ impl HiveTable {
         Ok((batches, bytes))
     }
 
-    /// A scan of rows taken from the row group cache, whose columns have `bounds`.
+    /// A scan of rows taken from the row group cache, whose columns have `bounds`, all
+    /// passing the filters `passing`.
     fn cached_scan(
         &self,
         state: &dyn Session,
         batches: Vec<RecordBatch>,
         projection: Option<&Vec<usize>>,
         bounds: Option<&Bounds>,
+        passing: &[Expr],
     ) -> DfResult<Arc<dyn ExecutionPlan>> {
         let count = state.config().target_partitions().clamp(1, batches.len());
         let mut partitions = vec![Vec::new(); count];
         for (i, batch) in batches.into_iter().enumerate() {
             partitions[i % count].push(batch);
         }
-        memory_scan(partitions, &self.schema, projection, bounds)
+        memory_scan_passing(partitions, &self.schema, projection, bounds, passing)
     }
 }
