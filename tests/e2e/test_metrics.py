@@ -62,6 +62,7 @@ FAMILIES = [
     "quiver_row_group_cache_misses_total",
     "quiver_row_group_cache_inserts_total",
     "quiver_row_group_cache_evictions_total",
+    "quiver_row_group_cache_read_bytes_total",
     "quiver_row_group_cache_bytes",
     "quiver_memory_pool_reserved_bytes",
     "quiver_memory_pool_peak_bytes",

@@ -299,7 +299,8 @@ pub struct ServeArgs {
     /// Bytes of decoded row groups of local Parquet files kept in memory; `0` turns the
     /// cache off [default: a quarter of --memory-limit]. A row group is decoded whole
     /// into Arrow batches the second time a scan the cache admits reads it (see
-    /// --row-group-cache-admit); later scans take its rows from memory like a pinned
+    /// --row-group-cache-admit), in the background while that scan reads it from the
+    /// file (two at a time); later scans take its rows from memory like a pinned
     /// table's (batches skipped by their min/max, sorted columns cut to a key range) and
     /// the Parquet scan skips it. Kept per table version (a refresh that publishes files
     /// starts afresh). Reserved from --memory-limit and given back to queries that need
@@ -312,8 +313,8 @@ pub struct ServeArgs {
     /// leave at most an eighth of a file's row groups (key ranges and point lookups on a
     /// column the file is ordered by; repeated, they are served from memory); every
     /// other scan reads its files as without the cache. `all`: every scan (dashboards
-    /// repeating whole-table queries; the second read of a row group decodes all its
-    /// columns while the query plans).
+    /// repeating whole-table queries; each row group read twice is decoded whole, all
+    /// its columns, in the background).
     #[arg(
         long,
         env = "QUIVER_ROW_GROUP_CACHE_ADMIT",

@@ -7,7 +7,9 @@
 //! The chunk cache (`io::chunk_cache`) removes the decompression; this cache removes the
 //! decoding too, for the row groups queries keep coming back to: a row group read a
 //! second time is decoded once, whole, into Arrow batches with the statistics a pinned
-//! table keeps per batch ([`PinnedBatches`]), and from then on scans take its rows from
+//! table keeps per batch ([`PinnedBatches`]), in the background on the CPU runtime
+//! ([`RowGroupCache::with_loader`]; that read takes it from the file), and from then on
+//! scans take its rows from
 //! memory: batches skipped by their statistics, sorted columns cut to a filter's key
 //! range, the rest of the file read by DataFusion's Parquet scan as before.
 //!
@@ -34,12 +36,17 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use datafusion::arrow::array::RecordBatch;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::common::Result as DfResult;
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool, MemoryReservation};
 use datafusion::logical_expr::Expr;
 use parking_lot::Mutex;
+use tokio::runtime::Handle;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::memory_scan::Bounds;
 use super::pinned::{PinnedBatches, Selected, Selector};
+use crate::query::spawn_on;
 use crate::wire::views::{TwinRegistration, ViewTwins};
 
 /// The cache's name in the memory pool.
@@ -51,6 +58,10 @@ const SEEN_KEYS: u64 = 1 << 16;
 /// Row groups one scan decodes into the cache at most: a scan of a large table fills the
 /// cache a few row groups per query, not all at once while it plans.
 pub(crate) const LOADS_PER_SCAN: usize = 2;
+
+/// Row groups decoded into the cache at once, over all scans: a burst of new key ranges
+/// fills it a few row groups at a time, beside the queries.
+const LOADS_AT_ONCE: usize = 2;
 
 /// How long a row group that could not be kept is read from the file before another try.
 const REFUSED_FOR: std::time::Duration = std::time::Duration::from_secs(60);
@@ -132,6 +143,8 @@ pub struct RowGroupCacheStats {
     pub evictions: AtomicU64,
     /// Bytes kept.
     pub bytes: AtomicU64,
+    /// Bytes read from files to decode row groups into the cache.
+    pub read_bytes: AtomicU64,
 }
 
 /// The cache; see the module documentation.
@@ -150,6 +163,11 @@ pub struct RowGroupCache {
     stats: Arc<RowGroupCacheStats>,
     /// Offset twins of the cached view columns, for the send path.
     twins: Arc<ViewTwins>,
+    /// Where row groups are decoded ([`Self::with_loader`]); `None`: by the scan that
+    /// asks, while it plans.
+    loader: Option<Handle>,
+    /// Decodes under way on the loader (aborted if the cache is dropped).
+    loads: Mutex<Vec<AbortOnDropHandle<()>>>,
 }
 
 impl std::fmt::Debug for RowGroupCache {
@@ -172,8 +190,8 @@ pub struct RowGroupCaching(pub Option<Arc<RowGroupCache>>);
 pub(crate) enum Lookup {
     /// Take its rows from the cache.
     Hit(Arc<CachedRowGroup>),
-    /// Decode it for the cache (its second read), then take its rows from there; end
-    /// with [`RowGroupCache::insert`], [`RowGroupCache::abandon`] or [`RowGroupCache::refuse`].
+    /// Decode it for the cache (its second read) with [`RowGroupCache::load`], or end
+    /// with [`RowGroupCache::abandon`] or [`RowGroupCache::refuse`].
     Load,
     /// Read it from the file.
     Miss,
@@ -213,7 +231,16 @@ impl RowGroupCache {
             reservation,
             stats,
             twins: Arc::default(),
+            loader: None,
+            loads: Mutex::default(),
         }
+    }
+
+    /// Row groups are decoded on the runtime of `handle`, and the scan that asks for one
+    /// reads it from its file meanwhile: no query waits for a decode.
+    pub fn with_loader(mut self, handle: Handle) -> Self {
+        self.loader = Some(handle);
+        self
     }
 
     /// Offset twins of the view columns of cached rows: the send path takes a slice of
@@ -252,11 +279,51 @@ impl RowGroupCache {
             self.seen.insert(key, ());
             return Lookup::Miss;
         }
-        if self.loading.lock().insert(key) {
+        let mut loading = self.loading.lock();
+        if loading.len() < LOADS_AT_ONCE && loading.insert(key) {
             Lookup::Load
         } else {
             Lookup::Miss
         }
+    }
+
+    /// Decodes row group `key` (a [`Lookup::Load`]) with `decode`, which gives its rows
+    /// (all of `schema`'s columns) and the bytes read for them, and keeps it. With a
+    /// loader the decode runs there and this returns `None` at once; without one it
+    /// returns what is kept, and the bytes read.
+    pub(crate) async fn load(
+        self: &Arc<Self>,
+        key: RowGroupKey,
+        schema: SchemaRef,
+        decode: impl Future<Output = DfResult<(Vec<RecordBatch>, usize)>> + Send + 'static,
+    ) -> Option<(Arc<CachedRowGroup>, usize)> {
+        let cache = Arc::clone(self);
+        let load = async move {
+            match decode.await {
+                Ok((batches, bytes)) => {
+                    cache
+                        .stats
+                        .read_bytes
+                        .fetch_add(bytes as u64, Ordering::Relaxed);
+                    Some((cache.insert(key, schema, batches)?, bytes))
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "row group not cached");
+                    cache.refuse(key);
+                    None
+                }
+            }
+        };
+        let Some(loader) = &self.loader else {
+            return load.await;
+        };
+        let task = spawn_on(loader, async move {
+            load.await;
+        });
+        let mut loads = self.loads.lock();
+        loads.retain(|l| !l.is_finished());
+        loads.push(task);
+        None
     }
 
     /// Keeps `batches`, the decoded rows of row group `key` (all of `schema`'s columns),
@@ -266,10 +333,22 @@ impl RowGroupCache {
     pub(crate) fn insert(
         &self,
         key: RowGroupKey,
-        schema: datafusion::arrow::datatypes::SchemaRef,
+        schema: SchemaRef,
         batches: Vec<RecordBatch>,
     ) -> Option<Arc<CachedRowGroup>> {
+        let kept = self.keep(key, schema, batches);
+        // Loading until kept or refused: a scan meanwhile reads the file, it does not
+        // decode the row group a second time.
         self.loading.lock().remove(&key);
+        kept
+    }
+
+    fn keep(
+        &self,
+        key: RowGroupKey,
+        schema: SchemaRef,
+        batches: Vec<RecordBatch>,
+    ) -> Option<Arc<CachedRowGroup>> {
         let batches = batches
             .into_iter()
             .filter(|b| b.num_rows() > 0)
@@ -372,6 +451,53 @@ mod tests {
         assert_eq!(pool.reserved() as u64, held);
         assert_eq!(cache.stats().hits.load(Ordering::Relaxed), 1);
         assert_eq!(cache.stats().misses.load(Ordering::Relaxed), 3);
+    }
+
+    #[test]
+    fn two_row_groups_load_at_once() {
+        let pool: Arc<dyn MemoryPool> = Arc::new(GreedyMemoryPool::new(1 << 30));
+        let cache = RowGroupCache::new(1 << 24, RowGroupAdmission::All, &pool);
+        for group in 0..3 {
+            assert!(matches!(cache.lookup(key(group)), Lookup::Miss));
+        }
+        assert!(matches!(cache.lookup(key(0)), Lookup::Load));
+        assert!(matches!(cache.lookup(key(1)), Lookup::Load));
+        // Read from the file while two decode; loaded once one is kept.
+        assert!(matches!(cache.lookup(key(2)), Lookup::Miss));
+        let (schema, rows) = batch(1000);
+        cache.insert(key(0), schema, vec![rows]);
+        assert!(matches!(cache.lookup(key(2)), Lookup::Load));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn with_a_loader_a_row_group_is_decoded_in_the_background() {
+        let pool: Arc<dyn MemoryPool> = Arc::new(GreedyMemoryPool::new(1 << 30));
+        let cache = Arc::new(
+            RowGroupCache::new(1 << 24, RowGroupAdmission::All, &pool)
+                .with_loader(Handle::current()),
+        );
+        assert!(matches!(cache.lookup(key(0)), Lookup::Miss));
+        assert!(matches!(cache.lookup(key(0)), Lookup::Load));
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let (schema, rows) = batch(1000);
+        let decode = async move {
+            released.await.ok();
+            Ok((vec![rows], 4096))
+        };
+        // The scan does not wait: it reads the row group from the file.
+        assert!(cache.load(key(0), schema, decode).await.is_none());
+        // Decoding meanwhile: read from the file, not decoded again.
+        assert!(matches!(cache.lookup(key(0)), Lookup::Miss));
+        release.send(()).unwrap();
+        for _ in 0..500 {
+            if matches!(cache.lookup(key(0)), Lookup::Hit(_)) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(matches!(cache.lookup(key(0)), Lookup::Hit(_)));
+        assert_eq!(cache.stats().inserts.load(Ordering::Relaxed), 1);
+        assert_eq!(cache.stats().read_bytes.load(Ordering::Relaxed), 4096);
     }
 
     #[test]

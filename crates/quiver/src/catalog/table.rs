@@ -499,12 +499,12 @@ impl HiveTable {
     /// (each skipping the row groups the cache holds) and the cached rows that may pass
     /// `filters` (batches skipped by their statistics, sorted columns cut to a key
     /// range), with their columns' bounds. A row group read for the second time is
-    /// decoded into the cache here. Files the cache does not admit the scan for (not a
+    /// decoded into the cache (`RowGroupCache::load`). Files the cache does not admit the scan for (not a
     /// lookup, `RowGroupAdmission`) are read whole, as without the cache.
     async fn take_cached(
         &self,
         state: &dyn Session,
-        cache: &RowGroupCache,
+        cache: &Arc<RowGroupCache>,
         files: Vec<(usize, &TableFile)>,
         filters: &[Expr],
     ) -> DfResult<CacheSplit> {
@@ -591,24 +591,29 @@ impl HiveTable {
                             cache.refuse(key);
                             continue;
                         }
-                        match self
-                            .decode_row_group(state, &partitioned, groups.len(), row_group)
-                            .await
-                        {
-                            Ok((batches, bytes)) => {
-                                if let Some(pruning) = &pruning {
-                                    pruning.record_loaded(bytes);
-                                }
-                                match cache.insert(key, Arc::clone(&self.schema), batches) {
-                                    Some(group) => group,
-                                    None => continue,
-                                }
-                            }
+                        let decode = match self.row_group_decoder(
+                            state,
+                            &partitioned,
+                            groups.len(),
+                            row_group,
+                        ) {
+                            Ok(decode) => decode,
                             Err(e) => {
                                 tracing::debug!(error = %e, "row group not cached");
                                 cache.refuse(key);
                                 continue;
                             }
+                        };
+                        // Decoded in the background (this scan reads the row group from
+                        // the file), or here when the cache has no loader.
+                        match cache.load(key, Arc::clone(&self.schema), decode).await {
+                            Some((group, bytes)) => {
+                                if let Some(pruning) = &pruning {
+                                    pruning.record_loaded(bytes);
+                                }
+                                group
+                            }
+                            None => continue,
                         }
                     }
                 };
@@ -689,16 +694,16 @@ impl HiveTable {
             .build(physical)
     }
 
-    /// Every row of row group `row_group` of `file` (of `row_groups`), decoded by
+    /// The decode of row group `row_group` of `file` (of `row_groups`): every row, by
     /// DataFusion's Parquet scan, with the table's schema (partition columns included),
     /// and the bytes the scan read from the file.
-    async fn decode_row_group(
+    fn row_group_decoder(
         &self,
         state: &dyn Session,
         file: &PartitionedFile,
         row_groups: usize,
         row_group: usize,
-    ) -> DfResult<(Vec<RecordBatch>, usize)> {
+    ) -> DfResult<impl Future<Output = DfResult<(Vec<RecordBatch>, usize)>> + Send + 'static> {
         let mut access = ParquetAccessPlan::new_none(row_groups);
         access.scan(row_group);
         let mut file = file.clone();
@@ -706,12 +711,15 @@ impl HiveTable {
         file.statistics = None;
         file.extensions.insert(access);
         let plan = self.parquet_scan(state, vec![file], None, None)?;
-        let batches = collect(Arc::clone(&plan), state.task_ctx()).await?;
-        let bytes = plan
-            .metrics()
-            .and_then(|m| m.sum_by_name("bytes_scanned"))
-            .map_or(0, |v| v.as_usize());
-        Ok((batches, bytes))
+        let task = state.task_ctx();
+        Ok(async move {
+            let batches = collect(Arc::clone(&plan), task).await?;
+            let bytes = plan
+                .metrics()
+                .and_then(|m| m.sum_by_name("bytes_scanned"))
+                .map_or(0, |v| v.as_usize());
+            Ok((batches, bytes))
+        })
     }
 
     /// A scan of rows taken from the row group cache, whose columns have `bounds`, all

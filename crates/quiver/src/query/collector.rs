@@ -356,6 +356,11 @@ impl EngineCollector {
                 |s| row_groups(s, |r| &r.evictions),
             )?,
             counter(
+                "quiver_row_group_cache_read_bytes_total",
+                "Bytes read from files to decode row groups into the row group cache (in the background).",
+                |s| row_groups(s, |r| &r.read_bytes),
+            )?,
+            counter(
                 "quiver_cache_hits_total",
                 "Blocks of S3 objects read from the local cache.",
                 |s| cache(s, |c| &c.hits),

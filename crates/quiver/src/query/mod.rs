@@ -167,6 +167,7 @@ impl QueryEngine {
     /// Builds the session, starts the CPU runtime and loads every table.
     pub async fn new(tables: Vec<TableDefinition>, options: QueryOptions) -> Result<Self> {
         let pool = Arc::new(MeteredPool::new(&options.memory));
+        let cpu = CpuRuntime::new(options.cpu_threads, options.stack_size)?;
         let mut io = Io::new(options.io, options.remote.clone());
         if options.io.chunk_cache_size > 0 {
             let shared = Arc::clone(&pool) as Arc<dyn MemoryPool>;
@@ -188,11 +189,14 @@ impl QueryEngine {
         // Tables find the row group cache in their session (`HiveTable::scan`).
         let row_groups = (options.row_group_cache_size > 0).then(|| {
             let shared = Arc::clone(&pool) as Arc<dyn MemoryPool>;
-            let cache = Arc::new(RowGroupCache::new(
+            let cache = RowGroupCache::new(
                 options.row_group_cache_size,
                 options.row_group_cache_admission,
                 &shared,
-            ));
+            );
+            // Row groups are decoded on the CPU runtime, while the scan that asked reads
+            // them from the file.
+            let cache = Arc::new(cache.with_loader(cpu.handle().clone()));
             let weak = Arc::downgrade(&cache);
             pool.add_reclaimer(
                 row_group_cache::CONSUMER,
@@ -231,7 +235,6 @@ impl QueryEngine {
         }
         let mut state = builder.build();
         caps::install(&mut state, options.max_function_output)?;
-        let cpu = CpuRuntime::new(options.cpu_threads, options.stack_size)?;
         // Footers are read on the CPU runtime like all file bytes (see `io::mmap`).
         let catalog = {
             let state = state.clone();
