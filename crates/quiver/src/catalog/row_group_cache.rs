@@ -40,13 +40,12 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::Result as DfResult;
 use datafusion::execution::memory_pool::{MemoryConsumer, MemoryPool, MemoryReservation};
 use datafusion::logical_expr::Expr;
+use futures::future::BoxFuture;
 use parking_lot::Mutex;
-use tokio::runtime::Handle;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::memory_scan::Bounds;
 use super::pinned::{PinnedBatches, Selected, Selector};
-use crate::query::spawn_on;
 use crate::wire::views::{TwinRegistration, ViewTwins};
 
 /// The cache's name in the memory pool.
@@ -90,6 +89,10 @@ impl RowGroupAdmission {
         }
     }
 }
+
+/// Starts a task on the runtime row groups are decoded on, owned by the handle returned
+/// (the query layer gives the CPU runtime's, `quiver::query::spawn_on`).
+pub type Spawner = Arc<dyn Fn(BoxFuture<'static, ()>) -> AbortOnDropHandle<()> + Send + Sync>;
 
 /// One row group of one file of one table snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -165,7 +168,7 @@ pub struct RowGroupCache {
     twins: Arc<ViewTwins>,
     /// Where row groups are decoded ([`Self::with_loader`]); `None`: by the scan that
     /// asks, while it plans.
-    loader: Option<Handle>,
+    loader: Option<Spawner>,
     /// Decodes under way on the loader (aborted if the cache is dropped).
     loads: Mutex<Vec<AbortOnDropHandle<()>>>,
 }
@@ -236,10 +239,10 @@ impl RowGroupCache {
         }
     }
 
-    /// Row groups are decoded on the runtime of `handle`, and the scan that asks for one
+    /// Row groups are decoded in tasks `spawn` starts, and the scan that asks for one
     /// reads it from its file meanwhile: no query waits for a decode.
-    pub fn with_loader(mut self, handle: Handle) -> Self {
-        self.loader = Some(handle);
+    pub fn with_loader(mut self, spawn: Spawner) -> Self {
+        self.loader = Some(spawn);
         self
     }
 
@@ -317,9 +320,9 @@ impl RowGroupCache {
         let Some(loader) = &self.loader else {
             return load.await;
         };
-        let task = spawn_on(loader, async move {
+        let task = loader(Box::pin(async move {
             load.await;
-        });
+        }));
         let mut loads = self.loads.lock();
         loads.retain(|l| !l.is_finished());
         loads.push(task);
@@ -472,10 +475,10 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn with_a_loader_a_row_group_is_decoded_in_the_background() {
         let pool: Arc<dyn MemoryPool> = Arc::new(GreedyMemoryPool::new(1 << 30));
-        let cache = Arc::new(
-            RowGroupCache::new(1 << 24, RowGroupAdmission::All, &pool)
-                .with_loader(Handle::current()),
-        );
+        #[allow(clippy::disallowed_methods)] // the test's runtime owns nothing else
+        let spawn: Spawner = Arc::new(|task| AbortOnDropHandle::new(tokio::spawn(task)));
+        let cache =
+            Arc::new(RowGroupCache::new(1 << 24, RowGroupAdmission::All, &pool).with_loader(spawn));
         assert!(matches!(cache.lookup(key(0)), Lookup::Miss));
         assert!(matches!(cache.lookup(key(0)), Lookup::Load));
         let (release, released) = tokio::sync::oneshot::channel::<()>();

@@ -196,7 +196,9 @@ impl QueryEngine {
             );
             // Row groups are decoded on the CPU runtime, while the scan that asked reads
             // them from the file.
-            let cache = Arc::new(cache.with_loader(cpu.handle().clone()));
+            let handle = cpu.handle().clone();
+            let spawn: row_group_cache::Spawner = Arc::new(move |task| spawn_on(&handle, task));
+            let cache = Arc::new(cache.with_loader(spawn));
             let weak = Arc::downgrade(&cache);
             pool.add_reclaimer(
                 row_group_cache::CONSUMER,
