@@ -18,7 +18,7 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::common::config::ConfigOptions;
 use datafusion::common::stats::Precision;
 use datafusion::common::tree_node::TreeNodeRecursion;
-use datafusion::common::{Result, Statistics};
+use datafusion::common::{Column as ColumnRef, Result, Statistics};
 use datafusion::execution::{SendableRecordBatchStream, TaskContext};
 use datafusion::logical_expr::utils::split_conjunction;
 use datafusion::logical_expr::{Between, BinaryExpr as LogicalBinary, Expr, Operator};
@@ -121,30 +121,46 @@ type Comparison = (String, Operator, ScalarValue);
 /// The comparisons of a conjunction of `column op literal` (either side) and `BETWEEN`;
 /// other conjuncts give none.
 fn comparisons(filter: &Expr) -> Vec<Comparison> {
-    let one = |column: &Expr, op: Operator, value: &Expr| match (column, value) {
-        (Expr::Column(c), Expr::Literal(v, _)) => Some((c.name.clone(), op, v.clone())),
-        _ => None,
-    };
-    split_conjunction(filter)
+    column_comparisons(filter)
         .into_iter()
-        .flat_map(|conjunct| match conjunct {
+        .map(|(column, op, value)| (column.name.clone(), op, value.clone()))
+        .collect()
+}
+
+/// The comparisons of a column with a literal among the conjuncts of `filter`, the column
+/// on the left: `column op literal` or `literal op column` (any operator that swaps) and
+/// `column BETWEEN low AND high` (as `>=` and `<=`); other conjuncts give none.
+pub(crate) fn column_comparisons(filter: &Expr) -> Vec<(&ColumnRef, Operator, &ScalarValue)> {
+    fn one<'a>(
+        column: &'a Expr,
+        op: Operator,
+        value: &'a Expr,
+    ) -> Option<(&'a ColumnRef, Operator, &'a ScalarValue)> {
+        match (column, value) {
+            (Expr::Column(c), Expr::Literal(v, _)) => Some((c, op, v)),
+            _ => None,
+        }
+    }
+    let mut found = vec![];
+    for conjunct in split_conjunction(filter) {
+        match conjunct {
             Expr::BinaryExpr(LogicalBinary { left, op, right }) => {
                 let swapped = || one(right, op.swap()?, left);
-                vec![one(left, *op, right).or_else(swapped)]
+                found.extend(one(left, *op, right).or_else(swapped));
             }
             Expr::Between(Between {
                 expr,
                 negated: false,
                 low,
                 high,
-            }) => vec![
-                one(expr, Operator::GtEq, low),
-                one(expr, Operator::LtEq, high),
-            ],
-            _ => vec![],
-        })
-        .flatten()
-        .collect()
+            }) => {
+                found.extend(one(expr, Operator::GtEq, low));
+                found.extend(one(expr, Operator::LtEq, high));
+            }
+            _ => {}
+        }
+    }
+    found
 }
 
 /// `filter` as a comparison of a column with a literal, the column on the left.

@@ -35,11 +35,11 @@ use datafusion::common::pruning::PruningStatistics;
 use datafusion::common::{Column, DFSchema};
 use datafusion::functions_aggregate::min_max::{MaxAccumulator, MinAccumulator};
 use datafusion::logical_expr::utils::{conjunction, split_conjunction};
-use datafusion::logical_expr::{Accumulator, Between, BinaryExpr, Expr, Operator};
+use datafusion::logical_expr::{Accumulator, Expr, Operator};
 use datafusion::physical_optimizer::pruning::{PruningPredicate, PruningPredicateBuilder};
 use datafusion::scalar::ScalarValue;
 
-use super::memory_scan::{Bounds, ColumnBounds};
+use super::memory_scan::{Bounds, ColumnBounds, column_comparisons};
 
 /// A string or binary min/max longer than this is not kept (the batch's bound for that
 /// column is unknown): a table of long texts would otherwise hold a copy of two texts per
@@ -472,59 +472,33 @@ impl KeyRange {
     /// The comparisons among the conjuncts of `filters` (`key >= 10`, `10 < key`,
     /// `key BETWEEN 1 AND 5`, `key = 3`); anything else bounds nothing.
     fn from_filters(filters: &[Expr], schema: &SchemaRef) -> Vec<Self> {
-        let mut ranges = vec![];
-        let mut push = |column: &Expr, op: Operator, value: &Expr| {
-            let (Expr::Column(column), Expr::Literal(value, _)) = (column, value) else {
-                return;
-            };
-            let range = [
-                Operator::Eq,
-                Operator::Lt,
-                Operator::LtEq,
-                Operator::Gt,
-                Operator::GtEq,
-            ];
+        let range = [
+            Operator::Eq,
+            Operator::Lt,
+            Operator::LtEq,
+            Operator::Gt,
+            Operator::GtEq,
+        ];
+        let key_range = |(column, op, value): (&Column, Operator, &ScalarValue)| {
             if !range.contains(&op) {
-                return;
+                return None;
             }
-            let Ok(index) = schema.index_of(column.name()) else {
-                return;
-            };
+            let index = schema.index_of(column.name()).ok()?;
             // No cast here: a literal of another type compares under rules of its own.
             if value.is_null() || &value.data_type() != schema.field(index).data_type() {
-                return;
+                return None;
             }
-            let Ok(array) = value.to_array() else {
-                return;
-            };
-            ranges.push(Self {
+            Some(Self {
                 column: index,
                 op,
-                value: Scalar::new(array),
-            });
+                value: Scalar::new(value.to_array().ok()?),
+            })
         };
-        for conjunct in filters.iter().flat_map(split_conjunction) {
-            match conjunct {
-                Expr::BinaryExpr(BinaryExpr { left, op, right }) => {
-                    if matches!(left.as_ref(), Expr::Column(_)) {
-                        push(left, *op, right);
-                    } else if let Some(swapped) = op.swap() {
-                        push(right, swapped, left);
-                    }
-                }
-                Expr::Between(Between {
-                    expr,
-                    negated: false,
-                    low,
-                    high,
-                }) => {
-                    push(expr, Operator::GtEq, low);
-                    push(expr, Operator::LtEq, high);
-                }
-                _ => {}
-            }
-        }
-        ranges
+        filters
+            .iter()
+            .flat_map(column_comparisons)
+            .filter_map(key_range)
+            .collect()
     }
 
     /// The ranges `conjunct` is, when it is nothing else: one comparison (two for
