@@ -69,7 +69,7 @@ def test_answers_from_the_cache_equal_duckdb(tmp_path):
         for sql in QUERIES:
             assert answer(s, sql) == expected(path, sql), sql
         # Counts read every row group: again until the whole table is cached (two row
-        # groups go in per scan, two at once), each answer equal to DuckDB's.
+        # groups go in per scan, eight at once), each answer equal to DuckDB's.
         count = QUERIES[3]
         after = wait_for(
             lambda: answer(s, count) == expected(path, count)
@@ -251,7 +251,7 @@ def test_the_cache_holds_its_size(tmp_path):
     try:
         sql = "SELECT * FROM t ORDER BY k"
         want = expected(path, sql)
-        # Two row groups go in per scan (two at once): scans until some are evicted.
+        # Two row groups go in per scan (eight at once): scans until some are evicted.
         wait_for(lambda: answer(s, sql) == want and stats(s)["evictions_total"] > 0, what="evictions")
         # 12 row groups of about 1.3 MB decoded (under an eighth of the cache each), 15 MB
         # in all.
