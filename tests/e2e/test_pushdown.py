@@ -28,6 +28,10 @@ SELECTIVE = "SELECT count(*) AS n, sum(v) AS s FROM facts WHERE key = 7"
 # the decoder for its first batches, then no longer evaluated there (`query/measured.rs`).
 WIDE_JOIN = "SELECT count(*) AS n, sum(f.v) AS s FROM facts f JOIN dims d ON f.key = d.key WHERE d.name < 'name-5'"
 QUERIES = (STATIC, JOIN, SELECTIVE, WIDE_JOIN)
+# String equalities, which min/max cannot estimate: by the distinct values the column's
+# dictionary pages hold, tag = ... passes 1/500 of the rows, kind = ... 1/4.
+RARE_TAG = "SELECT count(*) AS n, sum(v) AS s FROM facts WHERE tag = 'tag-0007'"
+COMMON_KIND = "SELECT count(*) AS n, sum(v) AS s FROM facts WHERE kind = 'kind-1'"
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +46,9 @@ def tables(tmp_path_factory):
             "key": pa.array([rng.randrange(1000) for _ in range(n)], pa.int64()),
             # Multiples of 1/1024: sums are exact in any order.
             "v": pa.array([rng.randrange(1024) / 1024 for _ in range(n)], pa.float64()),
+            # Dictionary-encoded (pyarrow's default): 500 and 4 distinct values.
+            "tag": [f"tag-{rng.randrange(500):04d}" for _ in range(n)],
+            "kind": [f"kind-{rng.randrange(4)}" for _ in range(n)],
         }),
         root / "facts" / "part-0.parquet",
         row_group_size=50_000,
@@ -53,20 +60,20 @@ def tables(tmp_path_factory):
     return root
 
 
-def run(tables, tmp_path, mode):
+def run(tables, tmp_path, mode, queries=QUERIES):
     args = ["--data-dir", str(tables), "--log-filter", "quiver=debug,info"]
     if mode:
         args += ["--filter-pushdown", mode]
     s = Server(args, tmp_path / (mode or "default"))
     con = duckdb.connect()
     try:
-        for sql in QUERIES:
+        for sql in queries:
             got = s.query(sql)
             duck = sql.replace("facts", f"read_parquet('{tables}/facts/*.parquet')").replace(
                 "dims", f"read_parquet('{tables}/dims/*.parquet')")
             assert [tuple(r.values()) for r in got.to_pylist()] == con.execute(duck).fetchall(), sql
         deadline = time.monotonic() + 10
-        while len(found := re.findall(r"scan summary.*?summary=(\{[^}]*\})", s.logs())) < len(QUERIES):
+        while len(found := re.findall(r"scan summary.*?summary=(\{[^}]*\})", s.logs())) < len(queries):
             assert time.monotonic() < deadline, s.logs()
             time.sleep(0.05)
         return [json.loads(x)["rows_pruned_filter"] for x in found]
@@ -95,3 +102,11 @@ def test_all_and_none(tables, tmp_path):
     # `all` evaluates every filter on every row: 55% of 200000 dropped.
     assert 100_000 < wide < 120_000, wide
     assert run(tables, tmp_path, "none") == [0, 0, 0, 0]
+
+
+def test_a_rare_string_equality_runs_in_the_decoder(tables, tmp_path):
+    rare, common = run(tables, tmp_path, None, (RARE_TAG, COMMON_KIND))
+    # About 400 of 200000 rows pass tag = 'tag-0007': the decoder drops the rest.
+    assert rare > 190_000, rare
+    # kind = 'kind-1' passes a quarter: evaluated after decoding.
+    assert common == 0, common

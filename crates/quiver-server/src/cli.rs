@@ -684,7 +684,8 @@ pub struct ServeArgs {
     /// measured while it runs and no longer evaluated there while it passes over 2% of
     /// the rows (the join or TopK still drops them); and query filters that the table's
     /// statistics estimate to pass under 0.5% of the rows (point lookups, narrow key
-    /// ranges). Every other filter after decoding, which is faster when filters are
+    /// ranges, an equality of a string column whose local files' dictionaries show over
+    /// 200 distinct values). Every other filter after decoding, which is faster when filters are
     /// cheap or pass rows on every page. `all`: every filter, always. `none`: none. Every
     /// filter prunes files, row groups and pages by statistics either way.
     #[arg(long, env = "QUIVER_FILTER_PUSHDOWN", default_value = "runtime")]

@@ -6,10 +6,15 @@
 //! file or directory whose name starts with `.` or `_`, or ends in `.tmp`, is never data.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use object_store::ObjectMeta;
 use object_store::path::{Path as ObjectPath, PathPart};
+use parquet::basic::Type as PhysicalType;
+use parquet::column::page::{Page, PageReader};
+use parquet::file::metadata::ParquetMetaData;
+use parquet::file::serialized_reader::SerializedPageReader;
 
 use crate::error::{Error, Result};
 
@@ -312,9 +317,109 @@ fn parse_date(v: &str) -> Option<i32> {
     i32::try_from((date - epoch).num_days()).ok()
 }
 
+/// The largest dictionary page read for a distinct count: a larger one holds many values,
+/// where an equality is selective whatever the exact count.
+const DICTIONARY_PAGE_READ_LIMIT: u64 = 1 << 20;
+
+/// For each leaf column of a local Parquet file, the most values any of its row groups'
+/// dictionary pages holds: a lower bound of the column's distinct values (a writer that
+/// fell back from its dictionary wrote more). Strings and binaries only (`BYTE_ARRAY`):
+/// their min/max give DataFusion no estimate of an equality, while `1 / distinct values`
+/// does. `None` for a column where any row group has no dictionary or a dictionary page
+/// over [`DICTIONARY_PAGE_READ_LIMIT`], or where a page cannot be read.
+pub(crate) fn dictionary_distinct_counts(
+    path: &Path,
+    metadata: &ParquetMetaData,
+) -> Vec<Option<usize>> {
+    let columns = metadata.file_metadata().schema_descr().num_columns();
+    let Ok(file) = std::fs::File::open(path) else {
+        return vec![None; columns];
+    };
+    let file = Arc::new(file);
+    (0..columns)
+        .map(|column| {
+            let mut most = None;
+            for group in metadata.row_groups() {
+                let chunk = group.column(column);
+                if chunk.column_type() != PhysicalType::BYTE_ARRAY {
+                    return None;
+                }
+                let dictionary = chunk.dictionary_page_offset()?;
+                let size = u64::try_from(chunk.data_page_offset() - dictionary).ok()?;
+                if size > DICTIONARY_PAGE_READ_LIMIT {
+                    return None;
+                }
+                let rows = usize::try_from(group.num_rows()).ok()?;
+                let mut pages =
+                    SerializedPageReader::new(Arc::clone(&file), chunk, rows, None).ok()?;
+                match pages.get_next_page().ok()?? {
+                    Page::DictionaryPage { num_values, .. } => {
+                        let values = usize::try_from(num_values).ok()?;
+                        most = Some(most.map_or(values, |m: usize| m.max(values)));
+                    }
+                    _ => return None,
+                }
+            }
+            most
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn distinct_counts_from_dictionary_pages() {
+        use arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
+        use parquet::arrow::ArrowWriter;
+        use parquet::file::properties::WriterProperties;
+        use parquet::file::reader::{FileReader, SerializedFileReader};
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.parquet");
+        // Row group 0 holds 3 of the names, row group 1 all 7; `plain` is never a dictionary.
+        let names = |n: usize, of: usize| -> ArrayRef {
+            Arc::new(StringArray::from_iter_values(
+                (0..n).map(|i| format!("name-{}", i % of)),
+            ))
+        };
+        let ints: ArrayRef = Arc::new(Int64Array::from_iter_values(0..100));
+        let props = WriterProperties::builder()
+            .set_column_dictionary_enabled("plain".into(), false)
+            .build();
+        let first = RecordBatch::try_from_iter([
+            ("name", names(100, 3)),
+            ("plain", names(100, 5)),
+            ("int", Arc::clone(&ints)),
+        ])
+        .unwrap();
+        let mut writer = ArrowWriter::try_new(
+            std::fs::File::create(&path).unwrap(),
+            first.schema(),
+            Some(props),
+        )
+        .unwrap();
+        writer.write(&first).unwrap();
+        writer.flush().unwrap();
+        let second = RecordBatch::try_from_iter([
+            ("name", names(100, 7)),
+            ("plain", names(100, 5)),
+            ("int", ints),
+        ])
+        .unwrap();
+        writer.write(&second).unwrap();
+        writer.close().unwrap();
+
+        let reader = SerializedFileReader::new(std::fs::File::open(&path).unwrap()).unwrap();
+        let metadata = reader.metadata();
+        assert_eq!(metadata.num_row_groups(), 2);
+        let counts = dictionary_distinct_counts(&path, metadata);
+        assert_eq!(counts, vec![Some(7), None, None]);
+        // A file that cannot be opened gives no counts.
+        let gone = dictionary_distinct_counts(&dir.path().join("gone.parquet"), metadata);
+        assert_eq!(gone, vec![None, None, None]);
+    }
 
     #[test]
     fn infers_partition_types() {

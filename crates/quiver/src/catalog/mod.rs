@@ -40,6 +40,8 @@ use std::time::SystemTime;
 use async_trait::async_trait;
 use datafusion::arrow::datatypes::{Field, FieldRef, Schema, SchemaRef};
 use datafusion::catalog::{SchemaProvider, Session, TableProvider};
+use datafusion::common::Statistics;
+use datafusion::common::stats::Precision;
 use datafusion::datasource::file_format::FileFormat;
 use datafusion::datasource::file_format::parquet::ParquetFormat;
 use datafusion::execution::SessionState;
@@ -95,6 +97,9 @@ struct ValidFile {
     meta: ObjectMeta,
     schema: SchemaRef,
     metadata: Arc<ParquetMetaData>,
+    /// Per leaf column, the distinct values its dictionaries show (local files only:
+    /// `discover::dictionary_distinct_counts`).
+    distinct: Vec<Option<usize>>,
 }
 
 /// Outcome of refreshing every table.
@@ -285,6 +290,7 @@ impl Catalog {
                     None => Arc::clone(&local),
                 };
                 let format = &format;
+                let local = bucket.is_none();
                 async move {
                     if let Some(prev) = previous
                         && prev.found.size == file.size
@@ -295,7 +301,7 @@ impl Catalog {
                     }
                     // The Parquet footer decoder can panic on crafted input: a bad file
                     // must cost a warning, never the server.
-                    let result = AssertUnwindSafe(self.validate(&store, format, &file))
+                    let result = AssertUnwindSafe(self.validate(&store, format, &file, local))
                         .catch_unwind()
                         .await
                         .unwrap_or_else(|_| {
@@ -376,6 +382,7 @@ impl Catalog {
         store: &Arc<dyn object_store::ObjectStore>,
         format: &ParquetFormat,
         file: &FoundFile,
+        local: bool,
     ) -> Result<Arc<ValidFile>> {
         let meta = file.object_meta();
         let cache = self
@@ -394,11 +401,25 @@ impl Catalog {
                 std::slice::from_ref(&meta),
             )
             .await?;
+        // A few small reads per column (its dictionary pages), once per file version; not
+        // on S3, where each would be a request.
+        let distinct = match local {
+            true => {
+                let (path, footer) = (PathBuf::from(&file.name), Arc::clone(&metadata));
+                tokio::task::spawn_blocking(move || {
+                    discover::dictionary_distinct_counts(&path, &footer)
+                })
+                .await
+                .map_err(|e| Error::Internal(format!("dictionary task failed: {e}")))?
+            }
+            false => vec![],
+        };
         Ok(Arc::new(ValidFile {
             found: file.clone(),
             meta,
             schema,
             metadata,
+            distinct,
         }))
     }
 
@@ -567,8 +588,9 @@ impl Catalog {
                 rejected.push((v.found.clone(), message));
                 continue;
             }
-            let statistics =
+            let mut statistics =
                 DFParquetMetadata::statistics_from_parquet_metadata(&v.metadata, &file_schema)?;
+            with_distinct_counts(&mut statistics, &file_schema, v);
             let byte_size = v
                 .metadata
                 .row_groups()
@@ -593,6 +615,27 @@ impl Catalog {
             ),
             rejected,
         ))
+    }
+}
+
+/// Sets the distinct count of each top-level column of `schema` whose leaf column in `file`
+/// has one: DataFusion then estimates `column = literal` to pass 1 / distinct values, which
+/// `query::pushdown` uses to evaluate a selective string equality inside the decoder.
+fn with_distinct_counts(statistics: &mut Statistics, schema: &Schema, file: &ValidFile) {
+    let leaves = file.metadata.file_metadata().schema_descr();
+    for (field, column) in schema
+        .fields()
+        .iter()
+        .zip(&mut statistics.column_statistics)
+    {
+        let leaf = (0..leaves.num_columns()).find(|&i| {
+            let column = leaves.column(i);
+            let path = column.path().parts();
+            path.len() == 1 && path[0] == *field.name()
+        });
+        if let Some(Some(distinct)) = leaf.and_then(|i| file.distinct.get(i)) {
+            column.distinct_count = Precision::Inexact(*distinct);
+        }
     }
 }
 
