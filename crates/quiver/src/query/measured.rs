@@ -40,6 +40,8 @@ use datafusion::physical_expr_common::physical_expr::{
 use datafusion_proto_models::protobuf::PhysicalExprNode;
 use parking_lot::Mutex;
 
+use super::routed::RoutedCase;
+
 /// Rows evaluated before the filter's pass rate is trusted (8 of the decoder's batches).
 const SAMPLE_ROWS: u64 = 65_536;
 
@@ -128,15 +130,59 @@ impl PassRate {
 pub(crate) struct Measured {
     filter: Arc<dyn PhysicalExpr>,
     rate: Arc<Mutex<PassRate>>,
+    /// The filter as this copy evaluates it, for one generation.
+    current: Mutex<Option<(u64, Form)>>,
+}
+
+/// How a snapshot of the filter is evaluated.
+#[derive(Debug, Clone)]
+enum Form {
+    /// A partitioned join's filter, routed ([`RoutedCase`]).
+    Routed(Arc<RoutedCase>),
+    /// Any other filter, as DataFusion evaluates it.
+    Plain(Arc<dyn PhysicalExpr>),
+}
+
+impl Form {
+    fn evaluate(&self, batch: &RecordBatch) -> Result<ColumnarValue> {
+        match self {
+            Self::Routed(routed) => routed.evaluate(batch),
+            Self::Plain(filter) => filter.evaluate(batch),
+        }
+    }
 }
 
 impl Measured {
     /// `filter`, measured.
     pub(crate) fn wrap(filter: Arc<dyn PhysicalExpr>) -> Arc<dyn PhysicalExpr> {
+        Self::sharing(filter, Arc::default())
+    }
+
+    fn sharing(filter: Arc<dyn PhysicalExpr>, rate: Arc<Mutex<PassRate>>) -> Arc<dyn PhysicalExpr> {
         Arc::new(Self {
             filter,
-            rate: Arc::default(),
+            rate,
+            current: Mutex::default(),
         })
+    }
+
+    /// The filter at `generation`, for batches of `schema`: a snapshot taken once per
+    /// generation (a dynamic filter evaluated as it is re-reads and remaps its expression
+    /// for every batch), routed when it is a partitioned join's CASE.
+    fn current(&self, generation: u64, schema: &Schema) -> Result<Form> {
+        let mut current = self.current.lock();
+        if let Some((taken_at, form)) = current.as_ref()
+            && *taken_at == generation
+        {
+            return Ok(form.clone());
+        }
+        let snapshot = snapshot_physical_expr(Arc::clone(&self.filter))?;
+        let form = match RoutedCase::of(&snapshot, schema) {
+            Some(routed) => Form::Routed(Arc::new(routed)),
+            None => Form::Plain(snapshot),
+        };
+        *current = Some((generation, form.clone()));
+        Ok(form)
     }
 }
 
@@ -174,7 +220,9 @@ impl PhysicalExpr for Measured {
         if !self.rate.lock().evaluate_next(generation) {
             return Ok(ColumnarValue::Scalar(ScalarValue::Boolean(Some(true))));
         }
-        let result = self.filter.evaluate(batch)?;
+        let result = self
+            .current(generation, batch.schema_ref())?
+            .evaluate(batch)?;
         let rows = batch.num_rows();
         let passed = match &result {
             ColumnarValue::Array(array) => array
@@ -203,10 +251,7 @@ impl PhysicalExpr for Measured {
                 children.len()
             ))
         })?;
-        Ok(Arc::new(Self {
-            filter,
-            rate: Arc::clone(&self.rate),
-        }))
+        Ok(Self::sharing(filter, Arc::clone(&self.rate)))
     }
 
     fn fmt_sql(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

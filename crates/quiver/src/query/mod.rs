@@ -28,6 +28,7 @@ mod plan_cache;
 mod pushdown;
 mod request;
 mod result_cache;
+mod routed;
 mod running;
 mod runtime;
 mod scan;
