@@ -11,6 +11,7 @@ mod admission;
 mod caller;
 mod caps;
 mod collector;
+mod conjunction;
 mod coop;
 mod deadline;
 mod distributed;
@@ -236,6 +237,9 @@ impl QueryEngine {
         if options.filter_pushdown == FilterPushdown::Runtime {
             builder = builder.with_physical_optimizer_rule(Arc::new(pushdown::PushRuntimeFilters));
         }
+        // Last: the rules before it read filters' predicates as DataFusion wrote them.
+        builder =
+            builder.with_physical_optimizer_rule(Arc::new(conjunction::WHOLE_CHEAP_CONJUNCTS));
         let mut state = builder.build();
         caps::install(&mut state, options.max_function_output)?;
         // Footers are read on the CPU runtime like all file bytes (see `io::mmap`).
