@@ -223,7 +223,9 @@ mod tests {
     use datafusion::arrow::datatypes::Field;
     use datafusion::common::ScalarValue;
     use datafusion::datasource::memory::MemorySourceConfig;
-    use datafusion::physical_expr::expressions::{col, in_list, is_not_null, is_null, lit, not};
+    use datafusion::physical_expr::expressions::{
+        binary, col, in_list, is_not_null, is_null, lit, not,
+    };
 
     /// Rows of (a, b, s) with nulls in each, from a small seeded generator.
     fn batch(rows: usize) -> RecordBatch {
@@ -256,14 +258,6 @@ mod tests {
         RecordBatch::try_new(Arc::new(schema), columns).unwrap()
     }
 
-    fn binary(
-        left: Arc<dyn PhysicalExpr>,
-        op: Operator,
-        right: Arc<dyn PhysicalExpr>,
-    ) -> Arc<dyn PhysicalExpr> {
-        Arc::new(BinaryExpr::new(left, op, right))
-    }
-
     fn string(value: &str) -> Arc<dyn PhysicalExpr> {
         lit(ScalarValue::Utf8View(Some(value.to_string())))
     }
@@ -273,23 +267,24 @@ mod tests {
         let batch = batch(8192);
         let schema = batch.schema();
         let c = |name| col(name, &schema).unwrap();
-        let conjuncts = vec![
-            binary(
-                binary(c("s"), Operator::Eq, string("MAIL")),
+        let cmp = |left, op, right| binary(left, op, right, &schema).unwrap();
+        let conjuncts = [
+            cmp(
+                cmp(c("s"), Operator::Eq, string("MAIL")),
                 Operator::Or,
-                binary(c("s"), Operator::Eq, string("a string longer than twelve")),
+                cmp(c("s"), Operator::Eq, string("a string longer than twelve")),
             ),
-            binary(c("a"), Operator::Gt, c("b")),
-            binary(c("a"), Operator::GtEq, lit(20i64)),
-            not(binary(c("b"), Operator::Eq, lit(3i64))).unwrap(),
+            cmp(c("a"), Operator::Gt, c("b")),
+            cmp(c("a"), Operator::GtEq, lit(20i64)),
+            not(cmp(c("b"), Operator::Eq, lit(3i64))).unwrap(),
             is_null(c("b")).unwrap(),
             in_list(c("a"), vec![lit(21i64), lit(50i64)], &false, &schema).unwrap(),
         ];
         // No row passes the first two of these: the early exit is taken.
         let none_pass = vec![
             is_not_null(c("a")).unwrap(),
-            binary(c("a"), Operator::Lt, lit(0i64)),
-            binary(c("b"), Operator::Gt, lit(3i64)),
+            cmp(c("a"), Operator::Lt, lit(0i64)),
+            cmp(c("b"), Operator::Gt, lit(3i64)),
         ];
         let lists = (2..=conjuncts.len())
             .map(|count| conjuncts[..count].to_vec())
@@ -314,6 +309,7 @@ mod tests {
         let batch = batch(64);
         let schema = batch.schema();
         let c = |name| col(name, &schema).unwrap();
+        let cmp = |left, op, right| binary(left, op, right, &schema).unwrap();
         let like = Arc::new(datafusion::physical_expr::expressions::LikeExpr::new(
             false,
             false,
@@ -321,9 +317,9 @@ mod tests {
             string("%AI%"),
         )) as Arc<dyn PhysicalExpr>;
         let predicate = conjunction([
-            binary(c("a"), Operator::Gt, c("b")),
+            cmp(c("a"), Operator::Gt, c("b")),
             Arc::clone(&like),
-            binary(c("a"), Operator::Lt, lit(90i64)),
+            cmp(c("a"), Operator::Lt, lit(90i64)),
         ]);
         let input = MemorySourceConfig::try_new_exec(&[vec![batch]], schema, None).unwrap();
         let filter = Arc::new(FilterExec::try_new(predicate, input).unwrap());
