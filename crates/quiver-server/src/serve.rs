@@ -18,7 +18,7 @@ use quiver::cluster::{
 };
 use quiver::flight::auth::{Authenticator, LoginLimits};
 use quiver::flight::{
-    CompressionType, MessageLimits, PreparedLimits, QuiverFlightService, SendOptions,
+    CompressionType, Http2Settings, MessageLimits, PreparedLimits, QuiverFlightService, SendOptions,
 };
 use quiver::io::remote::{BlockCache, CacheOptions, RemoteStores, StoreOptions, parse_s3_url};
 use quiver::io::{IoOptions, MmapLimits};
@@ -47,7 +47,7 @@ use crate::tls::{TlsReloader, TlsSettings};
 /// Runs the server until SIGINT or SIGTERM.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Everything that can be wrong with the flags fails before the tables load.
-    let server = http2_server(&args.http2)?;
+    let http2 = http2_settings(&args.http2)?;
     let tls = tls_reloader(&args.tls)?;
     let auth = match &args.auth_file {
         Some(path) => Some(Arc::new(Authenticator::load(
@@ -260,8 +260,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(auth) = auth {
         service = service.with_auth(auth);
     }
-    let (router, health) = quiver::flight::stack(
-        server,
+    let (port, health) = quiver::flight::stack(
         Arc::new(service),
         rpc_metrics,
         MessageLimits {
@@ -295,9 +294,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         args.tls.tls_handshake_timeout,
         shutdown.clone(),
     );
-    let serve = router.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     tokio::select! {
-        served = serve => served.context("the Flight server failed")?,
+        () = quiver::flight::serve(incoming, port, &http2, shutdown.clone()) => {}
         () = drain(&engine, &shutdown, args.shutdown_grace) => {
             tracing::warn!("connections still open after the shutdown grace period; closing them");
         }
@@ -541,9 +539,9 @@ async fn drain(engine: &QueryEngine, shutdown: &CancellationToken, grace: Durati
     tokio::time::sleep(CLOSE).await;
 }
 
-/// tonic's server with the HTTP/2 flags applied, after checking them against the
-/// protocol's limits (h2 would panic on the first connection otherwise).
-fn http2_server(h: &Http2Args) -> anyhow::Result<tonic::transport::Server> {
+/// The HTTP/2 flags, checked against the protocol's limits (h2 would panic on the first
+/// connection otherwise).
+fn http2_settings(h: &Http2Args) -> anyhow::Result<Http2Settings> {
     const MAX_WINDOW: usize = (1 << 31) - 1;
     anyhow::ensure!(
         (16_384..=16_777_215).contains(&h.http2_max_frame_size.0),
@@ -560,20 +558,20 @@ fn http2_server(h: &Http2Args) -> anyhow::Result<tonic::transport::Server> {
         );
     }
     let nonzero = |d: Duration| (!d.is_zero()).then_some(d);
-    let mut server = tonic::transport::Server::builder()
-        .initial_stream_window_size(h.http2_stream_window.0 as u32)
-        .initial_connection_window_size(h.http2_connection_window.0 as u32)
-        .http2_adaptive_window(Some(h.http2_adaptive_window))
-        .max_frame_size(h.http2_max_frame_size.0 as u32)
-        .max_concurrent_streams(h.http2_max_concurrent_streams)
-        .http2_keepalive_interval(nonzero(h.http2_keepalive_interval))
-        .http2_keepalive_timeout(nonzero(h.http2_keepalive_timeout));
-    if let Some(age) = nonzero(h.max_connection_age) {
-        server = server
-            .max_connection_age(age)
-            .max_connection_age_grace(h.max_connection_age_grace);
-    }
-    Ok(server)
+    let defaults = Http2Settings::default();
+    // All checked above to fit in 31 bits.
+    let fit = |v: usize| v as u32;
+    Ok(Http2Settings {
+        stream_window: fit(h.http2_stream_window.0),
+        connection_window: fit(h.http2_connection_window.0),
+        adaptive_window: h.http2_adaptive_window,
+        max_frame_size: fit(h.http2_max_frame_size.0),
+        max_concurrent_streams: h.http2_max_concurrent_streams,
+        keepalive_interval: nonzero(h.http2_keepalive_interval),
+        keepalive_timeout: nonzero(h.http2_keepalive_timeout).unwrap_or(defaults.keepalive_timeout),
+        max_connection_age: nonzero(h.max_connection_age),
+        max_connection_age_grace: h.max_connection_age_grace,
+    })
 }
 
 /// The TLS config from the flags, when TLS is on.

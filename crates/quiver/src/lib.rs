@@ -2,7 +2,7 @@
 //!
 //! ```text
 //!  client (pyarrow.flight, ADBC, JDBC)
-//!     │ gRPC / HTTP/2
+//!     │ gRPC / HTTP/2: flight::serve (hyper)
 //!     ▼
 //!  flight::stack: RpcMetricsLayer ─▶ route::DoGetRoute (every DoGet) ─▶ tonic's routes
 //!     │ QuiverFlightService: caller() ─▶ ticket::decode ─▶ do_get::serve | the other RPCs
@@ -16,7 +16,8 @@
 //! ```
 //!
 //! The library holds everything but process glue: the `quiver` binary
-//! (`crates/quiver-server`) parses flags, binds sockets and serves [`flight::stack`].
+//! (`crates/quiver-server`) parses flags, binds sockets and serves [`flight::stack`]
+//! with [`flight::serve`].
 //! Dependencies point one way: `flight -> query -> catalog -> {io, wire}`, and all of them
 //! on `metrics`, `audit` and `error` (docs/architecture.md).
 

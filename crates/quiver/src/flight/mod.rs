@@ -6,7 +6,8 @@
 //!                                                          └─ every other RPC ──▶ tonic ──▶ the FlightService impl below
 //! ```
 //!
-//! [`stack`] builds that whole stack; the server and the integration tests both serve it.
+//! [`stack`] builds that whole stack and [`serve`] serves it over HTTP/2; the server and
+//! the integration tests both use the two.
 //! Every RPC starts the same way: authenticate the call into a [`Caller`] (the one value
 //! that says who is calling), then decode its ticket or command once ([`ticket::decode`]).
 //! `DoGet` is served in one place, [`do_get::serve`], for plain SQL, Quiver tickets and
@@ -16,8 +17,10 @@
 
 mod actions;
 pub mod auth;
+pub mod body;
 mod do_get;
 mod flight_info;
+pub mod http2;
 mod login;
 pub mod route;
 mod sql;
@@ -26,8 +29,9 @@ pub mod ticket;
 
 pub use datafusion::arrow::ipc::CompressionType;
 pub use do_get::{SendOptions, SendPath};
+pub use http2::{Http2Settings, serve};
 pub use sql::{PreparedLimits, bound_parameters};
-pub use stack::{FlightRouter, MessageLimits, stack};
+pub use stack::{FlightPort, MessageLimits, stack};
 
 use std::pin::Pin;
 use std::sync::Arc;

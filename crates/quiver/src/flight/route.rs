@@ -30,6 +30,7 @@ use tonic::Status;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use super::body::{Chunks, PortBody};
 use super::do_get::MessageStream;
 use super::{MessageLimits, QuiverFlightService};
 use crate::error::Error;
@@ -81,7 +82,7 @@ where
     S::Future: Send + 'static,
     S::Error: Send + 'static,
 {
-    type Response = Response<tonic::body::Body>;
+    type Response = Response<PortBody>;
     type Error = S::Error;
     type Future = BoxFuture<Self::Response, S::Error>;
 
@@ -91,27 +92,28 @@ where
 
     fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
         if request.uri().path() != DO_GET_PATH {
-            return Box::pin(self.inner.call(request));
+            let call = self.inner.call(request);
+            return Box::pin(async move { Ok(call.await?.map(PortBody::Tonic)) });
         }
         let layer = self.layer.clone();
         Box::pin(async move {
             let (parts, body) = request.into_parts();
             let message = match read_unary(body, layer.limits.max_decoding_message_size).await {
                 Ok(message) => message,
-                Err(status) => return Ok(status.into_http()),
+                Err(status) => return Ok(refused(status)),
             };
             let ticket = match Ticket::decode(message) {
                 Ok(ticket) => ticket,
                 Err(e) => {
-                    return Ok(
-                        Status::from(Error::invalid(format!("malformed Ticket: {e}"))).into_http(),
-                    );
+                    return Ok(refused(Status::from(Error::invalid(format!(
+                        "malformed Ticket: {e}"
+                    )))));
                 }
             };
             let request = tonic::Request::from_http(Request::from_parts(parts, ticket));
             match layer.service.do_get_frames(request).await {
                 Ok(frames) => Ok(response(frames, layer.limits.max_encoding_message_size)),
-                Err(status) => Ok(status.into_http()),
+                Err(status) => Ok(refused(status)),
             }
         })
     }
@@ -154,10 +156,14 @@ async fn read_unary(mut body: tonic::body::Body, max: usize) -> Result<Bytes, St
     Ok(buf.freeze())
 }
 
-fn response(frames: MessageStream, max_message_size: usize) -> Response<tonic::body::Body> {
-    let mut response = Response::new(tonic::body::Body::new(FrameBody {
+/// A trailers-only response carrying `status`.
+fn refused(status: Status) -> Response<PortBody> {
+    status.into_http().map(PortBody::Tonic)
+}
+
+fn response(frames: MessageStream, max_message_size: usize) -> Response<PortBody> {
+    let mut response = Response::new(PortBody::DoGet(FrameBody {
         frames,
-        chunks: Vec::new().into_iter(),
         max_message_size,
         done: false,
     }));
@@ -168,16 +174,16 @@ fn response(frames: MessageStream, max_message_size: usize) -> Response<tonic::b
     response
 }
 
-/// A `DoGet` response body: each message's chunks as data, then the status as trailers.
-struct FrameBody {
+/// A `DoGet` response body: each message as one piece of data (its chunks, not copied
+/// together), then the status as trailers.
+pub struct FrameBody {
     frames: MessageStream,
-    chunks: std::vec::IntoIter<Bytes>,
     max_message_size: usize,
     done: bool,
 }
 
 impl FrameBody {
-    fn trailers(&mut self, status: &Status) -> BodyFrame<Bytes> {
+    fn trailers(&mut self, status: &Status) -> BodyFrame<Chunks> {
         self.done = true;
         let mut trailers = HeaderMap::new();
         if status.add_header(&mut trailers).is_err() {
@@ -188,17 +194,14 @@ impl FrameBody {
 }
 
 impl Body for FrameBody {
-    type Data = Bytes;
+    type Data = Chunks;
     type Error = Status;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<BodyFrame<Bytes>, Status>>> {
+    ) -> Poll<Option<Result<BodyFrame<Chunks>, Status>>> {
         let this = &mut *self;
-        if let Some(chunk) = this.chunks.next() {
-            return Poll::Ready(Some(Ok(BodyFrame::data(chunk))));
-        }
         if this.done {
             return Poll::Ready(None);
         }
@@ -217,13 +220,12 @@ impl Body for FrameBody {
                     });
                     return Poll::Ready(Some(Ok(this.trailers(&status))));
                 }
-                this.chunks = frame.into_chunks().into_iter();
-                match this.chunks.next() {
-                    Some(chunk) => Poll::Ready(Some(Ok(BodyFrame::data(chunk)))),
-                    None => {
-                        cx.waker().wake_by_ref();
-                        Poll::Pending
-                    }
+                let chunks = Chunks::new(frame.into_chunks());
+                if chunks.has_remaining() {
+                    Poll::Ready(Some(Ok(BodyFrame::data(chunks))))
+                } else {
+                    cx.waker().wake_by_ref();
+                    Poll::Pending
                 }
             }
             Poll::Ready(Some(Err(status))) => Poll::Ready(Some(Ok(this.trailers(&status)))),
@@ -232,6 +234,6 @@ impl Body for FrameBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.done && self.chunks.len() == 0
+        self.done
     }
 }

@@ -2,7 +2,7 @@
 //! serve the same stack.
 //!
 //! ```text
-//!  tonic's HTTP/2 server (settings from the caller)
+//!  http2::serve: hyper's HTTP/2 server (settings from the caller)
 //!    └─ RpcMetricsLayer: every call counted and timed
 //!         └─ DoGetRoute: every DoGet, answered with its own response body
 //!              └─ tonic's routes: grpc.health.v1.Health, arrow.flight.protocol.FlightService
@@ -11,14 +11,13 @@
 use std::sync::Arc;
 
 use arrow_flight::flight_service_server::FlightServiceServer;
-use tonic::transport::Server;
-use tonic::transport::server::Router;
+use tonic::service::Routes;
 use tonic_health::server::HealthReporter;
-use tower_layer::{Identity, Stack};
+use tower_layer::Layer;
 
 use super::QuiverFlightService;
-use super::route::DoGetRouteLayer;
-use crate::metrics::{RpcMetrics, RpcMetricsLayer};
+use super::route::{DoGetRoute, DoGetRouteLayer};
+use crate::metrics::{RpcMetrics, RpcMetricsLayer, RpcMetricsService};
 
 /// Largest gRPC messages the Flight port reads and writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -38,18 +37,17 @@ impl Default for MessageLimits {
     }
 }
 
-/// The router of a Flight port: the layers of [`stack`] over its services.
-pub type FlightRouter = Router<Stack<DoGetRouteLayer, Stack<RpcMetricsLayer, Identity>>>;
+/// The service of a Flight port: the layers of [`stack`] over its routes.
+pub type FlightPort = RpcMetricsService<DoGetRoute<Routes>>;
 
-/// Puts the Flight port's layers and services on `server`, and reports the Flight service
-/// SERVING on the returned health reporter (gRPC health needs no credentials: probes
-/// and load balancers send none).
+/// The Flight port's layers over its services, and a health reporter with the Flight
+/// service SERVING (gRPC health needs no credentials: probes and load balancers send
+/// none). Served by [`super::http2::serve`].
 pub async fn stack(
-    server: Server,
     service: Arc<QuiverFlightService>,
     rpc_metrics: Arc<RpcMetrics>,
     limits: MessageLimits,
-) -> (FlightRouter, HealthReporter) {
+) -> (FlightPort, HealthReporter) {
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<FlightServiceServer<QuiverFlightService>>()
@@ -57,10 +55,8 @@ pub async fn stack(
     let flight = FlightServiceServer::from_arc(Arc::clone(&service))
         .max_decoding_message_size(limits.max_decoding_message_size)
         .max_encoding_message_size(limits.max_encoding_message_size);
-    let router = server
-        .layer(RpcMetricsLayer::new(rpc_metrics))
-        .layer(DoGetRouteLayer::new(service, limits))
-        .add_service(health_service)
-        .add_service(flight);
-    (router, health)
+    let routes = Routes::new(health_service).add_service(flight).prepare();
+    let port = RpcMetricsLayer::new(rpc_metrics)
+        .layer(DoGetRouteLayer::new(service, limits).layer(routes));
+    (port, health)
 }

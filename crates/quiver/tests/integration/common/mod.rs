@@ -172,8 +172,7 @@ impl Fixture {
         .unwrap();
         let rpc_metrics =
             quiver::metrics::RpcMetrics::register(&prometheus::Registry::new()).unwrap();
-        let (router, _health) = quiver::flight::stack(
-            tonic::transport::Server::builder(),
+        let (port, _health) = quiver::flight::stack(
             Arc::new(service),
             rpc_metrics,
             quiver::flight::MessageLimits::default(),
@@ -181,13 +180,13 @@ impl Fixture {
         .await;
         let token = shutdown.clone();
         let server = quiver::query::spawn(async move {
-            router
-                .serve_with_incoming_shutdown(
-                    tokio_stream::wrappers::TcpListenerStream::new(listener),
-                    token.cancelled_owned(),
-                )
-                .await
-                .unwrap();
+            quiver::flight::serve(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                port,
+                &quiver::flight::Http2Settings::default(),
+                token,
+            )
+            .await;
         });
         let refresh = refresh.map(|every| {
             let engine = Arc::clone(&engine);
