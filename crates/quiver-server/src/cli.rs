@@ -482,8 +482,8 @@ pub struct ServeArgs {
     /// Bytes the whole process may have allocated (jemalloc's count, which includes
     /// what the pool does not see: batches in flight, function results, connections).
     /// Past it new queries are refused with UNAVAILABLE and the query holding the most
-    /// memory is cancelled with RESOURCE_EXHAUSTED, checked every 10 ms; `0` turns the
-    /// guard off. A size or a share of memory, like --memory-limit [default: twice
+    /// memory is cancelled with RESOURCE_EXHAUSTED, checked every 10 ms (up to 100 ms
+    /// apart while far below it); `0` turns the guard off. A size or a share of memory, like --memory-limit [default: twice
     /// --memory-limit plus 256 MiB, at most 90% of the machine's or cgroup's memory].
     #[arg(long, env = "QUIVER_MEMORY_HARD_LIMIT")]
     pub memory_hard_limit: Option<MemoryLimit>,

@@ -34,6 +34,7 @@ use super::body::{Chunks, PortBody};
 use super::do_get::MessageStream;
 use super::{MessageLimits, QuiverFlightService};
 use crate::error::Error;
+use crate::wire::frames::Frame;
 
 /// The gRPC path of `DoGet`.
 const DO_GET_PATH: &str = "/arrow.flight.protocol.FlightService/DoGet";
@@ -165,6 +166,7 @@ fn response(frames: MessageStream, max_message_size: usize) -> Response<PortBody
     let mut response = Response::new(PortBody::DoGet(FrameBody {
         frames,
         max_message_size,
+        ending: None,
         done: false,
     }));
     response.headers_mut().insert(
@@ -174,11 +176,17 @@ fn response(frames: MessageStream, max_message_size: usize) -> Response<PortBody
     response
 }
 
-/// A `DoGet` response body: each message as one piece of data (its chunks, not copied
-/// together), then the status as trailers.
+/// Most bytes of messages already waiting that are handed on as one piece of data.
+const GATHER_BYTES: usize = 4 << 20;
+
+/// A `DoGet` response body: the messages waiting when it is polled as one piece of data
+/// (their chunks, not copied together: one HTTP/2 frame, one `writev`), then the status
+/// as trailers.
 pub struct FrameBody {
     frames: MessageStream,
     max_message_size: usize,
+    /// The status that ends the stream, read while gathering messages: sent next.
+    ending: Option<Status>,
     done: bool,
 }
 
@@ -190,6 +198,20 @@ impl FrameBody {
             trailers.insert(Status::GRPC_STATUS, HeaderValue::from_static("13"));
         }
         BodyFrame::trailers(trailers)
+    }
+
+    /// The status that ends the stream when `frame` is a message too large to send.
+    fn oversized(&self, frame: &Frame) -> Option<Status> {
+        let size = frame.len() - 5;
+        (size > self.max_message_size).then(|| {
+            Status::from(Error::MessageTooLarge {
+                message: format!(
+                    "a result message of {size} bytes exceeds --max-encoding-message-size \
+                     ({} bytes): raise it, or lower --max-flight-data-size",
+                    self.max_message_size
+                ),
+            })
+        })
     }
 }
 
@@ -205,31 +227,43 @@ impl Body for FrameBody {
         if this.done {
             return Poll::Ready(None);
         }
-        match Pin::new(&mut this.frames).poll_next(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(Some(Ok(frame))) => {
-                if frame.len() - 5 > this.max_message_size {
+        if let Some(status) = this.ending.take() {
+            return Poll::Ready(Some(Ok(this.trailers(&status))));
+        }
+        // Every message already waiting, up to GATHER_BYTES; the stream's end or error
+        // after them is sent on the next poll.
+        let mut chunks = Vec::new();
+        let mut gathered = 0;
+        while gathered < GATHER_BYTES {
+            let ending = match Pin::new(&mut this.frames).poll_next(cx) {
+                Poll::Pending => break,
+                Poll::Ready(Some(Ok(frame))) => match this.oversized(&frame) {
                     // The query is dropped with the stream when the body is.
-                    let status = Status::from(Error::MessageTooLarge {
-                        message: format!(
-                            "a result message of {} bytes exceeds --max-encoding-message-size \
-                             ({} bytes): raise it, or lower --max-flight-data-size",
-                            frame.len() - 5,
-                            this.max_message_size
-                        ),
-                    });
-                    return Poll::Ready(Some(Ok(this.trailers(&status))));
-                }
-                let chunks = Chunks::new(frame.into_chunks());
-                if chunks.has_remaining() {
-                    Poll::Ready(Some(Ok(BodyFrame::data(chunks))))
-                } else {
-                    cx.waker().wake_by_ref();
-                    Poll::Pending
-                }
+                    Some(status) => status,
+                    None => {
+                        gathered += frame.len();
+                        chunks.extend(frame.into_chunks());
+                        continue;
+                    }
+                },
+                Poll::Ready(Some(Err(status))) => status,
+                Poll::Ready(None) => Status::ok(""),
+            };
+            if gathered == 0 {
+                return Poll::Ready(Some(Ok(this.trailers(&ending))));
             }
-            Poll::Ready(Some(Err(status))) => Poll::Ready(Some(Ok(this.trailers(&status)))),
-            Poll::Ready(None) => Poll::Ready(Some(Ok(this.trailers(&Status::ok(""))))),
+            this.ending = Some(ending);
+            break;
+        }
+        let chunks = Chunks::new(chunks);
+        if chunks.has_remaining() {
+            Poll::Ready(Some(Ok(BodyFrame::data(chunks))))
+        } else if gathered > 0 {
+            // Only empty messages (none are made): poll again for the rest.
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        } else {
+            Poll::Pending
         }
     }
 

@@ -98,6 +98,8 @@ use result_cache::ResultCache;
 /// Plans and runs read-only SQL over the catalog.
 pub struct QueryEngine {
     base: SessionContext,
+    /// The base session without its functions (`kept_plan_state`).
+    lean: SessionState,
     /// With workers: the states that plan across them (`query::distributed`).
     planners: Option<Planners>,
     catalog: Arc<Catalog>,
@@ -255,6 +257,12 @@ impl QueryEngine {
             .ok_or_else(|| Error::Internal("the default catalog is missing".into()))?
             .register_schema("public", Arc::clone(&catalog) as _)?;
         let metrics = QueryMetrics::new(catalog.table_names().iter().map(String::as_str))?;
+        let lean = SessionStateBuilder::new_from_existing(base.state())
+            .with_scalar_functions(Vec::new())
+            .with_higher_order_functions(Vec::new())
+            .with_aggregate_functions(Vec::new())
+            .with_window_functions(Vec::new())
+            .build();
         let planners = options
             .cluster
             .as_ref()
@@ -262,6 +270,7 @@ impl QueryEngine {
             .transpose()?;
         Ok(Self {
             base,
+            lean,
             planners,
             catalog,
             cpu,
@@ -496,14 +505,6 @@ impl QueryEngine {
         self.sql_limits.check_text(sql)?;
         let cluster_state = self.planners.as_ref().and_then(|p| p.state(distribution));
         let distributed = cluster_state.is_some();
-        let mut state = cluster_state.unwrap_or_else(|| self.base.state());
-        access.restrict(&mut state)?;
-        state.config_mut().set_extension(pruning);
-        if sliced {
-            state
-                .config_mut()
-                .set_extension(Arc::new(RowGroupCaching(None)));
-        }
         // Checked, planned and optimized before for a caller with the same access, over
         // the same table versions: the same plan again.
         let key = self
@@ -514,12 +515,15 @@ impl QueryEngine {
         if let (Some(cache), Some(key)) = (&self.plans, &key)
             && let Some(kept) = cache.get(key, &self.catalog)
         {
+            let state = query_state(self.kept_plan_state(), access, pruning, sliced)?;
             return Ok(PlannedStatement {
                 df: DataFrame::new(state, kept.plan.clone()),
                 optimized: Some(kept.optimized.clone()),
                 keep: None,
             });
         }
+        let state = cluster_state.unwrap_or_else(|| self.base.state());
+        let state = query_state(state, access, pruning, sliced)?;
         let dialect = state.config().options().sql_parser.dialect;
         let mut statement = state.sql_to_statement(sql, &dialect)?;
         // First: everything after it walks the statement recursively.
@@ -541,6 +545,16 @@ impl QueryEngine {
             optimized: None,
             keep: key,
         })
+    }
+
+    /// The session a kept plan is planned and run in: the base one without its functions.
+    /// A kept plan is past everything that looks functions up by name (parsing, the
+    /// logical planner and optimizer); what is left (the physical planner, the scans,
+    /// execution) takes them from the plan. The base session's ~350 functions, copied
+    /// for each query into its session and again into its task context (a `String` and
+    /// a hash table entry each), were 4-5% of a small query's CPU (docs/benchmarks.md).
+    fn kept_plan_state(&self) -> SessionState {
+        self.lean.clone()
     }
 
     /// The physical plan of `statement`: its optimized plan (kept in the plan cache when
@@ -988,6 +1002,24 @@ impl QueryEngine {
         let report = ScanReport::new(plan, pruning, Arc::clone(&self.scan_totals), &sql);
         Ok((stream, report))
     }
+}
+
+/// `state` made a query's own: restricted to the tables of `access`, with the query's
+/// partition pruning report, and without the row group cache for a slice.
+fn query_state(
+    mut state: SessionState,
+    access: &TableAccess,
+    pruning: Arc<PartitionPruning>,
+    sliced: bool,
+) -> Result<SessionState> {
+    access.restrict(&mut state)?;
+    state.config_mut().set_extension(pruning);
+    if sliced {
+        state
+            .config_mut()
+            .set_extension(Arc::new(RowGroupCaching(None)));
+    }
+    Ok(state)
 }
 
 /// A statement planned for one caller.
