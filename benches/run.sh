@@ -17,7 +17,7 @@ cargo build --release --workspace
 bin="${CARGO_TARGET_DIR:-target}/release"
 quiver="$bin/quiver"
 
-for bench in tpch throughput concurrency pruning s3 cluster; do
+for bench in tpch throughput concurrency kept_streams pruning s3 cluster; do
   echo
   echo "== benches/$bench.py $*"
   .venv/bin/python "benches/$bench.py" --quiver "$quiver" "$@"

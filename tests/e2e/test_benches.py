@@ -28,6 +28,12 @@ def test_tpch_smoke_matches_duckdb(tmp_path):
     assert "geomean" in out
 
 
+def test_kept_streams_smoke_matches_pyarrow(tmp_path):
+    """Key ranges on kept connections: answers checked against pyarrow's slices."""
+    out = run_bench("kept_streams.py", tmp_path)
+    assert "| pyarrow C++ server (from memory, slices) |" in out and "(pinned table) |" in out, out
+
+
 def test_events_smoke_matches_duckdb(tmp_path):
     """The second dataset (wide strings, sorted keys, low and high selectivity)."""
     out = run_bench("tpch.py", tmp_path, "--dataset", "events")
