@@ -4,14 +4,15 @@
 //!
 //! ```text
 //!  HTTP/2 request ── RpcMetricsLayer ── DoGetRoute ──┬─ DoGet ──▶ read the Ticket ─▶ QuiverFlightService::do_get_frames
-//!                                                    │            (response body: Frame chunks, then trailers)
+//!                                                    │            (response body: messages' chunks, then trailers)
 //!                                                    └─ every other RPC ──▶ tonic's routes
 //! ```
 //!
 //! tonic's codec writes each response message into one contiguous buffer, so `DoGet` is
 //! answered here instead: the request (a unary `Ticket`) is read once, and the service
 //! authenticates, decodes and runs it exactly as any other RPC; the response body yields
-//! each message's chunks as HTTP/2 data, ending with the gRPC status in the trailers.
+//! the messages waiting as one piece of HTTP/2 data (their chunks, uncopied:
+//! [`super::body::Chunks`]), ending with the gRPC status in the trailers.
 //! Nothing is handed back to tonic: whichever encoder made the messages
 //! (`--send-path`), this is how they are sent.
 
