@@ -98,7 +98,12 @@ use result_cache::ResultCache;
 /// Plans and runs read-only SQL over the catalog.
 pub struct QueryEngine {
     base: SessionContext,
-    /// The base session without its functions (`kept_plan_state`).
+    /// The session a kept plan is planned and run in (cloned per query): the base one
+    /// without its functions. A kept plan is past everything that looks functions up by name (parsing, the
+    /// logical planner and optimizer); what is left (the physical planner, the scans,
+    /// execution) takes them from the plan. The base session's ~350 functions, copied
+    /// for each query into its session and again into its task context (a `String` and
+    /// a hash table entry each), were 4-5% of a small query's CPU (docs/benchmarks.md).
     lean: SessionState,
     /// With workers: the states that plan across them (`query::distributed`).
     planners: Option<Planners>,
@@ -515,7 +520,7 @@ impl QueryEngine {
         if let (Some(cache), Some(key)) = (&self.plans, &key)
             && let Some(kept) = cache.get(key, &self.catalog)
         {
-            let state = query_state(self.kept_plan_state(), access, pruning, sliced)?;
+            let state = query_state(self.lean.clone(), access, pruning, sliced)?;
             return Ok(PlannedStatement {
                 df: DataFrame::new(state, kept.plan.clone()),
                 optimized: Some(kept.optimized.clone()),
@@ -545,16 +550,6 @@ impl QueryEngine {
             optimized: None,
             keep: key,
         })
-    }
-
-    /// The session a kept plan is planned and run in: the base one without its functions.
-    /// A kept plan is past everything that looks functions up by name (parsing, the
-    /// logical planner and optimizer); what is left (the physical planner, the scans,
-    /// execution) takes them from the plan. The base session's ~350 functions, copied
-    /// for each query into its session and again into its task context (a `String` and
-    /// a hash table entry each), were 4-5% of a small query's CPU (docs/benchmarks.md).
-    fn kept_plan_state(&self) -> SessionState {
-        self.lean.clone()
     }
 
     /// The physical plan of `statement`: its optimized plan (kept in the plan cache when
