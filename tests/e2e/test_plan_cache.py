@@ -174,3 +174,106 @@ def test_the_cache_holds_its_weight_and_no_more(dataset, tmp_path):
         assert hits == 0 and 1 <= entries <= 6, counts(s)
     finally:
         s.stop()
+
+
+def keyed_table(root):
+    """200,000 rows sorted on `key` (each pinned batch a narrow key range), as
+    `root/keyed/part-0.parquet` and an unpinned copy `root/files/part-0.parquet`; 48,000
+    rows of 200 columns as `root/wide/part-0.parquet`."""
+    import pyarrow.parquet as pq
+
+    n = 200_000
+    table = pa.table({
+        "key": pa.array(range(n), pa.int64()),
+        "label": pa.array([f"label-{i % 97:02d}" for i in range(n)]),
+        "amount": pa.array([(i * 7919) % 1000 for i in range(n)], pa.int64()),
+    })
+    for name in ("keyed", "files"):
+        (root / name).mkdir(parents=True)
+        pq.write_table(table, root / name / "part-0.parquet", row_group_size=50_000)
+    wide = pa.table({f"c{i}": pa.array(range(i, i + 48_000), pa.int64()) for i in range(200)})
+    (root / "wide").mkdir(parents=True)
+    pq.write_table(wide, root / "wide" / "part-0.parquet")
+    return root
+
+
+# Small queries over a pinned table: their physical plans are kept and run again.
+PINNED_SMALL = [
+    "SELECT key, label, amount FROM keyed WHERE key >= 120000 AND key < 121000 ORDER BY key",
+    "SELECT key, label FROM keyed WHERE key >= 49990 AND key < 50010 AND label <> 'label-03'",
+    "SELECT label, count(*) AS n, sum(amount) AS s FROM keyed WHERE key BETWEEN 70000 AND 72000 "
+    "GROUP BY label ORDER BY label",
+    "SELECT count(*) AS n, min(key) AS lo, max(amount) AS hi FROM keyed WHERE key < 500",
+    "SELECT count(*) AS n FROM (SELECT key FROM keyed WHERE key >= 199000 LIMIT 5) AS t",
+    # One batch of 200 columns: 200 arrays.
+    "SELECT c0, c1, c199 FROM wide WHERE c0 >= 100 AND c0 < 110",
+]
+# Planned for every query: a scan of files; a join (its build side is state of a run); a
+# top-k (its dynamic filter is); a scan holding more arrays than a small query's (six
+# batches of 200 columns).
+PINNED_REPLANNED = [
+    "SELECT key, label FROM files WHERE key >= 120000 AND key < 120100 ORDER BY key",
+    "SELECT a.key, b.label FROM keyed a JOIN keyed b ON a.key = b.key "
+    "WHERE a.key >= 1000 AND a.key < 1010 AND b.key >= 1000 AND b.key < 1010 ORDER BY a.key",
+    "SELECT key, amount FROM keyed WHERE key < 3000 ORDER BY amount DESC, key LIMIT 3",
+    "SELECT count(*) AS n, sum(c7) AS s FROM wide WHERE c0 >= 0",
+]
+
+
+def test_kept_physical_plans_of_pinned_scans_run_again_with_their_own_reports(tmp_path):
+    """Where every scan of a kept plan reads a pinned table and the plan is small, its physical
+    plan is kept too and each query runs a fresh copy: answers equal DuckDB's over the same
+    file, run after run and by concurrent clients; each run's scan report (pinned batches
+    pruned and scanned, rows skipped) is counted as when it was planned; scans of files,
+    joins and plans holding the whole table are planned again for every query."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import duckdb
+
+    root = keyed_table(tmp_path / "data")
+    s = Server(["--data-dir", str(root), "--pin-table", "keyed", "--pin-table", "wide"], tmp_path / "server")
+    con = duckdb.connect()
+    scan_metrics = ("quiver_scan_pinned_batches_pruned_total", "quiver_scan_pinned_batches_scanned_total",
+                    "quiver_scan_pinned_rows_skipped_total")
+
+    for name in ("keyed", "files", "wide"):
+        con.execute(f"CREATE VIEW {name} AS SELECT * FROM read_parquet('{root / name / 'part-0.parquet'}')")
+
+    def expected(sql):
+        return sorted(tuple(r) for r in con.execute(sql).fetchall())
+
+    def scans():
+        m = s.metrics()
+        return tuple(m.get(name) for name in scan_metrics)
+
+    def physical_hits():
+        return s.metrics().get("quiver_plan_cache_physical_hits_total")
+
+    try:
+        for sql in PINNED_SMALL:
+            want = expected(sql)
+            before = scans()
+            assert sorted(rows(s.query(sql))) == want, sql
+            first = tuple(b - a for a, b in zip(before, scans()))
+            hits = physical_hits()
+            for run in range(3):
+                before = scans()
+                assert sorted(rows(s.query(sql))) == want, (sql, run)
+                # The run's own scan report, as its first run's.
+                assert tuple(b - a for a, b in zip(before, scans())) == first, (sql, run)
+            assert physical_hits() == hits + 3, sql
+            # Concurrent copies of one kept plan.
+            with ThreadPoolExecutor(8) as pool:
+                answers = list(pool.map(lambda _: sorted(rows(s.query(sql))), range(16)))
+            assert all(a == want for a in answers), sql
+            assert physical_hits() == hits + 3 + 16, sql
+        for sql in PINNED_REPLANNED:
+            want = expected(sql)
+            hits = physical_hits()
+            for run in range(3):
+                assert sorted(rows(s.query(sql))) == want, (sql, run)
+            assert physical_hits() == hits, sql
+            # Still kept as a logical plan.
+            assert s.metrics().get("quiver_plan_cache_hits_total") >= 2
+    finally:
+        s.stop()

@@ -26,6 +26,7 @@ pub use config::{
 pub use discover::{HIVE_NULL_PARTITION, PartitionType};
 pub(crate) use memory_scan::memory_source;
 pub use pruning::PartitionPruning;
+pub(crate) use pruning::PinnedScans;
 pub use row_group_cache::{RowGroupAdmission, RowGroupCache, RowGroupCacheStats, RowGroupCaching};
 pub use table::HiveTable;
 

@@ -16,6 +16,8 @@ pub struct PartitionPruning {
     batches_total: AtomicU64,
     batches_pruned: AtomicU64,
     batch_rows_skipped: AtomicU64,
+    /// Scans of pinned tables, of the `tables` scanned.
+    pinned_scans: AtomicU64,
     cached: CachedReads,
     /// The table of every scan planned, in order (a self-join scans a table twice).
     tables: Mutex<Vec<String>>,
@@ -32,15 +34,36 @@ impl PartitionPruning {
 
     /// Records a scan of pinned `table` and what it `selected`.
     pub(crate) fn record_batches(&self, table: &str, selected: &Selected) {
-        self.tables.lock().push(table.to_string());
-        self.batches_total
-            .fetch_add(selected.total as u64, Ordering::Relaxed);
-        self.batches_pruned.fetch_add(
-            selected.total.saturating_sub(selected.kept) as u64,
-            Ordering::Relaxed,
-        );
+        self.record_pinned(&PinnedScans {
+            tables: vec![table.to_string()],
+            batches: (
+                selected.total as u64,
+                selected.total.saturating_sub(selected.kept) as u64,
+                selected.rows_skipped as u64,
+            ),
+        });
+    }
+
+    /// What was recorded, when every scan so far read a pinned table (and there was one).
+    pub(crate) fn pinned_scans(&self) -> Option<PinnedScans> {
+        let tables = self.tables.lock().clone();
+        let all_pinned = self.pinned_scans.load(Ordering::Relaxed) == tables.len() as u64;
+        (all_pinned && !tables.is_empty()).then(|| PinnedScans {
+            tables,
+            batches: self.batches(),
+        })
+    }
+
+    /// Records `scans` (of another query that planned the same scans).
+    pub(crate) fn record_pinned(&self, scans: &PinnedScans) {
+        let (total, pruned, skipped) = scans.batches;
+        self.tables.lock().extend(scans.tables.iter().cloned());
+        self.pinned_scans
+            .fetch_add(scans.tables.len() as u64, Ordering::Relaxed);
+        self.batches_total.fetch_add(total, Ordering::Relaxed);
+        self.batches_pruned.fetch_add(pruned, Ordering::Relaxed);
         self.batch_rows_skipped
-            .fetch_add(selected.rows_skipped as u64, Ordering::Relaxed);
+            .fetch_add(skipped, Ordering::Relaxed);
     }
 
     /// Batches of the scanned pinned tables, how many of them their statistics skipped,
@@ -98,6 +121,14 @@ impl PartitionPruning {
             bytes_loaded: c.bytes_loaded.load(Ordering::Relaxed),
         }
     }
+}
+
+/// What the scans of pinned tables recorded in one query: the tables, in order, and the
+/// sums of [`PartitionPruning::batches`].
+#[derive(Debug, Clone)]
+pub(crate) struct PinnedScans {
+    tables: Vec<String>,
+    batches: (u64, u64, u64),
 }
 
 /// One file's row groups as a scan with the row group cache planned them. The row groups

@@ -316,6 +316,11 @@ impl EngineCollector {
                 |s| s.plans.as_deref().map_or(0, |c| c.counts().1),
             )?,
             counter(
+                "quiver_plan_cache_physical_hits_total",
+                "Of the statements planned from the plan cache, those run from a kept physical plan (every scan reads a pinned table).",
+                |s| s.plans.as_deref().map_or(0, |c| c.counts().2),
+            )?,
+            counter(
                 "quiver_chunk_cache_hits_total",
                 "Column chunks scans read decompressed from the chunk cache.",
                 |s| pages(s, |p| &p.hits),

@@ -523,7 +523,7 @@ impl QueryEngine {
             let state = query_state(self.lean.clone(), access, pruning, sliced)?;
             return Ok(PlannedStatement {
                 df: DataFrame::new(state, kept.plan.clone()),
-                optimized: Some(kept.optimized.clone()),
+                kept: Some(kept),
                 keep: None,
             });
         }
@@ -547,30 +547,52 @@ impl QueryEngine {
         };
         Ok(PlannedStatement {
             df: DataFrame::new(state, plan),
-            optimized: None,
+            kept: None,
             keep: key,
         })
     }
 
-    /// The physical plan of `statement`: its optimized plan (kept in the plan cache when
-    /// it may be) planned by the session's query planner, as DataFusion's
-    /// `create_physical_plan` does.
-    async fn physical_plan(&self, statement: PlannedStatement) -> Result<Arc<dyn ExecutionPlan>> {
+    /// The physical plan of `statement`, whose scans report to `pruning`: its optimized
+    /// plan (kept in the plan cache when it may be) planned by the session's query planner,
+    /// as DataFusion's `create_physical_plan` does; or a copy of the physical plan kept
+    /// with it, where every scan reads a pinned table (`plan_cache::KeptPhysical`).
+    async fn physical_plan(
+        &self,
+        statement: PlannedStatement,
+        pruning: &PartitionPruning,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
         let (state, plan) = statement.df.into_parts();
-        let optimized = match statement.optimized {
-            Some(optimized) => optimized,
+        let kept = match statement.kept {
+            Some(kept) => kept,
             None => {
                 let optimized = state.optimize(&plan)?;
-                if let (Some(cache), Some(key)) = (&self.plans, statement.keep) {
-                    cache.insert(key, plan, optimized.clone());
+                let kept = match (&self.plans, statement.keep) {
+                    (Some(cache), Some(key)) => cache.insert(key, plan, optimized.clone()),
+                    _ => None,
+                };
+                match kept {
+                    Some(kept) => kept,
+                    None => {
+                        return Ok(state
+                            .query_planner()
+                            .create_physical_plan(&optimized, &state)
+                            .await?);
+                    }
                 }
-                optimized
             }
         };
-        Ok(state
+        let cache = self.plans.as_deref();
+        if let Some(physical) = cache.and_then(|c| c.physical(&kept, pruning)) {
+            return Ok(physical?);
+        }
+        let physical = state
             .query_planner()
-            .create_physical_plan(&optimized, &state)
-            .await?)
+            .create_physical_plan(&kept.optimized, &state)
+            .await?;
+        if let Some(cache) = cache {
+            cache.keep_physical(&kept, &physical, pruning);
+        }
+        Ok(physical)
     }
 
     /// The schema `sql` produces with `params` bound, from its plan. Planned like a
@@ -979,7 +1001,7 @@ impl QueryEngine {
         };
         let mut plan: Arc<dyn ExecutionPlan> = match explained {
             Some(plan) => plan,
-            None => self.physical_plan(statement).await?,
+            None => self.physical_plan(statement, &pruning).await?,
         };
         if let Some(slice) = slice {
             plan = slice::restrict(plan, slice)?;
@@ -1020,8 +1042,8 @@ fn query_state(
 /// A statement planned for one caller.
 struct PlannedStatement {
     df: DataFrame,
-    /// Its optimized plan, when the plan cache held it.
-    optimized: Option<LogicalPlan>,
+    /// Its kept plan, when the plan cache held it.
+    kept: Option<Arc<plan_cache::Planned>>,
     /// Its key in the plan cache, to keep its plan under once optimized (`None`: not to
     /// be kept, or already kept).
     keep: Option<plan_cache::Key>,

@@ -13,9 +13,16 @@
 //! on the result cache's conditions (`result_cache::Key::of`: a query over the catalog's
 //! tables, with no function whose value is not fixed by its arguments, so no `now()`
 //! folded into a constant). A plan whose tables have a new version is planned again.
-//! What is kept is the logical plan (with parameters bound) and its optimized form; the
-//! physical plan is made for each query, since its scans report to that query (pruning,
-//! metrics) and read that query's filters. Plans made for the cluster are not kept.
+//! What is kept is the logical plan (with parameters bound) and its optimized form. Plans
+//! made for the cluster are not kept.
+//!
+//! The physical plan is made again for each query (its scans read that query's files and
+//! report to it), except where every scan reads a pinned table ([`KeptPhysical`]): a
+//! small query over a pinned table spent 15% of the server's CPU in DataFusion's physical
+//! planner and optimizer rules (docs/benchmarks.md), for a plan that is the same each
+//! time. That plan is kept with what its scans recorded, and each query runs its own
+//! copy: `reset_plan_states`, DataFusion's way to run a plan again (fresh metrics and
+//! execution state in every node), and the scans' records replayed into its report.
 //!
 //! Bounds: a plan is weighed in units of about 100 bytes: one per schema field and per
 //! expression node of the plan and of its optimized form, and one per 64 bytes of
@@ -25,16 +32,21 @@
 //! entries that is at most about 65536 units (a few MiB outside the query pool) however
 //! clients use it: many small statements, or a few over tables of a thousand columns.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 
+use datafusion::arrow::array::RecordBatch;
 use datafusion::common::ScalarValue;
 use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::error::Result;
 use datafusion::logical_expr::LogicalPlan;
+use datafusion::physical_expr::expressions::DynamicFilterPhysicalExpr;
+use datafusion::physical_plan::ExecutionPlan;
+use datafusion::physical_plan::execution_plan::reset_plan_states;
 
 use super::access::TableAccess;
 use super::result_cache;
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, PartitionPruning, PinnedScans, memory_source};
 
 /// The longest statement (text plus parameters) whose plan is kept.
 pub(crate) const MAX_KEY_BYTES: usize = 4096;
@@ -45,6 +57,34 @@ pub(crate) const UNITS_PER_ENTRY: u64 = 256;
 
 /// The heaviest plan kept.
 pub(crate) const MAX_UNITS: usize = 4096;
+
+/// The most arrays (columns of batches of a pinned table, most shared with the table, a
+/// few sliced) a kept physical plan holds, at 8 to ~150 bytes each: it is kept for small
+/// queries, whose planning weighs against their work, and stays small beside the plan.
+pub(crate) const MAX_KEPT_ARRAYS: usize = 1024;
+
+/// The operators of a physical plan kept to run again: those DataFusion makes of a
+/// filtered, projected, aggregated, sorted or limited scan, all of which start afresh
+/// from `reset_plan_states` (fresh metrics and execution state). Joins, and any node
+/// whose state outlives a run (a dynamic filter, see [`KeptPhysical::of`]), are planned
+/// for every query.
+const RERUNNABLE: [&str; 15] = [
+    "DataSourceExec",
+    "FilterExec",
+    "ProjectionExec",
+    "CoalesceBatchesExec",
+    "CoalescePartitionsExec",
+    "RepartitionExec",
+    "AggregateExec",
+    "SortExec",
+    "SortPreservingMergeExec",
+    "GlobalLimitExec",
+    "LocalLimitExec",
+    "CooperativeExec",
+    "EmptyExec",
+    "PlaceholderRowExec",
+    "UnionExec",
+];
 
 /// What fixes a plan, besides its tables' versions.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -87,6 +127,60 @@ pub(crate) struct Planned {
     tables: Vec<(String, u64)>,
     /// Its weight in units (see the module documentation).
     units: usize,
+    /// Its physical plan, once planned, if it may run again (`None`: it may not).
+    physical: OnceLock<Option<KeptPhysical>>,
+}
+
+/// A physical plan kept to run again: every scan in it reads a pinned table (whose rows
+/// are fixed by the table's version, as the plan is), it holds at most
+/// [`MAX_KEPT_ARRAYS`] arrays, and it is made of [`RERUNNABLE`] operators with no
+/// dynamic filter (state a run leaves behind in expressions shared between nodes).
+#[derive(Debug)]
+pub(crate) struct KeptPhysical {
+    plan: Arc<dyn ExecutionPlan>,
+    /// What its scans recorded when it was planned.
+    scans: PinnedScans,
+}
+
+impl KeptPhysical {
+    /// `plan`, kept if it may run again; `pruning` is what its planning recorded.
+    fn of(plan: &Arc<dyn ExecutionPlan>, pruning: &PartitionPruning) -> Option<Self> {
+        let scans = pruning.pinned_scans()?;
+        let mut arrays = 0;
+        let mut rerunnable = true;
+        // The closures never fail.
+        let _ = plan.apply(|node| {
+            let memory = memory_source(node.as_ref());
+            if let Some(memory) = memory {
+                let batches = memory.partitions().iter().flatten();
+                arrays += batches.map(RecordBatch::num_columns).sum::<usize>();
+            }
+            // Its scans read batches in memory (no file scan, whose data source keeps
+            // metrics and work between runs).
+            rerunnable &= RERUNNABLE.contains(&node.name())
+                && (node.name() != "DataSourceExec" || memory.is_some());
+            let _ = node.apply_expressions(&mut |expr| {
+                expr.apply(|e| {
+                    rerunnable &= e.downcast_ref::<DynamicFilterPhysicalExpr>().is_none();
+                    Ok(TreeNodeRecursion::Continue)
+                })
+            });
+            Ok(match rerunnable && arrays <= MAX_KEPT_ARRAYS {
+                true => TreeNodeRecursion::Continue,
+                false => TreeNodeRecursion::Stop,
+            })
+        });
+        (rerunnable && arrays <= MAX_KEPT_ARRAYS).then(|| Self {
+            plan: Arc::clone(plan),
+            scans,
+        })
+    }
+
+    /// A copy to run for a query whose scans report to `pruning`.
+    fn rerun(&self, pruning: &PartitionPruning) -> Result<Arc<dyn ExecutionPlan>> {
+        pruning.record_pinned(&self.scans);
+        reset_plan_states(Arc::clone(&self.plan))
+    }
 }
 
 /// Schema fields and expression nodes of `plan`, its subqueries included.
@@ -121,6 +215,8 @@ pub(crate) struct PlanCache {
     plans: moka::sync::Cache<Key, Arc<Planned>>,
     hits: AtomicU64,
     misses: AtomicU64,
+    /// Hits run from a kept physical plan.
+    physical_hits: AtomicU64,
 }
 
 impl PlanCache {
@@ -135,6 +231,7 @@ impl PlanCache {
                 .build(),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
+            physical_hits: AtomicU64::new(0),
         }
     }
 
@@ -149,37 +246,67 @@ impl PlanCache {
         Some(planned)
     }
 
+    /// A physical plan for a query of `planned` whose scans report to `pruning`, when one
+    /// was kept (see [`KeptPhysical`]); counts a physical hit.
+    pub(crate) fn physical(
+        &self,
+        planned: &Planned,
+        pruning: &PartitionPruning,
+    ) -> Option<Result<Arc<dyn ExecutionPlan>>> {
+        let kept = planned.physical.get()?.as_ref()?;
+        self.physical_hits.fetch_add(1, Ordering::Relaxed);
+        Some(kept.rerun(pruning))
+    }
+
+    /// Keeps `plan`, the physical plan of `planned` whose planning recorded `pruning`, if
+    /// it may run again (the first plan made wins).
+    pub(crate) fn keep_physical(
+        &self,
+        planned: &Planned,
+        plan: &Arc<dyn ExecutionPlan>,
+        pruning: &PartitionPruning,
+    ) {
+        planned
+            .physical
+            .get_or_init(|| KeptPhysical::of(plan, pruning));
+    }
+
     /// Keeps `plan` (the statement `key`, optimized as `optimized`), if it may be kept;
-    /// counts a miss when it is (a statement that is never kept is neither).
-    pub(crate) fn insert(&self, key: Key, plan: LogicalPlan, optimized: LogicalPlan) {
-        let Some(answer) = result_cache::Key::of(&key.sql, &[], &plan) else {
-            return;
-        };
+    /// counts a miss when it is (a statement that is never kept is neither). Returns the
+    /// plan kept.
+    pub(crate) fn insert(
+        &self,
+        key: Key,
+        plan: LogicalPlan,
+        optimized: LogicalPlan,
+    ) -> Option<Arc<Planned>> {
+        let answer = result_cache::Key::of(&key.sql, &[], &plan)?;
         let units = 1
             + (key.sql.len() + key.params.len() + key.access.len()) / 64
             + units(&plan)
             + units(&optimized);
         if units > MAX_UNITS {
-            return;
+            return None;
         }
         self.misses.fetch_add(1, Ordering::Relaxed);
         let tables = answer.tables().to_vec();
-        self.plans.insert(
-            key,
-            Arc::new(Planned {
-                plan,
-                optimized,
-                tables,
-                units,
-            }),
-        );
+        let planned = Arc::new(Planned {
+            plan,
+            optimized,
+            tables,
+            units,
+            physical: OnceLock::new(),
+        });
+        self.plans.insert(key, Arc::clone(&planned));
+        Some(planned)
     }
 
-    /// (hits, misses) so far.
-    pub(crate) fn counts(&self) -> (u64, u64) {
+    /// (hits, misses, physical hits) so far.
+    pub(crate) fn counts(&self) -> (u64, u64, u64) {
         (
             self.hits.load(Ordering::Relaxed),
             self.misses.load(Ordering::Relaxed),
+            self.physical_hits.load(Ordering::Relaxed),
         )
     }
 
