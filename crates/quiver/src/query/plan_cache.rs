@@ -165,9 +165,10 @@ impl KeptPhysical {
                     Ok(TreeNodeRecursion::Continue)
                 })
             });
-            Ok(match rerunnable && arrays <= MAX_KEPT_ARRAYS {
-                true => TreeNodeRecursion::Continue,
-                false => TreeNodeRecursion::Stop,
+            Ok(if rerunnable && arrays <= MAX_KEPT_ARRAYS {
+                TreeNodeRecursion::Continue
+            } else {
+                TreeNodeRecursion::Stop
             })
         });
         (rerunnable && arrays <= MAX_KEPT_ARRAYS).then(|| Self {
