@@ -15,9 +15,10 @@
 //! decoder. The exception is a query filter that DataFusion's statistics estimate to pass
 //! under [`SELECTIVE`] of the table's rows (a point lookup, a narrow key range): few rows
 //! can be scattered over many pages only if the table has that many, and on TPC-H and the
-//! events dataset such filters ran faster in the decoder (docs/benchmarks.md). Pushing
-//! that scan's filters leaves its `FilterExec` in place, which re-checks the few rows that
-//! pass. A string equality gets no estimate from min/max (DataFusion gives it 20%); for
+//! events dataset such filters ran faster in the decoder (docs/benchmarks.md). Where the
+//! decoder can evaluate every conjunct of such a filter (DataFusion's pushdown decides, as
+//! under `all`), the `FilterExec` goes and the scan passes on only the columns read above
+//! it; otherwise the `FilterExec` stays and re-checks the few rows that pass. A string equality gets no estimate from min/max (DataFusion gives it 20%); for
 //! local files the catalog reads how many distinct values each column's dictionary pages
 //! hold (`catalog::discover::dictionary_distinct_counts`), and an equality is then
 //! estimated at `1 / distinct`: one of 300 user agents goes to the decoder, one of 40
@@ -45,11 +46,13 @@ use datafusion::physical_expr::{DynamicFilterTracking, PhysicalExpr};
 use datafusion::physical_optimizer::PhysicalOptimizerRule;
 use datafusion::physical_plan::execution_plan::replace_children_if_necessary;
 use datafusion::physical_plan::filter::FilterExec;
+use datafusion::physical_plan::filter_pushdown::PushedDown;
+use datafusion::physical_plan::projection::ProjectionExprs;
 use datafusion::physical_plan::repartition::RepartitionExec;
-use datafusion::physical_plan::{ExecutionPlan, StatisticsArgs, StatisticsContext};
+use datafusion::physical_plan::{ExecutionPlan, Partitioning, StatisticsArgs, StatisticsContext};
 use datafusion_datasource::file::FileSource;
-use datafusion_datasource::file_scan_config::FileScanConfigBuilder;
-use datafusion_datasource::source::DataSourceExec;
+use datafusion_datasource::file_scan_config::{FileScanConfig, FileScanConfigBuilder};
+use datafusion_datasource::source::{DataSource, DataSourceExec};
 use datafusion_datasource_parquet::source::ParquetSource;
 
 use super::measured::Measured;
@@ -148,6 +151,115 @@ fn with_decoder_filters(plan: &Arc<dyn ExecutionPlan>) -> Option<Arc<dyn Executi
     Some(DataSourceExec::from_data_source(scan))
 }
 
+/// `filter` and its Parquet scan as one scan that evaluates every conjunct of the filter in
+/// the decoder and passes on only the filter's columns, when the scan can evaluate all of
+/// them there (DataFusion's own pushdown decides, as `--filter-pushdown all` does) and the
+/// filter has no limit and its scan no runtime filter; `None` otherwise. Keeping the `FilterExec` above the scan made the
+/// scan pass on the filter's columns for it to re-check: a wide string column decoded a
+/// second time, or held in arrow-rs's predicate cache for every row read (events Q4, one of
+/// 300 user agents: 1.20x `all`, docs/benchmarks.md).
+/// A scan spread over the threads by a round-robin repartitioning stays spread.
+fn into_decoder(
+    filter: &FilterExec,
+    config: &ConfigOptions,
+) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+    if filter.fetch().is_some() {
+        return Ok(None);
+    }
+    let input = filter.input();
+    let plan: Arc<dyn ExecutionPlan> = match input.downcast_ref::<RepartitionExec>() {
+        Some(spread) => {
+            let round_robin = matches!(spread.partitioning(), Partitioning::RoundRobinBatch(_));
+            if !round_robin || spread.preserve_order() {
+                return Ok(None);
+            }
+            let Some(scan) = scan_into_decoder(filter, spread.input(), config)? else {
+                return Ok(None);
+            };
+            Arc::new(RepartitionExec::try_new(
+                scan,
+                spread.partitioning().clone(),
+            )?)
+        }
+        None => match scan_into_decoder(filter, input, config)? {
+            Some(scan) => scan,
+            None => return Ok(None),
+        },
+    };
+    // The plan's schema is its own (DataFusion checks it after the rule).
+    Ok((plan.schema() == filter.schema()).then_some(plan))
+}
+
+/// [`into_decoder`] of `filter` over `scan` (its input, or its input's input).
+fn scan_into_decoder(
+    filter: &FilterExec,
+    scan: &Arc<dyn ExecutionPlan>,
+    config: &ConfigOptions,
+) -> Result<Option<Arc<dyn ExecutionPlan>>> {
+    let Some(exec) = scan.downcast_ref::<DataSourceExec>() else {
+        return Ok(None);
+    };
+    let Some((scan, source)) = exec.downcast_to_file_source::<ParquetSource>() else {
+        return Ok(None);
+    };
+    // A scan with a runtime filter (a top-k's, a join's) keeps its `FilterExec`: without
+    // it, events Q9's scan evaluated its top-k filter in the decoder (3.1K rows passed
+    // instead of 17K) and took 1.2x as long (not looked into further).
+    let runtime = |filter: &Arc<dyn PhysicalExpr>| {
+        split_conjunction(filter)
+            .into_iter()
+            .any(|c| DynamicFilterTracking::classify(c).contains_dynamic_filter())
+    };
+    if source.filter().is_some_and(|filter| runtime(&filter)) {
+        return Ok(None);
+    }
+    let pushing = FileScanConfigBuilder::from(scan.clone())
+        .with_source(Arc::new(source.clone().with_pushdown_filters(true)))
+        .build();
+    let conjuncts = split_conjunction(filter.predicate())
+        .into_iter()
+        .map(Arc::clone)
+        .collect();
+    let pushed = pushing.try_pushdown_filters(conjuncts, config)?;
+    if !pushed.filters.iter().all(|p| matches!(p, PushedDown::Yes)) {
+        return Ok(None);
+    }
+    let Some(updated) = pushed.updated_node else {
+        return Ok(None);
+    };
+    let Some(updated) = updated.downcast_ref::<FileScanConfig>() else {
+        return Ok(None);
+    };
+    let Some(source) = updated.file_source().downcast_ref::<ParquetSource>() else {
+        return Ok(None);
+    };
+    // DataFusion's pushdown (with decoding filters off) had already put the filter in the
+    // scan's predicate, for pruning: each conjunct once.
+    let Some(predicate) = source.filter() else {
+        return Ok(None);
+    };
+    let mut once: Vec<Arc<dyn PhysicalExpr>> = vec![];
+    for conjunct in split_conjunction(&predicate) {
+        if !once.iter().any(|c| c.as_ref() == conjunct.as_ref()) {
+            once.push(Arc::clone(conjunct));
+        }
+    }
+    let source = source.with_predicate(measured_runtime_filters(&conjunction(once)));
+    let mut scan: Arc<dyn DataSource> = Arc::new(
+        FileScanConfigBuilder::from(updated.clone())
+            .with_source(Arc::new(source))
+            .build(),
+    );
+    if let Some(columns) = filter.projection() {
+        let projection = ProjectionExprs::from_indices(columns, &filter.input().schema());
+        match scan.try_swapping_with_projection(&projection)? {
+            Some(projected) => scan = projected,
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(Arc::new(DataSourceExec::new(scan))))
+}
+
 /// `filter` with each runtime filter among its conjuncts [`Measured`]: evaluated in the
 /// decoder only while it drops most rows.
 fn measured_runtime_filters(filter: &Arc<dyn PhysicalExpr>) -> Arc<dyn PhysicalExpr> {
@@ -192,6 +304,9 @@ impl PhysicalOptimizerRule for PushRuntimeFilters {
                 && let Some(scan) = with_decoder_filters(filter.input())
                 && estimated_selectivity(filter).is_some_and(|s| s < SELECTIVE)
             {
+                if let Some(scan) = into_decoder(filter, config)? {
+                    return Ok(Transformed::yes(scan));
+                }
                 let node = replace_children_if_necessary(Arc::clone(&node), vec![scan])?;
                 return Ok(Transformed::yes(node));
             }
