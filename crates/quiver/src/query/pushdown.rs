@@ -244,7 +244,7 @@ fn scan_into_decoder(
             once.push(Arc::clone(conjunct));
         }
     }
-    let source = source.with_predicate(measured_runtime_filters(&conjunction(once)));
+    let source = source.with_predicate(conjunction(once));
     let mut scan: Arc<dyn DataSource> = Arc::new(
         FileScanConfigBuilder::from(updated.clone())
             .with_source(Arc::new(source))
