@@ -550,7 +550,9 @@ pub struct ServeArgs {
     /// random() or similar functions are never kept. Plans made for the cluster are not
     /// kept. Room for this many plans of a small query's size (256 units of ~100 bytes;
     /// a unit is a schema field, an expression node or 64 bytes of statement): about
-    /// 6 MiB at the default; a plan over 4096 units is never kept.
+    /// 6 MiB at the default; a plan over 4096 units is never kept. A kept plan whose
+    /// scans all read pinned tables keeps its physical plan too (each query runs a fresh
+    /// copy), unless it joins, has a top-k or holds over 1024 arrays.
     #[arg(long, env = "QUIVER_PLAN_CACHE_ENTRIES", default_value_t = quiver::query::DEFAULT_PLAN_CACHE_ENTRIES)]
     pub plan_cache_entries: u64,
 
